@@ -1,0 +1,329 @@
+"""Synthetic corpus: a seeded sparse Markov source whose entropy rate is computed exactly.
+
+The entropy rate of the source is the irreducible loss E of next-token prediction on it (no model can beat
+the true conditional distribution, Shannon 1948; Cover & Thomas, *Elements of Information Theory*, ch. 4), so
+a scaling-law fit of ``L(N, D) = E + ...`` (Hoffmann et al. 2022, arXiv:2203.15556) can be checked against
+ground truth instead of being an unverifiable extrapolation.
+
+The source is an order-``k`` Markov chain over ``V`` tokens whose next-token distribution mixes structure at
+every order ``j = 0..k``::
+
+    p(x | c) = lambda_0 * u(x) + sum_{j=1..k} lambda_j * Q_j[bucket_j(last j tokens of c)](x)
+
+- ``u`` is a full-support Zipf(s) unigram over a random permutation of the vocabulary. Its mass
+  ``lambda_0 > 0`` makes every transition possible, so the chain is irreducible and aperiodic (hence
+  ergodic: a unique stationary distribution and a well-defined entropy rate).
+- ``Q_j`` holds ``M_j`` sparse distributions, each over ``K_j`` distinct successors (drawn Zipf-biased, so
+  frequent tokens stay frequent) with Dirichlet(alpha) weights. The last ``j`` tokens pick a row through a
+  seeded random hash into ``M_j`` buckets (identity when ``M_j = V**j``).
+
+Because there is structure at every order, a model that only learns unigram statistics reaches ``H_0``, one
+that learns bigrams reaches ``H_1 < H_0``, and so on down to ``E = H_k``: bigger models capture more of the
+(Zipf-skewed) higher-order contexts, which gives the smooth loss-vs-size curve a scaling study needs.
+
+Exact quantities (``entropies``): the stationary distribution ``pi`` over the ``V**k`` contexts comes from
+power iteration on the transition operator, split into a dense part that depends only on the last ``k-1``
+tokens plus a sparse order-``k`` matrix, so one iteration costs ``O(V**k * (1 + K_k))``. Then
+``E = sum_c pi(c) H(p(. | c))`` and the n-gram ladder ``H_j = H(X_t | X_{t-j..t-1}) = H(pi_{j+1}) - H(pi_j)``
+with ``pi_j`` the stationary law of ``j`` consecutive tokens; ``H_0`` is the unigram entropy (the loss of the
+best context-free model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass(frozen=True)
+class MarkovSourceConfig:
+    """Generator parameters. Tuples are indexed by order: ``weights`` by j = 0..k, the rest by j = 1..k."""
+
+    vocab_size: int = 256
+    order: int = 2
+    # lambda_0 (unigram smoothing, > 0 for ergodicity) ... lambda_k; normalised to sum to 1.
+    weights: tuple[float, ...] = (0.1, 0.3, 0.6)
+    successors: tuple[int, ...] = (8, 4)  # K_j: successors per bucket at order j
+    buckets: tuple[int | None, ...] = (None, None)  # M_j; None means V**j (no hashing)
+    zipf_exponent: float = 1.0
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+
+    def validate(self) -> None:
+        V, k = self.vocab_size, self.order
+        if not 2 <= V <= 2**31:
+            raise ValueError(f"vocab_size must be in [2, 2**31], got {V}")
+        if k < 1:
+            raise ValueError(f"order must be >= 1, got {k}")
+        if V**k > 2**24:
+            raise ValueError(
+                f"vocab_size**order = {V}**{k} = {V**k} contexts is too many for the exact entropy "
+                f"computation (limit 2**24); lower vocab_size or order"
+            )
+        if len(self.weights) != k + 1:
+            raise ValueError(f"weights needs order+1 = {k + 1} entries (lambda_0..k), got {self.weights}")
+        if any(w < 0 for w in self.weights) or self.weights[0] <= 0:
+            raise ValueError(f"weights must be >= 0 with weights[0] > 0 (ergodicity), got {self.weights}")
+        if len(self.successors) != k or len(self.buckets) != k:
+            raise ValueError(
+                f"successors and buckets need order = {k} entries each, got {self.successors}, {self.buckets}"
+            )
+        for j, (K, M) in enumerate(zip(self.successors, self.buckets, strict=True), start=1):
+            if not 1 <= K <= V:
+                raise ValueError(f"successors[{j - 1}] (order {j}) must be in [1, vocab_size], got {K}")
+            if M is not None and not 1 <= M <= V**j:
+                raise ValueError(f"buckets[{j - 1}] (order {j}) must be in [1, {V**j}] or None, got {M}")
+        if self.zipf_exponent < 0 or self.dirichlet_alpha <= 0:
+            raise ValueError("zipf_exponent must be >= 0 and dirichlet_alpha > 0")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+
+def _distinct_successors(rng: np.random.Generator, cdf_V: np.ndarray, M: int, K: int) -> np.ndarray:
+    """[M, K] distinct token ids per row, drawn successively without replacement with probability proportional
+    to the unigram (inverse-CDF draws, re-drawing duplicates: conditioned on missing the already chosen ids a
+    fresh draw is proportional to the remaining weights, so this is exact successive sampling). O(M K) instead
+    of the O(M V) of Gumbel-top-K, which matters for V = 1024, order 2 (a million rows)."""
+    out = np.empty((M, K), dtype=np.int64)
+    V = len(cdf_V)
+    for k in range(K):
+        todo = np.arange(M)
+        while todo.size:
+            cand = np.minimum(np.searchsorted(cdf_V, rng.random(todo.size) * cdf_V[-1], side="right"), V - 1)
+            dup = (out[todo, :k] == cand[:, None]).any(1)
+            out[todo[~dup], k] = cand[~dup]
+            todo = todo[dup]
+    return out
+
+
+def _entropy(p: np.ndarray) -> float:
+    """Shannon entropy in nats of a (flattened) probability vector; 0 log 0 = 0."""
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclass
+class _OrderTable:
+    bucket_of_context: np.ndarray | None  # [V**j] int -> bucket, or None for the identity
+    succ_MxK: np.ndarray  # successor token ids, distinct within a row
+    prob_MxK: np.ndarray  # successor probabilities, rows sum to 1
+
+    def rows(self, ctx_j: np.ndarray) -> np.ndarray:
+        return ctx_j if self.bucket_of_context is None else self.bucket_of_context[ctx_j]
+
+
+@dataclass
+class StationaryInfo:
+    pi: np.ndarray  # [V**k] stationary distribution over contexts (float64)
+    iterations: int
+    residual: float  # L1 change of the last power-iteration step
+
+
+@dataclass
+class MarkovSource:
+    """The sparse Markov source of the module docstring. Build with ``MarkovSource.create(cfg)``."""
+
+    config: MarkovSourceConfig
+    unigram_V: np.ndarray
+    tables: list[_OrderTable]
+    lambdas: np.ndarray
+    _stationary: StationaryInfo | None = field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, config: MarkovSourceConfig) -> MarkovSource:
+        config.validate()
+        V, k = config.vocab_size, config.order
+        # One independent child stream per table so changing one order's parameters leaves the others intact.
+        rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([config.seed, 0x5EED]).spawn(k + 1)]
+        ranks = rngs[0].permutation(V)  # token id -> Zipf rank, so id order carries no information
+        zipf_V = (ranks + 1.0) ** -config.zipf_exponent
+        unigram_V = zipf_V / zipf_V.sum()
+        lambdas = np.asarray(config.weights, dtype=np.float64)
+        lambdas = lambdas / lambdas.sum()
+        tables = []
+        for j in range(1, k + 1):
+            rng = rngs[j]
+            K, M = config.successors[j - 1], config.buckets[j - 1]
+            n_ctx = V**j
+            bucket = None if M is None else rng.integers(0, M, size=n_ctx)
+            M = n_ctx if M is None else M
+            succ_MxK = _distinct_successors(rng, np.cumsum(unigram_V), M, K)
+            prob_MxK = rng.dirichlet(np.full(K, config.dirichlet_alpha), size=M)
+            tables.append(_OrderTable(bucket, succ_MxK, prob_MxK))
+        return cls(config, unigram_V, tables, lambdas)
+
+    # ---- exact quantities -----------------------------------------------------------------------
+    @property
+    def n_contexts(self) -> int:
+        return self.config.vocab_size**self.config.order
+
+    def _sparse_parts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per context, the successor ids and masses of the sparse part of p(x | c), all orders side by side:
+        ``[V**k, sum_j K_j]`` each (a token may appear under several orders; consumers sum duplicates)."""
+        V, C = self.config.vocab_size, self.n_contexts
+        ctx = np.arange(C)
+        cols, vals = [], []
+        for j, t in enumerate(self.tables, start=1):
+            r = t.rows(ctx % V**j)
+            cols.append(t.succ_MxK[r].astype(np.int32))
+            vals.append(self.lambdas[j] * t.prob_MxK[r])
+        return np.concatenate(cols, axis=1), np.concatenate(vals, axis=1)
+
+    def _low_dense(self) -> np.ndarray:
+        """[V**(k-1), V] dense part of p(x | c) that depends only on the last k-1 tokens r of c:
+        lambda_0 u(x) + sum_{j<k} lambda_j Q_j[bucket_j(r)](x). It has V**k entries, as many as pi."""
+        V, k = self.config.vocab_size, self.config.order
+        R = V ** (k - 1)
+        low_RxV = np.tile(self.lambdas[0] * self.unigram_V, (R, 1))
+        r = np.arange(R)
+        for j, t in enumerate(self.tables[:-1], start=1):
+            rows = t.rows(r % V**j)
+            # Successors are distinct within a row, so this fancy-indexed += never hits an index twice.
+            low_RxV[r[:, None], t.succ_MxK[rows]] += self.lambdas[j] * t.prob_MxK[rows]
+        return low_RxV
+
+    def _top(self) -> tuple[np.ndarray, np.ndarray]:
+        """Order-k part of p(x | c): successor ids and masses [V**k, K_k]; the only part needing all of c."""
+        t = self.tables[-1]
+        rows = t.rows(np.arange(self.n_contexts))
+        return t.succ_MxK[rows], self.lambdas[-1] * t.prob_MxK[rows]
+
+    def stationary(self, tol: float = 1e-13, max_iter: int = 10_000) -> StationaryInfo:
+        """Stationary distribution over contexts by power iteration; raises if it does not converge."""
+        if self._stationary is not None:
+            return self._stationary
+        V, C = self.config.vocab_size, self.n_contexts
+        R = C // V
+        # Context c = (a, r), index a * R + r, moves to (r, x), index r * V + x. Split p(x | c) into the
+        # dense part that depends on r only (applied through the suffix marginal m(r) = sum_a pi(a, r)) and
+        # the sparse order-k part, a matrix with C * K_k nonzeros; one iteration is O(C * (1 + K_k)).
+        low_RxV = self._low_dense()
+        cols, vals = self._top()
+        nxt = ((np.arange(C, dtype=np.int64) % R) * V)[:, None] + cols
+        prev = np.repeat(np.arange(C, dtype=np.int64), cols.shape[1])
+        A = sp.csr_matrix((vals.ravel(), (nxt.ravel(), prev)), shape=(C, C))
+        del nxt, prev
+        pi = np.full(C, 1.0 / C)
+        residual = math.inf
+        for it in range(1, max_iter + 1):
+            m_R = pi.reshape(V, R).sum(0)
+            new = (m_R[:, None] * low_RxV).ravel() + A @ pi
+            new /= new.sum()  # guards against float drift; the exact operator preserves mass
+            residual = float(np.abs(new - pi).sum())
+            pi = new
+            if residual < tol:
+                self._stationary = StationaryInfo(pi, it, residual)
+                return self._stationary
+        raise RuntimeError(
+            f"power iteration did not converge: L1 residual {residual:.3g} after {max_iter} steps"
+        )
+
+    def entropies(self) -> dict:
+        """Exact entropy rate and n-gram ladder, in nats/token."""
+        V, k, C = self.config.vocab_size, self.config.order, self.n_contexts
+        st = self.stationary()
+        low_RxV = self._low_dense()
+        cols, vals = self._top()
+        # H(p(.|c)) = entropy of the dense row low[r], corrected on the K_k order-k successors: exact, and
+        # O(V**k * K_k) instead of a dense V**k x V table.
+        h_low_R = -(low_RxV * np.log(low_RxV)).sum(1)
+        r = np.arange(C) % (C // V)
+        q = low_RxV[r[:, None], cols]
+        p = q + vals
+        h_ctx = h_low_R[r] + (q * np.log(q) - p * np.log(p)).sum(1)
+        entropy_rate = float(st.pi @ h_ctx)
+        # Stationary law of the last j tokens of a context = law of j consecutive tokens.
+        block_h = [0.0] + [_entropy(st.pi.reshape(V ** (k - j), V**j).sum(0)) for j in range(1, k + 1)]
+        ladder = [block_h[j + 1] - block_h[j] for j in range(k)] + [entropy_rate]
+        return {
+            "entropy_rate": entropy_rate,
+            "unigram_entropy": ladder[0],
+            "bigram_entropy": ladder[1],
+            "ngram_entropies": ladder,  # H_j = H(X_t | previous j tokens), j = 0..k
+            "stationary_iterations": st.iterations,
+            "stationary_residual": st.residual,
+        }
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def log_prob(self, ctx: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """log p(x | ctx) under the true source; ctx are context indices in [0, V**k)."""
+        V = self.config.vocab_size
+        p = self.lambdas[0] * self.unigram_V[x]
+        for j, t in enumerate(self.tables, start=1):
+            r = t.rows(ctx % V**j)
+            p = p + self.lambdas[j] * (t.prob_MxK[r] * (t.succ_MxK[r] == x[:, None])).sum(1)
+        return np.log(p)
+
+    def sample(
+        self, n_tokens: int, rng: np.random.Generator, chain_length: int = 8192, progress: bool = False
+    ) -> np.ndarray:
+        """``n_tokens`` tokens from independent chains started in the stationary law, concatenated.
+
+        Chains of ``chain_length`` tokens are stepped together (vectorised over chains). Each chain is an
+        exact stationary sample path; only the first token of each chain after the first ignores its
+        predecessor (a fraction ~1/chain_length of positions), which is why chains are long.
+        Returns int32 [n_tokens].
+        """
+        from tqdm.auto import tqdm
+
+        V, k, C = self.config.vocab_size, self.config.order, self.n_contexts
+        if n_tokens <= 0:
+            raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+        n_chains = max(1, math.ceil(n_tokens / chain_length))
+        steps = math.ceil(n_tokens / n_chains)
+        pi = self.stationary().pi
+        ctx = rng.choice(C, size=n_chains, p=pi)
+        out_TxC = np.empty((max(steps, k), n_chains), dtype=np.int32)  # step-major: contiguous writes
+        for i in range(k):  # emit the initial context's tokens, oldest first
+            out_TxC[i] = (ctx // V ** (k - 1 - i)) % V
+        # Draw x ~ lambda_0 u + sparse part with one uniform v per token: v < lambda_0 takes a unigram
+        # token, otherwise v is located among the row's cumulative sparse masses (above lambda_0).
+        lam0 = self.lambdas[0]
+        cols, vals = self._sparse_parts()
+        thresholds = lam0 + np.cumsum(vals, axis=1)
+        last = cols.shape[1] - 1
+        cdf_u = np.cumsum(self.unigram_V)
+        block = max(1, (1 << 21) // n_chains)  # steps per block of pre-drawn randomness (bounds memory)
+        bar = tqdm(total=max(steps - k, 0) * n_chains, unit="tok", unit_scale=True, desc="sampling",
+                   disable=not progress)
+        for s0 in range(k, steps, block):
+            s1 = min(steps, s0 + block)
+            v = rng.random((s1 - s0, n_chains))
+            # Given v < lambda_0, v / lambda_0 is again uniform, so it also picks the unigram token.
+            is_uni = v < lam0
+            uni = np.zeros(v.shape, dtype=np.int64)
+            uni[is_uni] = np.searchsorted(cdf_u, v[is_uni] / lam0 * cdf_u[-1], side="right")
+            uni = np.minimum(uni, V - 1)  # guards the measure-zero draw of exactly the top of the CDF
+            for i in range(s1 - s0):
+                idx = np.minimum((thresholds[ctx] <= v[i, :, None]).sum(1), last)
+                x = np.where(is_uni[i], uni[i], cols[ctx, idx])
+                out_TxC[s0 + i] = x
+                ctx = (ctx % (C // V)) * V + x
+            bar.update((s1 - s0) * n_chains)
+        bar.close()
+        return np.ascontiguousarray(out_TxC.T).reshape(-1)[:n_tokens]
+
+
+def describe(config: MarkovSourceConfig) -> str:
+    return (
+        f"sparse order-{config.order} Markov source over {config.vocab_size} tokens: mixture of a Zipf("
+        f"{config.zipf_exponent}) unigram and sparse order-1..{config.order} tables "
+        f"(weights {config.weights}, "
+        f"successors {config.successors}, buckets {config.buckets}, Dirichlet({config.dirichlet_alpha})), "
+        f"seed {config.seed}"
+    )
+
+
+def config_dict(config: MarkovSourceConfig) -> dict:
+    return asdict(config)
+
+
+def config_from_dict(d: dict) -> MarkovSourceConfig:
+    """Inverse of ``config_dict`` after a JSON round-trip (lists back to tuples); extra keys such as the
+    ``chain_length`` recorded next to the generator parameters in metadata.json are ignored."""
+    names = {f.name for f in fields(MarkovSourceConfig)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+    return MarkovSourceConfig(**kwargs)

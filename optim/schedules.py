@@ -1,0 +1,78 @@
+"""Learning-rate schedules: linear warmup + cosine, warmup-stable-decay (WSD), constant.
+
+Conventions (all three schedules), with W = ``warmup_steps``, T = ``total_steps``, peak = the peak lr:
+
+* warmup: ``lr(s) = peak * (s + 1) / W`` for ``s < W``, so step 0 already moves the weights (a zero-lr first
+  step would be wasted) and step ``W - 1`` is at the peak.
+* cosine: ``lr(s) = peak * (m + (1 - m) * (1 + cos(pi * p)) / 2)`` with ``p = (s - W) / (T - W)`` clipped to
+  [0, 1] and ``m = min_lr_ratio``: the peak at s = W, ``m * peak`` at s = T (one past the last step, so the
+  last update is small but not zero even when m = 0). This is ``optax.cosine_decay_schedule(peak, T - W, m)``
+  shifted by W.
+* WSD (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations",
+  arXiv:2405.18392; Hu et al. 2024, MiniCPM, arXiv:2404.06395): warmup, then the peak until
+  ``S = T - round(decay_fraction * T)``, then a cool-down reaching ``m * peak`` at s = T with shape
+  ``linear`` (1 - p), ``cosine`` ((1 + cos(pi p)) / 2) or ``1-sqrt`` (1 - sqrt(p), the best of Hägele et al.),
+  p = (s - S) / (T - S). A WSD run's stable phase can be branched into cool-downs of any length, which is
+  what makes it cheap for scaling studies over several token budgets.
+* constant: warmup, then the peak forever.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from optim.config import OptimizerConfig
+
+
+def _shape_fn(shape: str, p: jnp.ndarray) -> jnp.ndarray:
+    if shape == "linear":
+        return 1.0 - p
+    if shape == "cosine":
+        return 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+    if shape == "1-sqrt":
+        return 1.0 - jnp.sqrt(p)
+    raise ValueError(f"unknown decay shape {shape!r}")
+
+
+def wsd_decay_start(cfg: OptimizerConfig, total_steps: int) -> int:
+    """First step of WSD's cool-down phase (the last step at the peak lr)."""
+    return total_steps - int(round(cfg.decay_fraction * total_steps))
+
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int, *,
+                  peak_value: float | None = None) -> optax.Schedule:
+    """``step -> learning rate`` (jit-able) for ``cfg.schedule``; ``peak_value`` defaults to the cfg's lr."""
+    cfg.validate()
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    if cfg.warmup_steps > total_steps:
+        raise ValueError(f"optimizer.warmup_steps={cfg.warmup_steps} exceeds total_steps={total_steps}")
+    peak = float(cfg.learning_rate if peak_value is None else peak_value)
+    if peak <= 0:
+        raise ValueError(f"peak learning rate must be > 0, got {peak}")
+    warmup, m = cfg.warmup_steps, cfg.min_lr_ratio
+
+    if cfg.schedule == "wsd":
+        decay_start = wsd_decay_start(cfg, total_steps)
+        if decay_start < warmup:
+            raise ValueError(
+                f"WSD cool-down would start at step {decay_start} (decay_fraction={cfg.decay_fraction} of "
+                f"{total_steps} steps), before warmup ends at step {warmup}"
+            )
+        decay_begin, decay_len = decay_start, total_steps - decay_start
+    else:
+        decay_begin, decay_len = warmup, total_steps - warmup
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        warm = jnp.minimum(1.0, (s + 1.0) / warmup) if warmup > 0 else jnp.float32(1.0)
+        if cfg.schedule == "constant" or decay_len == 0:
+            factor = jnp.float32(1.0)
+        else:
+            p = jnp.clip((s - decay_begin) / decay_len, 0.0, 1.0)
+            shape = "cosine" if cfg.schedule == "cosine" else cfg.decay_shape
+            factor = m + (1.0 - m) * _shape_fn(shape, p)
+        return peak * warm * factor
+
+    return schedule

@@ -1,0 +1,375 @@
+"""Data pipeline: exact entropy of the synthetic source, stateless batches, memmap files, CLI, bad data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import data as D
+from experiments.synthetic import MarkovSource, MarkovSourceConfig, config_from_dict
+from experiments.tokenizers import ByteTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = MarkovSourceConfig(vocab_size=20, order=2, weights=(0.1, 0.3, 0.6), successors=(4, 3), seed=3)
+
+
+def _dense_reference(src: MarkovSource) -> tuple[np.ndarray, np.ndarray]:
+    """Independent reference: dense transition P[c, x] by explicit loops over the generator tables, and the
+    stationary law from a dense linear solve of the balance equations (no power iteration)."""
+    V, k = src.config.vocab_size, src.config.order
+    C = V**k
+    P = np.zeros((C, V))
+    for c in range(C):
+        P[c] += src.lambdas[0] * src.unigram_V
+        for j, t in enumerate(src.tables, start=1):
+            row = c % V**j if t.bucket_of_context is None else t.bucket_of_context[c % V**j]
+            for x, w in zip(t.succ_MxK[row], t.prob_MxK[row], strict=True):
+                P[c, x] += src.lambdas[j] * w
+    T = np.zeros((C, C))
+    for c in range(C):
+        for x in range(V):
+            T[c, (c * V + x) % C] += P[c, x]
+    # pi (T - I) = 0 with sum(pi) = 1: replace one (redundant) balance equation by the normalisation.
+    A = T.T - np.eye(C)
+    A[-1] = 1.0
+    pi = np.linalg.solve(A, np.eye(C)[-1])
+    return P, pi
+
+
+@pytest.fixture(scope="module")
+def small_source() -> MarkovSource:
+    return MarkovSource.create(SMALL)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    kw = dict(vocab_size=64, n_train_tokens=40_000, n_val_tokens=5_000, seed=1, chain_length=2048)
+    D.prepare_synthetic(out, **kw)
+    return out
+
+
+# ---- synthetic source: exact quantities ----------------------------------------------------------
+def test_exact_entropies_match_dense_eigenvector_reference(small_source):
+    P, pi = _dense_reference(small_source)
+    V = SMALL.vocab_size
+    assert np.allclose(P.sum(1), 1.0)
+    ent = small_source.entropies()
+    assert np.allclose(small_source.stationary().pi, pi, atol=1e-12)
+    h_rows = -(P * np.log(P)).sum(1)
+    assert ent["entropy_rate"] == pytest.approx(pi @ h_rows, rel=1e-10)
+    pair = pi.reshape(V, V)  # joint law of two consecutive tokens
+    uni = pair.sum(0)
+    h_uni = -(uni * np.log(uni)).sum()
+    h_pair = -(pair * np.log(pair)).sum()
+    assert ent["unigram_entropy"] == pytest.approx(h_uni, rel=1e-10)
+    assert ent["bigram_entropy"] == pytest.approx(h_pair - h_uni, rel=1e-10)
+
+
+def test_entropy_rate_matches_monte_carlo_loss_of_true_model(small_source):
+    """Mean -log p(next | context) under the true model over a sampled stream estimates the entropy rate.
+    Independent chains give independent per-chain means, so their spread is an honest standard error."""
+    k, chain, n_chains = SMALL.order, 2048, 96
+    x = small_source.sample(chain * n_chains, np.random.default_rng(0), chain_length=chain)
+    x_CxT = x.reshape(n_chains, chain)
+    V = SMALL.vocab_size
+    ctx = x_CxT[:, :-2] * V + x_CxT[:, 1:-1]  # order-2 context of each position t >= k
+    nll = -small_source.log_prob(ctx.ravel(), x_CxT[:, k:].ravel()).reshape(n_chains, -1)
+    per_chain = nll.mean(1)
+    se = per_chain.std(ddof=1) / np.sqrt(n_chains)
+    E = small_source.entropies()["entropy_rate"]
+    assert abs(per_chain.mean() - E) < 4 * se, (per_chain.mean(), E, se)
+    assert se < 0.02  # the test has power: a 0.1-nat error in E or in the sampler would be caught
+
+
+def test_sampled_marginals_match_stationary_law(small_source):
+    V = SMALL.vocab_size
+    x = small_source.sample(200_000, np.random.default_rng(1))
+    pair = small_source.stationary().pi.reshape(V, V)
+    emp_uni = np.bincount(x, minlength=V) / x.size
+    emp_pair = np.bincount(x[:-1] * V + x[1:], minlength=V * V).reshape(V, V) / (x.size - 1)
+    # Total variation of an empirical law from n samples is O(sqrt(support / n)); the bounds are ~3x that.
+    assert 0.5 * np.abs(emp_uni - pair.sum(0)).sum() < 0.02
+    assert 0.5 * np.abs(emp_pair - pair).sum() < 0.05
+
+
+def test_entropy_ladder_is_strictly_decreasing_for_defaults():
+    ent = MarkovSource.create(MarkovSourceConfig()).entropies()
+    h0, h1, h2 = ent["ngram_entropies"]
+    assert ent["entropy_rate"] == h2 and ent["unigram_entropy"] == h0 and ent["bigram_entropy"] == h1
+    # Conditioning on more context lowers the entropy; the default source has real structure at every order.
+    assert h2 < h1 - 0.5 and h1 < h0 - 0.5
+    assert h0 < np.log(256)
+
+
+def test_source_is_deterministic_in_seed():
+    a = MarkovSource.create(SMALL)
+    b = MarkovSource.create(SMALL)
+    c = MarkovSource.create(MarkovSourceConfig(**{**SMALL.__dict__, "seed": 4}))
+    assert a.entropies()["entropy_rate"] == b.entropies()["entropy_rate"]
+    assert a.entropies()["entropy_rate"] != c.entropies()["entropy_rate"]
+
+
+def test_hashed_buckets_source_is_consistent():
+    cfg = MarkovSourceConfig(vocab_size=16, order=2, successors=(3, 2), buckets=(None, 20), seed=5)
+    src = MarkovSource.create(cfg)
+    P, pi = _dense_reference(src)
+    assert src.entropies()["entropy_rate"] == pytest.approx(pi @ -(P * np.log(P)).sum(1), rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"weights": (0.0, 0.5, 0.5)}, "ergodicity"),
+        ({"weights": (0.5, 0.5)}, r"order\+1"),
+        ({"successors": (4,)}, "successors"),
+        ({"vocab_size": 4096, "order": 3}, "too many"),
+    ],
+)
+def test_bad_source_config(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        MarkovSourceConfig(**kw).validate()
+
+
+# ---- prepared synthetic dataset ------------------------------------------------------------------
+def test_prepare_synthetic_metadata_and_memmap(synth_dir):
+    meta = json.loads((synth_dir / "metadata.json").read_text())
+    ds = D.TokenDataset.open(synth_dir)
+    assert ds.vocab_size == meta["vocab_size"] == 64 and meta["dtype"] == "uint16"
+    assert meta["n_tokens"] == {"train": 40_000, "val": 5_000}
+    assert ds.n_tokens("train") == 40_000 and isinstance(ds.tokens("train"), np.memmap)
+    src = MarkovSource.create(config_from_dict(meta["generator"]))
+    ent = src.entropies()
+    assert ds.entropy_rate == pytest.approx(ent["entropy_rate"], rel=1e-12)
+    assert ds.unigram_entropy == pytest.approx(ent["unigram_entropy"], rel=1e-12)
+    assert ds.entropy_rate < ds.bigram_entropy < ds.unigram_entropy
+    # Train and val are independent samples; the plug-in unigram entropy of the stream is close to exact.
+    x = np.asarray(ds.tokens("train"))
+    p = np.bincount(x, minlength=64) / x.size
+    assert -(p[p > 0] * np.log(p[p > 0])).sum() == pytest.approx(ds.unigram_entropy, abs=0.02)
+    assert not np.array_equal(x[:1000], np.asarray(ds.tokens("val"))[:1000])
+
+
+def test_prepare_synthetic_is_deterministic_and_cached(tmp_path, synth_dir):
+    kw = dict(vocab_size=64, n_train_tokens=40_000, n_val_tokens=5_000, seed=1)
+    kw["chain_length"] = 2048
+    D.prepare_synthetic(tmp_path / "a", **kw)
+    assert (tmp_path / "a/train.bin").read_bytes() == (synth_dir / "train.bin").read_bytes()
+    # Same arguments again: reused without rewriting; different arguments: refused unless overwrite.
+    mtime = (tmp_path / "a/train.bin").stat().st_mtime_ns
+    D.prepare_synthetic(tmp_path / "a", **kw)
+    assert (tmp_path / "a/train.bin").stat().st_mtime_ns == mtime
+    with pytest.raises(D.DataError, match="different dataset"):
+        D.prepare_synthetic(tmp_path / "a", **{**kw, "seed": 2})
+    D.prepare_synthetic(tmp_path / "a", **{**kw, "seed": 2}, overwrite=True)
+    assert (tmp_path / "a/train.bin").read_bytes() != (synth_dir / "train.bin").read_bytes()
+    # A MarkovSourceConfig can be passed whole.
+    cfg = MarkovSourceConfig(vocab_size=64, seed=1)
+    meta = D.prepare_synthetic(
+        tmp_path / "b", vocab_size=0, n_train_tokens=40_000, n_val_tokens=5_000, seed=0, source=cfg,
+        chain_length=2048,
+    )
+    assert meta["generator"]["seed"] == 1
+    assert (tmp_path / "b/train.bin").read_bytes() == (synth_dir / "train.bin").read_bytes()
+
+
+# ---- batches -------------------------------------------------------------------------------------
+def test_batches_are_pure_functions_of_seed_step_split(synth_dir):
+    ds = D.TokenDataset.open(synth_dir)
+    b = ds.batch("train", seed=7, step=3, batch_size=8, seq_len=16)
+    assert b.shape == (8, 17) and b.dtype == np.int32
+    again = D.TokenDataset.open(synth_dir).batch("train", seed=7, step=3, batch_size=8, seq_len=16)
+    np.testing.assert_array_equal(b, again)  # a fresh reader (a resumed run) sees the same batch
+    for other in (
+        ds.batch("train", seed=7, step=4, batch_size=8, seq_len=16),
+        ds.batch("train", seed=8, step=3, batch_size=8, seq_len=16),
+        ds.batch("val", seed=7, step=3, batch_size=8, seq_len=16),
+    ):
+        assert not np.array_equal(b, other)
+    # Rows are real windows of the stream.
+    offs = ds.window_offsets("train", 7, 3, 8, 16)
+    x = np.asarray(ds.tokens("train"))
+    for row, o in zip(b, offs, strict=True):
+        np.testing.assert_array_equal(row, x[o : o + 17])
+    # Offsets cover the split, including the last valid window, and never run past it.
+    many = np.concatenate([ds.window_offsets("val", 0, s, 64, 4990) for s in range(20)])
+    assert many.min() >= 0 and many.max() == 5_000 - 4991
+
+
+def test_host_slicing_partitions_the_global_batch(synth_dir):
+    ds = D.TokenDataset.open(synth_dir)
+    full = ds.batch("train", 0, 5, 12, 8)
+    parts = [ds.batch("train", 0, 5, 12, 8, process_index=i, process_count=4) for i in range(4)]
+    assert all(p.shape == (3, 9) for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), full)
+    with pytest.raises(ValueError, match="not divisible"):
+        ds.batch("train", 0, 5, 10, 8, process_index=0, process_count=4)
+    with pytest.raises(ValueError, match="process_index"):
+        ds.batch("train", 0, 5, 12, 8, process_index=4, process_count=4)
+
+
+def test_sequential_batch_is_seed_free_and_tiles_the_split(synth_dir):
+    ds = D.TokenDataset.open(synth_dir)
+    b0 = ds.sequential_batch("val", 0, 4, 10)
+    x = np.asarray(ds.tokens("val"))
+    np.testing.assert_array_equal(b0, np.stack([x[i * 10 : i * 10 + 11] for i in range(4)]))
+    b1 = ds.sequential_batch("val", 1, 4, 10)
+    np.testing.assert_array_equal(b1[0], x[40:51])
+
+
+def test_memmap_round_trip_uint32(tmp_path):
+    vocab = 70_000  # > 2**16 forces uint32
+    toks = np.random.default_rng(0).integers(0, vocab, size=1000)
+    entry = D.write_split(tmp_path, "train", toks, vocab)
+    D._write_metadata(tmp_path, {"vocab_size": vocab, "dtype": D.token_dtype(vocab),
+                                 "n_tokens": {"train": entry["n_tokens"]}})
+    ds = D.TokenDataset.open(tmp_path)
+    assert ds.dtype == np.uint32 and ds.entropy_rate is None
+    np.testing.assert_array_equal(np.asarray(ds.tokens("train")), toks)
+
+
+# ---- text preparation / CLI ----------------------------------------------------------------------
+def test_prepare_cli_byte_level_round_trip(tmp_path):
+    a = tmp_path / "a.txt"
+    b = tmp_path / "b.jsonl"
+    a.write_text("héllo wörld\n" * 50 + "end of a ✓\n", encoding="utf-8")
+    b.write_text(json.dumps({"text": "doc one"}) + "\n\n" + json.dumps({"text": "doc two ∑"}) + "\n")
+    out = tmp_path / "out"
+    assert D.main(["prepare", "--input", str(a), str(b), "--out", str(out), "--val-fraction", "0.1"]) == 0
+    ds = D.TokenDataset.open(out)
+    assert ds.vocab_size == 320 and ds.metadata["tokenizer"]["type"] == "byte"  # 257 padded to 64
+    stream = np.concatenate([np.asarray(ds.tokens("train")), np.asarray(ds.tokens("val"))])
+    tok = ByteTokenizer()
+    expect = [list(tok.encode(a.read_text(encoding="utf-8"))), list(tok.encode("doc one")),
+              list(tok.encode("doc two ∑"))]
+    expect_ids = np.concatenate([np.r_[e, 256] for e in expect])
+    np.testing.assert_array_equal(stream, expect_ids)
+    docs = [a.read_text(encoding="utf-8"), "doc one", "doc two ∑"]
+    assert tok.decode(stream[:-1]) == "<|endoftext|>".join(docs)
+    assert ds.n_tokens("val") == round(0.1 * stream.size)
+    assert 0 < ds.unigram_entropy < np.log(257)
+
+
+def test_cli_module_entry_point_synthetic(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.data", "synthetic", "--out", str(tmp_path), "--vocab-size", "32",
+         "--train-tokens", "5000", "--val-tokens", "500", "--order", "1", "--weights", "0.2,0.8",
+         "--successors", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(r.stdout)
+    assert meta["generator"]["order"] == 1 and meta["entropy_rate"] < meta["unigram_entropy"]
+    assert D.TokenDataset.open(tmp_path).n_tokens("val") == 500
+
+
+def test_bpe_prepare_round_trip(tmp_path):
+    pytest.importorskip("tokenizers")
+    from experiments.tokenizers import BPETokenizer
+
+    text = "the quick brown fox jumps over the lazy dog. " * 200
+    (tmp_path / "t.txt").write_text(text)
+    meta = D.prepare_text([tmp_path / "t.txt"], tmp_path / "o", tokenizer="bpe", vocab_size=300)
+    ds = D.TokenDataset.open(tmp_path / "o")
+    tok = BPETokenizer.from_file(tmp_path / "o" / "tokenizer.json")
+    stream = np.concatenate([np.asarray(ds.tokens(s)) for s in ("train", "val")])
+    assert stream.size < len(text)  # merges happened
+    assert tok.decode(stream[:-1]) == text and stream[-1] == tok.eos_id
+    assert meta["vocab_size"] % 64 == 0 and meta["vocab_size"] >= tok.n_tokens
+    # Loading the saved tokenizer.json instead of training reproduces the stream exactly.
+    D.prepare_text([tmp_path / "t.txt"], tmp_path / "o2", tokenizer="bpe",
+                   tokenizer_file=tmp_path / "o" / "tokenizer.json")
+    for split in ("train", "val"):
+        name = f"{split}.bin"
+        assert (tmp_path / "o2" / name).read_bytes() == (tmp_path / "o" / name).read_bytes()
+
+
+def test_bpe_without_library_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "t.txt").write_text("hello")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # makes `import tokenizers` raise ImportError
+    with pytest.raises(ImportError, match="pip install"):
+        D.prepare_text([tmp_path / "t.txt"], tmp_path / "o", tokenizer="bpe")
+
+
+# ---- bad data ------------------------------------------------------------------------------------
+def _tiny_dataset(tmp_path: Path, toks, vocab=16, dtype="uint16", n=None) -> Path:
+    np.asarray(toks, dtype=dtype).tofile(tmp_path / "train.bin")
+    meta = {"vocab_size": vocab, "dtype": dtype, "n_tokens": {"train": len(toks) if n is None else n}}
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+def test_missing_metadata_names_file(tmp_path):
+    with pytest.raises(D.DataError, match=r"missing metadata file .*metadata\.json"):
+        D.TokenDataset.open(tmp_path)
+
+
+def test_wrong_dtype_in_metadata_names_file(tmp_path):
+    d = _tiny_dataset(tmp_path, np.arange(11) % 16)  # 22 bytes of uint16
+    meta = json.loads((d / "metadata.json").read_text())
+    (d / "metadata.json").write_text(json.dumps({**meta, "dtype": "uint32"}))
+    with pytest.raises(D.DataError, match=r"train\.bin has 22 bytes .*wrong dtype"):
+        D.TokenDataset.open(d)
+
+
+def test_token_id_out_of_vocab_names_file_and_position(tmp_path):
+    d = _tiny_dataset(tmp_path, [1, 2, 3, 99, 4, 5, 6, 7])
+    with pytest.raises(D.DataError, match=r"token id 99 >= vocab_size 16 at position 3 of .*train\.bin"):
+        D.TokenDataset.open(d)
+    ds = D.TokenDataset.open(d, verify_tokens=False)  # skipping the scan still never yields a bad batch
+    with pytest.raises(D.DataError, match=r"token id 99 >= vocab_size 16 .*train\.bin"):
+        for step in range(50):
+            ds.batch("train", 0, step, 4, 4)
+
+
+def test_empty_token_file_names_file(tmp_path):
+    (tmp_path / "train.bin").write_bytes(b"")
+    (tmp_path / "metadata.json").write_text(json.dumps({"vocab_size": 16, "dtype": "uint16",
+                                                        "n_tokens": {"train": 0}}))
+    with pytest.raises(D.DataError, match=r"train\.bin is empty"):
+        D.TokenDataset.open(tmp_path)
+
+
+def test_missing_split_file_and_bad_metadata(tmp_path):
+    d = _tiny_dataset(tmp_path, np.arange(8))
+    meta = json.loads((d / "metadata.json").read_text())
+    (d / "metadata.json").write_text(json.dumps({**meta, "n_tokens": {"train": 8, "val": 3}}))
+    with pytest.raises(D.DataError, match=r"val\.bin is missing"):
+        D.TokenDataset.open(d)
+    (d / "metadata.json").write_text(json.dumps({**meta, "dtype": "int8"}))
+    with pytest.raises(D.DataError, match="dtype must be one of"):
+        D.TokenDataset.open(d)
+    (d / "metadata.json").write_text("{not json")
+    with pytest.raises(D.DataError, match="not valid JSON"):
+        D.TokenDataset.open(d)
+
+
+def test_sequence_longer_than_split_names_file(tmp_path):
+    ds = D.TokenDataset.open(_tiny_dataset(tmp_path, np.arange(10)))
+    ds.batch("train", 0, 0, 2, 9)  # 10 tokens hold exactly one window of 9 + 1
+    with pytest.raises(D.DataError, match=r"train\.bin\) has 10 tokens, fewer than seq_len \+ 1 = 11"):
+        ds.batch("train", 0, 0, 2, 10)
+
+
+def test_bad_text_inputs_name_the_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(D.DataError, match=r"input file is empty: .*empty\.txt"):
+        D.prepare_text([empty], tmp_path / "o")
+    with pytest.raises(D.DataError, match=r"input file not found: .*nope\.txt"):
+        D.prepare_text([tmp_path / "nope.txt"], tmp_path / "o")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9\n")
+    with pytest.raises(D.DataError, match=r"latin\.txt is not valid UTF-8"):
+        D.prepare_text([latin], tmp_path / "o")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(D.DataError, match=r"bad\.jsonl:2: expected a JSON object"):
+        D.prepare_text([bad], tmp_path / "o")
+    # The CLI turns these into a message and exit status 2, not a traceback.
+    assert D.main(["prepare", "--input", str(empty), "--out", str(tmp_path / "o")]) == 2
