@@ -1,0 +1,498 @@
+"""The training loop: one jitted, sharded train step with gradient accumulation, eval, metrics, checkpoints.
+
+Structure:
+- ``build_program(cfg, mesh)`` compiles everything device-side once: parameter/optimiser-state shardings
+  from the logical-axis rules, the train step (ONE ``jax.jit`` with explicit in/out shardings and the state
+  donated) and the eval step. The benchmark reuses it.
+- ``train(cfg, workdir)`` runs it: data, automatic resume from the newest checkpoint, logging, NaN guard
+  and summary.json.
+
+Exact resume: a batch is a pure function of (seed, step), the state (params + optimiser state, which holds the
+step count) is checkpointed whole, and the train step is the same compiled program, so continuing from step k
+recomputes bit-identical steps k+1..N. Metrics of the interrupted session after step k are dropped on resume.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+import optim
+from experiments import sharding as shd
+from experiments.checkpoint import Checkpointer, abstract_like
+from experiments.config import ConfigError, ExperimentConfig, config_diff
+from experiments.data import TokenDataset, prepare_synthetic
+from experiments.metrics import MetricsWriter, read_metrics
+from models import accounting
+from models.transformer import Transformer
+from optim.schedules import make_schedule
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+SUMMARY_SCHEMA_VERSION = 1
+
+# Settings that change how a run executes but not what it computes: they may differ when resuming a workdir
+# (e.g. a checkpoint written on 8 devices resumed on 1). Anything else differing is an error.
+EXECUTION_ONLY_FIELDS = (
+    "mesh.",
+    "trainer.progress",
+    "trainer.async_checkpoint",
+    "trainer.peak_flops",
+    "trainer.keep_checkpoints",
+    "trainer.checkpoint_every",
+    "trainer.log_every",
+    "trainer.eval_every",
+    "model.remat",
+    "model.attention_impl",
+    "data.synthetic_dir",
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss or gradient; the run stopped with its last good checkpoint intact."""
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats, computed in fp32 whatever the compute dtype."""
+    losses_BxL = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV.astype(jnp.float32), targets_BxL
+    )
+    return losses_BxL.mean()
+
+
+def _aux_loss(extras: dict[str, Any]) -> jax.Array:
+    # Families may return extra training losses (e.g. MoE load balancing) in `extras`; keys ending in "loss"
+    # are added to the objective. Dense models return {}.
+    return sum((v.astype(jnp.float32) for k, v in extras.items() if k.endswith("loss")), jnp.float32(0.0))
+
+
+@dataclass
+class Program:
+    """Everything device-side for one (config, mesh): model, optimiser, shardings, compiled steps."""
+
+    cfg: ExperimentConfig
+    mesh: Mesh
+    rules: shd.Rules
+    model: Transformer
+    tx: optax.GradientTransformation
+    partition: dict[str, str]
+    schedule: Callable[[int], Any]
+    state_shardings: Any
+    abstract_state: Any
+    train_step: Any  # compiled: (state, tokens_MxBxL1) -> (state, metrics)
+    eval_step: Any  # compiled: (params, tokens_BxL1) -> mean loss
+    init_state: Callable[[], Any]
+    train_batch_sharding: NamedSharding
+    eval_batch_sharding: NamedSharding
+    compile_seconds: float
+
+    @property
+    def micro_batch(self) -> int:
+        return self.cfg.data.batch_size // self.cfg.trainer.microbatches
+
+
+@functools.lru_cache(maxsize=4)
+def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
+    """Compile the train/eval programs for ``cfg`` on ``mesh``.
+
+    Memoised on (cfg, mesh), both immutable and hashable: a process that trains the same experiment again (a
+    resume in tests or notebooks) reuses the compiled executables instead of recompiling.
+    """
+    t0 = time.perf_counter()
+    c, M, L = cfg.model, cfg.trainer.microbatches, cfg.data.seq_len
+    B_micro = cfg.data.batch_size // M
+    shd.check_batch_divisible(B_micro, mesh, "data.batch_size / trainer.microbatches")
+    shd.check_batch_divisible(cfg.eval_batch_size, mesh, "eval batch size")
+    if B_micro % jax.process_count():
+        raise ConfigError(f"microbatch size {B_micro} is not divisible by {jax.process_count()} processes")
+    model = Transformer(c)
+    rng = jax.random.PRNGKey(cfg.seed)
+    dummy_BxL = jnp.zeros((1, L), jnp.int32)
+    # Init runs without logical rules in scope, so activation constraints are no-ops on the dummy batch of 1.
+    abstract_boxed = jax.eval_shape(model.init, rng, dummy_BxL)["params"]
+    rules = shd.effective_rules(cfg.mesh.rules, mesh, shd.logical_dim_sizes(abstract_boxed))
+    logical_axes = nn.get_partition_spec(abstract_boxed)
+    param_shardings = shd.shardings_from_logical(logical_axes, nn.meta.unbox(abstract_boxed), mesh, rules)
+    abstract_params = abstract_like(nn.meta.unbox(abstract_boxed), param_shardings)
+
+    tx, partition = optim.build_optimizer(cfg.optimizer, abstract_params, logical_axes, cfg.total_steps)
+    schedule = make_schedule(cfg.optimizer, cfg.total_steps)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_specs = optim.opt_state_logical_specs(tx, abstract_params, logical_axes)
+    opt_shardings = shd.shardings_from_logical(opt_specs, abstract_opt, mesh, rules)
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings}
+    abstract_state = abstract_like({"params": abstract_params, "opt_state": abstract_opt}, state_shardings)
+
+    def init_fn(rng):
+        params = nn.meta.unbox(model.init(rng, dummy_BxL)["params"])
+        return {"params": params, "opt_state": tx.init(params)}
+
+    init_jit = jax.jit(init_fn, out_shardings=state_shardings)
+
+    def loss_fn(params, tokens_BxL1):
+        logits_BxLxV, extras = model.apply({"params": params}, tokens_BxL1[:, :-1])
+        ce = cross_entropy(logits_BxLxV, tokens_BxL1[:, 1:])
+        return ce + _aux_loss(extras), ce
+
+    def train_step(state, tokens_MxBxL1):
+        params = state["params"]
+
+        def micro(grads_acc, tokens_BxL1):
+            (_, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens_BxL1)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            return grads_acc, ce
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+        grads, ce_M = jax.lax.scan(micro, zeros, tokens_MxBxL1)
+        grads = jax.tree.map(lambda g, p: (g / M).astype(p.dtype), grads, params)
+        loss = ce_M.mean()  # microbatches hold equal token counts, so this is the mean over all tokens
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        # A non-finite step leaves the state untouched, so the caller stops with the last good state intact.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+        return new_state, {"loss": loss, "grad_norm": grad_norm}
+
+    def eval_step(params, tokens_BxL1):
+        logits_BxLxV, _ = model.apply({"params": params}, tokens_BxL1[:, :-1])
+        return cross_entropy(logits_BxLxV, tokens_BxL1[:, 1:])
+
+    train_batch_sharding = shd.batch_sharding(mesh, leading=1)
+    eval_batch_sharding = shd.batch_sharding(mesh)
+    rep = shd.replicated(mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        train_c = (
+            jax.jit(
+                train_step,
+                in_shardings=(state_shardings, train_batch_sharding),
+                out_shardings=(state_shardings, rep),
+                donate_argnums=(0,),
+            )
+            .lower(abstract_state, jax.ShapeDtypeStruct((M, B_micro, L + 1), jnp.int32))
+            .compile()
+        )
+        eval_c = (
+            jax.jit(eval_step, in_shardings=(param_shardings, eval_batch_sharding), out_shardings=rep)
+            .lower(abstract_params, jax.ShapeDtypeStruct((cfg.eval_batch_size, L + 1), jnp.int32))
+            .compile()
+        )
+
+    def init_state():
+        with jax.set_mesh(mesh):
+            return init_jit(rng)
+
+    return Program(
+        cfg,
+        mesh,
+        rules,
+        model,
+        tx,
+        partition,
+        schedule,
+        state_shardings,
+        abstract_state,
+        train_c,
+        eval_c,
+        init_state,
+        train_batch_sharding,
+        eval_batch_sharding,
+        time.perf_counter() - t0,
+    )
+
+
+# ----- data -------------------------------------------------------------------------------------------------
+def open_dataset(cfg: ExperimentConfig, workdir: Path) -> TokenDataset:
+    d = cfg.data
+    if d.path != "synthetic":
+        return TokenDataset.open(d.path)
+    out = Path(d.synthetic_dir) if d.synthetic_dir else workdir / "data"
+    s = d.synthetic
+    if jax.process_index() == 0:
+        prepare_synthetic(
+            out,
+            vocab_size=s.vocab_size,
+            n_train_tokens=d.n_train_tokens,
+            n_val_tokens=d.n_val_tokens,
+            seed=s.seed,
+            order=s.order,
+            weights=s.weights,
+            successors=s.successors,
+            buckets=s.buckets,
+            zipf_exponent=s.zipf_exponent,
+            dirichlet_alpha=s.dirichlet_alpha,
+        )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("synthetic data prepared")
+    return TokenDataset.open(out, verify_tokens=False)  # prepare_synthetic validated the files
+
+
+def train_batch(ds: TokenDataset, cfg: ExperimentConfig, prog: Program, step: int) -> jax.Array:
+    """The global [M, B/M, L+1] batch of step ``step`` (0-based), assembled from this host's rows."""
+    B, L, M = cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.microbatches
+    local = ds.batch(
+        "train", cfg.seed, step, B, L, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    local = local.reshape(M, local.shape[0] // M, L + 1)
+    return shd.host_batch(local, prog.train_batch_sharding, (M, B // M, L + 1))
+
+
+def evaluate(ds: TokenDataset, cfg: ExperimentConfig, prog: Program, params: Any) -> float:
+    """Mean loss over the first ``eval_steps`` fixed validation batches (the same every time)."""
+    Be, L = cfg.eval_batch_size, cfg.data.seq_len
+    losses = []
+    for i in range(cfg.trainer.eval_steps):
+        local = ds.sequential_batch(
+            "val", i, Be, L, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        losses.append(prog.eval_step(params, shd.host_batch(local, prog.eval_batch_sharding, (Be, L + 1))))
+    return float(np.mean(np.asarray(jax.device_get(losses), dtype=np.float64)))
+
+
+# ----- workdir bookkeeping ----------------------------------------------------------------------------------
+def check_and_save_config(cfg: ExperimentConfig, workdir: Path) -> None:
+    """Write WORKDIR/config.json; refuse to continue a workdir that was started with a different
+    experiment."""
+    path = workdir / CONFIG_FILE
+    new = cfg.to_dict()
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [
+            k
+            for k in config_diff(old, new)
+            if not any(k == f or k.startswith(f) for f in EXECUTION_ONLY_FIELDS)
+        ]
+        if diff:
+            details = "\n".join(f"  {k}: saved {_get(old, k)!r} != now {_get(new, k)!r}" for k in diff)
+            raise ConfigError(
+                f"{workdir} holds a run with a different config ({path}); use a new --workdir or "
+                f"the same settings. Differences:\n{details}"
+            )
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(new, indent=2) + "\n")
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for k in dotted.split("."):
+        if not isinstance(d, dict) or k not in d:
+            return "<missing>"
+        d = d[k]
+    return d
+
+
+def build_summary(
+    cfg: ExperimentConfig,
+    ds: TokenDataset,
+    *,
+    final_loss: float,
+    final_eval_loss: float,
+    meta: dict[str, Any],
+    n_devices: int,
+) -> dict[str, Any]:
+    c, L = cfg.model, cfg.data.seq_len
+    counts = accounting.param_counts(c)
+    steps = cfg.total_steps
+    tokens = steps * cfg.tokens_per_step
+    fpt = accounting.flops_per_token(c, L)["training"]
+    tps = meta["timed_tokens"] / meta["train_seconds"] if meta.get("train_seconds") else None
+    peak = cfg.trainer.peak_flops
+    return {
+        "schema_version": SUMMARY_SCHEMA_VERSION,
+        "family": c.family,
+        "optimizer": cfg.optimizer.name,
+        "params": counts["total"],
+        "non_embedding_params": counts["non_embedding"],
+        "embedding_params": counts["embedding"],
+        "tokens": tokens,
+        "flops_per_token": fpt,
+        "flops": fpt * tokens,
+        "kaplan_flops_per_token": accounting.kaplan_flops_per_token(c, L),
+        "chinchilla_flops_per_token": accounting.chinchilla_flops_per_token(c),
+        "steps": steps,
+        "batch_size": cfg.data.batch_size,
+        "seq_len": L,
+        "final_loss": final_loss,
+        "final_eval_loss": final_eval_loss,
+        "entropy_floor": ds.entropy_rate,
+        "unigram_entropy": ds.unigram_entropy,
+        "tokens_per_second": tps,
+        "mfu": (fpt * tps / (peak * n_devices)) if (peak and tps) else None,
+        "wall_seconds": meta.get("wall_seconds"),
+        "compile_seconds": meta.get("compile_seconds"),
+        "devices": n_devices,
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+    }
+
+
+# ----- the loop ---------------------------------------------------------------------------------------------
+def train(
+    cfg: ExperimentConfig,
+    workdir: str | Path,
+    *,
+    devices: list[jax.Device] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` in ``workdir`` (resuming from its newest checkpoint) and return the summary dict.
+
+    ``on_step(step)`` is called after each completed step (1-based); tests raise from it to simulate a crash.
+    """
+    from tqdm.auto import tqdm
+
+    wall0 = time.perf_counter()
+    cfg.validate()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    emit = log or (lambda s: tqdm.write(s) if is_main else None)
+    check_and_save_config(cfg, workdir)
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    n_devices = mesh.devices.size
+    total = cfg.total_steps
+    ckpt = Checkpointer(
+        workdir / CHECKPOINT_DIR, keep=cfg.trainer.keep_checkpoints, async_save=cfg.trainer.async_checkpoint
+    )
+    writer: MetricsWriter | None = None
+    try:
+        latest = ckpt.latest_step()
+        summary_path = workdir / SUMMARY_FILE
+        if latest == total and summary_path.exists():
+            emit(f"{workdir}: already finished ({total} steps); nothing to do")
+            return json.loads(summary_path.read_text())
+
+        ds = open_dataset(cfg, workdir)
+        if ds.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"dataset vocab_size {ds.vocab_size} ({ds.directory}) exceeds model.vocab_size "
+                f"{cfg.model.vocab_size}"
+            )
+        prog = build_program(cfg, mesh)
+        emit(shd.describe_mesh(mesh))
+        counts = accounting.param_counts(cfg.model)
+        emit(
+            f"model: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding); "
+            f"{total} steps x {cfg.tokens_per_step:,} tokens; compiled in {prog.compile_seconds:.1f}s"
+        )
+        emit("optimizer partition:\n" + optim.describe_partition(prog.partition))
+
+        if latest is not None:
+            state, meta = ckpt.restore(latest, prog.abstract_state)
+            emit(f"resumed from checkpoint at step {latest}")
+        else:
+            state, meta = prog.init_state(), {}
+        start = latest or 0
+        meta = {"train_seconds": 0.0, "timed_tokens": 0, "wall_seconds": 0.0, "last_loss": None, **meta}
+        meta["compile_seconds"] = prog.compile_seconds
+        wall_before = meta["wall_seconds"]
+        writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
+        fpt = accounting.flops_per_token(cfg.model, cfg.data.seq_len)["training"]
+        peak = cfg.trainer.peak_flops
+        t = cfg.trainer
+
+        def save(step: int) -> None:
+            meta["wall_seconds"] = wall_before + time.perf_counter() - wall0
+            ckpt.save(step, state, dict(meta))
+
+        # disable=None: tqdm turns itself off when stdout is not a terminal (logs, CI); log lines cover that.
+        bar = tqdm(
+            total=total,
+            initial=start,
+            disable=None if (t.progress and is_main) else True,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        window_time, window_steps = 0.0, 0
+        batch = train_batch(ds, cfg, prog, start) if start < total else None
+        tick = time.perf_counter()
+        for s in range(start, total):
+            state, m = prog.train_step(state, batch)
+            if s + 1 < total:
+                batch = train_batch(ds, cfg, prog, s + 1)  # host work overlaps the device step
+            m = jax.device_get(m)
+            step_time = time.perf_counter() - tick
+            step = s + 1
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            window_time += step_time
+            window_steps += 1
+            meta["train_seconds"] += step_time
+            meta["timed_tokens"] += cfg.tokens_per_step
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                writer.write(step, {"loss": loss, "grad_norm": grad_norm})
+                ckpt.wait()
+                good = ckpt.latest_step()
+                raise NonFiniteLossError(
+                    f"non-finite training loss at step {step} (loss={loss}, grad_norm={grad_norm}); "
+                    f"stopping. The update was not applied. Last good checkpoint: "
+                    f"{'step ' + str(good) if good is not None else 'none'} in {ckpt.directory}. "
+                    "Lower optimizer.learning_rate or enable optimizer.grad_clip_norm."
+                )
+            meta["last_loss"] = loss
+            bar.update(1)
+            if step % t.log_every == 0 or step == total:
+                tps = cfg.tokens_per_step * window_steps / window_time
+                record = {
+                    "loss": loss,
+                    "lr": float(prog.schedule(s)),
+                    "grad_norm": grad_norm,
+                    "step_time": window_time / window_steps,
+                    "tokens_per_second": tps,
+                    "tokens": step * cfg.tokens_per_step,
+                }
+                if peak:
+                    record["mfu"] = fpt * tps / (peak * n_devices)
+                writer.write(step, record)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                if bar.disable:
+                    emit(f"step {step}/{total}: loss {loss:.4f} grad_norm {grad_norm:.3f} tok/s {tps:,.0f}")
+                window_time, window_steps = 0.0, 0
+            if t.eval_every and step % t.eval_every == 0 and step != total:
+                ev = evaluate(ds, cfg, prog, state["params"])
+                writer.write(step, {"eval_loss": ev})
+                emit(f"step {step}: eval_loss {ev:.4f}")
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == total:
+                save(step)
+            if on_step is not None:
+                on_step(step)
+            tick = time.perf_counter()
+        bar.close()
+
+        final_eval = evaluate(ds, cfg, prog, state["params"])
+        # (start == total: finished before summary.json was written; the eval record may already be there.)
+        if start < total or not any(r["step"] == total and "eval_loss" in r for r in read_metrics(workdir)):
+            writer.write(total, {"eval_loss": final_eval})
+        writer.close()
+        ckpt.wait()
+        meta["wall_seconds"] = wall_before + time.perf_counter() - wall0
+        summary = build_summary(
+            cfg, ds, final_loss=meta["last_loss"], final_eval_loss=final_eval, meta=meta, n_devices=n_devices
+        )
+        if is_main:
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        floor = f" (entropy floor {ds.entropy_rate:.4f})" if ds.entropy_rate is not None else ""
+        emit(
+            f"done: final loss {summary['final_loss']:.4f}, eval loss {final_eval:.4f}{floor}; "
+            f"{summary['tokens_per_second'] or 0:,.0f} tok/s; summary in {summary_path}"
+        )
+        return summary
+    finally:
+        if writer is not None:
+            writer.close()
+        ckpt.close()

@@ -1,0 +1,126 @@
+"""Config: presets, typed overrides, strict round-trip, validation, workdir config mismatch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.config import ConfigError, ExperimentConfig, config_diff
+from experiments.presets import PRESETS, get_preset
+from experiments.trainer import check_and_save_config
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_validate_and_round_trip(name):
+    cfg = get_preset(name).validate()
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert ExperimentConfig.from_dict(d) == cfg
+
+
+def test_gpu_presets_use_bf16_compute():
+    for name in ("gpt2-124m", "350m"):
+        cfg = get_preset(name)
+        assert cfg.model.compute_dtype == "bfloat16" and cfg.model.param_dtype == "float32"
+    assert get_preset("gpt2-124m").model.param_counts()["non_embedding"] == pytest.approx(85e6, rel=0.01)
+
+
+def test_overrides_parse_each_type():
+    cfg = get_preset("tiny").override(
+        [
+            "trainer.steps=1e3",  # integral float -> int
+            "optimizer.learning_rate=2e-3",
+            "optimizer.grad_clip_norm=none",
+            "trainer.progress=false",
+            "model.n_kv_heads=2",
+            "optimizer.name=muon",
+            "data.path=/some/dir",
+            "data.synthetic.successors=[3, 2]",
+            "trainer.peak_flops=1e15",
+            "seed=7",
+            'mesh.rules=[["batch", ["data", "fsdp"]], ["embed", null]]',
+        ]
+    )
+    assert cfg.trainer.steps == 1000 and isinstance(cfg.trainer.steps, int)
+    assert cfg.optimizer.learning_rate == 2e-3 and cfg.optimizer.grad_clip_norm is None
+    assert cfg.trainer.progress is False and cfg.model.n_kv_heads == 2 and cfg.optimizer.name == "muon"
+    assert cfg.data.path == "/some/dir" and cfg.data.synthetic.successors == (3, 2)
+    assert cfg.trainer.peak_flops == 1e15 and cfg.seed == 7
+    assert cfg.mesh.rules == (("batch", ("data", "fsdp")), ("embed", None))
+    # Untouched fields keep the preset's values.
+    assert cfg.model.d_model == get_preset("tiny").model.d_model
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.stepz=3", r"unknown field 'stepz'.*valid fields of TrainerConfig: steps: int \| None"),
+        ("modle.d_model=3", r"unknown field 'modle'.*valid fields of ExperimentConfig: model"),
+        ("trainer.steps=ten", r"trainer.steps='ten': wrong type, expected int \| None"),
+        ("trainer.steps=1.5", r"trainer.steps='1.5': wrong type"),
+        ("trainer.progress=maybe", r"trainer.progress='maybe': wrong type, expected bool"),
+        ("optimizer.learning_rate=fast", r"optimizer.learning_rate='fast': wrong type"),
+        ("model.d_model.x=3", r"'d_model' is a int, not a section"),
+        ("trainer.steps", r"must look like section.field=value"),
+    ],
+)
+def test_bad_overrides_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        get_preset("tiny").override([override])
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'.*'gpt2-124m'"):
+        get_preset("huge")
+
+
+def test_from_dict_rejects_unknown_and_mistyped_fields():
+    d = get_preset("tiny").to_dict()
+    d["trainer"]["bogus"] = 1
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['bogus'\] in trainer"):
+        ExperimentConfig.from_dict(d)
+    d = get_preset("tiny").to_dict()
+    d["model"]["n_layers"] = "2"
+    with pytest.raises(ConfigError, match="model.n_layers: expected an int"):
+        ExperimentConfig.from_dict(d)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.tokens=1000"], "set exactly one of trainer.steps / trainer.tokens"),
+        (["trainer.microbatches=3"], "microbatches=3 must be >= 1 and divide data.batch_size=16"),
+        (["data.seq_len=1000"], "data.seq_len=1000 exceeds model.max_seq_len"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], "at most one -1"),
+        (['mesh.rules=[["embed", "model"]]'], "unknown mesh axes"),
+        (["model.n_heads=3"], "model: invalid ModelConfig"),
+        (["optimizer.warmup_steps=100000"], "warmup_steps=100000 exceeds the run length"),
+        (["data.synthetic.vocab_size=1000"], "data.synthetic.vocab_size=1000 exceeds model.vocab_size"),
+    ],
+)
+def test_validate_reports_problems(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        get_preset("tiny").override(overrides).validate()
+
+
+def test_tokens_sets_run_length_in_whole_steps():
+    cfg = get_preset("tiny").override(["trainer.steps=null", "trainer.tokens=100000"]).validate()
+    assert cfg.total_steps == -(-100000 // cfg.tokens_per_step) == 98
+
+
+def test_workdir_refuses_a_different_config(tmp_path):
+    cfg = get_preset("tiny")
+    check_and_save_config(cfg, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == cfg.to_dict()
+    # Execution-only settings (mesh, progress bar, checkpoint cadence) may change between sessions.
+    check_and_save_config(cfg.override(["mesh.data=1", "trainer.progress=false"]), tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"(?s)different config.*optimizer.learning_rate: saved 0.003 != now 0.1"
+    ):
+        check_and_save_config(cfg.override(["optimizer.learning_rate=0.1"]), tmp_path)
+
+
+def test_config_diff():
+    a = get_preset("tiny").to_dict()
+    b = get_preset("tiny").override(["model.d_model=32", "seed=1"]).to_dict()
+    assert config_diff(a, b) == ["model.d_model", "seed"]

@@ -1,0 +1,164 @@
+"""Sharding: mesh construction, the logical-axis rules applied to real parameter trees, non-divisible
+fallbacks."""
+
+from __future__ import annotations
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import optim
+from experiments import sharding as shd
+from experiments.config import LOGICAL_AXIS_RULES, ConfigError, MeshConfig
+from experiments.presets import get_preset
+from experiments.trainer import build_program
+from models.config import ModelConfig
+from models.transformer import Transformer
+
+MESH_222 = MeshConfig(data=2, fsdp=2, tensor=2)
+
+
+def test_mesh_sizes_fill_and_mismatch():
+    assert shd.resolve_mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=1), 8) == {
+        "data": 4,
+        "fsdp": 2,
+        "tensor": 1,
+    }
+    assert shd.resolve_mesh_shape(MeshConfig(data=1, fsdp=1, tensor=-1), 8)["tensor"] == 8
+    with pytest.raises(ConfigError, match=r"3\*1\*1 = 3 must equal the number of devices \(8\)"):
+        shd.resolve_mesh_shape(MeshConfig(data=3, fsdp=1, tensor=1), 8)
+    with pytest.raises(ConfigError, match="do not divide the 8 available devices"):
+        shd.resolve_mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
+    mesh = shd.make_mesh(MESH_222)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2} and mesh.devices.size == 8
+    assert dict(shd.make_mesh(MeshConfig(), jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+def _abstract(model_cfg, seq=8):
+    return jax.eval_shape(Transformer(model_cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, seq), jnp.int32))[
+        "params"
+    ]
+
+
+def _specs(model_cfg, mesh):
+    boxed = _abstract(model_cfg)
+    rules = shd.effective_rules(LOGICAL_AXIS_RULES, mesh, shd.logical_dim_sizes(boxed))
+    sh = shd.shardings_from_logical(nn.get_partition_spec(boxed), nn.meta.unbox(boxed), mesh, rules)
+    return (
+        boxed,
+        rules,
+        {optim.partition.path_str(k): s.spec for k, s in jax.tree_util.tree_leaves_with_path(sh)},
+    )
+
+
+def test_rules_table_shards_parameters_megatron_and_fsdp_style():
+    mesh = shd.make_mesh(MESH_222)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=8)
+    _, _, specs = _specs(cfg, mesh)
+    # embed -> fsdp; heads/kv_heads/mlp/vocab -> tensor; layers and head_dim unsharded.
+    assert specs["embed/embedding"] == P("tensor", "fsdp")
+    assert specs["lm_head/kernel"] == P("fsdp", "tensor")
+    assert specs["blocks/attn/q/kernel"] == P(None, "fsdp", "tensor", None)
+    assert specs["blocks/attn/k/kernel"] == P(None, "fsdp", "tensor", None)
+    assert specs["blocks/attn/o/kernel"] == P(None, "tensor", None, "fsdp")
+    assert specs["blocks/mlp/gate/kernel"] == P(None, "fsdp", "tensor")
+    assert specs["blocks/mlp/down/kernel"] == P(None, "tensor", "fsdp")
+    assert specs["final_norm/scale"] == P("fsdp")
+
+
+def test_non_divisible_dims_fall_back_to_replication():
+    mesh = shd.make_mesh(MESH_222)
+    # 3 heads and 1 KV head on tensor=2, vocab 51 on tensor=2, d_ff 36 fine.
+    cfg = ModelConfig(vocab_size=51, d_model=24, n_layers=1, n_heads=3, n_kv_heads=1, d_ff=36, max_seq_len=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, rules, specs = _specs(cfg, mesh)
+    messages = " | ".join(str(w.message) for w in caught)
+    for name in ("'heads'", "'kv_heads'", "'vocab'"):
+        assert f"logical axis {name}" in messages and "replicating" in messages
+    assert dict(rules)["heads"] is None and dict(rules)["kv_heads"] is None and dict(rules)["vocab"] is None
+    assert dict(rules)["mlp"] == "tensor"
+    assert specs["blocks/attn/q/kernel"] == P(None, "fsdp", None, None)
+    assert specs["embed/embedding"] == P(None, "fsdp")
+    assert specs["blocks/mlp/up/kernel"] == P(None, "fsdp", "tensor")
+    assert shd.fit_spec(P("tensor", ("data", "fsdp")), (3, 8), mesh) == P(None, ("data", "fsdp"))
+
+
+def test_optimizer_state_mirrors_parameter_shardings():
+    mesh = shd.make_mesh(MESH_222)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=8)
+    boxed, rules, _ = _specs(cfg, mesh)
+    logical = nn.get_partition_spec(boxed)
+    params = nn.meta.unbox(boxed)
+    tx, _ = optim.build_optimizer(optim.OptimizerConfig(name="adamw"), params, logical, 10)
+    opt_abstract = jax.eval_shape(tx.init, params)
+    opt_sh = shd.shardings_from_logical(
+        optim.opt_state_logical_specs(tx, params, logical), opt_abstract, mesh, rules
+    )
+    adam = [
+        s
+        for s in jax.tree.leaves(opt_sh, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
+    assert adam, "no Adam state found"
+    assert adam[0].mu["blocks"]["mlp"]["gate"]["kernel"].spec == P(None, "fsdp", "tensor")
+    assert adam[0].count.spec == P()
+
+
+def test_indivisible_model_trains_on_eight_devices(tmp_path):
+    """End to end: a model whose heads/vocab/kv_heads do not divide the mesh still compiles and steps."""
+    cfg = (
+        get_preset("tiny")
+        .override(
+            [
+                "model.vocab_size=51",
+                "data.synthetic.vocab_size=51",
+                "model.d_model=24",
+                "model.n_heads=3",
+                "model.n_kv_heads=1",
+                "model.n_layers=1",
+                "model.d_ff=36",
+                "model.max_seq_len=8",
+                "data.seq_len=8",
+                "data.batch_size=8",
+                "trainer.steps=2",
+                "optimizer.warmup_steps=0",
+                "mesh.data=2",
+                "mesh.fsdp=2",
+                "mesh.tensor=2",
+            ]
+        )
+        .validate()
+    )
+    mesh = shd.make_mesh(cfg.mesh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the replication warnings are checked above
+        prog = build_program(cfg, mesh)
+    state = prog.init_state()
+    tokens = np.random.default_rng(0).integers(0, 51, size=(1, 8, 9)).astype(np.int32)
+    batch = shd.host_batch(tokens, prog.train_batch_sharding, tokens.shape)
+    state, m = prog.train_step(state, batch)
+    assert np.isfinite(float(m["loss"])) and abs(float(m["loss"]) - np.log(51)) < 0.5
+    assert state["params"]["embed"]["embedding"].sharding.spec == P(None, "fsdp")
+
+
+def test_batch_sharding_and_divisibility():
+    mesh = shd.make_mesh(MESH_222)
+    assert shd.batch_sharding(mesh, leading=1).spec == P(None, ("data", "fsdp"))
+    shd.check_batch_divisible(8, mesh, "batch")
+    with pytest.raises(ConfigError, match="batch=6 is not divisible by mesh data\\*fsdp=4"):
+        shd.check_batch_divisible(6, mesh, "batch")
+
+
+def test_no_distributed_init_without_env(monkeypatch):
+    for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert shd.maybe_initialize_distributed() is False
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a single-task SLURM job is not multi-host
+    assert shd.maybe_initialize_distributed() is False

@@ -1,0 +1,312 @@
+"""Trainer tests on a very small model: sharding equivalence, exact resume, cross-mesh restore, NaN stop,
+learning with AdamW and Muon, summary.json, and the CLI end to end.
+
+Runs are shared through module fixtures because every ``train`` call compiles its step (the slow part).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import train as train_cli
+from experiments.checkpoint import Checkpointer
+from experiments.config import ConfigError
+from experiments.metrics import read_metrics
+from experiments.presets import get_preset
+from experiments.trainer import NonFiniteLossError, build_program, train
+from models import accounting
+
+SUMMARY_KEYS = {
+    "family",
+    "optimizer",
+    "params",
+    "non_embedding_params",
+    "embedding_params",
+    "tokens",
+    "flops_per_token",
+    "flops",
+    "steps",
+    "final_loss",
+    "final_eval_loss",
+    "entropy_floor",
+    "tokens_per_second",
+    "wall_seconds",
+    "seed",
+    "config",
+}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(k):
+    def hook(step):
+        if step == k:
+            raise Interrupt(step)
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def small_cfg(data_dir, *overrides):
+    # Async checkpointing on purpose: the exact-resume test then also shows that donating the state to the
+    # next step while orbax writes in the background does not corrupt a checkpoint.
+    base = [
+        "model.vocab_size=64",
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.max_seq_len=16",
+        "data.synthetic.vocab_size=64",
+        "data.synthetic.successors=[4, 2]",
+        f"data.synthetic_dir={data_dir}",
+        "data.n_train_tokens=20000",
+        "data.n_val_tokens=2048",
+        "data.seq_len=16",
+        "data.batch_size=8",
+        "trainer.steps=6",
+        "trainer.microbatches=2",
+        "trainer.eval_every=3",
+        "trainer.eval_steps=2",
+        "trainer.eval_batch_size=8",
+        "trainer.log_every=1",
+        "trainer.checkpoint_every=3",
+        "trainer.async_checkpoint=true",
+        "trainer.progress=false",
+        "optimizer.learning_rate=0.01",
+        "optimizer.warmup_steps=2",
+    ]
+    return get_preset("tiny").override(base + list(overrides)).validate()
+
+
+ONE = ("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1")
+EIGHT = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+
+
+def run(cfg, workdir, n_devices, **kw):
+    return train(cfg, workdir, devices=jax.devices()[:n_devices], log=lambda s: None, **kw)
+
+
+def final_params(workdir, step):
+    """Params of the checkpoint at ``step`` as host numpy arrays (restored with their saved layout)."""
+    import orbax.checkpoint as ocp
+
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    return jax.tree.map(np.asarray, restored["params"])
+
+
+def assert_params_close(a, b, tol=1e-4):
+    # Relative difference per tensor, not per element: Adam divides by sqrt(v), so an element whose gradient
+    # is ~0 turns fp32 reduction-order noise into a visible (but harmless) per-element difference.
+    def check(x, y):
+        assert np.linalg.norm(x - y) <= tol * np.linalg.norm(y), (np.linalg.norm(x - y), np.linalg.norm(y))
+
+    jax.tree.map(check, a, b)
+
+
+def curve(workdir, key):
+    return {r["step"]: r[key] for r in read_metrics(workdir) if key in r}
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory, data_dir):
+    wd = tmp_path_factory.mktemp("one")
+    summary = run(small_cfg(data_dir, *ONE), wd, 1)
+    return wd, summary
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory, data_dir):
+    wd = tmp_path_factory.mktemp("eight")
+    summary = run(small_cfg(data_dir, *EIGHT), wd, 8)
+    return wd, summary
+
+
+def test_eight_devices_match_one_device(one_device_run, eight_device_run):
+    (wd1, s1), (wd8, s8) = one_device_run, eight_device_run
+    for key in ("loss", "grad_norm", "eval_loss"):
+        c1, c8 = curve(wd1, key), curve(wd8, key)
+        assert c1.keys() == c8.keys() and len(c1) >= 2
+        np.testing.assert_allclose(
+            [c8[k] for k in sorted(c8)], [c1[k] for k in sorted(c1)], rtol=2e-5, err_msg=key
+        )
+    assert s8["final_eval_loss"] == pytest.approx(s1["final_eval_loss"], rel=2e-5)
+    # The run actually changed the loss (else equal curves would prove little).
+    losses = curve(wd1, "loss")
+    assert abs(losses[6] - losses[1]) > 0.05
+    p1, p8 = final_params(wd1, 6), final_params(wd8, 6)
+    assert_params_close(p8, p1)
+
+
+def test_resume_is_exact(tmp_path, data_dir, one_device_run):
+    wd1, s1 = one_device_run
+    cfg = small_cfg(data_dir, *ONE)
+    with pytest.raises(Interrupt):
+        run(cfg, tmp_path, 1, on_step=interrupt_at(5))  # checkpoint at 3, metrics written up to 5
+    assert max(r["step"] for r in read_metrics(tmp_path)) == 5
+    s = run(cfg, tmp_path, 1)  # resumes from step 3
+    strip = lambda rs: [
+        {k: v for k, v in r.items() if k not in ("step_time", "tokens_per_second")} for r in rs
+    ]
+    assert strip(read_metrics(tmp_path)) == strip(read_metrics(wd1))
+    a, b = final_params(tmp_path, 6), final_params(wd1, 6)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert s["final_loss"] == s1["final_loss"] and s["final_eval_loss"] == s1["final_eval_loss"]
+    # Finished: running again does no work and returns the same summary.
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert run(cfg, tmp_path, 1) == s
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path, data_dir, one_device_run, eight_device_run):
+    (wd1, _), (wd8, _) = one_device_run, eight_device_run
+    with pytest.raises(Interrupt):
+        run(small_cfg(data_dir, *EIGHT), tmp_path, 8, on_step=interrupt_at(4))
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=2, async_save=False)
+    assert ckpt.latest_step() == 3
+    ckpt.close()
+    run(small_cfg(data_dir, *ONE), tmp_path, 1)  # mesh settings may change on resume
+    resumed = curve(tmp_path, "loss")
+    # Steps 1..3 come from the 8-device session (kept), 4..6 were computed on one device from its checkpoint.
+    assert [resumed[k] for k in (1, 2, 3)] == [curve(wd8, "loss")[k] for k in (1, 2, 3)]
+    np.testing.assert_allclose(
+        [resumed[k] for k in range(1, 7)], [curve(wd1, "loss")[k] for k in range(1, 7)], rtol=2e-5
+    )
+    assert_params_close(final_params(tmp_path, 6), final_params(wd1, 6))
+
+
+def test_summary_has_schema_and_consistent_values(one_device_run, data_dir):
+    wd, s = one_device_run
+    assert SUMMARY_KEYS <= set(s)
+    on_disk = json.loads((wd / "summary.json").read_text())
+    assert on_disk == s
+    cfg = small_cfg(data_dir, *ONE)
+    assert s["steps"] == 6 and s["tokens"] == 6 * 8 * 16
+    assert s["flops_per_token"] == accounting.flops_per_token(cfg.model, 16)["training"]
+    assert s["flops"] == pytest.approx(s["flops_per_token"] * s["tokens"])
+    n_params = sum(x.size for x in jax.tree.leaves(final_params(wd, 6)))
+    assert s["params"] == n_params == s["embedding_params"] + s["non_embedding_params"]
+    meta = json.loads((Path(data_dir) / "metadata.json").read_text())
+    assert s["entropy_floor"] == meta["entropy_rate"] and s["unigram_entropy"] == meta["unigram_entropy"]
+    assert 0 < s["entropy_floor"] < s["unigram_entropy"] < math.log(64)
+    assert s["final_loss"] == curve(wd, "loss")[6] and s["final_eval_loss"] == curve(wd, "eval_loss")[6]
+    assert s["tokens_per_second"] > 0 and s["wall_seconds"] > 0 and s["seed"] == 0
+    assert s["config"]["trainer"]["steps"] == 6 and s["optimizer"] == "adamw" and s["family"] == "dense"
+    assert json.loads((wd / "config.json").read_text()) == s["config"]
+    assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+    cfg = small_cfg(
+        data_dir,
+        *ONE,
+        "optimizer.learning_rate=1e30",
+        "optimizer.schedule=constant",
+        "optimizer.warmup_steps=0",
+        "optimizer.grad_clip_norm=null",
+        "trainer.checkpoint_every=1",
+        "trainer.microbatches=1",
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite training loss at step (\d+).*Last good checkpoint"
+    ):
+        run(cfg, tmp_path, 1)
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=2, async_save=False)
+    good = ckpt.latest_step()
+    ckpt.close()
+    bad_step = max(r["step"] for r in read_metrics(tmp_path))
+    assert good is not None and good == bad_step - 1
+    params = final_params(tmp_path, good)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_loss_decreases(tmp_path, data_dir, optimizer):
+    lr = {"adamw": "0.01", "muon": "0.02"}[optimizer]
+    cfg = small_cfg(
+        data_dir,
+        *ONE,
+        f"optimizer.name={optimizer}",
+        f"optimizer.learning_rate={lr}",
+        "trainer.steps=40",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.log_every=40",
+        "trainer.microbatches=1",
+        "data.batch_size=16",
+    )
+    s = run(cfg, tmp_path, 1)
+    # Far below a uniform guess (ln 64 = 4.16) and below the best context-free (unigram) model.
+    assert s["final_eval_loss"] < s["unigram_entropy"] - 0.1, s
+
+
+def test_cli_end_to_end(tmp_path, data_dir, capsys):
+    wd = tmp_path / "run"
+    argv = [
+        "--preset",
+        "tiny",
+        "--workdir",
+        str(wd),
+        "--set",
+        "trainer.steps=4",
+        "--set",
+        "trainer.progress=false",
+        "--set",
+        "model.n_layers=1",
+        "--set",
+        "optimizer.warmup_steps=1",
+        "--set",
+        "data.n_train_tokens=20000",
+        "--set",
+        "trainer.eval_steps=1",
+        "--set",
+        f"data.synthetic_dir={data_dir}/cli",
+        "--set",
+        "trainer.async_checkpoint=true",
+    ]
+    assert train_cli.main(argv) == 0
+    s = json.loads((wd / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(s) and s["steps"] == 4
+    out = capsys.readouterr().out
+    assert "optimizer partition" in out and "done:" in out
+    assert train_cli.main(argv) == 0  # resume of a finished run: no extra work
+    assert "already finished" in capsys.readouterr().out
+    assert train_cli.main([*argv, "--set", "trainer.steps=5"]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert train_cli.main([*argv, "--set", "trainer.stepz=5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown field 'stepz'" in err and "microbatches" in err  # lists the valid fields
+
+
+def test_program_rejects_indivisible_batch(data_dir):
+    from experiments.sharding import make_mesh
+
+    cfg = small_cfg(
+        data_dir, *EIGHT, "data.batch_size=6", "trainer.microbatches=1", "trainer.eval_batch_size=4"
+    )
+    with pytest.raises(ConfigError, match="not divisible by mesh data\\*fsdp=4"):
+        build_program(cfg, make_mesh(cfg.mesh))
+
+
+def test_bench_smoke(tmp_path, capsys):
+    from experiments import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--smoke", "--steps", "2", "--matmul-size", "64", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["tokens_per_second"] > 0 and r["matmul_flops_per_device"]["float32"] > 0
+    assert r["model_flops_per_second"] == pytest.approx(r["flops_per_token"] * r["tokens_per_second"])
+    assert 0 < r["mfu_vs_measured_matmul"] and r["mfu_vs_config_peak"] is None
+    assert "MFU vs measured matmul" in capsys.readouterr().out
