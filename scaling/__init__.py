@@ -1,1 +1,31 @@
-"""scalelab: scaling."""
+"""scalelab.scaling: scaling-law forms, robust vectorised fitting with uncertainty, and analyses.
+
+Imports only numpy/scipy/jax/stdlib (never models/optim/experiments), so it can be used on its own.
+"""
+
+from scaling.bootstrap import Bootstrap, Samples, bootstrap, chinchilla_derived
+from scaling.fit import FitOptions, FitResult, fit, fit_huber_likelihood, prepare_data
+from scaling.heldout import HeldoutReport, drop_first_fraction, heldout_eval, largest_mask
+from scaling.laws import LAWS, Law, data_constrained, get_law, power_law, register_law
+
+__all__ = [
+    "LAWS",
+    "Bootstrap",
+    "FitOptions",
+    "FitResult",
+    "HeldoutReport",
+    "Law",
+    "Samples",
+    "bootstrap",
+    "chinchilla_derived",
+    "data_constrained",
+    "drop_first_fraction",
+    "fit",
+    "fit_huber_likelihood",
+    "get_law",
+    "heldout_eval",
+    "largest_mask",
+    "power_law",
+    "prepare_data",
+    "register_law",
+]

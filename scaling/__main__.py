@@ -1,0 +1,7 @@
+"""``python -m scaling``: see scaling/cli.py."""
+
+import sys
+
+from scaling.cli import main
+
+sys.exit(main())

@@ -1,0 +1,226 @@
+"""Vectorised bootstrap of a :class:`~scaling.fit.FitResult`: hundreds to thousands of refits at once.
+
+Every replicate is the *same* compiled problem with different per-point weights (or targets), so all refits
+run together in one XLA program:
+
+* ``kind="points"``: resample points with replacement (multinomial counts as weights; Efron 1979), as
+  Besiroglu et al. 2024 did for the Chinchilla refit;
+* ``kind="groups"``: resample whole runs (``groups`` = run id per point), because intermediate checkpoints
+  of one run share its noise and are not independent;
+* ``kind="parametric"``: keep the design, redraw the target as prediction x exp(sigma * eps) — seed-to-seed
+  noise sized by the loss level (multiplicative, i.e. constant in log space), as Porian et al. 2024 model
+  it; ``noise`` is sigma in the fit space (float, or callable of the predicted target), by default a robust
+  (MAD) estimate of the residual scale.
+
+Each refit starts from the full-data optimum (one start per replicate, the usual practice); replicates
+whose refit did not converge are reported and excluded from intervals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaling import lbfgs
+
+
+@dataclass
+class Samples:
+    """Bootstrap samples of named quantities: ``values[name]`` has the replicate axis first."""
+
+    values: dict[str, np.ndarray]
+
+    def ci(self, level: float = 0.95) -> dict[str, tuple]:
+        """Percentile intervals ``{name: (lo, hi)}`` (arrays for array-valued quantities)."""
+        if not 0 < level < 1:
+            raise ValueError(f"level must be in (0, 1), got {level}")
+        q = [(1 - level) / 2, (1 + level) / 2]
+        out = {}
+        for k, v in self.values.items():
+            lo, hi = np.nanquantile(v, q, axis=0)
+            out[k] = (float(lo), float(hi)) if np.ndim(lo) == 0 else (lo, hi)
+        return out
+
+    def se(self) -> dict[str, float | np.ndarray]:
+        """Bootstrap standard errors (std over replicates, ddof=1)."""
+        return {
+            k: (float(s) if np.ndim(s) == 0 else s)
+            for k, v in self.values.items()
+            for s in [np.nanstd(v, axis=0, ddof=1)]
+        }
+
+    def median(self) -> dict[str, float | np.ndarray]:
+        return {k: np.nanmedian(v, axis=0) for k, v in self.values.items()}
+
+    def __getitem__(self, k: str) -> np.ndarray:
+        return self.values[k]
+
+
+@dataclass
+class Bootstrap(Samples):
+    """Bootstrap of a fit: ``values`` holds natural params; ``objective``/``converged`` per replicate."""
+
+    fit: object = None
+    kind: str = "points"
+    objective: np.ndarray | None = None
+    converged: np.ndarray | None = None
+    seed: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(next(iter(self.values.values())))
+
+    def derived(self, fn: Callable[[Mapping[str, np.ndarray]], Mapping | np.ndarray]) -> Samples:
+        """Samples of derived quantities: ``fn(params)`` gets dict of (B,) arrays and returns a dict (or one
+        array, named "value") — e.g. ``chinchilla_derived(C=1e24)``."""
+        with jax.enable_x64(True):
+            out = fn({k: jnp.asarray(v) for k, v in self.values.items()})
+        if not isinstance(out, Mapping):
+            out = {"value": out}
+        return Samples({k: np.asarray(v) for k, v in out.items()})
+
+    def prediction_interval(
+        self, level: float = 0.9, *, n_resid: int = 32, **inputs
+    ) -> dict[str, np.ndarray]:
+        """Interval for *new observations* at ``inputs``: parameter uncertainty (the replicates) combined with
+        residual scatter (training residuals resampled, added in the fit space).  Returns lower/upper/median.
+        """
+        fit = self.fit
+        law = fit.law
+        X = {k: np.atleast_1d(np.asarray(inputs[k], np.float64)) for k in law.inputs}
+        with jax.enable_x64(True):
+            pred_BxM = np.asarray(
+                jax.vmap(lambda p: law.fn(p, {k: jnp.asarray(v) for k, v in X.items()}))(
+                    {k: jnp.asarray(v) for k, v in self.values.items()}
+                )
+            )
+        pred_BxM = pred_BxM[np.asarray(self.converged, bool)]
+        res = fit.residuals
+        rng = np.random.default_rng(self.seed + 1)
+        eps_BxR = rng.choice(res, size=(pred_BxM.shape[0], n_resid))
+        if fit.options.space == "log":
+            y_sim = pred_BxM[:, None, :] * np.exp(eps_BxR[:, :, None])
+        else:
+            y_sim = pred_BxM[:, None, :] + eps_BxR[:, :, None]
+        y_sim = y_sim.reshape(-1, y_sim.shape[-1])
+        lo, med, hi = np.quantile(y_sim, [(1 - level) / 2, 0.5, (1 + level) / 2], axis=0)
+        return {"lower": lo, "upper": hi, "median": med}
+
+    def summary(self, level: float = 0.95) -> str:
+        ci, se = self.ci(level), self.se()
+        n_ok = int(np.sum(self.converged))
+        lines = [
+            f"bootstrap ({self.kind}), {self.n} replicates, {n_ok} converged; {level:.0%} percentile CIs"
+        ]
+        for k in self.values:
+            lines.append(
+                f"  {k:>10s} = {self.fit.params[k]:.6g}  SE {se[k]:.3g}  CI ({ci[k][0]:.5g}, {ci[k][1]:.5g})"
+            )
+        return "\n".join(lines)
+
+
+def chinchilla_derived(C=None, N=None, D=None, flops_per_param_token: float = 6.0):
+    """Derived-quantity function for Chinchilla-form params (for :meth:`Bootstrap.derived`).
+
+    Always: ``a = beta/(alpha+beta)`` (N* ~ C^a) and ``b = alpha/(alpha+beta)`` (D* ~ C^b) (Hoffmann et al.
+    2022, Eq. 4).  With ``C``: ``N_opt``, ``D_opt`` (closed form under C = 6 N D), ``loss_opt``.  With ``N``
+    and ``D``: ``loss`` predicted there.
+    """
+
+    def fn(p):
+        al, be, A, B, E = p["alpha"], p["beta"], p["A"], p["B"], p["E"]
+        out = {"a": be / (al + be), "b": al / (al + be)}
+        if C is not None:
+            # G = (alpha A / (beta B))^(1/(alpha+beta)); N* = G (C/6)^a, D* = G^-1 (C/6)^b.
+            G = (al * A / (be * B)) ** (1.0 / (al + be))
+            c6 = jnp.asarray(C, jnp.float64) / flops_per_param_token
+            n_opt = G * c6 ** out["a"]
+            d_opt = c6 ** out["b"] / G
+            out.update(N_opt=n_opt, D_opt=d_opt, loss_opt=E + A * n_opt**-al + B * d_opt**-be)
+        if N is not None and D is not None:
+            out["loss"] = E + A * jnp.asarray(N, jnp.float64) ** -al + B * jnp.asarray(D, jnp.float64) ** -be
+        return out
+
+    return fn
+
+
+def _replicate_weights(kind, n, B, w, groups, rng):
+    if kind == "points":
+        idx = rng.integers(0, n, size=(B, n))
+        counts = np.zeros((B, n))
+        np.add.at(counts, (np.arange(B)[:, None], idx), 1.0)
+        return counts * w[None, :]
+    if kind == "groups":
+        if groups is None:
+            raise ValueError("kind='groups' needs groups= (one run id per point)")
+        groups = np.asarray(groups)
+        if len(groups) != n:
+            raise ValueError(f"groups has length {len(groups)} but the fit has {n} points")
+        uniq, inv = np.unique(groups, return_inverse=True)
+        G = len(uniq)
+        if G < 2:
+            raise ValueError("kind='groups' needs at least 2 distinct groups")
+        draw = rng.integers(0, G, size=(B, G))
+        gcounts = np.zeros((B, G))
+        np.add.at(gcounts, (np.arange(B)[:, None], draw), 1.0)
+        return gcounts[:, inv] * w[None, :]
+    raise ValueError(f"unknown bootstrap kind {kind!r}; use 'points', 'groups' or 'parametric'")
+
+
+def bootstrap(
+    fit,
+    n: int = 1000,
+    kind: str = "points",
+    *,
+    groups=None,
+    noise=None,
+    seed: int = 0,
+    chunk: int | None = None,
+) -> Bootstrap:
+    """Refit ``fit`` on ``n`` bootstrap replicates at once (see module docstring for ``kind``)."""
+    from scaling.fit import _problem, run_pipeline  # local: fit imports this module lazily too
+
+    if fit.data is None:
+        raise ValueError("bootstrap needs the fit's data (FitResult.data is None)")
+    law, opts = fit.law, fit.options
+    prob = _problem(law, opts)
+    X = {k: fit.data[k] for k in law.inputs}
+    y, w = fit.data["target"], fit.data["weights"]
+    npts = len(y)
+    rng = np.random.default_rng(seed)
+    if kind == "parametric":
+        yhat = fit.predict(**X)
+        if noise is None:
+            r = fit.residuals
+            sigma = 1.4826 * np.median(np.abs(r - np.median(r)))
+        else:
+            sigma = noise(yhat) if callable(noise) else noise
+        sigma = np.broadcast_to(np.asarray(sigma, np.float64), (npts,))
+        eps = rng.standard_normal((n, npts)) * sigma[None, :]
+        y_B = yhat[None, :] * np.exp(eps) if opts.space == "log" else yhat[None, :] + eps
+        w_B = np.broadcast_to(w, (n, npts))
+    else:
+        w_B = _replicate_weights(kind, npts, n, w, groups, rng)
+        y_B = np.broadcast_to(y, (n, npts))
+    names = prob.nonlin if prob.varpro else law.params
+    x0 = np.broadcast_to(law.to_unconstrained(fit.params, names), (n, len(names)))
+    chunk = n if chunk is None else chunk
+    thetas, fs, reasons = [], [], []
+    with jax.enable_x64(True):
+        for s in range(0, n, chunk):
+            sl = slice(s, s + chunk)
+            res = run_pipeline(prob, x0[sl], X, y_B[sl], w_B[sl])
+            thetas.append(np.asarray(res.x_SxP))
+            fs.append(np.asarray(res.f_S))
+            reasons.append(np.asarray(res.reason_S))
+        theta = np.concatenate(thetas)
+        vals = {k: np.asarray(v) for k, v in law.from_unconstrained(jnp.asarray(theta.T), law.params).items()}
+    f = np.concatenate(fs)
+    reason = np.concatenate(reasons)
+    ok = np.isin(reason, lbfgs.CONVERGED_REASONS) & np.isfinite(f) & np.all(np.isfinite(theta), axis=1)
+    vals = {k: np.where(ok, v, np.nan) for k, v in vals.items()}
+    return Bootstrap(values=vals, fit=fit, kind=kind, objective=f, converged=ok, seed=seed)

@@ -1,0 +1,393 @@
+"""Command line: ``python -m scaling fit|optimum|isoflop|pareto|downstream ...``.
+
+- ``fit DATA --law chinchilla --columns N=COL,D=COL,loss=COL --out DIR``: parametric fit -> DIR/fit.json
+  (law, params, ci, objective, n_points, converged, derived exponents for Chinchilla, bootstrap draws)
+  and DIR/fit.png.
+- ``optimum --fit DIR/fit.json --compute 1e24``: compute-optimal N, D, loss, tokens_per_param as JSON.
+- ``isoflop DATA --columns C=COL,N=COL,loss=COL --out DIR``: Hoffmann Approach 2 -> isoflop.json/.png.
+- ``pareto DATA --objectives loss:min,flops:min --out DIR``: non-dominated set (+ membership probability with
+  --sigma) -> pareto.json/.png.
+- ``downstream DATA --columns C=COL,accuracy=COL --chance 0.25 --cutoff 8.4e22``: sigmoid of accuracy in log
+  compute, held-out error above the cutoff -> downstream.json/.png.
+DATA is a CSV, JSON lines or JSON file, or a directory of trainer runs (every summary.json below it). When a
+table has compute but no token count, D = C/(6N) is derived (or C / flops-per-token) and a note says so.
+Errors in the input (missing files or columns, bad values) end with a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scaling.io import SUMMARY_COLUMNS, filter_rows, law_data, load_table, parse_columns
+
+
+class CLIError(ValueError):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr)
+
+
+def _json_default(o: Any):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
+
+
+def _flops_per_token(
+    spec: str | None, table: dict | None = None
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``kN`` (e.g. ``6N``, ``8N``: k FLOPs per parameter per token) or, with a table, a column name."""
+    if spec is None:
+        return None
+    s = spec.strip()
+    if s.upper().endswith("N"):
+        try:
+            k = float(s[:-1] or 1.0)
+        except ValueError:
+            k = None
+        if k is not None:
+            return lambda n: k * np.asarray(n, dtype=np.float64)
+    if table is not None and s in table:
+        col = np.asarray(table[s], dtype=np.float64)
+        return lambda n: col  # per-row FLOPs per token (e.g. the trainer's exact accounting)
+    raise CLIError(f"--flops-per-token {spec!r}: expected kN (e.g. 6N) or the name of a column")
+
+
+def _load(path: str, where: Sequence[str] | None = None) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"data not found: {p}")
+    table = load_table(p)
+    if where:
+        n0 = len(next(iter(table.values())))
+        table = filter_rows(table, where)
+        n1 = len(next(iter(table.values())))
+        _note(f"--where kept {n1} of {n0} rows")
+        if n1 == 0:
+            raise CLIError("no rows left after --where")
+    return table
+
+
+def _columns(spec: str | None, table: dict, needed: Sequence[str]) -> dict[str, str]:
+    """--columns mapping; for a directory of trainer runs, summary.json keys are the defaults."""
+    cols = parse_columns(spec)
+    if "run" in table:
+        usable = set(needed) | {"N", "C"}  # N and C also serve to derive D
+        defaults = {k: v for k, v in SUMMARY_COLUMNS.items() if k in usable and v in table}
+        if "loss" in usable and "loss" not in defaults and "final_loss" in table:
+            defaults["loss"] = "final_loss"
+        cols = {**defaults, **cols}
+    return cols
+
+
+# --- fit -----------------------------------------------------------------------------------------------
+def _derived(law_name: str, params: dict) -> dict:
+    if law_name == "chinchilla" and {"alpha", "beta"} <= set(params):
+        a, b = params["alpha"], params["beta"]
+        # Compute-optimal exponents under C = 6ND (Hoffmann et al. 2022, Eq. 4): N* ~ C^a, D* ~ C^b.
+        return {"a": b / (a + b), "b": a / (a + b)}
+    return {}
+
+
+def _bootstrap(result: Any, n_boot: int, seed: int) -> tuple[dict, list[dict], int]:
+    """Percentile 95% CIs and the parameter draws of ``FitResult.bootstrap`` (resampling points).
+
+    Returns (ci, draws, n_failed); replicates whose refit did not converge (NaN) are left out of the draws.
+    """
+    if n_boot <= 0:
+        return {}, [], 0
+    boot = result.bootstrap(n_boot, kind="points", seed=seed)
+    ci = {k: [float(lo), float(hi)] for k, (lo, hi) in boot.ci(0.95).items()}
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in boot.values.items()}
+    ok = np.all([np.isfinite(v) for v in arrays.values()], axis=0)
+    draws = [{k: float(v[i]) for k, v in arrays.items()} for i in np.flatnonzero(ok)]
+    return ci, draws, int((~ok).sum())
+
+
+def cmd_fit(args) -> dict:
+    from scaling.fit import fit
+    from scaling.laws import get_law
+
+    try:
+        law = get_law(args.law)
+    except KeyError as e:
+        raise CLIError(str(e).strip("'\"")) from e
+    table = _load(args.data, args.where)
+    target = getattr(law, "target", "loss")
+    cols = _columns(args.columns, table, [*law.inputs, target])
+    data = law_data(table, [*law.inputs, target], cols, flops_per_token=_flops_per_token(args.flops_per_token,
+                    table), dropna=args.dropna, positive=target == "loss", log=_note)
+    rows = data.pop("row")
+    result = fit(law, data, seed=args.seed)
+    params = {k: float(v) for k, v in result.params.items()}
+    ci, samples, n_failed = _bootstrap(result, args.n_boot, args.seed)
+    if n_failed:
+        _note(f"{n_failed} of {args.n_boot} bootstrap refits did not converge and were left out")
+    out = {
+        "law": law.name,
+        "params": params,
+        "ci": ci,
+        "ci_level": 0.95,
+        "objective": float(result.objective),
+        "n_points": int(result.n_points),
+        "converged": bool(result.converged),
+        "message": str(result.message),
+        "warnings": list(result.warnings),
+        "derived": _derived(law.name, params),
+        "data": str(args.data),
+        "columns": cols,
+        "rows_used": int(rows.size),
+        "n_boot": int(args.n_boot),
+        "samples": samples,
+        "result": result.to_dict(include_data=False),
+    }
+    if args.out:
+        outdir = Path(args.out)
+        outdir.mkdir(parents=True, exist_ok=True)
+        (outdir / "fit.json").write_text(_dump(out))
+        from scaling.plots import plot_law_fit
+
+        plot_law_fit(result, data, samples=samples or None).savefig(outdir / "fit.png", dpi=120)
+        _note(f"wrote {outdir / 'fit.json'} and {outdir / 'fit.png'}")
+    return {k: v for k, v in out.items() if k not in ("samples", "result")}
+
+
+# --- optimum -------------------------------------------------------------------------------------------
+def cmd_optimum(args) -> dict:
+    from scaling.laws import get_law
+    from scaling.optimal import compute_optimal
+
+    path = Path(args.fit)
+    if not path.is_file():
+        raise CLIError(f"fit file not found: {path} (write one with `python -m scaling fit ... --out DIR`)")
+    try:
+        saved = json.loads(path.read_text())
+        law, params = get_law(saved["law"]), saved["params"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CLIError(f"{path} is not a fit.json written by `python -m scaling fit` ({e})") from e
+    compute = [float(c) for c in args.compute]
+    alloc = compute_optimal((law, params), np.asarray(compute), flops_per_token=_flops_per_token(
+        args.flops_per_token), param_samples=saved.get("samples") or None)
+    rows = []
+    for i, c in enumerate(compute):
+        row = {"C": c, "N": float(alloc.N[i]), "D": float(alloc.D[i]), "loss": float(alloc.loss[i]),
+               "tokens_per_param": float(alloc.tokens_per_param[i])}
+        for key in ("N", "D", "loss"):
+            ci = getattr(alloc, f"{key}_ci", None)
+            if ci is not None:
+                row[f"{key}_ci"] = [float(ci[0][i]), float(ci[1][i])]
+        rows.append(row)
+    return rows[0] if len(rows) == 1 else {"optima": rows}
+
+
+# --- isoflop -------------------------------------------------------------------------------------------
+def cmd_isoflop(args) -> dict:
+    from scaling.isoflop import approach2
+
+    table = _load(args.data, args.where)
+    cols = _columns(args.columns, table, ["C", "N", "D", "loss"])
+    has_d = "D" in cols or "D" in table
+    need = ["C", "N", "loss", *(["D"] if has_d else [])]
+    data = law_data(table, need, cols, flops_per_token=_flops_per_token(args.flops_per_token, table),
+                    dropna=args.dropna, log=_note)
+    res = approach2(data["C"], data["N"], data["loss"], data.get("D"), method=args.method,
+                    on_edge=args.on_edge, n_bootstrap=args.n_boot, seed=args.seed)
+    out = res.to_dict()
+    if args.out:
+        outdir = Path(args.out)
+        outdir.mkdir(parents=True, exist_ok=True)
+        (outdir / "isoflop.json").write_text(_dump(out))
+        from scaling.plots import plot_isoflop
+
+        plot_isoflop(data["C"], data["N"], data["loss"], result=res).savefig(outdir / "isoflop.png", dpi=120)
+        _note(f"wrote {outdir / 'isoflop.json'} and {outdir / 'isoflop.png'}")
+    return {"a": out["a"], "b": out["b"], "a_ci": out["a_ci"], "b_ci": out["b_ci"],
+            "optima": [{k: o[k] for k in ("C", "N", "D", "loss", "tokens_per_param")} for o in out["optima"]],
+            "rejected": out["rejected"]}
+
+
+# --- pareto --------------------------------------------------------------------------------------------
+def _objectives(spec: str) -> list[tuple[str, str]]:
+    out = []
+    for part in spec.split(","):
+        col, _, sense = part.strip().rpartition(":")
+        if not col:
+            col, sense = sense, "min"
+        if sense not in ("min", "max"):
+            raise CLIError(f"--objectives entry {part!r}: direction must be min or max (e.g. loss:min)")
+        out.append((col, sense))
+    if not out:
+        raise CLIError("--objectives is empty")
+    return out
+
+
+def cmd_pareto(args) -> dict:
+    from scaling.pareto import membership_probability, pareto_front
+
+    table = _load(args.data, args.where)
+    objs = _objectives(args.objectives)
+    names = [c for c, _ in objs]
+    sense = [s for _, s in objs]
+    missing = [c for c in names if c not in table]
+    if missing:
+        raise CLIError(f"objective columns {missing} not found; available columns: {list(table)}")
+    pts = np.stack([np.asarray(table[c], dtype=np.float64) for c in names], axis=1)
+    ok = ~np.isnan(pts).any(axis=1)
+    if not ok.all():
+        if not args.dropna:
+            raise CLIError(f"missing values in rows {np.flatnonzero(~ok)[:10].tolist()} (use --dropna)")
+        _note(f"dropped {int((~ok).sum())} rows with missing objective values")
+    rows = np.flatnonzero(ok)
+    pts = pts[ok]
+    front = pareto_front(pts, sense)
+    prob = None
+    if args.sigma is not None:
+        sig = [float(s) for s in args.sigma.split(",")]
+        prob = membership_probability(pts, sig if len(sig) > 1 else sig[0], sense, n_boot=args.n_boot,
+                                      noise=args.noise, seed=args.seed)
+    label = table.get(args.label) if args.label else None
+    if args.label and label is None:
+        raise CLIError(f"--label column {args.label!r} not found; available columns: {list(table)}")
+    frontier = []
+    for i in front:
+        item = {"row": int(rows[i]), **{c: float(pts[i, j]) for j, c in enumerate(names)}}
+        if label is not None:
+            item["label"] = str(label[rows[i]])
+        if prob is not None:
+            item["p_frontier"] = float(prob[i])
+        frontier.append(item)
+    out = {"objectives": dict(objs), "n_points": int(rows.size), "frontier": frontier}
+    if prob is not None:
+        out["membership_probability"] = {int(r): float(p) for r, p in zip(rows, prob, strict=True)}
+    if args.out:
+        outdir = Path(args.out)
+        outdir.mkdir(parents=True, exist_ok=True)
+        (outdir / "pareto.json").write_text(_dump(out))
+        if len(names) == 2:
+            from scaling.plots import plot_pareto
+
+            labels = None if label is None else [str(v) for v in label[rows]]
+            plot_pareto(pts, sense, prob=prob, labels=labels, names=tuple(names)).savefig(
+                outdir / "pareto.png", dpi=120)
+        _note(f"wrote {outdir / 'pareto.json'}" + (" and pareto.png" if len(names) == 2 else ""))
+    return out
+
+
+# --- downstream ------------------------------------------------------------------------------------------
+def cmd_downstream(args) -> dict:
+    from scaling.downstream import fit_accuracy_vs_compute, heldout_error
+
+    table = _load(args.data, args.where)
+    cols = _columns(args.columns, table, ["C", "accuracy"])
+    data = law_data(table, ["C", "accuracy"], cols, flops_per_token=None, dropna=args.dropna, positive=False,
+                    log=_note)
+    c, acc = data["C"], data["accuracy"]
+    if (c <= 0).any():
+        raise CLIError("compute must be > 0")
+    ceiling = None if args.ceiling == "fit" else float(args.ceiling)
+    fit = fit_accuracy_vs_compute(c, acc, chance=args.chance, ceiling=ceiling, n_boot=args.n_boot,
+                                  seed=args.seed)
+    out = {"fit": fit.to_dict(), "C_mid": float(np.exp(fit.mid)), "n_points": int(c.size)}
+    if args.cutoff is not None:
+        out["heldout"] = heldout_error(c, acc, cutoff=args.cutoff, chance=args.chance, ceiling=ceiling)
+    if args.out:
+        outdir = Path(args.out)
+        outdir.mkdir(parents=True, exist_ok=True)
+        (outdir / "downstream.json").write_text(_dump(out))
+        from scaling.plots import plot_downstream
+
+        shown = fit
+        if args.cutoff is not None:  # draw the curve fitted below the cutoff, as the held-out check uses it
+            tr = c < args.cutoff
+            shown = fit_accuracy_vs_compute(c[tr], acc[tr], chance=args.chance, ceiling=ceiling,
+                                            n_boot=args.n_boot, seed=args.seed)
+        plot_downstream(c, acc, fit=shown, cutoff=args.cutoff, chance=args.chance).savefig(
+            outdir / "downstream.png", dpi=120)
+        _note(f"wrote {outdir / 'downstream.json'} and {outdir / 'downstream.png'}")
+    return out
+
+
+# --- parser --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scaling", description="Scaling-law fitting and analysis.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_args(sp):
+        sp.add_argument("data", help="CSV / JSON lines / JSON file, or a directory of runs with summary.json")
+        sp.add_argument("--columns", help="VAR=COLUMN pairs, e.g. N=params,D=tokens,loss=final_loss")
+        sp.add_argument("--flops-per-token", help="FLOP model for D from C: kN (default 6N) or a column")
+        sp.add_argument("--dropna", action="store_true", help="skip rows with missing values")
+        sp.add_argument("--where", action="append", help="row filter COLUMN<op>VALUE, e.g. 'loss<3.44' "
+                        "(op: < <= > >= == !=; repeatable)")
+        sp.add_argument("--out", help="output directory (JSON + PNG)")
+        sp.add_argument("--seed", type=int, default=0)
+
+    f = sub.add_parser("fit", help="fit a law; writes fit.json and fit.png")
+    data_args(f)
+    f.add_argument("--law", default="chinchilla", help="registered law name (default chinchilla)")
+    f.add_argument("--n-boot", type=int, default=200, help="bootstrap refits for CIs (0 = none)")
+    f.set_defaults(func=cmd_fit)
+
+    o = sub.add_parser("optimum", help="compute-optimal allocation from a fit.json")
+    o.add_argument("--fit", required=True, help="fit.json written by `fit`")
+    o.add_argument("--compute", required=True, nargs="+", help="training FLOP budget(s), e.g. 1e24")
+    o.add_argument("--flops-per-token", help="kN FLOPs per token (default 6N, i.e. C = 6ND)")
+    o.set_defaults(func=cmd_optimum)
+
+    i = sub.add_parser("isoflop", help="Hoffmann Approach 2 on isoFLOP profiles")
+    data_args(i)
+    i.add_argument("--method", choices=("parabola", "akima"), default="parabola")
+    i.add_argument("--on-edge", choices=("raise", "drop"), default="raise",
+                   help="budgets whose minimum is at the edge of their size grid")
+    i.add_argument("--n-boot", type=int, default=0)
+    i.set_defaults(func=cmd_isoflop)
+
+    q = sub.add_parser("pareto", help="Pareto frontier of a table")
+    q.add_argument("data")
+    q.add_argument("--objectives", required=True, help="COLUMN:min|max list, e.g. final_loss:min,flops:min")
+    q.add_argument("--sigma", help="measurement noise per objective (one value or one per objective)")
+    q.add_argument("--noise", choices=("absolute", "relative"), default="absolute")
+    q.add_argument("--n-boot", type=int, default=1000)
+    q.add_argument("--label", help="column used to label points")
+    q.add_argument("--dropna", action="store_true")
+    q.add_argument("--where", action="append", help="row filter COLUMN<op>VALUE (repeatable)")
+    q.add_argument("--out")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_pareto)
+    s = sub.add_parser("downstream", help="sigmoid of accuracy vs log compute (+ held-out check)")
+    data_args(s)
+    s.add_argument("--chance", type=float, default=0.0, help="accuracy floor (e.g. 0.25 for 4 choices)")
+    s.add_argument("--ceiling", default="1", help="accuracy ceiling, or 'fit'")
+    s.add_argument("--cutoff", type=float, help="fit below this compute, report error above it")
+    s.add_argument("--n-boot", type=int, default=200)
+    s.set_defaults(func=cmd_downstream)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    print(_dump(out))
+    return 0

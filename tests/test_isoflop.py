@@ -1,0 +1,271 @@
+"""Approaches 1-3 (Hoffmann et al. 2022) on synthetic data drawn from a known Chinchilla law."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scaling._lawcall import evaluate
+from scaling.approaches import approach3, compare_approaches, parabola_bias
+from scaling.isoflop import EdgeOfGridError, approach1, approach2, isoflop_minimum, isoflop_slices
+from scaling.laws import get_law
+from scaling.powerlaw import fit_power_law
+
+LAW = get_law("chinchilla")
+# Hoffmann et al.'s published law: alpha != beta, so a = beta/(alpha+beta) = 0.4516 (not 0.5), D*/N* ~ 20-40.
+P = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+A_TRUE = P["beta"] / (P["alpha"] + P["beta"])
+B_TRUE = P["alpha"] / (P["alpha"] + P["beta"])
+BUDGETS = np.geomspace(1e17, 1e20, 7)
+
+
+def _n_star(c):
+    # Hoffmann et al. eq. (4), written out independently of scaling.optimal.
+    g = (P["alpha"] * P["A"] / (P["beta"] * P["B"])) ** (1 / (P["alpha"] + P["beta"]))
+    return g * (np.asarray(c) / 6) ** A_TRUE
+
+
+def _isoflop_grid(noise=0.0, width=1.0, k=9, offset=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    C, N, L = [], [], []
+    for c in BUDGETS:
+        n = _n_star(c) * 10 ** (np.linspace(-width / 2, width / 2, k) + offset)
+        C += [c] * k
+        N += list(n)
+        L += list(evaluate(LAW, P, N=n, D=c / (6 * n)) + noise * rng.standard_normal(k))
+    return np.array(C), np.array(N), np.array(L)
+
+
+def _curves():
+    """Idealised training curves: every checkpoint's loss is L(N, D) (a run sized for that D)."""
+    rows = [(n, d) for n in np.geomspace(1e7, 1e10, 31) for d in np.geomspace(2 * n, 300 * n, 40)]
+    N, D = np.array(rows).T
+    return N, D, evaluate(LAW, P, N=N, D=D)
+
+
+def test_power_law_fit_matches_polyfit_and_recovers_exact_law():
+    x = np.geomspace(1, 1e6, 9)
+    y = 3.0 * x**0.7 * np.exp(0.01 * np.sin(np.arange(9)))
+    fit = fit_power_law(x, y)
+    slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
+    assert fit.exponent == pytest.approx(slope, rel=1e-12) and fit.coef == pytest.approx(np.exp(intercept))
+    assert fit.exponent_ci[0] < fit.exponent < fit.exponent_ci[1]
+    w = np.arange(1.0, 10.0)
+    wslope = np.polyfit(np.log(x), np.log(y), 1, w=np.sqrt(w))[0]  # polyfit weights multiply residuals
+    assert fit_power_law(x, y, w).exponent == pytest.approx(wslope, rel=1e-12)
+    with pytest.raises(ValueError, match="positive"):
+        fit_power_law([1, 2, -3], [1, 2, 3])
+
+
+def test_parabola_minimum_matches_independent_polyfit():
+    rng = np.random.default_rng(1)
+    n = np.geomspace(1e8, 1e9, 7)
+    loss = 2.5 + 0.3 * (np.log(n) - np.log(3e8)) ** 2 + 0.01 * rng.standard_normal(7)
+    c2, c1, _ = np.polyfit(np.log(n), loss, 2)
+    opt = isoflop_minimum(n, loss, C=1e19, method="parabola")
+    assert np.log(opt.N) == pytest.approx(-c1 / (2 * c2), abs=1e-9)
+    assert opt.D == pytest.approx(1e19 / (6 * opt.N))
+
+
+def test_approach2_recovers_known_exponents_with_bootstrap_ci():
+    C, N, L = _isoflop_grid(noise=0.003)
+    res = approach2(C, N, L, n_bootstrap=400, seed=0)
+    assert abs(res.a - A_TRUE) < 0.01 and abs(res.b - B_TRUE) < 0.01
+    assert res.a_ci[0] < A_TRUE < res.a_ci[1]
+    assert res.b_ci[0] < B_TRUE < res.b_ci[1]
+    assert res.a + res.b == pytest.approx(1.0, abs=1e-9)  # D* = C/(6N*) exactly
+    np.testing.assert_allclose(res.N, _n_star(res.C), rtol=0.1)
+    d = res.to_dict()
+    assert d["a"] == res.a and len(d["optima"]) == BUDGETS.size and "Approach 2" in res.summary()
+
+
+@pytest.mark.parametrize("method", ["parabola", "akima"])
+def test_approach2_noiseless_is_accurate(method):
+    C, N, L = _isoflop_grid(noise=0.0, width=1.0, k=21)
+    res = approach2(C, N, L, method=method)
+    assert res.a == pytest.approx(A_TRUE, abs=2e-3)
+    np.testing.assert_allclose(res.N, _n_star(res.C), rtol=0.03)
+
+
+def test_approach2_seed_noise_bootstrap_and_weighting():
+    C, N, L = _isoflop_grid(noise=0.002, k=11, seed=3)
+    res = approach2(
+        C,
+        N,
+        L,
+        n_bootstrap=300,
+        bootstrap="seed_noise",
+        noise_std=0.002,
+        estimate="bootstrap_median",
+        weighting="inverse_variance",
+        seed=0,
+    )
+    assert abs(res.a - A_TRUE) < 0.015
+    assert all(o.log_n_std > 0 and o.n_valid <= 300 for o in res.optima)
+    assert res.n_fit.weighted and res.a_samples.size >= 150
+
+
+def test_edge_of_grid_minimum_is_refused_with_a_clear_message():
+    C, N, L = _isoflop_grid(noise=0.0)
+    # Budget 3's sizes all lie above N*: its minimum sits at the smallest size.
+    sel = C == BUDGETS[3]
+    N = N.copy()
+    N[sel] = N[sel] * 10**0.8
+    L = L.copy()
+    L[sel] = evaluate(LAW, P, N=N[sel], D=C[sel] / (6 * N[sel]))
+    with pytest.raises(EdgeOfGridError, match=r"C=3\.162e\+18.*edge"):
+        approach2(C, N, L)
+    with pytest.raises(EdgeOfGridError, match="edge"):
+        approach2(C, N, L, method="akima")
+    res = approach2(C, N, L, on_edge="drop")
+    assert [c for c, _ in res.rejected] == [BUDGETS[3]] and len(res.optima) == BUDGETS.size - 1
+    assert abs(res.a - A_TRUE) < 0.01
+
+
+def test_approach2_input_errors():
+    with pytest.raises(ValueError, match="same length"):
+        approach2([1e18, 1e18], [1e8], [3.0, 3.1])
+    with pytest.raises(ValueError, match="3 distinct"):
+        approach2([1e18] * 2 + [1e19] * 3, [1e8, 2e8, 1e8, 2e8, 3e8], [3.0, 2.9, 3.0, 2.9, 3.1])
+    with pytest.raises(ValueError, match="noise_std"):
+        approach2(*_isoflop_grid(), n_bootstrap=10, bootstrap="seed_noise")
+    with pytest.raises(ValueError, match="n_bootstrap"):
+        approach2(*_isoflop_grid(), weighting="inverse_variance")
+
+
+def test_approach1_envelope_recovers_exponents():
+    N, D, L = _curves()
+    res = approach1(N, D, L, n_grid=400, n_bootstrap=30)
+    assert res.a == pytest.approx(A_TRUE, abs=0.01)
+    assert res.b == pytest.approx(B_TRUE, abs=0.01)
+    assert res.a_ci[0] <= res.a <= res.a_ci[1]
+    # Envelope winners are interior sizes only.
+    assert res.N.min() > 1e7 and res.N.max() < 1e10
+    assert "Approach 1" in res.summary() and res.to_dict()["n_runs"] == 31
+
+
+def test_isoflop_slices_interpolate_along_curves():
+    N, D, L = _curves()
+    sl = isoflop_slices(N, D, L, [1e18])
+    np.testing.assert_allclose(6 * sl["N"] * sl["D"], 1e18, rtol=1e-9)
+    # log-log interpolation of a smooth law between checkpoints 1.15x apart: tiny error
+    np.testing.assert_allclose(sl["loss"], evaluate(LAW, P, N=sl["N"], D=sl["D"]), rtol=2e-4)
+
+
+def test_three_approaches_agree_on_synthetic_data():
+    N, D, L = _curves()
+    cmp = compare_approaches(
+        N,
+        D,
+        L,
+        budgets=BUDGETS,
+        fit=(LAW, P),
+        approach1_kwargs={"n_grid": 400},
+        approach2_kwargs={"method": "akima"},
+    )
+    assert not cmp.errors
+    rows = {r["approach"]: r for r in cmp.rows()}
+    for r in rows.values():
+        assert r["a"] == pytest.approx(A_TRUE, abs=0.01)
+        assert r["N_opt"] == pytest.approx(_n_star(cmp.C_ref), rel=0.05)
+    assert rows["approach3"]["a"] == pytest.approx(A_TRUE, abs=1e-9)
+    assert cmp.max_exponent_gap < 0.01
+    assert "approach2" in cmp.summary() and cmp.to_dict()["rows"][0]["approach"] == "approach1"
+
+
+def test_approach3_ci_from_parameter_samples():
+    rng = np.random.default_rng(0)
+    samples = {
+        "alpha": 0.34 + 0.01 * rng.standard_normal(200),
+        "beta": 0.28 + 0.01 * rng.standard_normal(200),
+    }
+    res = approach3((LAW, P), BUDGETS, param_samples=samples)
+    exact = np.quantile(samples["beta"] / (samples["alpha"] + samples["beta"]), [0.025, 0.975])
+    np.testing.assert_allclose(res.a_ci, exact, atol=1e-9)
+    assert res.a == pytest.approx(A_TRUE, abs=1e-12)
+
+
+def test_parabola_bias_report():
+    bias = parabola_bias((LAW, P), BUDGETS, widths=(0.5, 1.0, 2.0), offsets=(0.0, 0.4), drifts=(0.0, 0.1))
+    # Centred narrow grid: essentially unbiased.
+    assert abs(bias.row(0.5)["log10_n_bias"]) < 2e-3 and abs(bias.row(0.5)["a_bias"]) < 1e-4
+    # Wider grids sample more of the asymmetric profile: |log N* bias| grows with width.
+    widths = [abs(bias.row(w)["log10_n_bias"]) for w in (0.5, 1.0, 2.0)]
+    assert widths[0] < widths[1] < widths[2] and widths[2] > 0.01
+    assert bias.row(2.0)["asymmetry"] != 0
+    # A grid whose centre drifts with C (guessed exponent off by 0.1) biases the exponent.
+    assert abs(bias.row(2.0, drift=0.1)["a_bias"]) > 1e-3 > 10 * abs(bias.row(2.0)["a_bias"])
+    # A half-width-0.25 grid shifted by 0.4 decades does not bracket N*: every budget is refused.
+    assert bias.row(0.5, 0.4)["refused_fraction"] == 1.0
+    assert "parabola" in bias.summary() and len(bias.to_dict()["rows"]) == 12
+
+
+def test_parabola_window_reduces_wide_grid_bias():
+    C, N, L = _isoflop_grid(noise=0.0, width=3.0, k=31)
+    full = approach2(C, N, L)
+    local = approach2(C, N, L, window=9)  # 9 of 31 sizes: about 0.8 decades around the lowest point
+    err_full = np.abs(np.log10(full.N / _n_star(full.C)))
+    err_local = np.abs(np.log10(local.N / _n_star(local.C)))
+    assert err_full.mean() > 0.02 and err_local.mean() < err_full.mean() / 4
+    assert all(o.n_points == 9 for o in local.optima)
+
+
+def test_results_are_json_serialisable():
+    import json
+
+    C, N, L = _isoflop_grid(noise=0.002)
+    res = approach2(C, N, L, n_bootstrap=20, bootstrap="seed_noise", noise_std=0.002)
+    back = json.loads(json.dumps(res.to_dict()))
+    assert back["a"] == pytest.approx(res.a) and back["settings"]["bootstrap"] == "seed_noise"
+    Nc, Dc, Lc = _curves()
+    json.dumps(approach1(Nc, Dc, Lc, n_grid=100).to_dict())
+    json.dumps(approach3((LAW, P), BUDGETS).to_dict())
+    json.dumps(parabola_bias((LAW, P), BUDGETS, widths=(1.0,), offsets=(0.0,)).to_dict())
+
+
+def test_nearly_equal_budgets_are_grouped():
+    C, N, L = _isoflop_grid(noise=0.0)
+    jitter = C * (1 + 1e-5 * np.sin(np.arange(C.size)))  # logged FLOPs are rarely identical
+    res = approach2(jitter, N, L)
+    assert len(res.optima) == BUDGETS.size
+    np.testing.assert_allclose(res.C, BUDGETS, rtol=1e-4)
+    assert res.a == pytest.approx(approach2(C, N, L).a, abs=1e-4)
+
+
+def test_compare_approaches_fits_the_law_itself():
+    """Without a supplied fit, Approach 3 fits the Chinchilla law (scaling.fit) to the checkpoints.
+
+    (~10 s, nearly all of it compiling scaling.fit's multi-start program for this data shape.)"""
+    pytest.importorskip("scaling.fit")
+    N, D, L = _curves()
+    every = np.arange(0, N.size, 5)  # 8 checkpoints per run keep the fit cheap
+    N, D, L = N[every], D[every], L[every]
+    # Every run ends at D = 300 N: on final checkpoints alone N and D are collinear -> refused, not guessed.
+    bad = compare_approaches(N, D, L, budgets=BUDGETS, approach1_kwargs={"n_grid": 300})
+    assert "not identifiable" in bad.errors["approach3"]
+    cmp = compare_approaches(
+        N,
+        D,
+        L,
+        budgets=BUDGETS,
+        fit_on="all",
+        approach1_kwargs={"n_grid": 300},
+        approach2_kwargs={"method": "akima"},
+        fit_kwargs={"n_starts": 8, "warn": False},
+    )
+    assert not cmp.errors, cmp.errors
+    assert cmp.fit.params["alpha"] == pytest.approx(P["alpha"], abs=0.01)
+    assert cmp.approach3.a == pytest.approx(A_TRUE, abs=0.01)
+    assert cmp.max_exponent_gap < 0.01
+
+
+def test_approach3_accepts_bootstrap_objects_and_drops_failed_replicates():
+    class FakeBootstrap:  # like scaling.bootstrap.Bootstrap: .values = dict of (B,) arrays, NaN = failed
+        values = {"alpha": np.array([0.33, 0.34, np.nan, 0.35]), "beta": np.array([0.27, 0.28, 0.30, 0.29])}
+
+    res = approach3((LAW, P), BUDGETS, param_samples=FakeBootstrap())
+    assert res.n_samples == 3
+    a_s = np.array([0.27 / 0.60, 0.28 / 0.62, 0.29 / 0.64])
+    np.testing.assert_allclose(res.a_ci, np.quantile(a_s, [0.025, 0.975]), atol=1e-9)
+    with pytest.raises(ValueError, match="FitResult"):
+        approach3((LAW, P), BUDGETS, n_bootstrap=10)

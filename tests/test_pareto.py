@@ -1,0 +1,150 @@
+"""Pareto frontiers: exact sets vs an O(N^2) brute force, membership probability, law frontiers."""
+
+import numpy as np
+import pytest
+
+from scaling.pareto import law_frontier, membership_probability, pareto_front, pareto_mask
+
+
+def brute_force_mask(pts, sense):
+    """Reference: literal definition of dominance, every pair, written without any sorting."""
+    s = np.array([1.0 if x == "min" else -1.0 for x in sense])
+    p = np.asarray(pts, float) * s
+    n = len(p)
+    keep = np.ones(n, bool)
+    for i in range(n):
+        for j in range(n):
+            if i != j and np.all(p[j] <= p[i]) and np.any(p[j] < p[i]):
+                keep[i] = False
+                break
+    return keep
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("trial", range(6))
+def test_matches_brute_force_with_ties(k, trial):
+    rng = np.random.default_rng(100 * k + trial)
+    n = int(rng.integers(1, 120))
+    # Small integer grids force many ties, duplicate points and equal coordinates.
+    pts = rng.integers(0, 6 if trial % 2 else 50, size=(n, k)).astype(float)
+    sense = tuple(rng.choice(["min", "max"], size=k))
+    np.testing.assert_array_equal(pareto_mask(pts, sense), brute_force_mask(pts, sense))
+
+
+def test_general_method_crosses_block_boundary():
+    # More points than one vectorised block (256), continuous values, K = 3.
+    rng = np.random.default_rng(7)
+    pts = rng.normal(size=(700, 3))
+    pts[:, 2] = -pts[:, 0] - pts[:, 1] + 0.3 * rng.normal(size=700)  # trade-off so the front is large
+    sense = ("min", "min", "min")
+    mask = pareto_mask(pts, sense)
+    assert 20 < mask.sum() < 700
+    np.testing.assert_array_equal(mask, brute_force_mask(pts, sense))
+
+
+def test_two_objective_example_and_order():
+    # (FLOPs, loss): (3, 1.0) is dominated by (2, 0.9); the duplicate (1, 2.0) pair both stay.
+    pts = np.array([[1, 2.0], [2, 0.9], [3, 1.0], [1, 2.0], [4, 0.5], [2, 0.9001]])
+    mask = pareto_mask(pts, "min")
+    np.testing.assert_array_equal(mask, [True, True, False, True, True, False])
+    np.testing.assert_array_equal(pareto_front(pts, "min"), [0, 3, 1, 4])
+
+
+def test_infinite_values_and_errors():
+    pts = np.array([[np.inf, 0.0], [1.0, np.inf], [2.0, 1.0], [1.0, 3.0]])
+    np.testing.assert_array_equal(pareto_mask(pts, "min"), brute_force_mask(pts, ("min", "min")))
+    pts3 = np.c_[pts, [1.0, -np.inf, 0.0, 0.0]]
+    np.testing.assert_array_equal(pareto_mask(pts3, "min"), brute_force_mask(pts3, ("min",) * 3))
+    with pytest.raises(ValueError, match="NaN in rows \\[1\\]"):
+        pareto_mask([[1, 2], [np.nan, 1]])
+    with pytest.raises(ValueError, match="sense has 3 entries"):
+        pareto_mask([[1, 2]], ("min", "max", "min"))
+    with pytest.raises(ValueError, match="2-D"):
+        pareto_mask([1, 2, 3])
+
+
+def test_membership_probability():
+    # Clear frontier point, clearly dominated point, and two near-equal points that trade places under noise.
+    pts = np.array([[1.0, 1.0], [5.0, 5.0], [2.0, 0.5], [2.0, 0.5 + 1e-6]])
+    prob = membership_probability(pts, sigma=0.05, n_boot=4000, seed=0)
+    assert prob[0] == 1.0 and prob[1] == 0.0
+    # Points 2 and 3 are exchangeable up to 1e-6 << sigma: one is dominated by the other only when it is worse
+    # in BOTH noisy coordinates (probability 1/2 * 1/2), so each stays on the front with probability 3/4.
+    assert abs(prob[2] - 0.75) < 0.03 and abs(prob[3] - 0.75) < 0.03
+    # sigma = 0 reproduces the exact frontier; the K = 3 path agrees (up to Monte Carlo error, other draws)
+    # with the K = 2 path when the third objective is constant.
+    np.testing.assert_array_equal(membership_probability(pts, 0.0, n_boot=3), pareto_mask(pts).astype(float))
+    p3 = membership_probability(np.c_[pts, np.zeros(4)], [0.05, 0.05, 0.0], n_boot=4000, seed=0)
+    np.testing.assert_allclose(p3, prob, atol=0.03)
+
+
+def test_membership_probability_matches_analytic_two_point_case():
+    # Two points that differ only in objective 1 by d; with absolute noise sigma on each, point 0 is on the
+    # front (is not dominated) iff its noisy value beats point 1's (other objective held exact):
+    # P = Phi(d / (sigma sqrt 2)).
+    from scipy.stats import norm
+
+    d, sigma = 0.1, 0.1
+    pts = np.array([[0.0, 0.0], [d, 0.0]])
+    prob = membership_probability(pts, [[sigma, 0.0], [sigma, 0.0]], n_boot=20000, seed=1)
+    expected = norm.cdf(d / (sigma * np.sqrt(2)))
+    assert abs(prob[0] - expected) < 4 * np.sqrt(expected * (1 - expected) / 20000)
+    rel = membership_probability(pts + 1.0, 0.01, noise="relative", n_boot=100)
+    assert rel.shape == (2,)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        membership_probability(pts, np.ones(3))
+
+
+def test_law_frontier_crossover():
+    # Family A: L = 2 + 10 C^-0.1 wins at small C, family B: L = 1.5 + 1000 C^-0.2 at large C.
+    fa = lambda c: 2.0 + 10.0 * c**-0.1
+    fb = lambda c: 1.5 + 1000.0 * c**-0.2
+    c = np.logspace(10, 30, 200)
+    lf = law_frontier({"A": fa, "B": fb}, c)
+    assert len(lf.crossovers) == 1
+    c_x, frm, to = lf.crossovers[0]
+    assert abs(fa(c_x) - fb(c_x)) < 1e-9 * fa(c_x)
+    assert (frm, to) == ("A", "B") if fa(1e10) < fb(1e10) else ("B", "A")
+    assert lf.best_family(1e30) == "B"
+    np.testing.assert_allclose(lf.frontier, np.minimum(fa(c), fb(c)))
+    seg = lf.segments()
+    assert seg[0][0] == frm and seg[-1][0] == to and seg[0][2] == pytest.approx(c_x)
+    # Maximisation flips the winner everywhere.
+    lmax = law_frontier({"A": fa, "B": fb}, c, sense="max")
+    assert (lmax.best != lf.best).all()
+    assert lf.to_dict()["crossovers"][0]["from"] == frm
+
+
+def test_law_frontier_accepts_single_input_fit_objects():
+    class _Law:
+        inputs = ("C",)
+
+    class _Fit:
+        law = _Law()
+
+        def __init__(self, e):
+            self.e = e
+
+        def predict(self, C):
+            return self.e + C**-0.1
+
+    lf = law_frontier({"lo": _Fit(1.0), "hi": _Fit(2.0)}, np.logspace(0, 5, 10))
+    assert set(lf.best.tolist()) == {0} and lf.crossovers == ()
+
+
+def test_law_frontier_from_chinchilla_fits_uses_compute_optimal_loss():
+    from scaling.laws import get_law
+    from scaling.optimal import chinchilla_closed_form
+
+    law = get_law("chinchilla")
+    # Family "small_alpha" is better at low compute, "big_alpha" (steeper in N) overtakes at large compute.
+    p1 = {"E": 1.8, "A": 400.0, "B": 2000.0, "alpha": 0.30, "beta": 0.35}
+    p2 = {"E": 1.7, "A": 3000.0, "B": 2000.0, "alpha": 0.40, "beta": 0.35}
+    c = np.geomspace(1e17, 1e27, 120)
+    lf = law_frontier({"small_alpha": (law, p1), "big_alpha": (law, p2)}, c)
+    l1, l2 = chinchilla_closed_form(p1, c)[2], chinchilla_closed_form(p2, c)[2]
+    np.testing.assert_allclose(lf.frontier, np.minimum(l1, l2), rtol=1e-9)
+    assert [x[1:] for x in lf.crossovers] == [("small_alpha", "big_alpha")]
+    cx = lf.crossovers[0][0]
+    l1x, l2x = chinchilla_closed_form(p1, np.array([cx]))[2], chinchilla_closed_form(p2, np.array([cx]))[2]
+    assert l1x[0] == pytest.approx(l2x[0], rel=1e-9)

@@ -1,0 +1,173 @@
+"""Each plot returns a Figure with the expected artists and saves to a valid PNG."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from scaling.downstream import fit_accuracy_vs_compute, fit_two_step
+from scaling.laws import get_law
+from scaling.pareto import law_frontier, membership_probability
+from scaling.plots import (
+    plot_downstream,
+    plot_isoflop,
+    plot_law_fit,
+    plot_law_frontier,
+    plot_optimal,
+    plot_pareto,
+)
+
+mpl = pytest.importorskip("matplotlib")
+from matplotlib.collections import PathCollection, PolyCollection  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class _Fit:
+    """Minimal stand-in with the FitResult surface the plots use (law, params, predict)."""
+
+    law: object
+    params: dict
+
+    def predict(self, **inputs):
+        import jax
+
+        with jax.enable_x64(True):
+            return np.asarray(self.law.predict(self.params, **inputs), dtype=np.float64)
+
+
+def _saved(fig, tmp_path, name):
+    path = tmp_path / f"{name}.png"
+    fig.savefig(path, dpi=60)
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 2000
+    return path
+
+
+def _count(ax, kind):
+    return sum(isinstance(c, kind) for c in ax.collections)
+
+
+def chinchilla_isoflop_data():
+    p = {"E": 1.8, "A": 480.0, "B": 2100.0, "alpha": 0.35, "beta": 0.37}
+    cs, ns, ls = [], [], []
+    for c in (1e18, 1e19, 1e20):
+        n = np.geomspace(1e7, 2e9, 9)
+        n = n[(c / (6 * n) > 1e8)]
+        d = c / (6 * n)
+        cs += [c] * n.size
+        ns += list(n)
+        ls += list(p["E"] + p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"])
+    return np.array(cs), np.array(ns), np.array(ls), p
+
+
+def test_isoflop_plot_with_parabolas_and_optima(tmp_path):
+    c, n, loss, _ = chinchilla_isoflop_data()
+    fig = plot_isoflop(c, n, loss)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert len(ax.lines) == 3  # one parabola per budget
+    assert _count(ax, PathCollection) == 6  # data + vertex star per budget
+    assert ax.get_xscale() == "log"
+
+    class _R:
+        N, loss = np.array([1e8, 3e8, 8e8]), np.array([3.0, 2.8, 2.6])
+
+    fig2 = plot_isoflop(c, n, loss, result=_R())
+    assert "optimum N*(C)" in [t.get_text() for t in fig2.axes[0].get_legend().get_texts()]
+    _saved(fig2, tmp_path, "isoflop")
+    with pytest.raises(ValueError, match="equal lengths"):
+        plot_isoflop(c, n[:-1], loss)
+
+
+def test_law_fit_single_input_with_band_and_residuals(tmp_path):
+    law = get_law("power_law_C")
+    p = {"E": 1.7, "A": 400.0, "alpha": 0.12}
+    c = np.geomspace(1e18, 1e23, 30)
+    loss = np.asarray(law.predict(p, C=c)) * (1 + 0.003 * np.random.default_rng(0).normal(size=c.size))
+    draws = {"E": 1.7 + 0.01 * np.arange(-5, 5), "A": np.full(10, 400.0), "alpha": np.full(10, 0.12)}
+    fig = plot_law_fit(_Fit(law, p), {"C": c, "loss": loss}, samples=draws)
+    top, bot = fig.axes[:2]
+    assert len(top.lines) == 1 and _count(top, PolyCollection) == 1  # fit curve + bootstrap band
+    assert _count(bot, PathCollection) == 1 and bot.get_ylabel() == "residual (%)"
+    _saved(fig, tmp_path, "law_fit")
+
+
+def test_law_fit_two_inputs(tmp_path):
+    law = get_law("chinchilla")
+    c, n, loss, p = chinchilla_isoflop_data()
+    d = c / (6 * n)
+    fig = plot_law_fit(_Fit(law, p), {"N": n, "D": d, "loss": loss}, samples=[p, {**p, "E": 1.81}])
+    assert len(fig.axes) == 3  # top, residuals, colourbar
+    np.testing.assert_allclose(fig.axes[1].collections[0].get_offsets()[:, 1], 0.0, atol=1e-9)
+    _saved(fig, tmp_path, "law_fit_nd")
+    with pytest.raises(ValueError, match="not an input"):
+        plot_law_fit(_Fit(law, p), {"N": n, "D": d, "loss": loss}, x="C")
+
+
+def test_optimal_plot_with_ci(tmp_path):
+    @dataclass
+    class _Alloc:
+        C: np.ndarray
+        N: np.ndarray
+        D: np.ndarray
+        N_ci: tuple
+        D_ci: tuple
+        method: str = "closed_form"
+
+    c = np.geomspace(1e18, 1e24, 20)
+    n, d = 0.1 * c**0.5, c**0.5 / 0.6
+    alloc = _Alloc(c, n, d, (0.8 * n, 1.2 * n), (0.8 * d, 1.2 * d))
+
+    class _A2:
+        C, N, D = c[::5], n[::5], d[::5]
+
+    fig = plot_optimal(alloc, approach2=_A2())
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        assert len(ax.lines) == 1 and _count(ax, PolyCollection) == 1 and _count(ax, PathCollection) == 1
+        assert ax.get_yscale() == "log"
+    _saved(fig, tmp_path, "optimal")
+
+
+def test_pareto_plot_membership_shading(tmp_path):
+    rng = np.random.default_rng(0)
+    pts = np.c_[rng.uniform(1, 10, 40), rng.uniform(1, 10, 40)]
+    prob = membership_probability(pts, 0.3, n_boot=200)
+    fig = plot_pareto(pts, prob=prob, names=("FLOPs", "loss"), labels=[str(i) for i in range(40)])
+    ax = fig.axes[0]
+    shaded = ax.collections[0]
+    np.testing.assert_allclose(shaded.get_array(), prob)  # colour encodes P(on frontier)
+    assert len(fig.axes) == 2 and len(ax.lines) == 1 and len(ax.texts) == 40
+    _saved(fig, tmp_path, "pareto")
+    with pytest.raises(ValueError, match="two objectives"):
+        plot_pareto(np.c_[pts, pts])
+
+
+def test_law_frontier_plot(tmp_path):
+    lf = law_frontier({"A": lambda c: 2 + 10 * c**-0.1, "B": lambda c: 1.5 + 1000 * c**-0.2},
+                      np.geomspace(1e10, 1e30, 100))
+    fig = plot_law_frontier(lf)
+    ax = fig.axes[0]
+    assert len(ax.lines) == 2 + 1 + len(lf.crossovers) and len(lf.crossovers) == 1
+    _saved(fig, tmp_path, "law_frontier")
+
+
+def test_downstream_plot_with_two_step(tmp_path):
+    from scipy.special import expit
+
+    c = np.geomspace(1e19, 1e24, 30)
+    loss = 1.8 + 300 * c**-0.15
+    acc = 0.25 + 0.7 * expit(-8 * (loss - 2.3))
+    fit = fit_accuracy_vs_compute(c, acc, chance=0.25, n_boot=50)
+    ts = fit_two_step(c, loss, acc, chance=0.25, ceiling=0.95, n_boot=50)
+    fig = plot_downstream(c, acc, fit=fit, two_step=ts, cutoff=1e23, chance=0.25)
+    ax = fig.axes[0]
+    assert len(ax.lines) == 4  # sigmoid, two-step, cutoff, chance
+    assert _count(ax, PolyCollection) == 2 and _count(ax, PathCollection) == 2
+    _saved(fig, tmp_path, "downstream")
+    # Without bootstrap draws the curves are drawn without bands.
+    fig = plot_downstream(c, acc, fit=fit_accuracy_vs_compute(c, acc, chance=0.25))
+    assert _count(fig.axes[0], PolyCollection) == 0

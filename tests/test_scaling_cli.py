@@ -1,0 +1,279 @@
+"""Table loaders: CSV, JSON lines, JSON lists, directories of trainer summary.json files; law_data mapping."""
+
+import json
+
+import numpy as np
+import pytest
+
+from scaling.io import law_data, load_table, parse_columns, read_summaries
+
+
+def test_csv_numeric_string_and_blank_columns(tmp_path):
+    p = tmp_path / "runs.csv"
+    p.write_text("name,params,tokens,loss\na,1e6,2e7,3.5\nb,2e6,,3.1\n")
+    t = load_table(p)
+    assert t["name"].dtype == object and list(t["name"]) == ["a", "b"]
+    np.testing.assert_array_equal(t["params"], [1e6, 2e6])
+    assert np.isnan(t["tokens"][1])
+
+
+def test_jsonl_and_json_list(tmp_path):
+    rows = [{"N": 1e6, "D": 2e7, "loss": 3.0, "cfg": {"lr": 1e-3}}, {"N": 2e6, "D": 4e7, "loss": 2.8}]
+    p = tmp_path / "runs.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    t = load_table(p)
+    np.testing.assert_array_equal(t["N"], [1e6, 2e6])
+    assert t["cfg.lr"][0] == 1e-3 and np.isnan(t["cfg.lr"][1])  # ragged rows: missing -> NaN
+    q = tmp_path / "runs.json"
+    q.write_text(json.dumps(rows))
+    np.testing.assert_array_equal(load_table(q)["loss"], [3.0, 2.8])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: invalid JSON"):
+        load_table(bad)
+
+
+def test_directory_of_summaries(tmp_path):
+    for i, (n, loss) in enumerate([(1e6, 3.2), (4e6, 2.9)]):
+        d = tmp_path / f"run{i}" / "out"
+        d.mkdir(parents=True)
+        summary = {"family": "dense", "params": n, "tokens": 20 * n, "flops": 120 * n * n,
+                   "final_eval_loss": loss, "config": {"model": {"d_model": 64 * (i + 1)}}}
+        (d / "summary.json").write_text(json.dumps(summary))
+    t = read_summaries(tmp_path)
+    assert list(t["run"]) == ["run0/out", "run1/out"]
+    np.testing.assert_array_equal(t["config.model.d_model"], [64, 128])
+    data = law_data(t, ["N", "D", "loss"], {"N": "params", "D": "tokens", "loss": "final_eval_loss"})
+    np.testing.assert_array_equal(data["D"], [2e7, 8e7])
+    with pytest.raises(ValueError, match="no nothing.json files"):
+        read_summaries(tmp_path / "run0" / "out" / "..", filename="nothing.json")
+
+
+def test_law_data_derives_tokens_and_reports(tmp_path):
+    t = {"n": np.array([1e6, 2e6]), "c": np.array([6e13, 2.4e14]), "y": np.array([3.0, 2.9])}
+    msgs = []
+    out = law_data(t, ["N", "D", "loss"], parse_columns("N=n, C=c, loss=y"), log=msgs.append)
+    np.testing.assert_allclose(out["D"], [1e7, 2e7])
+    assert "derived D = C / (6 N)" in msgs[0]
+    # A user FLOP model: 8 N FLOPs per token.
+    out = law_data(t, ["N", "D", "loss"], {"N": "n", "C": "c", "loss": "y"}, flops_per_token=lambda n: 8 * n,
+                   log=msgs.append)
+    np.testing.assert_allclose(out["D"], [7.5e6, 1.5e7])
+    assert "flops_per_token" in msgs[-1]
+    out = law_data({"N": t["n"], "D": np.array([1e7, 2e7]), "loss": t["y"]}, ["C", "loss"], log=None)
+    np.testing.assert_allclose(out["C"], [6e13, 2.4e14])
+
+
+def test_law_data_errors_name_the_problem(tmp_path):
+    t = {"n": np.array([1e6, np.nan, 3e6]), "d": np.array([1e7, 2e7, -1.0]),
+         "loss": np.array([3.0, 2.0, 1.0]), "name": np.array(["a", "b", "c"], dtype=object)}
+    with pytest.raises(ValueError, match="column 'params' \\(for N\\) not found; available columns"):
+        law_data(t, ["N", "D", "loss"], {"N": "params"})
+    with pytest.raises(ValueError, match="no column for 'D'.*D = C/\\(6N\\)"):
+        law_data(t, ["N", "D", "loss"], {"N": "n"})
+    with pytest.raises(ValueError, match="N: missing/NaN values in rows \\[1\\]"):
+        law_data(t, ["N", "D", "loss"], {"N": "n", "D": "d"})
+    with pytest.raises(ValueError, match="D: non-positive values in rows \\[2\\]"):
+        law_data(t, ["N", "D", "loss"], {"N": "n", "D": "d"}, dropna=True, log=None)
+    with pytest.raises(ValueError, match="not numeric"):
+        law_data(t, ["N", "loss"], {"N": "name"})
+    with pytest.raises(ValueError, match="not VAR=COLUMN"):
+        parse_columns("N:params")
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        load_table(tmp_path / "missing.csv")
+
+
+# --- command line -------------------------------------------------------------------------------------------
+def _run(argv, capsys):
+    from scaling.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out) if rc == 0 else None), err
+
+
+CHIN = {"E": 1.8, "A": 480.0, "B": 2100.0, "alpha": 0.34, "beta": 0.37}
+
+
+def _chinchilla_loss(n, d, p=CHIN):
+    return p["E"] + p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"]
+
+
+def _isoflop_csv(path, noise=0.0):
+    """isoFLOP profiles centred on the true optimum of a Chinchilla law: C, N, loss (no D column)."""
+    from scaling.optimal import chinchilla_closed_form
+
+    rng = np.random.default_rng(0)
+    lines = ["flops,params,loss"]
+    for c in np.geomspace(1e18, 1e22, 5):
+        n_opt = float(chinchilla_closed_form(CHIN, np.array([c]))[0][0])
+        for n in n_opt * np.geomspace(1 / 8, 8, 9):
+            loss = _chinchilla_loss(n, c / (6 * n)) * (1 + noise * rng.normal())
+            lines.append(f"{c:.6e},{n:.6e},{loss:.8f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_cli_isoflop_recovers_exponent_and_writes_files(tmp_path, capsys):
+    data = _isoflop_csv(tmp_path / "iso.csv")
+    rc, out, err = _run(["isoflop", data, "--columns", "C=flops,N=params,loss=loss", "--out", tmp_path / "o"],
+                        capsys)
+    assert rc == 0, err
+    a_true = CHIN["beta"] / (CHIN["alpha"] + CHIN["beta"])
+    # The parabola in log N is an approximation of the profile: a small bias is expected on a +-8x grid.
+    assert out["a"] == pytest.approx(a_true, abs=0.01) and out["a"] + out["b"] == pytest.approx(1.0, abs=1e-6)
+    assert len(out["optima"]) == 5 and "derived D = C / (6 N)" not in err
+    assert (tmp_path / "o" / "isoflop.json").is_file() and (tmp_path / "o" / "isoflop.png").stat().st_size > 0
+
+
+def test_cli_pareto_matches_definition(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    flops, loss = rng.uniform(1, 10, 50).round(1), rng.uniform(2, 4, 50).round(2)
+    csv = tmp_path / "runs.csv"
+    body = "\n".join(f"r{i},{f},{lo}" for i, (f, lo) in enumerate(zip(flops, loss, strict=True)))
+    csv.write_text("name,flops,loss\n" + body)
+    rc, out, err = _run(["pareto", csv, "--objectives", "loss:min,flops:min", "--label", "name",
+                         "--sigma", "0.05,0.1", "--n-boot", "200", "--out", tmp_path / "p"], capsys)
+    assert rc == 0, err
+    rows = {r["row"] for r in out["frontier"]}
+    dominated = lambda i, j: (loss[j] <= loss[i] and flops[j] <= flops[i]) and (
+        loss[j] < loss[i] or flops[j] < flops[i])
+    expect = {i for i in range(50) if not any(dominated(i, j) for j in range(50))}
+    assert rows == expect
+    assert all(r["label"] == f"r{r['row']}" and 0 <= r["p_frontier"] <= 1 for r in out["frontier"])
+    assert (tmp_path / "p" / "pareto.png").is_file()
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
+    data = _isoflop_csv(tmp_path / "iso.csv")
+    rc, _, err = _run(["isoflop", data, "--columns", "C=compute,N=params,loss=loss"], capsys)
+    assert rc == 2 and "column 'compute' (for C) not found" in err and "flops" in err
+    rc, _, err = _run(["isoflop", tmp_path / "nope.csv"], capsys)
+    assert rc == 2 and "not found" in err
+    rc, _, err = _run(["pareto", data, "--objectives", "loss:best"], capsys)
+    assert rc == 2 and "min or max" in err
+    rc, _, err = _run(["optimum", "--fit", tmp_path / "missing.json", "--compute", "1e24"], capsys)
+    assert rc == 2 and "fit file not found" in err
+
+
+def test_cli_on_directory_of_trainer_summaries(tmp_path, capsys):
+    """isoflop and pareto straight from run directories, using the summary.json keys as default columns."""
+    from scaling.optimal import chinchilla_closed_form
+
+    for c in (1e18, 1e19, 1e20):
+        n_opt = float(chinchilla_closed_form(CHIN, np.array([c]))[0][0])
+        for j, n in enumerate(n_opt * np.geomspace(1 / 6, 6, 7)):
+            d = c / (6 * n)
+            run = tmp_path / "runs" / f"c{c:.0e}_{j}"
+            run.mkdir(parents=True)
+            summary = {"params": n, "tokens": d, "flops": c, "final_eval_loss": _chinchilla_loss(n, d),
+                       "final_loss": 9.9, "config": {"seed": 0}}
+            (run / "summary.json").write_text(json.dumps(summary))
+    rc, out, err = _run(["isoflop", tmp_path / "runs"], capsys)
+    assert rc == 0, err
+    assert out["a"] == pytest.approx(CHIN["beta"] / (CHIN["alpha"] + CHIN["beta"]), abs=0.01)
+    rc, out, err = _run(["pareto", tmp_path / "runs", "--objectives", "final_eval_loss:min,flops:min",
+                         "--label", "run"], capsys)
+    assert rc == 0, err
+    # The smallest budget's best run is on the frontier; every frontier point is its budget's best run.
+    assert out["frontier"] and all(r["label"].startswith("c1e+") for r in out["frontier"])
+
+
+def test_filter_rows():
+    from scaling.io import filter_rows
+
+    t = {"loss": np.array([3.0, 3.5, 4.0]), "family": np.array(["dense", "moe", "dense"], dtype=object)}
+    np.testing.assert_array_equal(filter_rows(t, ["loss<=3.5"])["loss"], [3.0, 3.5])
+    np.testing.assert_array_equal(filter_rows(t, ["loss>3", "family==dense"])["loss"], [4.0])
+    with pytest.raises(ValueError, match="only == and !="):
+        filter_rows(t, ["family<dense"])
+    with pytest.raises(ValueError, match="no comparison"):
+        filter_rows(t, ["loss"])
+
+
+def _chinchilla_csv(path, n_points=60, noise=0.005):
+    """Runs on a (N, C) grid with C-only columns, so the CLI must derive D = C / (6N)."""
+    rng = np.random.default_rng(3)
+    n = np.exp(rng.uniform(np.log(5e7), np.log(1e10), n_points))
+    tpp = np.exp(rng.uniform(np.log(2), np.log(200), n_points))  # tokens per parameter
+    d = tpp * n
+    loss = _chinchilla_loss(n, d) * np.exp(noise * rng.normal(size=n_points))
+    rows = [f"{a:.8e},{6 * a * b:.8e},{c:.8f}" for a, b, c in zip(n, d, loss, strict=True)]
+    path.write_text("model_size,train_flops,final_loss\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_cli_fit_then_optimum(tmp_path, capsys):
+    from scaling.optimal import chinchilla_closed_form
+
+    data = _chinchilla_csv(tmp_path / "runs.csv")
+    out_dir = tmp_path / "fit"
+    cols = "N=model_size,C=train_flops,loss=final_loss"
+    argv = ["fit", data, "--law", "chinchilla", "--columns", cols, "--n-boot", "50", "--out", out_dir]
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0, err
+    assert "derived D = C / (6 N)" in err
+    saved = json.loads((out_dir / "fit.json").read_text())
+    for key in ("law", "params", "ci", "objective", "n_points", "converged", "derived"):
+        assert key in saved and key in out
+    assert saved["law"] == "chinchilla" and saved["n_points"] == 60 and saved["converged"]
+    p = saved["params"]
+    assert p["alpha"] == pytest.approx(CHIN["alpha"], abs=0.05)
+    assert p["beta"] == pytest.approx(CHIN["beta"], abs=0.05)
+    assert p["E"] == pytest.approx(CHIN["E"], abs=0.1)
+    a = p["beta"] / (p["alpha"] + p["beta"])
+    assert saved["derived"]["a"] == pytest.approx(a) and saved["derived"]["b"] == pytest.approx(1 - a)
+    for k, (lo, hi) in saved["ci"].items():
+        assert lo <= p[k] <= hi, k
+    assert (out_dir / "fit.png").stat().st_size > 0
+
+    rc, opt, err = _run(["optimum", "--fit", out_dir / "fit.json", "--compute", "1e24"], capsys)
+    assert rc == 0, err
+    n_star, d_star, l_star = (float(v[0]) for v in chinchilla_closed_form(p, np.array([1e24])))
+    assert opt["N"] == pytest.approx(n_star, rel=1e-6) and opt["D"] == pytest.approx(d_star, rel=1e-6)
+    assert opt["loss"] == pytest.approx(l_star, rel=1e-9)
+    assert opt["tokens_per_param"] == pytest.approx(d_star / n_star)
+    assert 6 * opt["N"] * opt["D"] == pytest.approx(1e24)
+    assert opt["N_ci"][0] <= opt["N"] <= opt["N_ci"][1]
+
+
+def test_cli_fit_errors(tmp_path, capsys):
+    data = _chinchilla_csv(tmp_path / "runs.csv", n_points=10)
+    cols = "N=model_size,loss=final_loss"
+    rc, _, err = _run(["fit", data, "--law", "chinchilla", "--columns", cols], capsys)
+    assert rc == 2 and "no column for 'D'" in err and "train_flops" in err
+    rc, _, err = _run(["fit", data, "--law", "nonexistent"], capsys)
+    assert rc == 2 and "unknown law" in err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    csv = tmp_path / "t.csv"
+    csv.write_text("flops,loss\n1,3\n2,2\n3,2.5\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "scaling", "pareto", str(csv), "--objectives", "flops,loss"],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["row"] for r in json.loads(proc.stdout)["frontier"]] == [0, 1]
+    proc = subprocess.run([sys.executable, "-m", "scaling", "pareto", str(csv), "--objectives", "x:min"],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: objective columns ['x'] not found")
+
+
+def test_cli_downstream_on_obsscaling(tmp_path, capsys):
+    from pathlib import Path
+
+    from scaling.downstream import heldout_error
+
+    data = Path(__file__).parent / "data" / "obsscaling" / "base_llm_benchmark_eval.csv"
+    rc, out, err = _run(["downstream", data, "--columns", "C=FLOPs (1E21),accuracy=ARC-C", "--chance", "0.25",
+                         "--cutoff", "84", "--dropna", "--n-boot", "20", "--out", tmp_path], capsys)
+    assert rc == 0, err
+    t = load_table(data)
+    ok = np.isfinite(t["FLOPs (1E21)"]) & np.isfinite(t["ARC-C"])
+    ref = heldout_error(t["FLOPs (1E21)"][ok], t["ARC-C"][ok], cutoff=84, chance=0.25)
+    assert out["heldout"] == pytest.approx(ref) and out["n_points"] == ok.sum()
+    assert (tmp_path / "downstream.png").is_file()
