@@ -2,12 +2,15 @@
 
     python -m experiments.bench --preset gpt2-124m [--set k=v ...] [--steps 10] [--json OUT]
     python -m experiments.bench --smoke            # CPU-sized shapes, a few seconds
+    python -m experiments.bench --families --smoke # one row per model family (tiny, tiny-moe/-mla/-mor)
 
 The baseline is measured in the same process: a large square matmul in fp32 and bf16 on one device gives the
 achievable FLOP/s per device (a tighter reference than the datasheet peak, which is also reported when
 ``trainer.peak_flops`` is set). MFU = model FLOPs/s / (peak x devices), with model FLOPs the exact training
 FLOPs per token from ``models.accounting`` (as in Chowdhery et al. 2022, PaLM, appendix B: recomputation from
-remat is not counted).
+remat is not counted). For MoE and MoR these are the *active* FLOPs (routed top-k + shared experts + router;
+MoR's expected depth under its routing capacity), so MFU measures useful work: on CPU, XLA lowers MoE's
+dropless ragged_dot to a dense matmul over all experts, which shows up as a lower MFU.
 Timings belong here, not in tests.
 """
 
@@ -27,6 +30,8 @@ from experiments import sharding as shd
 from experiments.presets import get_preset
 from experiments.trainer import build_program
 from models import accounting
+
+FAMILY_PRESETS = ("tiny", "tiny-moe", "tiny-mla", "tiny-mor")  # --families: one of each family / attention
 
 SMOKE_OVERRIDES = (
     "model.d_model=32",
@@ -86,7 +91,10 @@ def bench_train(cfg, steps: int, warmup: int = 2) -> dict[str, Any]:
 
 
 def run(preset: str, overrides: Sequence[str], steps: int, matmul_size: int | None, smoke: bool) -> dict:
-    overrides = [*(SMOKE_OVERRIDES if smoke else ()), *overrides]
+    smoke_overrides = list(SMOKE_OVERRIDES if smoke else ())
+    if get_preset(preset).model.family == "mor":  # MoR's depth is set by its sharing layout: keep n_layers
+        smoke_overrides = [o for o in smoke_overrides if not o.startswith("model.n_layers=")]
+    overrides = [*smoke_overrides, *overrides]
     cfg = get_preset(preset).override(overrides).validate()
     dev = jax.devices()[0]
     n = matmul_size or (256 if smoke else (1024 if dev.platform == "cpu" else 8192))
@@ -94,7 +102,7 @@ def run(preset: str, overrides: Sequence[str], steps: int, matmul_size: int | No
         dt: matmul_flops(dt, n, dev, min_seconds=0.1 if smoke else 0.5) for dt in ("float32", "bfloat16")
     }
     train = bench_train(cfg, steps)
-    fpt = accounting.flops_per_token(cfg.model, cfg.data.seq_len)["training"]
+    fpt = accounting.family_summary(cfg.model, cfg.data.seq_len)["active_flops_per_token"]
     model_flops = fpt * train["tokens_per_second"]
     compute_peak = peaks.get(cfg.model.compute_dtype, peaks["float32"])
     out = {
@@ -105,7 +113,10 @@ def run(preset: str, overrides: Sequence[str], steps: int, matmul_size: int | No
         "matmul_size": n,
         "matmul_flops_per_device": peaks,
         "compute_dtype": cfg.model.compute_dtype,
+        "family": cfg.model.family,
+        "attention": cfg.model.attention,
         "params": accounting.param_counts(cfg.model)["total"],
+        "active_params": accounting.param_counts(cfg.model).get("active"),
         "flops_per_token": fpt,
         **train,
         "model_flops_per_second": model_flops,
@@ -128,7 +139,8 @@ def format_table(r: dict) -> str:
         ("matmul bf16 / device", f"{r['matmul_flops_per_device']['bfloat16'] / 1e12:.3f} TFLOP/s"),
         (
             "model",
-            f"{r['preset']}: {r['params']:,} params, {r['flops_per_token']:,.0f} train FLOPs/token, "
+            f"{r['preset']} ({r['family']}, {r['attention']}): {r['params']:,} params "
+            f"({r['active_params']:,} active), {r['flops_per_token']:,.0f} active train FLOPs/token, "
             f"compute {r['compute_dtype']}",
         ),
         ("step time", f"{r['step_time'] * 1e3:.2f} ms (compile {r['compile_seconds']:.1f} s)"),
@@ -151,16 +163,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed train steps (after 2 warm-up steps)")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n baseline matmul")
     p.add_argument("--smoke", action="store_true", help="tiny shapes for a quick CPU check")
+    p.add_argument("--families", action="store_true", help=f"benchmark each of {FAMILY_PRESETS} in turn")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
     args = p.parse_args(argv)
     from experiments.sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()
-    r = run(args.preset, args.overrides, args.steps, args.matmul_size, args.smoke)
-    print(format_table(r))
+    presets = FAMILY_PRESETS if args.families else (args.preset,)
+    results = [run(name, args.overrides, args.steps, args.matmul_size, args.smoke) for name in presets]
+    print("\n\n".join(format_table(r) for r in results))
+    if len(results) > 1:
+        print("\nfamily comparison (MFU on active FLOPs vs measured matmul):")
+        for r in results:
+            print(f"  {r['preset']:<10} {r['tokens_per_second']:>12,.0f} tok/s  "
+                  f"{100 * r['mfu_vs_measured_matmul']:5.1f}% MFU  {r['active_params']:,} active params")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+            json.dump(results if args.families else results[0], f, indent=2)
     return 0
 
 

@@ -29,9 +29,12 @@ class ConfigError(ValueError):
 # logical axes; this table decides how they are laid out. Rules are applied in order and a mesh axis is used
 # at most once per array (flax semantics), so for activations ("batch", "seq", "embed") the batch rule claims
 # "fsdp" first and "embed" falls back to unsharded, while for parameters "embed" is FSDP-sharded.
+# Expert parallelism: "expert" comes before "embed", so MoE expert stacks (expert, embed, mlp) are split by
+# expert over "fsdp" (each device holds whole experts; "embed" stays unsharded in them) and "mlp" over tensor.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("seq", None),
+    ("expert", "fsdp"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -39,7 +42,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("layers", None),
-    ("expert", None),
 )
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -89,6 +91,9 @@ class TrainerConfig:
     async_checkpoint: bool = True
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None = unknown (no MFU reported)
     progress: bool = True
+    # Downstream battery (experiments.evaluate) at the end of training -> WORKDIR/downstream.json:
+    # False = off, True = the default battery, or a list of task names from experiments.tasks.default_specs.
+    eval_tasks: bool | tuple[str, ...] = False
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,13 @@ class ExperimentConfig:
             errors.append(f"trainer.eval_batch_size={t.eval_batch_size} must be >= 1")
         if t.keep_checkpoints < 1:
             errors.append(f"trainer.keep_checkpoints={t.keep_checkpoints} must be >= 1")
+        if isinstance(t.eval_tasks, tuple):  # checked now, not after the run has trained
+            from experiments.tasks import default_specs
+
+            known = [s.name for s in default_specs()]
+            unknown = [n for n in t.eval_tasks if n not in known]
+            if unknown:
+                errors.append(f"trainer.eval_tasks: unknown task(s) {unknown}; available: {known}")
         if t.peak_flops is not None and t.peak_flops <= 0:
             errors.append(f"trainer.peak_flops={t.peak_flops} must be positive or None")
         sizes = [m.data, m.fsdp, m.tensor]

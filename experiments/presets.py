@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from experiments.config import ConfigError, DataConfig, ExperimentConfig, MeshConfig, TrainerConfig
@@ -39,6 +40,30 @@ def tiny() -> ExperimentConfig:
         ),
         seed=0,
     )
+
+
+def _tiny_family(**model_changes) -> ExperimentConfig:
+    """``tiny`` with a different model family / attention: same corpus, optimiser and budget, so the CPU
+    presets compare families at equal data and steps."""
+    base = tiny()
+    return dataclasses.replace(base, model=base.model.replace(**model_changes).validate())
+
+
+def tiny_moe() -> ExperimentConfig:
+    """``tiny`` as a Mixture-of-Experts: 4 routed experts (top-2, width 96) + 1 shared expert per layer,
+    dropless dispatch, softmax router with the Switch load-balance loss (models/moe.py)."""
+    return _tiny_family(family="moe", n_experts=4, moe_top_k=2, moe_d_ff=96, n_shared_experts=1)
+
+
+def tiny_mla() -> ExperimentConfig:
+    """``tiny`` with DeepSeek-V2 multi-head latent attention (KV latent 32, decoupled RoPE dim 8)."""
+    return _tiny_family(attention="mla", mla_kv_lora_rank=32, mla_rope_head_dim=8)
+
+
+def tiny_mor() -> ExperimentConfig:
+    """``tiny`` as a Mixture-of-Recursions (Bae et al. 2025): unique first/last layer + 1 shared layer applied
+    up to 3 times (Middle-Cycle), expert-choice routing with the paper's capacities 1, 2/3, 1/3."""
+    return _tiny_family(family="mor", n_layers=5, mor_recursions=3, mor_sharing="middle_cycle")
 
 
 def _gpu_model(**kw) -> ModelConfig:
@@ -97,7 +122,14 @@ def m350() -> ExperimentConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], ExperimentConfig]] = {"tiny": tiny, "gpt2-124m": gpt2_124m, "350m": m350}
+PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "tiny": tiny,
+    "tiny-moe": tiny_moe,
+    "tiny-mla": tiny_mla,
+    "tiny-mor": tiny_mor,
+    "gpt2-124m": gpt2_124m,
+    "350m": m350,
+}
 
 
 def get_preset(name: str) -> ExperimentConfig:

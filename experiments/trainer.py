@@ -36,8 +36,10 @@ from experiments.checkpoint import Checkpointer, abstract_like
 from experiments.config import ConfigError, ExperimentConfig, config_diff
 from experiments.data import TokenDataset, prepare_synthetic
 from experiments.metrics import MetricsWriter, read_metrics
-from models import accounting
-from models.transformer import Transformer
+from models import accounting, build_model
+from models import moe as moe_lib
+from models import mor as mor_lib
+from models.config import mor_resolved
 from optim.schedules import make_schedule
 
 CONFIG_FILE = "config.json"
@@ -59,6 +61,7 @@ EXECUTION_ONLY_FIELDS = (
     "model.remat",
     "model.attention_impl",
     "data.synthetic_dir",
+    "trainer.eval_tasks",
 )
 
 
@@ -80,6 +83,24 @@ def _aux_loss(extras: dict[str, Any]) -> jax.Array:
     return sum((v.astype(jnp.float32) for k, v in extras.items() if k.endswith("loss")), jnp.float32(0.0))
 
 
+def update_model_state(c: Any, model_state: dict[str, Any], extras: dict[str, jax.Array]) -> dict[str, Any]:
+    """Non-parameter model state after a step: the auxiliary-loss-free router biases (DeepSeek-V3; MoE's
+    "moe_state", MoR token choice's "mor_state") move against this step's load. ``extras`` are the
+    microbatch means, so the update is the same however the batch is accumulated or sharded."""
+    new = dict(model_state)
+    if moe_lib.STATE_COLLECTION in new:
+        new[moe_lib.STATE_COLLECTION] = moe_lib.router_bias_update(
+            new[moe_lib.STATE_COLLECTION], extras["moe_expert_load"], c.moe_bias_update_rate)
+    if mor_lib.STATE_COLLECTION in new:
+        new[mor_lib.STATE_COLLECTION] = mor_lib.router_bias_update(
+            new[mor_lib.STATE_COLLECTION], extras["mor_depth_load"], c.mor_bias_update_rate)
+    unknown = set(new) - {moe_lib.STATE_COLLECTION, mor_lib.STATE_COLLECTION}
+    if unknown:
+        raise ConfigError(f"model has state collections {sorted(unknown)} the trainer does not know how to "
+                          "update; teach experiments.trainer.update_model_state about them")
+    return new
+
+
 @dataclass
 class Program:
     """Everything device-side for one (config, mesh): model, optimiser, shardings, compiled steps."""
@@ -87,14 +108,14 @@ class Program:
     cfg: ExperimentConfig
     mesh: Mesh
     rules: shd.Rules
-    model: Transformer
+    model: nn.Module  # models.build_model(cfg.model): Transformer (dense, MoE) or MoRTransformer
     tx: optax.GradientTransformation
     partition: dict[str, str]
     schedule: Callable[[int], Any]
     state_shardings: Any
     abstract_state: Any
     train_step: Any  # compiled: (state, tokens_MxBxL1) -> (state, metrics)
-    eval_step: Any  # compiled: (params, tokens_BxL1) -> mean loss
+    eval_step: Any  # compiled: (params, model_state, tokens_BxL1) -> mean loss
     init_state: Callable[[], Any]
     train_batch_sharding: NamedSharding
     eval_batch_sharding: NamedSharding
@@ -119,15 +140,25 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
     shd.check_batch_divisible(cfg.eval_batch_size, mesh, "eval batch size")
     if B_micro % jax.process_count():
         raise ConfigError(f"microbatch size {B_micro} is not divisible by {jax.process_count()} processes")
-    model = Transformer(c)
+    model = build_model(c)
     rng = jax.random.PRNGKey(cfg.seed)
     dummy_BxL = jnp.zeros((1, L), jnp.int32)
     # Init runs without logical rules in scope, so activation constraints are no-ops on the dummy batch of 1.
-    abstract_boxed = jax.eval_shape(model.init, rng, dummy_BxL)["params"]
-    rules = shd.effective_rules(cfg.mesh.rules, mesh, shd.logical_dim_sizes(abstract_boxed))
+    abstract_vars = jax.eval_shape(model.init, rng, dummy_BxL)
+    abstract_boxed = abstract_vars["params"]
+    # Non-parameter collections (router biases of MoE / MoR loss-free balancing): trained state without
+    # gradients, sharded from their logical names and checkpointed with the parameters.
+    abstract_mstate_boxed = {k: v for k, v in abstract_vars.items() if k != "params"}
+    rules = shd.effective_rules(
+        cfg.mesh.rules, mesh, shd.logical_dim_sizes({"params": abstract_boxed, **abstract_mstate_boxed})
+    )
     logical_axes = nn.get_partition_spec(abstract_boxed)
     param_shardings = shd.shardings_from_logical(logical_axes, nn.meta.unbox(abstract_boxed), mesh, rules)
     abstract_params = abstract_like(nn.meta.unbox(abstract_boxed), param_shardings)
+    mstate_shardings = shd.shardings_from_logical(
+        nn.get_partition_spec(abstract_mstate_boxed), nn.meta.unbox(abstract_mstate_boxed), mesh, rules
+    )
+    abstract_mstate = abstract_like(nn.meta.unbox(abstract_mstate_boxed), mstate_shardings)
 
     tx, partition = optim.build_optimizer(cfg.optimizer, abstract_params, logical_axes, cfg.total_steps)
     schedule = make_schedule(cfg.optimizer, cfg.total_steps)
@@ -135,42 +166,56 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
     opt_specs = optim.opt_state_logical_specs(tx, abstract_params, logical_axes)
     opt_shardings = shd.shardings_from_logical(opt_specs, abstract_opt, mesh, rules)
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings}
-    abstract_state = abstract_like({"params": abstract_params, "opt_state": abstract_opt}, state_shardings)
+    abstract_state = {"params": abstract_params, "opt_state": abstract_opt}
+    if abstract_mstate:  # only stateful models carry the key, so dense checkpoints keep their layout
+        state_shardings["model_state"] = mstate_shardings
+        abstract_state["model_state"] = abstract_mstate
+    abstract_state = abstract_like(abstract_state, state_shardings)
 
     def init_fn(rng):
-        params = nn.meta.unbox(model.init(rng, dummy_BxL)["params"])
-        return {"params": params, "opt_state": tx.init(params)}
+        variables = nn.meta.unbox(model.init(rng, dummy_BxL))
+        params = variables.pop("params")
+        state = {"params": params, "opt_state": tx.init(params)}
+        if variables:
+            state["model_state"] = variables
+        return state
 
     init_jit = jax.jit(init_fn, out_shardings=state_shardings)
 
-    def loss_fn(params, tokens_BxL1):
-        logits_BxLxV, extras = model.apply({"params": params}, tokens_BxL1[:, :-1])
+    def loss_fn(params, model_state, tokens_BxL1):
+        logits_BxLxV, extras = model.apply({"params": params, **model_state}, tokens_BxL1[:, :-1])
         ce = cross_entropy(logits_BxLxV, tokens_BxL1[:, 1:])
-        return ce + _aux_loss(extras), ce
+        return ce + _aux_loss(extras), (ce, extras)
 
     def train_step(state, tokens_MxBxL1):
-        params = state["params"]
+        params, model_state = state["params"], state.get("model_state", {})
 
         def micro(grads_acc, tokens_BxL1):
-            (_, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens_BxL1)
+            (_, (ce, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, model_state, tokens_BxL1
+            )
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-            return grads_acc, ce
+            return grads_acc, (ce, extras)
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-        grads, ce_M = jax.lax.scan(micro, zeros, tokens_MxBxL1)
+        grads, (ce_M, extras_M) = jax.lax.scan(micro, zeros, tokens_MxBxL1)
         grads = jax.tree.map(lambda g, p: (g / M).astype(p.dtype), grads, params)
         loss = ce_M.mean()  # microbatches hold equal token counts, so this is the mean over all tokens
+        # Family statistics (MoE load, MoR depth, ...) as microbatch means: means over all tokens of the step.
+        extras = jax.tree.map(lambda x: jnp.mean(x.astype(jnp.float32), axis=0), extras_M)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        if "model_state" in state:
+            new_state["model_state"] = update_model_state(c, model_state, extras)
         # A non-finite step leaves the state untouched, so the caller stops with the last good state intact.
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
-        return new_state, {"loss": loss, "grad_norm": grad_norm}
+        return new_state, {**extras, "loss": loss, "grad_norm": grad_norm}
 
-    def eval_step(params, tokens_BxL1):
-        logits_BxLxV, _ = model.apply({"params": params}, tokens_BxL1[:, :-1])
+    def eval_step(params, model_state, tokens_BxL1):
+        logits_BxLxV, _ = model.apply({"params": params, **model_state}, tokens_BxL1[:, :-1])
         return cross_entropy(logits_BxLxV, tokens_BxL1[:, 1:])
 
     train_batch_sharding = shd.batch_sharding(mesh, leading=1)
@@ -187,15 +232,22 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
             .lower(abstract_state, jax.ShapeDtypeStruct((M, B_micro, L + 1), jnp.int32))
             .compile()
         )
+        eval_shape = jax.ShapeDtypeStruct((cfg.eval_batch_size, L + 1), jnp.int32)
         eval_c = (
-            jax.jit(eval_step, in_shardings=(param_shardings, eval_batch_sharding), out_shardings=rep)
-            .lower(abstract_params, jax.ShapeDtypeStruct((cfg.eval_batch_size, L + 1), jnp.int32))
+            jax.jit(
+                eval_step,
+                in_shardings=(param_shardings, mstate_shardings, eval_batch_sharding),
+                out_shardings=rep,
+            )
+            .lower(abstract_params, abstract_mstate, eval_shape)
             .compile()
         )
 
     def init_state():
-        with jax.set_mesh(mesh):
-            return init_jit(rng)
+        # Traced outside jax.set_mesh: out_shardings already place the state, and with a mesh in context flax
+        # would treat the names of nn.Partitioned-boxed model state (MoE's router bias, ("layers", "expert"))
+        # as mesh axes instead of logical ones.
+        return init_jit(rng)
 
     return Program(
         cfg,
@@ -254,15 +306,18 @@ def train_batch(ds: TokenDataset, cfg: ExperimentConfig, prog: Program, step: in
     return shd.host_batch(local, prog.train_batch_sharding, (M, B // M, L + 1))
 
 
-def evaluate(ds: TokenDataset, cfg: ExperimentConfig, prog: Program, params: Any) -> float:
-    """Mean loss over the first ``eval_steps`` fixed validation batches (the same every time)."""
+def evaluate(ds: TokenDataset, cfg: ExperimentConfig, prog: Program, state: Any) -> float:
+    """Mean loss over the first ``eval_steps`` fixed validation batches (the same every time), of the train
+    state's parameters (and non-parameter model state, e.g. router biases)."""
+    params, model_state = state["params"], state.get("model_state", {})
     Be, L = cfg.eval_batch_size, cfg.data.seq_len
     losses = []
     for i in range(cfg.trainer.eval_steps):
         local = ds.sequential_batch(
             "val", i, Be, L, process_index=jax.process_index(), process_count=jax.process_count()
         )
-        losses.append(prog.eval_step(params, shd.host_batch(local, prog.eval_batch_sharding, (Be, L + 1))))
+        batch = shd.host_batch(local, prog.eval_batch_sharding, (Be, L + 1))
+        losses.append(prog.eval_step(params, model_state, batch))
     return float(np.mean(np.asarray(jax.device_get(losses), dtype=np.float64)))
 
 
@@ -310,7 +365,8 @@ def build_summary(
     counts = accounting.param_counts(c)
     steps = cfg.total_steps
     tokens = steps * cfg.tokens_per_step
-    fpt = accounting.flops_per_token(c, L)["training"]
+    family = family_fields(c, L)
+    fpt = family["active_flops_per_token"]  # = flops_per_token(c, L)["training"]: model FLOPs are active
     tps = meta["timed_tokens"] / meta["train_seconds"] if meta.get("train_seconds") else None
     peak = cfg.trainer.peak_flops
     return {
@@ -338,8 +394,49 @@ def build_summary(
         "compile_seconds": meta.get("compile_seconds"),
         "devices": n_devices,
         "seed": cfg.seed,
+        **family,
         "config": cfg.to_dict(),
     }
+
+
+def family_fields(c: Any, seq_len: int) -> dict[str, Any]:
+    """summary.json's family fields: ``models.accounting.family_summary`` (active_params,
+    active_flops_per_token, kv_cache_bytes_per_token, attention, MoE: experts, top_k, ...) plus, for MoR,
+    recursions, sharing, router, kv_strategy, capacity and the expected depth; for MLA its latent sizes."""
+    out = dict(accounting.family_summary(c, seq_len))
+    if c.family == "mor":
+        res = mor_resolved(c)
+        flops = accounting.flops_per_token(c, seq_len)
+        out.setdefault("recursions", c.mor_recursions)
+        out.setdefault("sharing", c.mor_sharing)
+        out.setdefault("router", c.mor_router)
+        out.setdefault("kv_strategy", c.mor_kv_strategy)
+        out.setdefault("capacity", list(res["capacity"]))
+        out.setdefault("mor_aux_loss", res["aux_loss"])
+        out.setdefault("expected_depth", flops["expected_depth"])
+        out.setdefault("full_depth_flops_per_token", 3.0 * flops["full_depth_forward"])
+    if c.attention == "mla":
+        out.setdefault("kv_lora_rank", c.resolved_mla_kv_lora_rank)
+        out.setdefault("q_lora_rank", c.mla_q_lora_rank)
+        out.setdefault("rope_head_dim", c.resolved_mla_rope_head_dim)
+    return out
+
+
+def run_downstream(cfg: ExperimentConfig, workdir: Path, params: Any, emit: Callable[[str], None]) -> None:
+    """Evaluate the downstream battery (``trainer.eval_tasks``) and write WORKDIR/downstream.json; with
+    ``params=None`` the newest checkpoint is loaded."""
+    from experiments import evaluate  # lazy: only runs that ask for the battery pay for its import
+
+    if jax.process_count() > 1:  # params span hosts; evaluate the checkpoint afterwards in one process
+        emit("downstream battery skipped on multi-host runs: run python -m experiments.evaluate WORKDIR")
+        return
+    names = None if cfg.trainer.eval_tasks is True else list(cfg.trainer.eval_tasks)
+    if params is None:
+        out = evaluate.evaluate_run(workdir, names=names)
+    else:
+        out = evaluate.evaluate_and_write(cfg, jax.device_get(params), workdir, cfg.total_steps, names=names)
+    emit(f"downstream battery: {len(out['tasks'])} tasks in {out['eval_seconds']:.1f}s -> "
+         f"{workdir / evaluate.DOWNSTREAM_FILE}")
 
 
 # ----- the loop ---------------------------------------------------------------------------------------------
@@ -376,6 +473,8 @@ def train(
         summary_path = workdir / SUMMARY_FILE
         if latest == total and summary_path.exists():
             emit(f"{workdir}: already finished ({total} steps); nothing to do")
+            if cfg.trainer.eval_tasks and is_main and not (workdir / "downstream.json").exists():
+                run_downstream(cfg, workdir, None, emit)
             return json.loads(summary_path.read_text())
 
         ds = open_dataset(cfg, workdir)
@@ -388,7 +487,8 @@ def train(
         emit(shd.describe_mesh(mesh))
         counts = accounting.param_counts(cfg.model)
         emit(
-            f"model: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding); "
+            f"model ({cfg.model.family}, {cfg.model.attention}): {counts['total']:,} params "
+            f"({counts['non_embedding']:,} non-embedding, {counts.get('active', counts['total']):,} active); "
             f"{total} steps x {cfg.tokens_per_step:,} tokens; compiled in {prog.compile_seconds:.1f}s"
         )
         emit("optimizer partition:\n" + optim.describe_partition(prog.partition))
@@ -403,7 +503,7 @@ def train(
         meta["compile_seconds"] = prog.compile_seconds
         wall_before = meta["wall_seconds"]
         writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
-        fpt = accounting.flops_per_token(cfg.model, cfg.data.seq_len)["training"]
+        fpt = family_fields(cfg.model, cfg.data.seq_len)["active_flops_per_token"]
         peak = cfg.trainer.peak_flops
         t = cfg.trainer
 
@@ -430,6 +530,7 @@ def train(
             step_time = time.perf_counter() - tick
             step = s + 1
             loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            family_metrics = {k: v for k, v in m.items() if k not in ("loss", "grad_norm")}
             window_time += step_time
             window_steps += 1
             meta["train_seconds"] += step_time
@@ -458,13 +559,19 @@ def train(
                 }
                 if peak:
                     record["mfu"] = fpt * tps / (peak * n_devices)
+                # Scalar family statistics of this step (moe_load_balance, mor_mean_depth, ...); per-layer
+                # arrays (moe_expert_load) go out at eval intervals and at the end, below.
+                record.update({k: float(v) for k, v in family_metrics.items() if np.ndim(v) == 0})
                 writer.write(step, record)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
                 if bar.disable:
                     emit(f"step {step}/{total}: loss {loss:.4f} grad_norm {grad_norm:.3f} tok/s {tps:,.0f}")
                 window_time, window_steps = 0.0, 0
+            arrays = {k: np.asarray(v).tolist() for k, v in family_metrics.items() if np.ndim(v) > 0}
+            if arrays and ((t.eval_every and step % t.eval_every == 0) or step == total):
+                writer.write(step, arrays)
             if t.eval_every and step % t.eval_every == 0 and step != total:
-                ev = evaluate(ds, cfg, prog, state["params"])
+                ev = evaluate(ds, cfg, prog, state)
                 writer.write(step, {"eval_loss": ev})
                 emit(f"step {step}: eval_loss {ev:.4f}")
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == total:
@@ -474,7 +581,7 @@ def train(
             tick = time.perf_counter()
         bar.close()
 
-        final_eval = evaluate(ds, cfg, prog, state["params"])
+        final_eval = evaluate(ds, cfg, prog, state)
         # (start == total: finished before summary.json was written; the eval record may already be there.)
         if start < total or not any(r["step"] == total and "eval_loss" in r for r in read_metrics(workdir)):
             writer.write(total, {"eval_loss": final_eval})
@@ -491,6 +598,8 @@ def train(
             f"done: final loss {summary['final_loss']:.4f}, eval loss {final_eval:.4f}{floor}; "
             f"{summary['tokens_per_second'] or 0:,.0f} tok/s; summary in {summary_path}"
         )
+        if t.eval_tasks and is_main:
+            run_downstream(cfg, workdir, state["params"], emit)
         return summary
     finally:
         if writer is not None:

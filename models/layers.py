@@ -50,9 +50,10 @@ def apply_rope(x_BxLxHxK: jax.Array, positions_L: jax.Array, theta: float) -> ja
     """
     K = x_BxLxHxK.shape[-1]
     inv_freq_F = theta ** (-jnp.arange(0, K // 2, dtype=jnp.float32) * 2.0 / K)  # F = K/2 frequencies
-    angle_LxF = positions_L.astype(jnp.float32)[:, None] * inv_freq_F[None, :]
-    cos_1xLx1xF = jnp.cos(angle_LxF)[None, :, None, :]
-    sin_1xLx1xF = jnp.sin(angle_LxF)[None, :, None, :]
+    # positions may be [L] (shared by the batch) or [B, L] (per-row positions of gathered tokens, as in MoR)
+    angle_LxF = positions_L.astype(jnp.float32)[..., None] * inv_freq_F
+    cos_1xLx1xF = jnp.cos(angle_LxF)[..., None, :]
+    sin_1xLx1xF = jnp.sin(angle_LxF)[..., None, :]
     x32 = x_BxLxHxK.astype(jnp.float32)
     x1, x2 = x32[..., : K // 2], x32[..., K // 2 :]
     out = jnp.concatenate([x1 * cos_1xLx1xF - x2 * sin_1xLx1xF, x2 * cos_1xLx1xF + x1 * sin_1xLx1xF], axis=-1)

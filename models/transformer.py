@@ -75,24 +75,40 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None,
+                 kv_BxSxD: jax.Array | None = None, kv_positions_BxS: jax.Array | None = None,
+                 kv_valid_BxS: jax.Array | None = None) -> jax.Array:
+        """Plain causal self-attention by default. The optional arguments serve Mixture-of-Recursions
+        (models/mor.py), which runs a layer on a gathered subset of tokens: ``positions_BxL`` are their
+        original positions (sorted ascending, so causal-by-index is causal-by-position); ``kv_BxSxD`` (already
+        normed) supplies the keys/values instead of x (recursive KV sharing), at ``kv_positions_BxS``
+        (default arange(S)); ``kv_valid_BxS`` masks out keys. Keys are visible when kv_pos <= q_pos."""
         c = self.config
         H, G, K, D = c.n_heads, c.resolved_n_kv_heads, c.resolved_head_dim, c.d_model
+        src_BxSxD = x_BxLxD if kv_BxSxD is None else kv_BxSxD
         q_BxLxHxK = _dense(c, (H, K), ("embed",), ("heads", "head_dim"), name="q")(x_BxLxD)
-        k_BxLxGxK = _dense(c, (G, K), ("embed",), ("kv_heads", "head_dim"), name="k")(x_BxLxD)
-        v_BxLxGxK = _dense(c, (G, K), ("embed",), ("kv_heads", "head_dim"), name="v")(x_BxLxD)
+        k_BxLxGxK = _dense(c, (G, K), ("embed",), ("kv_heads", "head_dim"), name="k")(src_BxSxD)
+        v_BxLxGxK = _dense(c, (G, K), ("embed",), ("kv_heads", "head_dim"), name="v")(src_BxSxD)
         if c.qk_norm:  # normalise each head's query/key vector before RoPE; bounds the attention logits
             q_BxLxHxK = RMSNorm(c.norm_eps, "head_dim", c.param_jnp_dtype, name="q_norm")(q_BxLxHxK)
             k_BxLxGxK = RMSNorm(c.norm_eps, "head_dim", c.param_jnp_dtype, name="k_norm")(k_BxLxGxK)
-        positions_L = jnp.arange(x_BxLxD.shape[1])
+        positions_L = jnp.arange(x_BxLxD.shape[1]) if positions_BxL is None else positions_BxL
+        kv_positions_S = positions_L if kv_BxSxD is None else (
+            jnp.arange(kv_BxSxD.shape[1]) if kv_positions_BxS is None else kv_positions_BxS)
         q_BxLxHxK = constrain(apply_rope(q_BxLxHxK, positions_L, c.rope_theta),
                               ("batch", "seq", "heads", "head_dim"))
-        k_BxLxGxK = constrain(apply_rope(k_BxLxGxK, positions_L, c.rope_theta),
+        k_BxLxGxK = constrain(apply_rope(k_BxLxGxK, kv_positions_S, c.rope_theta),
                               ("batch", "seq", "kv_heads", "head_dim"))
         v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "seq", "kv_heads", "head_dim"))
+        mask = None
+        if kv_BxSxD is not None or kv_valid_BxS is not None:
+            mask = kv_positions_S[..., None, :] <= positions_L[..., :, None]  # [(B,) L, S]
+            if kv_valid_BxS is not None:
+                mask = mask & kv_valid_BxS[:, None, :]
+            mask = mask[..., None, :, :] if mask.ndim == 3 else mask  # -> [B, 1, L, S] or [L, S]
         # Scale 1/sqrt(K) is the default; GQA is handled natively (G must divide H).
-        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True,
-                                                   implementation=c.attention_impl)
+        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask,
+                                                   is_causal=mask is None, implementation=c.attention_impl)
         out_BxLxHxK = constrain(out_BxLxHxK, ("batch", "seq", "heads", "head_dim"))
         return _dense(c, (D,), ("heads", "head_dim"), ("embed",), name="o", output_layer=True)(out_BxLxHxK)
 
@@ -112,18 +128,42 @@ class Mlp(nn.Module):
         return _dense(c, (D,), ("mlp",), ("embed",), name="down", output_layer=True)(h_BxLxF)
 
 
+def attention_class(c: ModelConfig) -> type[nn.Module]:
+    """The attention module for ``c.attention``: ``Attention`` ("mha") or ``mla.MlaAttention`` ("mla")."""
+    if c.attention == "mla":
+        from models.mla import MlaAttention  # lazy: models.mla builds on this module
+
+        return MlaAttention
+    return Attention
+
+
 class Block(nn.Module):
-    """One pre-norm layer. Signature (carry, unused) -> (carry, None) so it can be the body of nn.scan."""
+    """One pre-norm layer. Signature (carry, unused) -> (carry, stats) so it can be the body of nn.scan.
+
+    ``moe=True`` swaps the SwiGLU MLP for the routed experts of models/moe.py; stats is then that layer's
+    routing statistics dict (else None)."""
 
     config: ModelConfig
+    moe: bool = False
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+    def __call__(self, x_BxLxD: jax.Array, _: Any = None, **attn_kwargs: Any) -> tuple[jax.Array, Any]:
+        """``attn_kwargs`` (positions_BxL, kv_BxSxD (un-normed), kv_positions_BxS, kv_valid_BxS) are only
+        passed by Mixture-of-Recursions (models/mor.py); see ``Attention``."""
         c = self.config
         norm = functools.partial(RMSNorm, c.norm_eps, "embed", c.param_jnp_dtype)
-        x_BxLxD = x_BxLxD + Attention(c, name="attn")(norm(name="attn_norm")(x_BxLxD))
-        x_BxLxD = x_BxLxD + Mlp(c, name="mlp")(norm(name="mlp_norm")(x_BxLxD))
-        return constrain(x_BxLxD, ("batch", "seq", "embed")), None
+        attn_norm = norm(name="attn_norm")
+        if attn_kwargs.get("kv_BxSxD") is not None:  # shared K/V come from the same norm's view of kv
+            attn_kwargs = {**attn_kwargs, "kv_BxSxD": attn_norm(attn_kwargs["kv_BxSxD"])}
+        x_BxLxD = x_BxLxD + attention_class(c)(c, name="attn")(attn_norm(x_BxLxD), **attn_kwargs)
+        stats = None
+        if self.moe:
+            from models.moe import MoeMlp  # lazy: models.moe builds on this module
+
+            y_BxLxD, stats = MoeMlp(c, name="mlp")(norm(name="mlp_norm")(x_BxLxD))
+        else:
+            y_BxLxD = Mlp(c, name="mlp")(norm(name="mlp_norm")(x_BxLxD))
+        return constrain(x_BxLxD + y_BxLxD, ("batch", "seq", "embed")), stats
 
 
 def _remat_policy(name: str):
@@ -133,16 +173,37 @@ def _remat_policy(name: str):
 
 
 def _block_stack(c: ModelConfig):
-    """Either one nn.scan-ned Block (params get a leading "layers" axis) or a list of Blocks."""
+    """Either one nn.scan-ned Block (params get a leading "layers" axis) or a list of Blocks.
+
+    MoE with scan: "blocks" holds the n_layers - moe_first_dense_layers MoE layers; the dense first layers are
+    a second scanned stack, ``_dense_prefix_stack`` (a scan body must be the same module every step).
+    Unrolled, blocks_<i> is an MoE block when ``c.is_moe_layer(i)``.
+    """
     block_cls = Block
     if c.remat != "none":
         # prevent_cse only matters outside scan (scan already stops XLA from CSE-ing the recomputation away).
         block_cls = nn.remat(Block, policy=_remat_policy(c.remat), prevent_cse=not c.scan_layers)
     if c.scan_layers:
-        scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                          length=c.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        return scanned(c, name="blocks")
-    return [block_cls(c, name=f"blocks_{i}") for i in range(c.n_layers)]
+        n_dense = c.moe_first_dense_layers if c.family == "moe" else 0
+        return _scan(block_cls, c, c.n_layers - n_dense, c.family == "moe", "blocks")
+    return [block_cls(c, c.is_moe_layer(i), name=f"blocks_{i}") for i in range(c.n_layers)]
+
+
+def _scan(block_cls, c: ModelConfig, n_layers: int, moe: bool, name: str):
+    # "moe_state" (the aux-loss-free router bias, models/moe.py) is stacked per layer like the params.
+    scanned = nn.scan(block_cls, variable_axes={"params": 0, "moe_state": 0}, split_rngs={"params": True},
+                      length=n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(c, moe, name=name)
+
+
+def _dense_prefix_stack(c: ModelConfig):
+    """The scanned dense first layers of an MoE model ("dense_blocks"), or None."""
+    if not (c.scan_layers and c.family == "moe" and c.moe_first_dense_layers):
+        return None
+    block_cls = Block
+    if c.remat != "none":
+        block_cls = nn.remat(Block, policy=_remat_policy(c.remat), prevent_cse=False)
+    return _scan(block_cls, c, c.moe_first_dense_layers, False, "dense_blocks")
 
 
 class Embed(nn.Module):
@@ -180,8 +241,12 @@ class Transformer(nn.Module):
 
     def setup(self):
         c = self.config.validate()
+        if c.family == "mor":  # a recursive model has a different module tree; never train it as dense
+            raise ValueError("family='mor' is built by models.build_model (models.mor.MoRTransformer), "
+                             "not Transformer")
         self.embed = Embed(c)
         self.blocks = _block_stack(c)
+        self.dense_blocks = _dense_prefix_stack(c)
         self.final_norm = RMSNorm(c.norm_eps, "embed", c.param_jnp_dtype)
         if not c.tie_embeddings:
             # The head has no bias even with use_bias (as in GPT-2/LLaMA).
@@ -196,13 +261,22 @@ class Transformer(nn.Module):
         if tokens_BxL.shape[1] > c.max_seq_len:
             raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds max_seq_len={c.max_seq_len}")
         x_BxLxD = constrain(self.embed(tokens_BxL), ("batch", "seq", "embed"))
+        layer_stats = []  # per-layer routing statistics of MoE blocks (None for dense blocks)
         if c.scan_layers:
-            x_BxLxD, _ = self.blocks(x_BxLxD, None)
+            if self.dense_blocks is not None:
+                x_BxLxD, _ = self.dense_blocks(x_BxLxD, None)
+            x_BxLxD, stats = self.blocks(x_BxLxD, None)
+            layer_stats.append(stats)
         else:
             for block in self.blocks:
-                x_BxLxD, _ = block(x_BxLxD, None)
+                x_BxLxD, stats = block(x_BxLxD, None)
+                layer_stats.append(stats)
         h_BxLxD = self.final_norm(x_BxLxD)
         extras: dict[str, jax.Array] = {}
+        if c.family == "moe":
+            from models.moe import moe_extras  # lazy: models.moe builds on this module
+
+            extras = moe_extras(c, layer_stats)
         if return_hidden:
             return h_BxLxD, extras
         return self.logits_from_hidden(h_BxLxD), extras

@@ -144,8 +144,8 @@ def test_sharded_forward_matches_unsharded():
 
 def test_build_model():
     assert isinstance(build_model(ModelConfig(**TINY)), Transformer)
-    with pytest.raises(ValueError, match="family='moe' is not one of"):
-        build_model(ModelConfig(**TINY, family="moe"))
+    with pytest.raises(ValueError, match="family='sparse' is not one of"):
+        build_model(ModelConfig(**TINY, family="sparse"))
 
 
 def test_logical_axes_follow_the_contract():
@@ -209,7 +209,7 @@ def test_dtypes():
         (dict(head_dim=7, d_model=28, n_heads=4), "head_dim=7 must be even"),
         (dict(n_layers=0), "n_layers=0 must be a positive integer"),
         (dict(vocab_size=10.5), "vocab_size=10.5 must be a positive integer"),
-        (dict(family="moe"), "family='moe' is not one of"),
+        (dict(family="sparse"), "family='sparse' is not one of"),
         (dict(norm_eps=-1.0), "norm_eps=-1.0 must be a positive number"),
         (dict(attention_impl="cudnn"), 'attention_impl="cudnn" needs compute_dtype'),
     ],
