@@ -1,0 +1,541 @@
+"""Executors for a plan: local sequential, local parallel worker processes, Slurm (submitit), job arrays.
+
+Every executor runs the same unit of work, ``run_one(record, runs_dir)``:
+
+* the run directory is ``runs_dir/<run_id>`` (a hash of the resolved config, ``experiments.sweep.run_id``);
+* a finished run (a ``summary.json`` that parses, matches the config and has a finite eval loss) is skipped;
+* an interrupted run resumes from its newest checkpoint (the trainer does that);
+* a run with a ``parent`` (WSD reuse) is seeded with a copy of the parent's final checkpoint before the
+  trainer starts, so it resumes from there;
+* a failure writes ``error.json`` (message + traceback) into the run directory and is reported, not raised:
+  the other runs go on, and re-running the study retries only the failed (and unfinished) runs.
+
+``post_run`` (a ``"module:function"`` string, so worker processes can import it) is called as
+``fn(cfg, run_dir)`` after training, e.g. the downstream task battery; its failure is recorded in
+``eval_error.json`` without failing the run.
+
+Parallel workers are separate processes (``spawn``: JAX is not fork-safe), each owning a fixed device set
+(``devices_per_worker`` consecutive devices; on CPU one process with XLA limited to one intra-op thread, so
+two workers share two cores instead of fighting over them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from experiments.sweep import PlannedRun, run_id
+
+SUMMARY_FILE = "summary.json"
+ERROR_FILE = "error.json"
+EVAL_ERROR_FILE = "eval_error.json"
+RECORD_FILE = "plan_record.json"
+# The worker of process i uses devices [i * k, (i + 1) * k) of its own jax.devices(); set by the pool.
+_WORKER_DEVICES: list[int] | None = None
+
+
+# ----- one run ----------------------------------------------------------------------------------------------
+def run_dir(runs_dir: str | Path, record: PlannedRun) -> Path:
+    return Path(runs_dir) / record.run_id
+
+
+def finished_summary(path: str | Path, record: PlannedRun) -> dict | None:
+    """The run's summary if it is finished and valid for ``record``, else None."""
+    f = Path(path) / SUMMARY_FILE
+    if not f.exists():
+        return None
+    try:
+        s = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+    loss = s.get("final_eval_loss")
+    ok = (
+        isinstance(s.get("config"), dict)
+        and run_id(s["config"]) == record.run_id
+        and s.get("steps") == record.steps
+        and isinstance(loss, (int, float))
+        and math.isfinite(loss)
+    )
+    return s if ok else None
+
+
+def run_status(runs_dir: str | Path, record: PlannedRun) -> str:
+    """ "done", "failed", "partial" (has checkpoints, not finished) or "pending"."""
+    d = run_dir(runs_dir, record)
+    if finished_summary(d, record) is not None:
+        return "done"
+    if (d / ERROR_FILE).exists():
+        return "failed"
+    if (d / "checkpoints").exists() and any((d / "checkpoints").iterdir()):
+        return "partial"
+    return "pending"
+
+
+def _seed_from_parent(runs_dir: Path, record: PlannedRun, parent_id: str, d: Path) -> None:
+    ck = d / "checkpoints"
+    if ck.exists() and any(p.name.isdigit() for p in ck.iterdir()):
+        return  # already seeded (or further along): the trainer resumes from the newest
+    step = int(record.parent["step"])
+    src = Path(runs_dir) / parent_id / "checkpoints" / str(step)
+    if not src.is_dir():
+        raise FileNotFoundError(
+            f"run {record.name!r} branches from {record.parent['run']!r} at step {step}, but its checkpoint "
+            f"{src} does not exist (run the parent first)"
+        )
+    ck.mkdir(parents=True, exist_ok=True)
+    tmp = ck / f".seed-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tmp.rename(ck / str(step))
+
+
+def _devices(cfg: Any) -> list | None:
+    import jax
+
+    devs = jax.devices()
+    if _WORKER_DEVICES is not None:
+        devs = [devs[i % len(devs)] for i in _WORKER_DEVICES]
+    m = cfg.mesh
+    if -1 in (m.data, m.fsdp, m.tensor):
+        return devs
+    return devs[: m.data * m.fsdp * m.tensor]
+
+
+def _call(spec: str) -> Callable:
+    mod, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def enable_compile_cache(directory: str | Path) -> None:
+    """JAX's persistent compilation cache: runs of one shape share their init/eval (and downstream)
+    executables, and a resumed run skips compiling; every executable is cached (no minimum compile time)."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def run_one(
+    record: PlannedRun,
+    runs_dir: str | Path,
+    *,
+    parent_id: str | None = None,
+    post_run: str | None = None,
+    quiet: bool = True,
+    compile_cache: str | None = None,
+) -> dict[str, Any]:
+    """Train one planned run (skip / resume / seed from parent), never raising; returns a status dict.
+    ``compile_cache``: a directory for JAX's persistent compilation cache (process-wide once set)."""
+    from experiments.trainer import train
+
+    if compile_cache:
+        enable_compile_cache(compile_cache)
+
+    d = run_dir(runs_dir, record)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / RECORD_FILE).write_text(record.to_json() + "\n")
+    t0 = time.time()
+    summary = finished_summary(d, record)
+    status = "skipped"
+    if summary is None:
+        status = "done"
+        try:
+            cfg = record.experiment
+            if record.parent is not None:
+                if parent_id is None:
+                    raise ValueError(f"run {record.name!r} has a parent but no parent_id was given")
+                _seed_from_parent(Path(runs_dir), record, parent_id, d)
+            with open(d / "train.log", "a") as logf:
+
+                def log(s: str) -> None:
+                    logf.write(s + "\n")
+                    if not quiet:
+                        print(s, flush=True)
+
+                summary = train(cfg, d, devices=_devices(cfg), log=log)
+            (d / ERROR_FILE).unlink(missing_ok=True)
+        except Exception as e:  # noqa: BLE001 -- reported per run; the sweep goes on
+            err = {
+                "run": record.name,
+                "run_id": record.run_id,
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+                "time": time.time(),
+            }
+            (d / ERROR_FILE).write_text(json.dumps(err, indent=2) + "\n")
+            return {
+                "name": record.name,
+                "run_id": record.run_id,
+                "status": "failed",
+                "error": err["error"],
+                "seconds": time.time() - t0,
+            }
+    # The post-run hook (downstream battery) is for runs that enter the analysis, not LR-sweep probes or
+    # WSD stable segments.
+    if post_run and record.kind not in ("lr_sweep", "wsd_stable"):
+        try:
+            _call(post_run)(record.experiment, d)
+            (d / EVAL_ERROR_FILE).unlink(missing_ok=True)
+        except Exception as e:  # noqa: BLE001
+            (d / EVAL_ERROR_FILE).write_text(
+                json.dumps(
+                    {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, indent=2
+                )
+                + "\n"
+            )
+    return {
+        "name": record.name,
+        "run_id": record.run_id,
+        "status": status,
+        "summary": summary,
+        "seconds": time.time() - t0,
+    }
+
+
+# ----- progress ---------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """Counts and FLOPs for a live one-line display (``line()``) and the final tally."""
+
+    runs: Sequence[PlannedRun]
+    stream: Any = None
+    done: set[str] = field(default_factory=set)
+    skipped: set[str] = field(default_factory=set)
+    running: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)
+    t0: float = field(default_factory=time.time)
+
+    @property
+    def planned_flops(self) -> float:
+        return sum(r.incremental_flops for r in self.runs)
+
+    @property
+    def spent_flops(self) -> float:
+        fin = self.done | self.skipped
+        return sum(r.incremental_flops for r in self.runs if r.name in fin)
+
+    def line(self) -> str:
+        n = len(self.runs)
+        fin = len(self.done) + len(self.skipped)
+        pf = self.planned_flops
+        return (
+            f"[sweep] {fin}/{n} done ({len(self.skipped)} reused), {len(self.running)} running, "
+            f"{len(self.failed)} failed | FLOPs {self.spent_flops:.3g} / {pf:.3g} "
+            f"({100 * self.spent_flops / pf if pf else 0:.0f}%) | {time.time() - self.t0:.0f}s"
+        )
+
+    def show(self) -> None:
+        if self.stream is not None:
+            print(self.line(), file=self.stream, flush=True)
+
+    def start(self, name: str) -> None:
+        self.running.add(name)
+        self.show()
+
+    def finish(self, res: dict[str, Any]) -> None:
+        self.running.discard(res["name"])
+        if res["status"] == "failed":
+            self.failed[res["name"]] = res["error"]
+            if self.stream is not None:
+                print(f"[sweep] FAILED {res['name']}: {res['error']}", file=self.stream, flush=True)
+        elif res["status"] == "skipped":
+            self.skipped.add(res["name"])
+        else:
+            self.done.add(res["name"])
+        self.show()
+
+
+# ----- local executors --------------------------------------------------------------------------------------
+def _parent_ids(runs: Sequence[PlannedRun]) -> dict[str, str]:
+    by_name = {r.name: r.run_id for r in runs}
+    return {r.name: by_name[r.parent["run"]] for r in runs if r.parent is not None}
+
+
+def run_sequential(
+    runs: Sequence[PlannedRun],
+    runs_dir: str | Path,
+    *,
+    post_run: str | None = None,
+    progress: Progress | None = None,
+    quiet: bool = True,
+    compile_cache: str | None = None,
+) -> list[dict[str, Any]]:
+    """Run the plan in order in this process (parents always precede their branches in a plan)."""
+    progress = progress or Progress(runs)
+    parents = _parent_ids(runs)
+    out = []
+    for r in runs:
+        if r.parent is not None and r.parent["run"] in progress.failed:
+            res = {
+                "name": r.name,
+                "run_id": r.run_id,
+                "status": "failed",
+                "error": f"parent {r.parent['run']!r} failed",
+            }
+        else:
+            progress.start(r.name)
+            res = run_one(
+                r,
+                runs_dir,
+                parent_id=parents.get(r.name),
+                post_run=post_run,
+                quiet=quiet,
+                compile_cache=compile_cache,
+            )
+        progress.finish(res)
+        out.append(res)
+    return out
+
+
+def _init_worker(queue: Any, xla_flags: str | None) -> None:
+    global _WORKER_DEVICES
+    _WORKER_DEVICES = queue.get()
+    if xla_flags is not None:
+        os.environ["XLA_FLAGS"] = xla_flags
+
+
+def cpu_worker_xla_flags(existing: str | None = None) -> str:
+    """XLA flags for a CPU worker that should use one core (``--xla_cpu_multi_thread_eigen=false`` plus one
+    intra-op thread), keeping flags already set (e.g. a forced host device count)."""
+    extra = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    return f"{existing} {extra}".strip() if existing else extra
+
+
+def run_parallel(
+    runs: Sequence[PlannedRun],
+    runs_dir: str | Path,
+    *,
+    workers: int,
+    devices_per_worker: int = 1,
+    post_run: str | None = None,
+    progress: Progress | None = None,
+    single_thread_cpu: bool = True,
+    compile_cache: str | None = None,
+) -> list[dict[str, Any]]:
+    """Run the plan on ``workers`` processes, each with its own ``devices_per_worker`` devices; a branch is
+    submitted once its parent finished. ``single_thread_cpu`` limits XLA to one thread per worker (CPU)."""
+    import multiprocessing as mp
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    progress = progress or Progress(runs)
+    parents = _parent_ids(runs)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Manager().Queue()
+    for i in range(workers):
+        queue.put(list(range(i * devices_per_worker, (i + 1) * devices_per_worker)))
+    flags = cpu_worker_xla_flags(os.environ.get("XLA_FLAGS")) if single_thread_cpu else None
+    pending = list(runs)
+    results: dict[str, dict[str, Any]] = {}
+    finished_ok: set[str] = set()
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue, flags)
+    ) as pool:
+        futures: dict[Future, PlannedRun] = {}
+        while pending or futures:
+            for r in list(pending):
+                par = r.parent["run"] if r.parent is not None else None
+                if par is not None and par in progress.failed:
+                    pending.remove(r)
+                    res = {
+                        "name": r.name,
+                        "run_id": r.run_id,
+                        "status": "failed",
+                        "error": f"parent {par!r} failed",
+                    }
+                    results[r.name] = res
+                    progress.finish(res)
+                elif par is None or par in finished_ok:
+                    if len(futures) >= workers:
+                        break
+                    pending.remove(r)
+                    futures[
+                        pool.submit(
+                            run_one,
+                            r,
+                            runs_dir,
+                            parent_id=parents.get(r.name),
+                            post_run=post_run,
+                            compile_cache=compile_cache,
+                        )
+                    ] = r
+                    progress.start(r.name)
+            if not futures:
+                if pending:  # only branches whose parents are not in this plan: report, do not hang
+                    for r in pending:
+                        res = {
+                            "name": r.name,
+                            "run_id": r.run_id,
+                            "status": "failed",
+                            "error": f"parent {r.parent['run']!r} is not in the plan",
+                        }
+                        results[r.name] = res
+                        progress.finish(res)
+                    pending = []
+                continue
+            done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+            for f in done:
+                r = futures.pop(f)
+                try:
+                    res = f.result()
+                except Exception as e:  # noqa: BLE001 -- a crashed worker process
+                    res = {
+                        "name": r.name,
+                        "run_id": r.run_id,
+                        "status": "failed",
+                        "error": f"worker crashed: {type(e).__name__}: {e}",
+                    }
+                results[r.name] = res
+                if res["status"] != "failed":
+                    finished_ok.add(r.name)
+                progress.finish(res)
+    return [results[r.name] for r in runs]
+
+
+# ----- Slurm ------------------------------------------------------------------------------------------------
+def run_slurm(
+    runs: Sequence[PlannedRun],
+    runs_dir: str | Path,
+    *,
+    folder: str | Path,
+    post_run: str | None = None,
+    wait_for_results: bool = True,
+    **slurm_params: Any,
+) -> list[Any]:
+    """Submit the plan through submitit (``pip install submitit``) as two job arrays: runs without a parent,
+    then WSD branches depending on them (``afterok``). ``slurm_params`` go to
+    ``AutoExecutor.update_parameters`` (e.g. ``slurm_partition``, ``gpus_per_node``, ``timeout_min``)."""
+    try:
+        import submitit
+    except ImportError as e:
+        raise ImportError(
+            "the Slurm executor needs submitit (`pip install submitit`); without Python access on the "
+            "cluster, export a job-array script instead (experiments.executors.export_job_array)"
+        ) from e
+    parents = _parent_ids(runs)
+    roots = [r for r in runs if r.parent is None]
+    children = [r for r in runs if r.parent is not None]
+    ex = submitit.AutoExecutor(folder=str(folder))
+    ex.update_parameters(**slurm_params)
+    jobs = ex.map_array(
+        _slurm_entry, roots, [str(runs_dir)] * len(roots), [None] * len(roots), [post_run] * len(roots)
+    )
+    # WSD chains can be several deep; submit one array per depth level with afterok on the previous level.
+    level = {r.name: 0 for r in roots}
+    for r in children:
+        level[r.name] = level[r.parent["run"]] + 1
+    prev = jobs
+    all_jobs = list(jobs)
+    for lev in range(1, max(level.values(), default=0) + 1):
+        batch = [r for r in children if level[r.name] == lev]
+        dep = ":".join(j.job_id for j in prev)
+        ex.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{dep}"}, **slurm_params)
+        prev = ex.map_array(
+            _slurm_entry,
+            batch,
+            [str(runs_dir)] * len(batch),
+            [parents[r.name] for r in batch],
+            [post_run] * len(batch),
+        )
+        all_jobs += prev
+    if not wait_for_results:
+        return all_jobs
+    return [j.result() for j in all_jobs]
+
+
+def _slurm_entry(record: PlannedRun, runs_dir: str, parent_id: str | None, post_run: str | None) -> dict:
+    return run_one(record, runs_dir, parent_id=parent_id, post_run=post_run)
+
+
+def export_job_array(
+    runs: Sequence[PlannedRun],
+    plan_path: str | Path,
+    runs_dir: str | Path,
+    out_path: str | Path,
+    *,
+    max_parallel: int = 16,
+    sbatch_options: Sequence[str] = (),
+    python: str = "python",
+) -> Path:
+    """Write ``out_path`` (a bash script submitting the plan as Slurm job arrays, one per WSD dependency
+    level, chained with ``--dependency=afterok``) and ``<out_path stem>_task.sh`` (what each array task runs:
+    ``python -m experiments.executors run-one --plan PLAN --index $SLURM_ARRAY_TASK_ID --runs-dir DIR``).
+    Needs only sbatch and Python on the nodes, not submitit. Returns ``out_path``."""
+    import shlex
+
+    index = {r.name: i for i, r in enumerate(runs)}
+    level: dict[str, int] = {}
+    for r in runs:
+        level[r.name] = 0 if r.parent is None else level[r.parent["run"]] + 1
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    task = out.with_name(out.stem + "_task.sh")
+    task.write_text(
+        "#!/bin/bash\n"
+        "# One Slurm array task = one run of the plan (skipped if finished, resumed if interrupted).\n"
+        f"exec {python} -m experiments.executors run-one "
+        f"--plan {shlex.quote(str(Path(plan_path).absolute()))} "
+        f'--index "$SLURM_ARRAY_TASK_ID" --runs-dir {shlex.quote(str(Path(runs_dir).absolute()))}\n'
+    )
+    task.chmod(0o755)
+    lines = [
+        "#!/bin/bash",
+        f"# Submits {len(runs)} runs of {plan_path} as Slurm job arrays (from experiments.executors).",
+        "# Each task trains one run; finished runs are skipped, interrupted ones resume. Re-submit to retry.",
+        "set -euo pipefail",
+        f"TASK={shlex.quote(str(task.absolute()))}",
+        'DEP=""',
+    ]
+    opts = " ".join(shlex.quote(f"--{o.lstrip('-')}") for o in sbatch_options)
+    for lev in range(max(level.values(), default=-1) + 1):
+        arr = ",".join(str(index[r.name]) for r in runs if level[r.name] == lev)
+        lines.append(
+            f"JOB=$(sbatch --parsable --job-name=sweep-l{lev} --array={arr}%{max_parallel} $DEP {opts} "
+            '"$TASK")'
+        )
+        lines.append(f'echo "submitted level {lev} ($JOB)"')
+        lines.append('DEP="--dependency=afterok:$JOB"')
+    out.write_text("\n".join(lines) + "\n")
+    out.chmod(0o755)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m experiments.executors run-one --plan PLAN --index I --runs-dir DIR`` (job-array task)."""
+    import argparse
+
+    from experiments.sweep import read_plan
+
+    p = argparse.ArgumentParser(prog="python -m experiments.executors")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    one = sub.add_parser("run-one", help="train run number INDEX (0-based) of a plan")
+    one.add_argument("--plan", required=True)
+    one.add_argument("--index", type=int, required=True)
+    one.add_argument("--runs-dir", required=True)
+    one.add_argument(
+        "--post-run", default=None, help="module:function called as fn(cfg, run_dir) after training"
+    )
+    a = p.parse_args(argv)
+    runs = read_plan(a.plan)
+    if not 0 <= a.index < len(runs):
+        p.error(f"--index {a.index} out of range: the plan has {len(runs)} runs")
+    r = runs[a.index]
+    res = run_one(r, a.runs_dir, parent_id=_parent_ids(runs).get(r.name), post_run=a.post_run, quiet=False)
+    print(json.dumps({k: v for k, v in res.items() if k != "summary"}))
+    return 0 if res["status"] != "failed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

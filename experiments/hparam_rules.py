@@ -1,0 +1,127 @@
+"""Per-scale hyperparameter rules: learning rate and batch size as power laws, and fitting the LR rule.
+
+Untuned learning rates and batch sizes bias fitted scaling exponents (Porian et al. 2024, "Resolving
+Discrepancies in Compute-Optimal Scaling of Language Models", arXiv:2406.19146), so a sweep sets them per run
+from a rule instead of one constant:
+
+* ``LRRule``: ``lr = coef * C^c_exp`` (DeepSeek LLM, Bi et al. 2024, arXiv:2401.02954: eta_opt =
+  0.3118 C^-0.125) or ``lr = coef * N^n_exp * D^d_exp`` (StepLaw, Li et al. 2025, "Predictable Scale: Part I",
+  arXiv:2503.04715: eta_opt = 1.79 N^-0.713 D^0.307). ``fit_lr_rule`` fits either form by least squares in
+  log space to the best learning rate of each (N, D) cell of a small LR sweep, where "best" is the vertex
+  of a parabola in log(lr) through the three lowest losses (the grid point itself at the edge of the grid).
+  Muon and AdamW need separate fits (their optimal lr differ by orders of magnitude).
+* ``BatchRule``: ``tokens per step = coef * C^exp`` (DeepSeek LLM: B_opt = 0.292 C^0.3271 tokens), rounded
+  to a power of two sequences and clamped, then halved until the run has at least ``min_steps`` steps (so the
+  rounding of D to whole steps stays below 1 / (2 min_steps) of the budget).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LRRule:
+    """``lr = coef * C^c_exp * N^n_exp * D^d_exp`` (zero exponents drop a factor; all zero = constant)."""
+
+    coef: float
+    c_exp: float = 0.0
+    n_exp: float = 0.0
+    d_exp: float = 0.0
+    source: str = "manual"  # "manual" or "fitted from N lr-sweep cells"
+
+    def __call__(self, *, N: float, D: float, C: float) -> float:
+        return float(self.coef * C**self.c_exp * N**self.n_exp * D**self.d_exp)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> LRRule:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class BatchRule:
+    """Sequences per step: ``round_pow2(coef * C^exp / seq_len)`` clamped to [min_batch, max_batch]; exp = 0
+    with coef = batch * seq_len gives a fixed batch. Halved (not below ``min_batch``) while the run would
+    have fewer than ``min_steps`` steps."""
+
+    coef: float
+    exp: float = 0.0
+    min_batch: int = 1
+    max_batch: int = 1 << 20
+    min_steps: int = 50
+
+    def batch_size(self, C: float, tokens: float, seq_len: int) -> int:
+        raw = self.coef * C**self.exp / seq_len
+        b = 2 ** max(0, round(math.log2(max(raw, 1.0))))
+        b = int(min(max(b, self.min_batch), self.max_batch))
+        while b > self.min_batch and tokens / (b * seq_len) < self.min_steps:
+            b //= 2
+        return max(b, self.min_batch)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def best_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """The loss-minimising lr of one sweep cell: the vertex of a parabola in log(lr) through the best grid
+    point and its two neighbours (the best grid point itself when it is at the edge or the parabola is not
+    convex). Non-finite losses (diverged runs) are ignored."""
+    x = np.log(np.asarray(lrs, dtype=np.float64))
+    y = np.asarray(losses, dtype=np.float64)
+    ok = np.isfinite(y)
+    if ok.sum() == 0:
+        raise ValueError(f"every run of this lr-sweep cell diverged (lrs {list(lrs)})")
+    order = np.argsort(x[ok])
+    x, y = x[ok][order], y[ok][order]
+    i = int(np.argmin(y))
+    if 0 < i < len(x) - 1:
+        a, b, _ = np.polyfit(x[i - 1 : i + 2], y[i - 1 : i + 2], 2)
+        if a > 0:
+            return float(np.exp(np.clip(-b / (2 * a), x[i - 1], x[i + 1])))
+    return float(np.exp(x[i]))
+
+
+def fit_lr_rule(cells: Sequence[Mapping], form: str = "C") -> LRRule:
+    """Fit ``LRRule`` to lr-sweep results.
+
+    cells: one mapping per run with keys N, D, C, lr, loss; runs sharing (N, D) form one cell whose best lr
+    (``best_lr``) is one data point. form: "C" (DeepSeek LLM: log lr = log coef + c_exp log C) or "ND"
+    (StepLaw: + n_exp log N + d_exp log D). Needs at least 2 cells for "C" and 3 for "ND".
+    """
+    if form not in ("C", "ND"):
+        raise ValueError(f"form must be 'C' or 'ND', got {form!r}")
+    groups: dict[tuple[float, float], list[Mapping]] = {}
+    for c in cells:
+        groups.setdefault((float(c["N"]), float(c["D"])), []).append(c)
+    need = 2 if form == "C" else 3
+    if len(groups) < need:
+        raise ValueError(
+            f"fitting an lr rule of form {form!r} needs >= {need} (N, D) cells, got {len(groups)}"
+        )
+    rows = []
+    edge = 0
+    for (n, d), g in sorted(groups.items()):
+        lrs = [r["lr"] for r in g]
+        lr = best_lr(lrs, [r["loss"] for r in g])
+        edge += bool(np.isclose(lr, min(lrs), rtol=1e-9) or np.isclose(lr, max(lrs), rtol=1e-9))
+        rows.append((n, d, float(g[0]["C"]), lr))
+    arr = np.asarray(rows)
+    y = np.log(arr[:, 3])
+    if form == "C":
+        X = np.stack([np.ones(len(arr)), np.log(arr[:, 2])], axis=1)
+    else:
+        X = np.stack([np.ones(len(arr)), np.log(arr[:, 0]), np.log(arr[:, 1])], axis=1)
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    src = f"fitted ({form}) from {len(arr)} lr-sweep cells"
+    if edge:  # the optimum was not bracketed: the rule is only a bound there
+        src += f"; {edge} cell(s) best at the edge of the lr grid (widen the sweep)"
+    if form == "C":
+        return LRRule(coef=float(np.exp(coef[0])), c_exp=float(coef[1]), source=src)
+    return LRRule(coef=float(np.exp(coef[0])), n_exp=float(coef[1]), d_exp=float(coef[2]), source=src)

@@ -1,0 +1,1012 @@
+"""The study's analysis and report: fits, held-out checks, optimum, downstream, Pareto -> report.json/.md.
+
+Every number in ``report.md`` comes from ``report.json`` (built first, rendered second). Each analysis block
+is computed independently and records ``{"error": message}`` instead of aborting when it cannot be done
+(e.g. too few finished runs), so a partial sweep still gives a report that says what is missing.
+
+report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it):
+
+- ``schema_version``, ``preset``, ``description``, ``notes`` (list of str)
+- ``corpus``: ``entropy_rate`` (nats/token, exact; null for real data), ``unigram_entropy``
+- ``compute``: ``planned_flops`` (shared WSD prefixes once), ``flops_if_no_reuse``, ``spent_flops``
+  (finished runs, prefixes once), ``wsd_saving`` (1 - WSD compute / the same runs from scratch)
+- ``runs``: one row per planned run: ``name, run_id, kind, group, budget, fit, params, non_embedding_params,
+  tokens, steps, flops, flops_per_token, learning_rate, batch_size, status, final_eval_loss, error,
+  downstream`` (task name -> accuracy / pass_prob_exact, or null)
+- ``lr_rules``: group -> {"rule", "cells", "error"} (empty without an LR sweep)
+- ``groups``: group -> {
+    ``n_fit_points``,
+    ``chinchilla``: {params, ci (name -> [lo, hi]), ci_level, n_bootstrap, converged, objective},
+    ``entropy``: {E, E_ci, entropy_rate, E_minus_entropy, relative},
+    ``heldout``: [{name, N, D, C, actual, predicted, interval [lo, hi] (90% prediction), relative_error}],
+    ``approach2``: {a, b, a_ci, b_ci, optima [{C, N, D, loss}], rejected},
+    ``approach3``: {a, b, a_ci, b_ci},
+    ``extrapolation``: [{multiple, C, N, N_ci, D, D_ci, tokens_per_param, loss, loss_ci}],
+    ``wsd``: {n_points, chinchilla params + ci, approach3 a/b, heldout (same rows as above), compare},
+    ``downstream``: {tasks: name -> {chance, fit_compute, two_step, heldout [...]}, mean_abs_error}
+  } (any block may instead be {"error": str})
+- ``pareto``: {loss_vs_training_flops: [{name, group, flops, loss}], accuracy_vs_inference_flops:
+  [{name, group, inference_flops_per_token, accuracy}], accuracy_task}
+- ``comparisons``: {target_loss, compute_to_target (group -> C), multipliers (group -> C / C_ref),
+  reference_group, law_frontier} (several groups only)
+- ``figures``: list of PNG paths relative to the study directory; ``timing``: wall seconds
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments import executors
+from experiments.sweep import PlannedRun
+
+REPORT_SCHEMA_VERSION = 1
+CI_LEVEL = 0.95
+PRED_LEVEL = 0.9
+DOWNSTREAM_FILE = "downstream.json"
+
+# Required keys (and types) of report.json; nested group blocks are checked when they are not errors.
+REPORT_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int,
+    "preset": str,
+    "description": str,
+    "notes": list,
+    "corpus": dict,
+    "compute": dict,
+    "runs": list,
+    "lr_rules": dict,
+    "groups": dict,
+    "pareto": dict,
+    "comparisons": dict,
+    "figures": list,
+}
+RUN_KEYS = (
+    "name",
+    "run_id",
+    "kind",
+    "group",
+    "budget",
+    "fit",
+    "params",
+    "tokens",
+    "flops",
+    "status",
+    "final_eval_loss",
+    "downstream",
+)
+GROUP_KEYS = (
+    "n_fit_points",
+    "chinchilla",
+    "entropy",
+    "heldout",
+    "approach2",
+    "approach3",
+    "extrapolation",
+    "wsd",
+    "downstream",
+)
+
+
+def validate_report(report: Mapping[str, Any]) -> None:
+    """Raise ValueError naming every missing or mistyped key of a report.json dict."""
+    errs = []
+    for k, tp in REPORT_SCHEMA.items():
+        if k not in report:
+            errs.append(f"missing key {k!r}")
+        elif not isinstance(report[k], tp):
+            errs.append(f"{k!r} should be {tp}, got {type(report[k]).__name__}")
+    if report.get("schema_version") != REPORT_SCHEMA_VERSION:
+        errs.append(f"schema_version {report.get('schema_version')} != {REPORT_SCHEMA_VERSION}")
+    for i, r in enumerate(report.get("runs", [])):
+        miss = [k for k in RUN_KEYS if k not in r]
+        if miss:
+            errs.append(f"runs[{i}] misses {miss}")
+    for g, block in report.get("groups", {}).items():
+        miss = [k for k in GROUP_KEYS if k not in block]
+        if miss:
+            errs.append(f"groups[{g!r}] misses {miss}")
+        ch = block.get("chinchilla", {})
+        if "error" not in ch:
+            for k in ("params", "ci"):
+                if k not in ch:
+                    errs.append(f"groups[{g!r}].chinchilla misses {k!r}")
+            for p in ("E", "A", "B", "alpha", "beta"):
+                if p not in ch.get("params", {}):
+                    errs.append(f"groups[{g!r}].chinchilla.params misses {p!r}")
+        for row in block.get("heldout", []) if isinstance(block.get("heldout"), list) else []:
+            for k in ("actual", "predicted", "relative_error"):
+                if k not in row:
+                    errs.append(f"groups[{g!r}].heldout row misses {k!r}")
+    if errs:
+        raise ValueError("invalid report.json:\n  - " + "\n  - ".join(errs))
+
+
+# ----- helpers ----------------------------------------------------------------------------------------------
+def _f(x: Any) -> Any:
+    """JSON-safe floats (NaN/inf -> None), arrays -> lists."""
+    if isinstance(x, dict):
+        return {str(k): _f(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_f(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _f(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 -- one failed analysis must not sink the report
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def flops_per_token_model(runs: Sequence[PlannedRun]) -> Callable[[np.ndarray], np.ndarray]:
+    """N -> exact training FLOPs per token along the group's shape rule: log-log interpolation through the
+    planned shapes (whose accounting is exact), extrapolated with the end slopes. Used by Approach 2/3 and
+    the optimum instead of 6N (at these sizes attention and the LM head make F/N far from 6)."""
+    pts = sorted({(r.params, r.flops_per_token) for r in runs})
+    x = np.log([p[0] for p in pts])
+    y = np.log([p[1] for p in pts])
+    if len(x) == 1:
+        return lambda n: np.exp(y[0]) * np.asarray(n, np.float64) / np.exp(x[0])
+
+    def fpt(n: Any) -> np.ndarray:
+        ln = np.log(np.asarray(n, np.float64))
+        lo = y[0] + (ln - x[0]) * (y[1] - y[0]) / (x[1] - x[0])
+        hi = y[-1] + (ln - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2])
+        mid = np.interp(ln, x, y)
+        return np.exp(np.where(ln < x[0], lo, np.where(ln > x[-1], hi, mid)))
+
+    return fpt
+
+
+def _rows(
+    report_runs: Sequence[dict], group: str, kinds: Sequence[str], fit: bool | None = None
+) -> list[dict]:
+    return [
+        r
+        for r in report_runs
+        if r["group"] == group
+        and r["kind"] in kinds
+        and r["status"] == "done"
+        and r["final_eval_loss"] is not None
+        and (fit is None or r["fit"] == fit)
+    ]
+
+
+def _data(rows: Sequence[dict]) -> dict[str, np.ndarray]:
+    return {
+        "N": np.array([r["params"] for r in rows], np.float64),
+        "D": np.array([r["tokens"] for r in rows], np.float64),
+        "C": np.array([r["flops"] for r in rows], np.float64),
+        "loss": np.array([r["final_eval_loss"] for r in rows], np.float64),
+    }
+
+
+# ----- law fits ---------------------------------------------------------------------------------------------
+def fit_chinchilla(rows: Sequence[dict], n_bootstrap: int, seed: int = 0):
+    from scaling.fit import fit
+    from scaling.laws import get_law
+
+    if len(rows) < 6:
+        raise ValueError(f"{len(rows)} finished runs are too few for the 5-parameter Chinchilla law (need 6)")
+    res = fit(get_law("chinchilla"), _data(rows), warn=False)
+    boot = res.bootstrap(n=n_bootstrap, seed=seed) if n_bootstrap else None
+    return res, boot
+
+
+def _chinchilla_block(res, boot) -> dict:
+    ci = {k: list(v) for k, v in boot.ci(CI_LEVEL).items()} if boot is not None else {}
+    return {
+        "params": dict(res.params),
+        "ci": ci,
+        "ci_level": CI_LEVEL,
+        "n_bootstrap": boot.n if boot else 0,
+        "converged": bool(res.converged),
+        "objective": float(res.objective),
+        "n_points": int(res.n_points),
+    }
+
+
+def _heldout_rows(res, boot, rows: Sequence[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        pred = float(np.asarray(res.predict(N=r["params"], D=r["tokens"])).ravel()[0])
+        interval = None
+        if boot is not None:
+            pi = boot.prediction_interval(PRED_LEVEL, N=r["params"], D=r["tokens"])
+            interval = [float(pi["lower"][0]), float(pi["upper"][0])]
+        act = r["final_eval_loss"]
+        out.append(
+            {
+                "name": r["name"],
+                "N": r["params"],
+                "D": r["tokens"],
+                "C": r["flops"],
+                "actual": act,
+                "predicted": pred,
+                "interval": interval,
+                "interval_level": PRED_LEVEL,
+                "relative_error": (pred - act) / act,
+                "covered": None if interval is None else bool(interval[0] <= act <= interval[1]),
+            }
+        )
+    return out
+
+
+def _extrapolation(res, boot, cmax: float, multiples: Sequence[float], fpt) -> list[dict]:
+    from scaling.optimal import compute_optimal
+
+    C = np.array([cmax * m for m in multiples])
+    al = compute_optimal(
+        res, C, flops_per_token=fpt, param_samples=boot.values if boot else None, ci_level=CI_LEVEL
+    )
+    out = []
+    for i, m in enumerate(multiples):
+
+        def ci(name, i=i):
+            v = getattr(al, f"{name}_ci")
+            return None if v is None else [float(np.asarray(v[0])[i]), float(np.asarray(v[1])[i])]
+
+        out.append(
+            {
+                "multiple": m,
+                "C": float(C[i]),
+                "N": float(al.N[i]),
+                "N_ci": ci("N"),
+                "D": float(al.D[i]),
+                "D_ci": ci("D"),
+                "tokens_per_param": float(al.D[i] / al.N[i]),
+                "loss": float(al.loss[i]),
+                "loss_ci": ci("loss"),
+            }
+        )
+    return out
+
+
+def _approach2(rows: Sequence[dict], fpt, n_bootstrap: int) -> dict:
+    from scaling.isoflop import approach2
+
+    d = _data(rows)
+    budgets = np.array([r["budget"] for r in rows], np.float64)
+    # Group by the planned budget (the realised FLOPs differ from it by the rounding to whole steps).
+    a2 = approach2(
+        budgets,
+        d["N"],
+        d["loss"],
+        d["D"],
+        on_edge="drop",
+        n_bootstrap=n_bootstrap,
+        flops_per_token=fpt,
+        ci_level=CI_LEVEL,
+    )
+    return {
+        "a": a2.a,
+        "b": a2.b,
+        "a_ci": list(a2.a_ci),
+        "b_ci": list(a2.b_ci),
+        "optima": [
+            {"C": float(c), "N": float(n), "D": float(dd), "loss": float(lo)}
+            for c, n, dd, lo in zip(a2.C, a2.N, a2.D, a2.loss, strict=True)
+        ],
+        "rejected": [{"C": float(c), "reason": str(why)} for c, why in a2.rejected],
+        "_obj": a2,
+    }
+
+
+def _approach3(res, boot, budgets: Sequence[float], fpt) -> dict:
+    from scaling.approaches import approach3
+
+    a3 = approach3(
+        res,
+        np.asarray(sorted(set(budgets)), np.float64),
+        flops_per_token=fpt,
+        param_samples=boot.values if boot else None,
+        ci_level=CI_LEVEL,
+    )
+    return {
+        "a": a3.a,
+        "b": a3.b,
+        "a_ci": None if a3.a_ci is None else list(a3.a_ci),
+        "b_ci": None if a3.b_ci is None else list(a3.b_ci),
+    }
+
+
+# ----- downstream -------------------------------------------------------------------------------------------
+def _downstream_scalars(d: Path) -> dict[str, float] | None:
+    f = d / DOWNSTREAM_FILE
+    if not f.is_file():
+        return None
+    try:
+        tasks = json.loads(f.read_text())["tasks"]
+    except (json.JSONDecodeError, KeyError):
+        return None
+    out = {}
+    for name, t in tasks.items():
+        if "accuracy" in t:
+            out[name] = t["accuracy"]
+        elif "pass_prob_exact" in t:
+            out[name] = t["pass_prob_exact"]
+    mc = [v for k, v in out.items() if k.startswith("mc-") and v is not None]
+    if mc:
+        out["mc-mean"] = float(np.mean(mc))
+    return out
+
+
+def _chance(runs_dir: Path, rows: Sequence[dict], task: str) -> float:
+    if task.startswith("gen-"):
+        return 0.0
+    for r in rows:
+        f = runs_dir / r["run_id"] / DOWNSTREAM_FILE
+        try:
+            t = json.loads(f.read_text())["tasks"]
+            if task in t:
+                return float(t[task].get("chance", 0.0))
+            return float(np.mean([v.get("chance", 0.0) for k, v in t.items() if k.startswith("mc-")]))
+        except (OSError, json.JSONDecodeError, KeyError):
+            continue
+    return 0.0
+
+
+def _downstream_block(fit_rows, held_rows, runs_dir: Path, n_boot: int) -> dict:
+    from scaling.downstream import fit_accuracy_vs_compute, fit_two_step
+
+    with_ds = [r for r in fit_rows if r["downstream"]]
+    if len(with_ds) < 5:
+        raise ValueError(f"{len(with_ds)} fit runs have downstream results; need >= 5")
+    tasks = sorted(with_ds[0]["downstream"])
+    out: dict[str, Any] = {}
+    errs = []
+    for t in tasks:
+        rows = [r for r in with_ds if r["downstream"].get(t) is not None]
+        C = np.array([r["flops"] for r in rows])
+        acc = np.array([r["downstream"][t] for r in rows])
+        loss = np.array([r["final_eval_loss"] for r in rows])
+        chance = _chance(runs_dir, rows, t)
+        block: dict[str, Any] = {
+            "chance": chance,
+            "n_points": len(rows),
+            "accuracy_range": [float(acc.min()), float(acc.max())],
+        }
+        f1 = _guard(
+            lambda C=C, acc=acc, chance=chance: fit_accuracy_vs_compute(C, acc, chance=chance, n_boot=n_boot)
+        )
+        f2 = _guard(
+            lambda C=C, loss=loss, acc=acc, chance=chance: fit_two_step(
+                C, loss, acc, chance=chance, n_boot=n_boot
+            )
+        )
+        block["fit_compute"] = f1 if isinstance(f1, dict) else _f(f1.to_dict())
+        block["two_step"] = (
+            f2
+            if isinstance(f2, dict)
+            else {"loss_fit": _f(f2.loss_fit.to_dict()), "acc_fit": _f(f2.acc_fit.to_dict())}
+        )
+        held = []
+        for h in held_rows:
+            a = (h.get("downstream") or {}).get(t)
+            if a is None:
+                continue
+            row = {"name": h["name"], "C": h["flops"], "actual": a}
+            for key, obj in (("sigmoid", f1), ("two_step", f2)):
+                if not isinstance(obj, dict):
+                    p = float(np.asarray(obj.predict(np.array([h["flops"]]))).ravel()[0])
+                    row[f"predicted_{key}"] = p
+                    row[f"abs_error_{key}"] = abs(p - a)
+                    try:
+                        lo, hi = obj.interval(np.array([h["flops"]]), level=PRED_LEVEL)
+                        row[f"interval_{key}"] = [float(np.ravel(lo)[0]), float(np.ravel(hi)[0])]
+                    except ValueError:
+                        pass
+            held.append(row)
+            errs += [row[k] for k in ("abs_error_sigmoid", "abs_error_two_step") if k in row]
+        block["heldout"] = held
+        block["_objs"] = (f1, f2, C, acc)
+        out[t] = block
+    return {"tasks": out, "mean_abs_error": float(np.mean(errs)) if errs else None}
+
+
+# ----- the report -------------------------------------------------------------------------------------------
+def collect_runs(runs: Sequence[PlannedRun], runs_dir: Path) -> list[dict]:
+    out = []
+    for r in runs:
+        d = executors.run_dir(runs_dir, r)
+        s = executors.finished_summary(d, r)
+        err = None
+        if s is None and (d / executors.ERROR_FILE).exists():
+            try:
+                err = json.loads((d / executors.ERROR_FILE).read_text())["error"]
+            except (json.JSONDecodeError, KeyError):
+                err = "unreadable error.json"
+        status = "done" if s else ("failed" if err else executors.run_status(runs_dir, r))
+        out.append(
+            {
+                "name": r.name,
+                "run_id": r.run_id,
+                "kind": r.kind,
+                "group": r.group,
+                "budget": r.budget,
+                "fit": r.fit,
+                "params": r.params,
+                "non_embedding_params": r.non_embedding_params,
+                "tokens": r.tokens,
+                "steps": r.steps,
+                "flops": s["flops"] if s else r.predicted_flops,
+                "incremental_flops": r.incremental_flops,
+                "flops_per_token": r.flops_per_token,
+                "learning_rate": r.learning_rate,
+                "batch_size": r.batch_size,
+                "status": status,
+                "final_eval_loss": s["final_eval_loss"] if s else None,
+                "entropy_floor": s.get("entropy_floor") if s else None,
+                "unigram_entropy": s.get("unigram_entropy") if s else None,
+                "wall_seconds": s.get("wall_seconds") if s else None,
+                "error": err,
+                "downstream": _downstream_scalars(d) if s else None,
+            }
+        )
+    return out
+
+
+def _group_block(
+    spec, group: str, runs: Sequence[PlannedRun], rr: list[dict], runs_dir: Path, entropy: float | None
+) -> dict:
+    g_runs = [r for r in runs if r.group == group]
+    fpt = flops_per_token_model(g_runs)
+    fit_rows = _rows(rr, group, ("isoflop",), fit=True)
+    held_rows = _rows(rr, group, ("heldout",))
+    block: dict[str, Any] = {"n_fit_points": len(fit_rows), "_fpt": fpt}
+    fitted = _guard(lambda: fit_chinchilla(fit_rows, spec.n_bootstrap))
+    if isinstance(fitted, dict):
+        for k in ("chinchilla", "entropy", "heldout", "approach3", "extrapolation"):
+            block[k] = fitted
+    else:
+        res, boot = fitted
+        block["_fit"] = (res, boot, _data(fit_rows))
+        block["chinchilla"] = _chinchilla_block(res, boot)
+        E = res.params["E"]
+        E_ci = block["chinchilla"]["ci"].get("E")
+        block["entropy"] = {
+            "E": E,
+            "E_ci": E_ci,
+            "entropy_rate": entropy,
+            "E_minus_entropy": None if entropy is None else E - entropy,
+            "relative": None if entropy is None else (E - entropy) / entropy,
+            "ci_covers_entropy": None
+            if (entropy is None or not E_ci)
+            else bool(E_ci[0] <= entropy <= E_ci[1]),
+        }
+        block["heldout"] = _guard(lambda: _heldout_rows(res, boot, held_rows))
+        block["approach3"] = _guard(lambda: _approach3(res, boot, spec.budgets, fpt))
+        block["extrapolation"] = _guard(
+            lambda: _extrapolation(res, boot, max(spec.budgets), spec.extrapolate, fpt)
+        )
+    block["approach2"] = _guard(lambda: _approach2(fit_rows, fpt, spec.n_bootstrap))
+    block["wsd"] = _guard(lambda: _wsd_block(spec, rr, group, held_rows, block))
+    block["downstream"] = _guard(
+        lambda: _downstream_block(fit_rows, held_rows, runs_dir, min(spec.n_bootstrap, 100))
+    )
+    return block
+
+
+def _wsd_block(spec, rr, group: str, held_rows, cos_block: dict) -> dict:
+    rows = _rows(rr, group, ("wsd_branch",))
+    if not rows:
+        return {"error": "no WSD branch runs in this study"}
+    res, boot = fit_chinchilla(rows, spec.n_bootstrap)
+    out = {
+        "n_points": len(rows),
+        "chinchilla": _chinchilla_block(res, boot),
+        "heldout": _heldout_rows(res, boot, held_rows),
+    }
+    cos = cos_block.get("chinchilla", {})
+    if "params" in cos:
+        out["compare"] = {k: {"cosine": cos["params"][k], "wsd": res.params[k]} for k in res.params}
+    return out
+
+
+def _pareto(rr: list[dict], task: str | None) -> dict:
+    from scaling.pareto import pareto_front
+
+    done = [
+        r
+        for r in rr
+        if r["status"] == "done"
+        and r["final_eval_loss"] is not None
+        and r["kind"] in ("isoflop", "heldout", "wsd_branch", "grid", "user")
+    ]
+    out: dict[str, Any] = {"accuracy_task": task}
+    if done:
+        pts = np.array([[r["flops"], r["final_eval_loss"]] for r in done])
+        idx = pareto_front(pts, "min")
+        out["loss_vs_training_flops"] = [
+            {
+                "name": done[i]["name"],
+                "group": done[i]["group"],
+                "flops": done[i]["flops"],
+                "loss": done[i]["final_eval_loss"],
+            }
+            for i in idx
+        ]
+    ds = [r for r in done if task and r["downstream"] and r["downstream"].get(task) is not None]
+    if ds:
+        pts = np.array([[r["flops_per_token"] / 3.0, r["downstream"][task]] for r in ds])
+        idx = pareto_front(pts, ("min", "max"))
+        out["accuracy_vs_inference_flops"] = [
+            {
+                "name": ds[i]["name"],
+                "group": ds[i]["group"],
+                "inference_flops_per_token": float(pts[i, 0]),
+                "accuracy": float(pts[i, 1]),
+            }
+            for i in idx
+        ]
+    return out
+
+
+def _comparisons(groups: dict, spec) -> dict:
+    from scaling.optimal import compute_optimal
+    from scaling.pareto import law_frontier
+
+    fits = {g: (b["_fit"][0], b["_fpt"]) for g, b in groups.items() if "_fit" in b}
+    if len(fits) < 2:
+        return {}
+    ref = next((g for g in fits if g.endswith("adamw") and g.startswith("dense")), next(iter(fits)))
+    grid = np.geomspace(min(spec.budgets) / 10, max(spec.budgets) * 1000, 400)
+
+    def best_loss(res, fpt):  # L*(C) with the group's exact FLOPs-per-token model
+        return lambda c: np.asarray(compute_optimal(res, np.atleast_1d(c), flops_per_token=fpt).loss)
+
+    predictors = {g: best_loss(*f) for g, f in fits.items()}
+    curves = {g: p(grid) for g, p in predictors.items()}
+    target = spec.target_loss
+    if target is None:  # what the reference reaches at the largest budget of the sweep
+        target = float(np.interp(np.log(max(spec.budgets)), np.log(grid), curves[ref]))
+    need = {}
+    for g, L in curves.items():
+        below = np.flatnonzero(L <= target)
+        need[g] = float(np.exp(np.interp(target, L[::-1], np.log(grid)[::-1]))) if below.size else None
+    mult = {g: (None if need[g] is None or need[ref] is None else need[g] / need[ref]) for g in need}
+    out = {
+        "target_loss": target,
+        "reference_group": ref,
+        "compute_to_target": need,
+        "multipliers": mult,
+        "muon_paper_reference": "Muon is Scalable for LLM Training (Liu et al. 2025): ~0.48-0.52 of "
+        "AdamW's compute at matched loss",
+    }
+    fr = _guard(lambda: law_frontier(predictors, grid, sense="min").to_dict())
+    out["law_frontier"] = (
+        fr if "error" in fr else {"crossovers": fr["crossovers"], "best_at_max_budget": fr["best"][-1]}
+    )
+    return out
+
+
+def build_report(
+    spec, runs: Sequence[PlannedRun], runs_dir: Path, *, lr_rules: Mapping | None = None
+) -> dict:
+    rr = collect_runs(runs, Path(runs_dir))
+    ent = next((r["entropy_floor"] for r in rr if r["entropy_floor"] is not None), None)
+    uni = next((r["unigram_entropy"] for r in rr if r["unigram_entropy"] is not None), None)
+    groups = {g.name: _group_block(spec, g.name, runs, rr, Path(runs_dir), ent) for g in spec.groups}
+    wsd_runs = [r for r in runs if r.kind in ("wsd_stable", "wsd_branch")]
+    wsd_scratch = sum(r.predicted_flops for r in wsd_runs if r.kind == "wsd_branch")
+    wsd_spent = sum(r.incremental_flops for r in wsd_runs)
+    task = "mc-mean" if any(r["downstream"] and "mc-mean" in r["downstream"] for r in rr) else None
+    report = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "preset": spec.name,
+        "description": spec.description,
+        "notes": list(spec.notes),
+        "corpus": {"entropy_rate": ent, "unigram_entropy": uni},
+        "compute": {
+            "planned_flops": sum(r.incremental_flops for r in runs),
+            "flops_if_no_reuse": sum(r.predicted_flops for r in runs if r.kind != "wsd_stable"),
+            "spent_flops": sum(r["incremental_flops"] for r in rr if r["status"] == "done"),
+            "wsd_saving": (1 - wsd_spent / wsd_scratch) if wsd_scratch else None,
+        },
+        "runs": rr,
+        "lr_rules": dict(lr_rules or {}),
+        "groups": groups,
+        "pareto": _guard(lambda: _pareto(rr, task)),
+        "comparisons": _guard(lambda: _comparisons(groups, spec)),
+        "figures": [],
+    }
+    return report
+
+
+def _public(x: Any) -> Any:
+    """Drop the private ``_``-prefixed entries (fit objects kept for plotting) and make JSON-safe."""
+    if isinstance(x, dict):
+        return {k: _public(v) for k, v in x.items() if not str(k).startswith("_")}
+    if isinstance(x, list):
+        return [_public(v) for v in x]
+    return _f(x)
+
+
+# ----- figures and markdown ---------------------------------------------------------------------------------
+def _figures(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scaling import plots
+
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    paths: list[str] = []
+
+    def save(fig, name):
+        p = fig_dir / name
+        fig.savefig(p, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(str(p.relative_to(out)))
+
+    rr = report["runs"]
+    for g, b in report["groups"].items():
+        tag = g.replace("/", "_")
+        fit_rows = _rows(rr, g, ("isoflop",), fit=True)
+        if len(fit_rows) >= 3:
+            d = _data(fit_rows)
+            budgets = np.array([r["budget"] for r in fit_rows])
+            a2 = b["approach2"].get("_obj") if isinstance(b["approach2"], dict) else None
+            _guard(
+                lambda d=d, budgets=budgets, a2=a2, tag=tag, g=g: save(
+                    plots.plot_isoflop(budgets, d["N"], d["loss"], a2, title=f"isoFLOP profiles ({g})"),
+                    f"isoflop_{tag}.png",
+                )
+            )
+        if "_fit" in b:
+            res, boot, data = b["_fit"]
+            _guard(
+                lambda res=res, data=data, boot=boot, tag=tag, g=g: save(
+                    plots.plot_law_fit(
+                        res, data, x="N", samples=boot.values if boot else None, title=f"Chinchilla fit ({g})"
+                    ),
+                    f"law_fit_{tag}.png",
+                )
+            )
+
+            def opt(res=res, boot=boot, b=b, tag=tag, g=g, fit_rows=fit_rows):
+                from scaling.optimal import compute_optimal
+
+                C = np.geomspace(
+                    min(r["flops"] for r in fit_rows) / 3, max(r["flops"] for r in fit_rows) * 100, 40
+                )
+                runs_g = [r for r in rr if r["group"] == g]
+                fpt = _fpt_from_rows(runs_g)
+                al = compute_optimal(res, C, flops_per_token=fpt, param_samples=boot.values if boot else None)
+                a2 = b["approach2"].get("_obj") if isinstance(b["approach2"], dict) else None
+                save(
+                    plots.plot_optimal(al, approach2=a2, title=f"compute-optimal allocation ({g})"),
+                    f"optimal_{tag}.png",
+                )
+
+            _guard(opt)
+        ds = b.get("downstream", {})
+        if isinstance(ds, dict) and "tasks" in ds and "mc-mean" in ds["tasks"]:
+            f1, f2, C, acc = ds["tasks"]["mc-mean"]["_objs"]
+            held = [h for h in _rows(rr, g, ("heldout",)) if h["downstream"]]
+            Call = np.concatenate([C, [h["flops"] for h in held]])
+            Aall = np.concatenate([acc, [h["downstream"]["mc-mean"] for h in held]])
+            cutoff = min((h["flops"] for h in held), default=None)
+            _guard(
+                lambda Call=Call, Aall=Aall, f1=f1, f2=f2, cutoff=cutoff, ds=ds, g=g, tag=tag: save(
+                    plots.plot_downstream(
+                        Call,
+                        Aall,
+                        fit=None if isinstance(f1, dict) else f1,
+                        two_step=None if isinstance(f2, dict) else f2,
+                        cutoff=cutoff,
+                        chance=ds["tasks"]["mc-mean"]["chance"],
+                        title=f"mean MC accuracy ({g})",
+                    ),
+                    f"downstream_{tag}.png",
+                )
+            )
+    done = [
+        r
+        for r in rr
+        if r["status"] == "done"
+        and r["final_eval_loss"] is not None
+        and r["kind"] in ("isoflop", "heldout", "wsd_branch")
+    ]
+    if done:
+        pts = np.array([[r["flops"], r["final_eval_loss"]] for r in done])
+        _guard(
+            lambda: save(
+                plots.plot_pareto(
+                    pts,
+                    "min",
+                    names=("training FLOPs", "eval loss"),
+                    logx=True,
+                    title="loss vs training compute (Pareto frontier)",
+                ),
+                "pareto_loss_flops.png",
+            )
+        )
+    task = report["pareto"].get("accuracy_task") if isinstance(report["pareto"], dict) else None
+    ds = [r for r in done if task and r["downstream"] and r["downstream"].get(task) is not None]
+    if ds:
+        pts = np.array([[r["flops_per_token"] / 3, r["downstream"][task]] for r in ds])
+        _guard(
+            lambda: save(
+                plots.plot_pareto(
+                    pts,
+                    ("min", "max"),
+                    names=("inference FLOPs / token", task),
+                    logx=True,
+                    title="accuracy vs inference cost (Pareto frontier)",
+                ),
+                "pareto_accuracy_inference.png",
+            )
+        )
+    return paths
+
+
+def _fpt_from_rows(rows: Sequence[dict]):
+    pts = sorted({(r["params"], r["flops_per_token"]) for r in rows})
+
+    class _R:
+        def __init__(self, n, f):
+            self.params, self.flops_per_token = n, f
+
+    return flops_per_token_model([_R(n, f) for n, f in pts])
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, (list, tuple)) and len(x) == 2:
+        return f"[{_fmt(x[0], spec)}, {_fmt(x[1], spec)}]"
+    try:
+        return format(float(x), spec)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def render_markdown(report: dict) -> str:
+    L = [f"# Scaling study `{report['preset']}`", "", report["description"], ""]
+    for n in report["notes"]:
+        L.append(f"> note: {n}")
+    c = report["compute"]
+    n_done = sum(r["status"] == "done" for r in report["runs"])
+    L += [
+        "## Runs",
+        "",
+        f"{n_done}/{len(report['runs'])} runs finished; compute spent {_fmt(c['spent_flops'])} "
+        f"FLOPs of {_fmt(c['planned_flops'])} planned (shared WSD prefixes counted once; "
+        f"{_fmt(c['flops_if_no_reuse'])} without reuse"
+        + (f", WSD saving {c['wsd_saving']:.0%})." if c.get("wsd_saving") is not None else ")."),
+        "",
+        "| run | kind | N | D | FLOPs | lr | eval loss | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        L.append(
+            f"| {r['name']} | {r['kind']} | {r['params']:,} | {r['tokens']:,} | {_fmt(r['flops'], '.3g')} | "
+            f"{_fmt(r['learning_rate'], '.3g')} | {_fmt(r['final_eval_loss'])} | {r['status']}"
+            + (f": {r['error']}" if r.get("error") else "")
+            + " |"
+        )
+    if report["lr_rules"]:
+        L += ["", "## Learning-rate rules (fitted on the LR sweep)", ""]
+        for g, v in report["lr_rules"].items():
+            L.append(
+                f"- {g}: {v['rule']}"
+                + (f" (fit failed: {v['error']}; the manual rule was used)" if v.get("error") else "")
+            )
+    for g, b in report["groups"].items():
+        L += ["", f"## Group `{g}` ({b['n_fit_points']} isoFLOP points in the fits)", ""]
+        ch = b["chinchilla"]
+        if "error" in ch:
+            L.append(f"Chinchilla fit: not available ({ch['error']})")
+        else:
+            L += [
+                f"Chinchilla law L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022, Approach 3), "
+                f"{ch['n_bootstrap']} bootstrap refits, {ch['ci_level']:.0%} CIs:",
+                "",
+                "| param | value | CI |",
+                "|---|---|---|",
+            ]
+            for k, v in ch["params"].items():
+                L.append(f"| {k} | {_fmt(v)} | {_fmt(ch['ci'].get(k))} |")
+            e = b["entropy"]
+            L += [
+                "",
+                f"**Irreducible loss vs the corpus**: fitted E = {_fmt(e['E'])} (CI {_fmt(e['E_ci'])}), "
+                f"exact entropy rate = {_fmt(e['entropy_rate'])} nats/token; "
+                f"E - H = {_fmt(e['E_minus_entropy'])}"
+                f" ({_fmt(e['relative'], '+.1%') if e['relative'] is not None else '–'}).",
+            ]
+        if isinstance(b["heldout"], list):
+            L += [
+                "",
+                "**Held-out runs** (never used in the fits):",
+                "",
+                "| run | N | D | actual | predicted | 90% interval | rel. error |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for h in b["heldout"]:
+                L.append(
+                    f"| {h['name']} | {h['N']:,} | {h['D']:,} | {_fmt(h['actual'])} | "
+                    f"{_fmt(h['predicted'])} | "
+                    f"{_fmt(h['interval'])} | {h['relative_error']:+.2%} |"
+                )
+        a2, a3 = b["approach2"], b["approach3"]
+        L += [
+            "",
+            "**Exponents** N* ∝ C^a, D* ∝ C^b:",
+            "",
+            "| method | a | a CI | b | b CI |",
+            "|---|---|---|---|---|",
+        ]
+        for name, blk in (("Approach 2 (isoFLOP parabolas)", a2), ("Approach 3 (parametric fit)", a3)):
+            if "error" in blk:
+                L.append(f"| {name} | – | {blk['error']} | – | – |")
+            else:
+                L.append(
+                    f"| {name} | {_fmt(blk['a'])} | {_fmt(blk['a_ci'])} | {_fmt(blk['b'])} | "
+                    f"{_fmt(blk['b_ci'])} |"
+                )
+        if isinstance(b["extrapolation"], list):
+            L += [
+                "",
+                "**Compute-optimal allocation beyond the sweep** (exact FLOPs-per-token model):",
+                "",
+                "| C | N* | N* CI | D* | D* CI | D*/N* | loss | loss CI |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for x in b["extrapolation"]:
+                L.append(
+                    f"| {x['multiple']:g}x = {_fmt(x['C'], '.3g')} | {_fmt(x['N'], '.3g')} | "
+                    f"{_fmt(x['N_ci'], '.3g')} | {_fmt(x['D'], '.3g')} | {_fmt(x['D_ci'], '.3g')} | "
+                    f"{_fmt(x['tokens_per_param'], '.3g')} | {_fmt(x['loss'])} | {_fmt(x['loss_ci'])} |"
+                )
+        w = b["wsd"]
+        L += [
+            "",
+            "**WSD compute reuse** (Hägele et al. 2024): Chinchilla fit on cool-down branches vs "
+            "cosine runs:",
+        ]
+        if "error" in w:
+            L.append(f"not available ({w['error']})")
+        else:
+            L += ["", "| param | cosine isoFLOP | WSD branches |", "|---|---|---|"]
+            for k, v in (w.get("compare") or {}).items():
+                L.append(f"| {k} | {_fmt(v['cosine'])} | {_fmt(v['wsd'])} |")
+            for h in w["heldout"]:
+                L.append(
+                    f"\nWSD-fit prediction of {h['name']}: {_fmt(h['predicted'])} vs actual "
+                    f"{_fmt(h['actual'])} ({h['relative_error']:+.2%})."
+                )
+        ds = b["downstream"]
+        L += [
+            "",
+            "**Downstream battery** (accuracy vs compute: sigmoid in log C; two-step C → loss → accuracy):",
+        ]
+        if "error" in ds:
+            L.append(f"not available ({ds['error']})")
+        else:
+            L += [
+                "",
+                "| task | chance | acc. range (fit runs) | held-out actual | sigmoid pred. "
+                "| two-step pred. |",
+                "|---|---|---|---|---|---|",
+            ]
+            for t, tb in ds["tasks"].items():
+                h = tb["heldout"][0] if tb["heldout"] else {}
+                L.append(
+                    f"| {t} | {_fmt(tb['chance'], '.2f')} | {_fmt(tb['accuracy_range'], '.3f')} | "
+                    f"{_fmt(h.get('actual'), '.3f')} | {_fmt(h.get('predicted_sigmoid'), '.3f')} | "
+                    f"{_fmt(h.get('predicted_two_step'), '.3f')} |"
+                )
+            L.append(
+                "\nMean absolute error of the held-out accuracy predictions: "
+                f"{_fmt(ds['mean_abs_error'], '.3f')}."
+            )
+    p = report["pareto"]
+    if "loss_vs_training_flops" in p:
+        L += [
+            "",
+            "## Pareto frontiers",
+            "",
+            "Loss vs training FLOPs: "
+            + ", ".join(
+                f"{x['name']} ({_fmt(x['flops'], '.3g')}, {_fmt(x['loss'])})"
+                for x in p["loss_vs_training_flops"]
+            ),
+        ]
+    if "accuracy_vs_inference_flops" in p:
+        L += [
+            "",
+            f"Accuracy ({p['accuracy_task']}) vs inference FLOPs/token: "
+            + ", ".join(
+                f"{x['name']} ({_fmt(x['inference_flops_per_token'], '.3g')}, {_fmt(x['accuracy'], '.3f')})"
+                for x in p["accuracy_vs_inference_flops"]
+            ),
+        ]
+    cmp_ = report["comparisons"]
+    if cmp_ and "error" not in cmp_:
+        L += [
+            "",
+            "## Group comparison",
+            "",
+            f"Compute to reach loss {_fmt(cmp_['target_loss'])} (compute-optimal, "
+            f"relative to `{cmp_['reference_group']}`; {cmp_['muon_paper_reference']}):",
+            "",
+            "| group | compute | multiplier |",
+            "|---|---|---|",
+        ]
+        for g, cc in cmp_["compute_to_target"].items():
+            L.append(f"| {g} | {_fmt(cc, '.3g')} | {_fmt(cmp_['multipliers'][g], '.3f')} |")
+        L.append(f"\nLaw frontier: {cmp_.get('law_frontier')}")
+    if report["figures"]:
+        L += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]
+    t = report.get("timing", {})
+    if t:
+        L += [
+            "",
+            f"Wall time: {t.get('train_wall_seconds', 0):.0f} s until fitting, {t.get('workers')} worker(s).",
+        ]
+    return "\n".join(L) + "\n"
+
+
+def write_report(report: dict, out: Path, *, spec=None, runs=None, runs_dir=None) -> None:
+    """Figures first (they need the private fit objects), then report.json and report.md."""
+    report["figures"] = _figures(report, Path(out))
+    public = _public(report)
+    report.clear()
+    report.update(public)
+    validate_report(report)
+    (Path(out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (Path(out) / "report.md").write_text(render_markdown(report))
+
+
+def print_summary(report: dict, out: Path) -> None:
+    print(f"\n=== scaling study {report['preset']}: {out}/report.md ===")
+    ent = report["corpus"]["entropy_rate"]
+    for g, b in report["groups"].items():
+        ch = b["chinchilla"]
+        if "error" in ch:
+            print(f"[{g}] Chinchilla fit failed: {ch['error']}")
+            continue
+        p = ch["params"]
+        print(
+            f"[{g}] L = {p['E']:.3f} + {p['A']:.3g}/N^{p['alpha']:.3f} + {p['B']:.3g}/D^{p['beta']:.3f}"
+            f"  (E CI {_fmt(ch['ci'].get('E'))}; exact entropy rate {_fmt(ent)})"
+        )
+        for h in b["heldout"] if isinstance(b["heldout"], list) else []:
+            print(
+                f"[{g}] held-out {h['name']}: predicted {h['predicted']:.4f} vs actual {h['actual']:.4f} "
+                f"({h['relative_error']:+.2%})"
+            )
+        for x in b["extrapolation"] if isinstance(b["extrapolation"], list) else []:
+            print(
+                f"[{g}] {x['multiple']:g}x budget ({x['C']:.3g} FLOPs): "
+                f"N* {x['N']:.3g} {_fmt(x['N_ci'], '.3g')}, "
+                f"D* {x['D']:.3g} {_fmt(x['D_ci'], '.3g')}, loss {x['loss']:.4f} {_fmt(x['loss_ci'])}"
+            )
+        a2 = b["approach2"]
+        if "error" not in a2:
+            print(
+                f"[{g}] Approach 2: a = {a2['a']:.3f} {_fmt(a2['a_ci'], '.3f')}, "
+                f"b = {a2['b']:.3f} {_fmt(a2['b_ci'], '.3f')}"
+            )
+        ds = b["downstream"]
+        if "error" not in ds and ds.get("mean_abs_error") is not None:
+            print(f"[{g}] downstream held-out accuracy MAE {ds['mean_abs_error']:.3f}")
+    t = report.get("timing", {})
+    print(f"wall time {t.get('total_wall_seconds', t.get('train_wall_seconds', 0)):.0f} s")

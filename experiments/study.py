@@ -1,0 +1,330 @@
+"""The one-command scaling study: plan -> train (+ downstream battery) -> fit -> report.
+
+    python -m experiments.study --preset cpu-tiny --out DIR [--workers N] [--executor parallel]
+
+Layout of DIR: ``plan.jsonl`` (the plan, editable: re-running uses it as-is, re-hashing edited configs),
+``lr_rules.json`` (fitted LR rules when the preset sweeps LR), ``runs/<run_id>/`` (one directory per run,
+named by the config hash: ``summary.json``, ``metrics.jsonl``, ``downstream.json`` (the task battery),
+checkpoints, ``error.json`` on failure), ``data/`` (the synthetic corpus), ``.jax_cache/`` (compiled
+executables shared by runs of one shape), ``report.md``, ``report.json``, ``figures/*.png``.
+
+Run ids hash the resolved config (execution-only fields excluded), so a code version that adds a config field
+gives new ids: start a new DIR after upgrading.
+
+Re-running the same command reuses finished runs, resumes interrupted ones, retries failed ones, and refits.
+``--retry NAME`` reruns just that run (its error and partial state are cleared); ``--fit-only`` skips
+training; ``--export-slurm FILE`` writes a job-array script instead of training; ``--executor slurm`` submits
+through submitit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments import executors
+from experiments.hparam_rules import LRRule, fit_lr_rule
+from experiments.study_presets import STUDY_PRESETS, GroupSpec, StudySpec, get_study_preset
+from experiments.sweep import (
+    PLAN_FILE,
+    PlannedRun,
+    Rules,
+    pick_sizes,
+    plan_heldout,
+    plan_isoflop,
+    plan_lr_sweep,
+    plan_wsd,
+    read_plan,
+    resolve,
+    summarize,
+    write_plan,
+)
+
+LR_RULES_FILE = "lr_rules.json"
+# The downstream battery, called in each worker after training as fn(cfg, run_dir) (experiments/evaluate.py).
+POST_RUN = "experiments.evaluate:post_run"
+
+
+def _with_data_dir(base, out: Path):
+    # synthetic_dir is execution-only (not in the run hash): all runs share one corpus under DIR/data.
+    return dataclasses.replace(base, data=dataclasses.replace(base.data, synthetic_dir=str(out / "data")))
+
+
+def _rules(spec: StudySpec, lr: LRRule) -> Rules:
+    return Rules(lr=lr, batch=spec.batch, warmup_fraction=spec.warmup_fraction)
+
+
+def plan_lr_stage(spec: StudySpec, out: Path) -> list[PlannedRun]:
+    """Stage 1: LR-sweep runs (the middle size of the smallest budgets) for groups that sweep LR."""
+    runs: list[PlannedRun] = []
+    for g in spec.groups:
+        if not g.lr_sweep_factors:
+            continue
+        base = _with_data_dir(g.base, out)
+        budgets = sorted(spec.budgets)[: g.lr_sweep_budgets]
+        iso = plan_isoflop(
+            base,
+            budgets,
+            1,
+            _rules(spec, g.lr),
+            shape_rule=g.shape,
+            span=1.0,
+            tokens_per_param=spec.tokens_per_param,
+            group=g.name,
+        )
+        runs += plan_lr_sweep(iso, g.lr_sweep_factors)
+    return runs
+
+
+def fit_lr_rules(spec: StudySpec, runs: Sequence[PlannedRun], runs_dir: Path) -> dict[str, dict]:
+    """Fit each sweeping group's LR rule from its finished LR-sweep runs; clamp to the swept range."""
+    out = {}
+    for g in spec.groups:
+        cells = []
+        for r in runs:
+            if r.group != g.name or r.kind != "lr_sweep":
+                continue
+            s = executors.finished_summary(executors.run_dir(runs_dir, r), r)
+            loss = s["final_eval_loss"] if s else float("nan")
+            cells.append({"N": r.params, "D": r.tokens, "C": r.budget, "lr": r.learning_rate, "loss": loss})
+        if not cells:
+            continue
+        try:
+            rule = fit_lr_rule(cells, form=g.lr_rule_form)
+            out[g.name] = {"rule": rule.to_dict(), "cells": cells, "error": None}
+        except ValueError as e:
+            out[g.name] = {"rule": g.lr.to_dict(), "cells": cells, "error": str(e)}
+    return out
+
+
+def _clamped(g: GroupSpec, fitted: dict | None) -> LRRule:
+    if not fitted or fitted.get("error"):
+        return g.lr
+    return LRRule.from_dict(fitted["rule"])
+
+
+def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> list[PlannedRun]:
+    """Stage 2: isoFLOP + held-out (+ WSD) runs of every group with its (fitted) LR rule."""
+    runs: list[PlannedRun] = []
+    for g in spec.groups:
+        base = _with_data_dir(g.base, out)
+        lr = _clamped(g, lr_rules.get(g.name))
+        lo = hi = None
+        if g.lr_sweep_factors:  # keep the fitted rule inside the swept range (2 cells extrapolate wildly)
+            lo = min(g.lr_sweep_factors) * g.lr.coef
+            hi = max(g.lr_sweep_factors) * g.lr.coef
+        rules = _rules(spec, lr)
+        iso = plan_isoflop(
+            base,
+            spec.budgets,
+            spec.sizes_per_budget,
+            rules,
+            shape_rule=g.shape,
+            span=spec.span,
+            tokens_per_param=spec.tokens_per_param,
+            group=g.name,
+        )
+        held = plan_heldout(
+            base,
+            spec.heldout_budgets,
+            rules,
+            shape_rule=g.shape,
+            tokens_per_param=spec.tokens_per_param,
+            group=g.name,
+        )
+        wsd: list[PlannedRun] = []
+        if spec.wsd_sizes:
+            mid = sorted(spec.budgets)[len(spec.budgets) // 2]
+            models = pick_sizes(
+                g.shape.candidates(base.model),
+                mid,
+                spec.wsd_sizes,
+                seq_len=base.data.seq_len,
+                span=spec.span / 2,
+                tokens_per_param=spec.tokens_per_param,
+                aspect_ratio=g.shape.aspect_ratio,
+            )
+            wsd = plan_wsd(
+                base, models, spec.budgets, rules, decay_fraction=spec.wsd_decay_fraction, group=g.name
+            )
+        group_runs = iso + held + wsd
+        if lo is not None and hi is not None:
+            group_runs = [_clamp_lr(r, lo, hi) for r in group_runs]
+        runs += group_runs
+    return resolve(runs)
+
+
+def _clamp_lr(r: PlannedRun, lo: float, hi: float) -> PlannedRun:
+    cfg = r.experiment
+    lr = min(max(cfg.optimizer.learning_rate, lo), hi)
+    if lr == cfg.optimizer.learning_rate:
+        return r
+    c2 = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, learning_rate=lr))
+    return dataclasses.replace(r, config=c2.to_dict())
+
+
+def default_workers(spec: StudySpec) -> int:
+    if spec.workers is not None:
+        return spec.workers
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return 1
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def execute(
+    runs: Sequence[PlannedRun], runs_dir: Path, *, workers: int, post_run: str | None, executor: str = "auto"
+) -> list[dict[str, Any]]:
+    progress = executors.Progress(runs, stream=sys.stdout)
+    cache = str(runs_dir.parent / ".jax_cache")
+    if executor == "sequential" or (executor == "auto" and workers <= 1):
+        return executors.run_sequential(
+            runs, runs_dir, post_run=post_run, progress=progress, compile_cache=cache
+        )
+    if executor in ("parallel", "auto"):
+        return executors.run_parallel(
+            runs, runs_dir, workers=workers, post_run=post_run, progress=progress, compile_cache=cache
+        )
+    if executor == "slurm":
+        return executors.run_slurm(runs, runs_dir, folder=runs_dir.parent / "slurm", post_run=post_run)
+    raise ValueError(f"unknown executor {executor!r}; choose auto, sequential, parallel or slurm")
+
+
+def _prepare_corpus(spec: StudySpec, out: Path) -> None:
+    """Generate the synthetic corpus once, in this process, before workers start (no race)."""
+    from experiments.trainer import open_dataset
+
+    for g in spec.groups:
+        base = _with_data_dir(g.base, out)
+        if base.data.path == "synthetic":
+            open_dataset(base, out)
+
+
+def _post_run(spec: StudySpec, enabled: bool) -> str | None:
+    if not (spec.downstream and enabled):
+        return None
+    try:
+        mod, _, fn = POST_RUN.partition(":")
+        getattr(__import__(mod, fromlist=[fn]), fn)
+    except (ImportError, AttributeError):
+        print(f"[study] downstream battery {POST_RUN} not available; skipping downstream evaluation")
+        return None
+    return POST_RUN
+
+
+def run_study(
+    spec: StudySpec,
+    out: str | Path,
+    *,
+    workers: int | None = None,
+    executor: str = "auto",
+    fit_only: bool = False,
+    retry: Sequence[str] = (),
+    downstream: bool = True,
+    export_slurm: str | None = None,
+) -> dict[str, Any]:
+    """Plan (or re-read DIR/plan.jsonl), execute, fit and write the report; returns report.json's dict."""
+    from experiments.report import build_report, print_summary, write_report
+
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    runs_dir = out / "runs"
+    t0 = time.time()
+    plan_path = out / PLAN_FILE
+    workers = workers or default_workers(spec)
+    post_run = _post_run(spec, downstream)
+    lr_rules: dict[str, dict] = {}
+    if (out / LR_RULES_FILE).exists():
+        lr_rules = json.loads((out / LR_RULES_FILE).read_text())
+    if plan_path.exists():
+        runs = read_plan(plan_path)
+        print(f"[study] using the existing plan {plan_path} ({len(runs)} runs)")
+    else:
+        stage1 = plan_lr_stage(spec, out)
+        if stage1 and not fit_only and export_slurm is None:
+            print(f"[study] stage 1: LR sweep, {len(stage1)} runs")
+            _prepare_corpus(spec, out)
+            execute(stage1, runs_dir, workers=workers, post_run=None, executor=executor)
+            lr_rules = fit_lr_rules(spec, stage1, runs_dir)
+            (out / LR_RULES_FILE).write_text(json.dumps(lr_rules, indent=2) + "\n")
+        runs = resolve(list(stage1) + plan_main_stage(spec, out, lr_rules))
+        write_plan(runs, plan_path)
+    s = summarize(runs)
+    print(
+        f"[study] {spec.name}: {s.n_runs} runs {s.by_kind}; planned compute {s.study_flops:.3g} FLOPs "
+        f"(WSD prefixes counted once; {s.predicted_flops:.3g} if every run started from scratch)"
+    )
+    for name in retry:
+        match = [r for r in runs if r.name == name or r.run_id == name]
+        if not match:
+            raise SystemExit(f"--retry {name!r}: no such run in {plan_path}")
+        d = executors.run_dir(runs_dir, match[0])
+        shutil.rmtree(d, ignore_errors=True)
+        print(f"[study] cleared {d} for a retry")
+    if export_slurm is not None:
+        path = executors.export_job_array(runs, plan_path, runs_dir, export_slurm)
+        print(f"[study] wrote the job-array script {path}; run it, then re-run this command with --fit-only")
+        return {}
+    if not fit_only:
+        _prepare_corpus(spec, out)
+        results = execute(runs, runs_dir, workers=workers, post_run=post_run, executor=executor)
+        failed = [r for r in results if r["status"] == "failed"]
+        if failed:
+            print(
+                f"[study] {len(failed)} run(s) failed (details in runs/<id>/error.json); retry with "
+                f"--retry NAME or re-run the command:"
+            )
+            for f in failed:
+                print(f"  {f['name']}: {f['error']}")
+    train_wall = time.time() - t0
+    report = build_report(spec, runs, runs_dir, lr_rules=lr_rules)
+    report["timing"] = {"train_wall_seconds": train_wall, "workers": workers}
+    write_report(report, out, spec=spec, runs=runs, runs_dir=runs_dir)
+    report["timing"]["total_wall_seconds"] = time.time() - t0
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print_summary(report, out)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(STUDY_PRESETS)}")
+    p.add_argument("--out", required=True, help="study directory (re-use it to resume / refit)")
+    p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: auto)")
+    p.add_argument("--executor", default="auto", choices=("auto", "sequential", "parallel", "slurm"))
+    p.add_argument("--fit-only", action="store_true", help="do not train; refit and report what exists")
+    p.add_argument(
+        "--retry",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="clear and rerun one run (name or run id; repeatable)",
+    )
+    p.add_argument("--no-downstream", action="store_true", help="skip the downstream task battery")
+    p.add_argument("--export-slurm", metavar="FILE", help="write a Slurm job-array script and stop")
+    a = p.parse_args(argv)
+    spec = get_study_preset(a.preset)
+    run_study(
+        spec,
+        a.out,
+        workers=a.workers,
+        executor=a.executor,
+        fit_only=a.fit_only,
+        retry=a.retry,
+        downstream=not a.no_downstream,
+        export_slurm=a.export_slurm,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

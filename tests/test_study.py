@@ -1,0 +1,140 @@
+"""The study end to end on a micro preset: plan -> train -> fit -> report.json (schema) / report.md / PNGs;
+re-running reuses every run and only refits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from experiments import study
+from experiments.report import REPORT_SCHEMA_VERSION, validate_report
+from experiments.study_presets import get_study_preset
+
+
+def _micro_spec():
+    spec = get_study_preset("cpu-micro")
+    g = spec.groups[0]
+    base = dataclasses.replace(
+        g.base, data=dataclasses.replace(g.base.data, n_train_tokens=50_000, n_val_tokens=4096)
+    )
+    return dataclasses.replace(
+        spec,
+        groups=(dataclasses.replace(g, base=base),),
+        budgets=(1e9, 3e9),
+        heldout_budgets=(6e9,),
+        n_bootstrap=8,
+    )
+
+
+def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
+    spec = _micro_spec()
+    out = tmp_path / "study"
+    report = study.run_study(spec, out, workers=1, executor="sequential")
+    validate_report(report)
+    on_disk = json.loads((out / "report.json").read_text())
+    validate_report(on_disk)
+    assert on_disk["schema_version"] == REPORT_SCHEMA_VERSION
+    runs = on_disk["runs"]
+    assert len(runs) == 7 and all(r["status"] == "done" for r in runs)
+    assert {r["kind"] for r in runs} == {"isoflop", "heldout"}
+    for r in runs:  # each run directory is its config hash and holds the trainer's summary
+        s = json.loads((out / "runs" / r["run_id"] / "summary.json").read_text())
+        assert s["final_eval_loss"] == pytest.approx(r["final_eval_loss"])
+        # whole steps: within half a step of the budget (<= 1% once runs have >= 50 steps, test_sweep.py)
+        assert abs(s["flops"] / r["budget"] - 1) <= 0.5 / s["steps"] + 1e-12
+    g = on_disk["groups"]["dense-adamw"]
+    assert g["n_fit_points"] == 6
+    ch = g["chinchilla"]
+    assert "error" not in ch, ch
+    ent = on_disk["corpus"]["entropy_rate"]
+    assert ent == pytest.approx(s["entropy_floor"])
+    assert g["entropy"]["E_minus_entropy"] == pytest.approx(ch["params"]["E"] - ent)
+    (h,) = g["heldout"]
+    assert h["relative_error"] == pytest.approx((h["predicted"] - h["actual"]) / h["actual"])
+    held_run = next(r for r in runs if r["kind"] == "heldout")
+    assert h["actual"] == held_run["final_eval_loss"] and held_run["fit"] is False
+    ex = g["extrapolation"]
+    assert [x["multiple"] for x in ex] == [10.0, 100.0]
+    assert ex[1]["C"] == pytest.approx(100 * max(spec.budgets))
+    assert all(x["N"] > 0 and x["D"] > 0 for x in ex)
+    assert "loss_vs_training_flops" in on_disk["pareto"]
+    front = on_disk["pareto"]["loss_vs_training_flops"]
+    losses = [p["loss"] for p in front]
+    assert losses == sorted(losses, reverse=True)  # more compute on the frontier -> lower loss
+    md = (out / "report.md").read_text()
+    assert "Held-out runs" in md and f"{h['relative_error']:+.2%}" in md
+    for f in on_disk["figures"]:
+        assert (out / f).stat().st_size > 1000
+    assert any("isoflop" in f for f in on_disk["figures"])
+
+    # re-run: nothing is trained again (the trainer would raise), the fits are redone
+    import experiments.trainer as trainer
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(trainer, "train", no_training)
+    again = study.run_study(spec, out, workers=1, executor="sequential")
+    assert [r["status"] for r in again["runs"]] == ["done"] * 7
+    assert again["groups"]["dense-adamw"]["chinchilla"]["params"] == pytest.approx(ch["params"])
+    assert "7/7 done (7 reused)" in capsys.readouterr().out
+
+
+def test_validate_report_names_problems():
+    with pytest.raises(ValueError, match="missing key 'groups'"):
+        validate_report({"schema_version": REPORT_SCHEMA_VERSION})
+    bad = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "preset": "x",
+        "description": "",
+        "notes": [],
+        "corpus": {},
+        "compute": {},
+        "runs": [{"name": "a"}],
+        "lr_rules": {},
+        "groups": {"g": {"chinchilla": {"params": {}}}},
+        "pareto": {},
+        "comparisons": {},
+        "figures": [],
+    }
+    with pytest.raises(ValueError) as e:
+        validate_report(bad)
+    msg = str(e.value)
+    assert "runs[0] misses" in msg and "groups['g'] misses" in msg and "misses 'alpha'" in msg
+
+
+def test_wsd_branch_equals_wsd_run_from_scratch(tmp_path):
+    """A cool-down branch resumed from the constant-lr stable segment reproduces the same WSD run trained
+    from scratch (the claim that makes WSD compute reuse exact), and counts only its own steps."""
+    from experiments import executors
+    from experiments.hparam_rules import BatchRule, LRRule
+    from experiments.sweep import Rules, plan_wsd, resolve
+
+    spec = _micro_spec()
+    g = spec.groups[0]
+    base = dataclasses.replace(g.base, trainer=dataclasses.replace(g.base.trainer, eval_steps=1))
+    m = g.shape.candidates(base.model)[0]
+    rules = Rules(lr=LRRule(3e-3), batch=BatchRule(coef=4 * 64, min_batch=4, max_batch=4, min_steps=1))
+    fpt = m.flops_per_token(base.data.seq_len)["training"]
+    runs = plan_wsd(base, [m], [fpt * 20 * 4 * 64], rules, decay_fraction=0.2)
+    stable, branch = runs
+    assert (stable.steps, branch.steps, branch.parent["step"]) == (16, 20, 16)
+    res = executors.run_sequential(runs, tmp_path / "runs")
+    assert [r["status"] for r in res] == ["done", "done"]
+    log = (tmp_path / "runs" / branch.run_id / "train.log").read_text()
+    assert "resumed from checkpoint at step 16" in log
+    scratch = dataclasses.replace(branch, name="scratch", parent=None)
+    (scratch,) = resolve([scratch])
+    assert scratch.run_id == branch.run_id  # same experiment, so train it elsewhere
+    from experiments.trainer import train
+
+    s = train(
+        scratch.experiment,
+        tmp_path / "scratch",
+        devices=executors._devices(scratch.experiment),
+        log=lambda _: None,
+    )
+    assert res[1]["summary"]["final_eval_loss"] == pytest.approx(s["final_eval_loss"], rel=1e-5)
+    assert branch.incremental_flops == pytest.approx(branch.predicted_flops * 4 / 20)

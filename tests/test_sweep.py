@@ -1,0 +1,404 @@
+"""Sweep planning, hashing, hyperparameter rules, executors' skip/resume/failure logic and job-array export.
+
+No training here (the trainer is replaced by a fake where an executor is exercised); tests/test_study.py
+trains a micro study end to end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from experiments import executors
+from experiments.config import ConfigError
+from experiments.hparam_rules import BatchRule, LRRule, best_lr, fit_lr_rule
+from experiments.study_presets import STUDY_PRESETS, get_study_preset
+from experiments.sweep import (
+    EXECUTION_ONLY_FIELDS,
+    Rules,
+    ShapeRule,
+    plan_grid,
+    plan_heldout,
+    plan_isoflop,
+    plan_lr_sweep,
+    plan_user_list,
+    plan_wsd,
+    read_plan,
+    run_id,
+    summarize,
+    write_plan,
+)
+from models import accounting
+from optim.schedules import wsd_decay_start
+
+
+def _spec_base(name="cpu-tiny"):
+    spec = get_study_preset(name)
+    g = spec.groups[0]
+    return spec, g, Rules(lr=g.lr, batch=spec.batch, warmup_fraction=spec.warmup_fraction)
+
+
+@pytest.mark.parametrize("preset", ["cpu-tiny", "cpu-micro", "gpu-quick", "gpu-full"])
+def test_isoflop_plan_within_one_percent_of_budget(preset):
+    spec, g, rules = _spec_base(preset)
+    runs = plan_isoflop(
+        g.base,
+        spec.budgets,
+        spec.sizes_per_budget,
+        rules,
+        shape_rule=g.shape,
+        span=spec.span,
+        tokens_per_param=spec.tokens_per_param,
+    )
+    assert len(runs) == len(spec.budgets) * spec.sizes_per_budget
+    for r in runs:
+        cfg = r.experiment
+        # independent recomputation from the config: exact FLOPs/token x tokens trained
+        fpt = accounting.flops_per_token(cfg.model, cfg.data.seq_len)["training"]
+        flops = fpt * cfg.total_steps * cfg.data.batch_size * cfg.data.seq_len
+        assert flops == pytest.approx(r.predicted_flops, rel=1e-12)
+        assert abs(flops / r.budget - 1) < 0.01, (r.name, flops, r.budget)
+        assert cfg.model.resolved_head_dim == g.shape.head_dim
+        a = cfg.model.d_model / cfg.model.n_layers
+        assert (
+            g.shape.aspect_ratio / g.shape.aspect_tolerance
+            <= a
+            <= g.shape.aspect_ratio * g.shape.aspect_tolerance
+        )
+    for c in spec.budgets:  # distinct sizes spanning the curve at every budget
+        ns = sorted(r.params for r in runs if r.budget == c)
+        assert len(set(ns)) == spec.sizes_per_budget
+        assert ns[-1] / ns[0] > 2
+        # the curve is centred where D / N = tokens_per_param: the sizes bracket that ratio
+        # (when the shape grid reaches that far on both sides; cpu-micro's toy grid does not)
+        ratios = [r.tokens / r.params for r in runs if r.budget == c]
+        cands = g.shape.candidates(g.base.model)
+        all_r = [
+            c / accounting.training_flops_per_token(m, g.base.data.seq_len) / m.param_counts()["total"]
+            for m in cands
+        ]
+        if min(all_r) < spec.tokens_per_param < max(all_r):
+            assert min(ratios) < spec.tokens_per_param < max(ratios)
+
+
+def test_heldout_is_larger_and_not_fitted():
+    spec, g, rules = _spec_base()
+    (h,) = plan_heldout(g.base, spec.heldout_budgets, rules, shape_rule=g.shape)
+    assert h.kind == "heldout" and h.fit is False
+    assert h.budget > max(spec.budgets)
+    assert abs(h.predicted_flops / h.budget - 1) < 0.01
+
+
+def test_run_id_hash_semantics():
+    spec, g, rules = _spec_base()
+    r = plan_isoflop(g.base, spec.budgets[:1], 2, rules, shape_rule=g.shape)[0]
+    cfg = r.experiment
+    assert run_id(cfg) == r.run_id == run_id(cfg.to_dict())
+    assert len(r.run_id) == 12 and all(ch in "0123456789abcdef" for ch in r.run_id)
+    # execution-only settings do not change the identity; anything computed does
+    same = dataclasses.replace(
+        cfg,
+        trainer=dataclasses.replace(cfg.trainer, log_every=7, checkpoint_every=3),
+        data=dataclasses.replace(cfg.data, synthetic_dir="/elsewhere"),
+    )
+    assert run_id(same) == r.run_id
+    other = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, learning_rate=1e-4))
+    assert run_id(other) != r.run_id
+    assert run_id(dataclasses.replace(cfg, seed=1)) != r.run_id
+
+
+def test_execution_only_fields_match_trainer():
+    from experiments.trainer import EXECUTION_ONLY_FIELDS as trainer_fields
+
+    assert EXECUTION_ONLY_FIELDS is trainer_fields
+
+
+def test_plan_roundtrip_and_edit(tmp_path):
+    spec, g, rules = _spec_base()
+    runs = plan_isoflop(g.base, spec.budgets[:2], 3, rules, shape_rule=g.shape)
+    path = write_plan(runs, tmp_path / "plan.jsonl")
+    back = read_plan(path)
+    assert [r.run_id for r in back] == [r.run_id for r in runs]
+    assert [r.predicted_flops for r in back] == [r.predicted_flops for r in runs]
+    # hand-edit one run's steps: its id and FLOPs are re-derived on reading
+    lines = path.read_text().splitlines()
+    d = json.loads(lines[0])
+    d["config"]["trainer"]["steps"] *= 2
+    d["predicted_flops"] = 123.0  # stale derived value: ignored
+    lines[0] = json.dumps(d)
+    path.write_text("\n".join(lines) + "\n")
+    edited = read_plan(path)
+    assert edited[0].run_id != runs[0].run_id
+    assert edited[0].predicted_flops == pytest.approx(2 * runs[0].predicted_flops, rel=1e-12)
+    assert [r.run_id for r in edited[1:]] == [r.run_id for r in runs[1:]]
+    d["config"]["trainer"]["stepz"] = 1
+    path.write_text(json.dumps(d) + "\n")
+    with pytest.raises(ConfigError, match="stepz"):
+        read_plan(path)
+
+
+def test_grid_user_and_lr_sweep_plans():
+    spec, g, rules = _spec_base()
+    models = g.shape.candidates(g.base.model)[:2]
+    grid = plan_grid(g.base, models, [1e5, 2e5], rules)
+    assert len(grid) == 4 and all(r.budget is None for r in grid)
+    for r in grid:
+        assert abs(r.tokens / (1e5 if "D1.00e+05" in r.name else 2e5) - 1) < 0.02
+    user = plan_user_list(g.base, [{"name": "a", "set": ["optimizer.name=muon", "trainer.steps=60"]}])
+    assert user[0].experiment.optimizer.name == "muon" and user[0].steps == 60
+    sweep = plan_lr_sweep(grid[:1], (0.5, 2.0))
+    assert [r.learning_rate for r in sweep] == pytest.approx(
+        [0.5 * grid[0].learning_rate, 2 * grid[0].learning_rate]
+    )
+    assert all(r.kind == "lr_sweep" and not r.fit for r in sweep)
+
+
+def test_wsd_plan_branches_share_stable_prefix():
+    spec, g, rules = _spec_base()
+    models = [g.shape.candidates(g.base.model)[i] for i in (2, 5)]
+    runs = plan_wsd(g.base, models, spec.budgets, rules, decay_fraction=0.2)
+    by_name = {r.name: r for r in runs}
+    branches = [r for r in runs if r.kind == "wsd_branch"]
+    assert len(branches) == len(models) * len(spec.budgets)
+    for b in branches:
+        cfg = b.experiment
+        assert cfg.optimizer.schedule == "wsd"
+        parent = by_name[b.parent["run"]]
+        pc = parent.experiment
+        assert pc.optimizer.schedule == "constant"
+        # the branch's cool-down starts exactly where the stable segment it resumes from ends
+        assert wsd_decay_start(cfg.optimizer, cfg.total_steps) == b.parent["step"] == parent.steps
+        for f in ("learning_rate", "warmup_steps", "weight_decay", "name"):
+            assert getattr(pc.optimizer, f) == getattr(cfg.optimizer, f)
+        assert pc.model == cfg.model and pc.data.batch_size == cfg.data.batch_size
+        assert abs(b.predicted_flops / min(spec.budgets, key=lambda c: abs(c - b.predicted_flops)) - 1) < 0.01
+    # compute: shared prefixes once = the longest stable prefix + every cool-down, per model
+    for m in models:
+        mine = [r for r in runs if r.experiment.model == m]
+        per_step = mine[0].flops_per_token * mine[0].batch_size * g.base.data.seq_len
+        smax = max(r.steps for r in mine if r.kind == "wsd_stable")
+        cool = sum(r.steps - r.parent["step"] for r in mine if r.kind == "wsd_branch")
+        assert sum(r.incremental_flops for r in mine) == pytest.approx(per_step * (smax + cool), rel=1e-12)
+    s = summarize(runs)
+    assert s.study_flops < sum(r.predicted_flops for r in branches)
+
+
+def test_batch_rule_keeps_min_steps():
+    rule = BatchRule(coef=64 * 64, min_batch=2, max_batch=64, min_steps=50)
+    for tokens in (1e4, 5e4, 1e6):
+        b = rule.batch_size(1e10, tokens, 64)
+        assert b & (b - 1) == 0
+        assert tokens / (b * 64) >= 50 or b == 2
+
+
+def test_fit_lr_rule_recovers_power_law():
+    # synthetic sweep: loss is a parabola in log lr around lr*(C) = 0.5 C^-0.2 (DeepSeek-style)
+    cells = []
+    for C in (1e10, 1e11, 1e12):
+        opt = 0.5 * C**-0.2
+        for f in (0.25, 0.5, 1.0, 2.0, 4.0):
+            lr = opt * f * 1.3  # grid not centred on the optimum: the parabola vertex must find it
+            cells.append(
+                {"N": C**0.5, "D": C**0.5 / 6, "C": C, "lr": lr, "loss": 3 + 0.2 * math.log(lr / opt) ** 2}
+            )
+    rule = fit_lr_rule(cells, form="C")
+    assert rule.c_exp == pytest.approx(-0.2, abs=1e-6)
+    assert rule.coef == pytest.approx(0.5, rel=1e-5)
+    assert rule(N=1, D=1, C=1e11) == pytest.approx(0.5 * 1e11**-0.2, rel=1e-5)
+    with pytest.raises(ValueError, match="needs >= 3"):
+        fit_lr_rule(cells[:10], form="ND")
+    assert "edge" not in rule.source
+    mono = [dict(c, loss=-c["lr"]) for c in cells]  # loss falls with lr: optimum beyond the grid
+    assert "2 cell(s) best at the edge" not in fit_lr_rule(mono).source
+    assert "3 cell(s) best at the edge" in fit_lr_rule(mono).source
+    # edge of grid -> the grid point; diverged runs ignored
+    assert best_lr([1e-3, 1e-2, 1e-1], [2.0, 3.0, float("nan")]) == pytest.approx(1e-3)
+
+
+def test_all_presets_plan():
+    for name in STUDY_PRESETS:
+        spec = get_study_preset(name)
+        assert spec.groups and len(spec.budgets) >= 2
+    fam = get_study_preset("cpu-families")
+    names = [g.name for g in fam.groups]
+    assert "dense-adamw" in names and "dense-muon" in names
+
+
+# ----- executors (fake trainer) -----------------------------------------------------------------------------
+def _fake_train(calls, fail_names=()):
+    def train(cfg, workdir, devices=None, log=None):
+        calls.append(str(workdir))
+        if any(run_id(cfg) == n for n in fail_names):
+            raise RuntimeError("boom")
+        from models import accounting as acc
+
+        fpt = acc.training_flops_per_token(cfg.model, cfg.data.seq_len)
+        s = {
+            "steps": cfg.total_steps,
+            "final_eval_loss": 3.0,
+            "flops": fpt * cfg.total_steps * cfg.tokens_per_step,
+            "config": cfg.to_dict(),
+        }
+        (workdir / "summary.json").write_text(json.dumps(s))
+        (workdir / "checkpoints" / str(cfg.total_steps)).mkdir(parents=True, exist_ok=True)
+        return s
+
+    return train
+
+
+@pytest.fixture
+def micro_runs():
+    spec, g, rules = _spec_base("cpu-micro")
+    return plan_isoflop(g.base, spec.budgets[:1], 3, rules, shape_rule=g.shape, span=spec.span)
+
+
+def test_executor_skip_resume_and_failure(tmp_path, monkeypatch, micro_runs):
+    import experiments.trainer as trainer
+
+    calls: list[str] = []
+    bad = micro_runs[1].run_id
+    monkeypatch.setattr(trainer, "train", _fake_train(calls, fail_names=(bad,)))
+    res = executors.run_sequential(micro_runs, tmp_path)
+    st = {r["run_id"]: r["status"] for r in res}
+    assert st[bad] == "failed" and list(st.values()).count("done") == 2
+    err = json.loads((tmp_path / bad / "error.json").read_text())
+    assert "boom" in err["error"] and "Traceback" in err["traceback"]
+    assert executors.run_status(tmp_path, micro_runs[1]) == "failed"
+    # re-run: finished runs are skipped (trainer not called), the failed one is retried and now succeeds
+    calls.clear()
+    monkeypatch.setattr(trainer, "train", _fake_train(calls))
+    res = executors.run_sequential(micro_runs, tmp_path)
+    assert calls == [str(tmp_path / bad)]
+    assert {r["run_id"]: r["status"] for r in res}[bad] == "done"
+    assert not (tmp_path / bad / "error.json").exists()
+    assert all(executors.run_status(tmp_path, r) == "done" for r in micro_runs)
+    # an interrupted run (checkpoints, no summary) is handed to the trainer again, which resumes it
+    d = tmp_path / micro_runs[0].run_id
+    (d / "summary.json").unlink()
+    (d / "checkpoints" / "10").mkdir(parents=True)
+    assert executors.run_status(tmp_path, micro_runs[0]) == "partial"
+    calls.clear()
+    executors.run_sequential(micro_runs, tmp_path)
+    assert calls == [str(d)]
+    # a summary from a different config is not accepted as finished
+    s = json.loads((d / "summary.json").read_text())
+    s["config"]["seed"] = 99
+    (d / "summary.json").write_text(json.dumps(s))
+    assert executors.finished_summary(d, micro_runs[0]) is None
+
+
+def test_branch_seeded_from_parent_and_parent_failure(tmp_path, monkeypatch):
+    import experiments.trainer as trainer
+
+    spec, g, rules = _spec_base("cpu-micro")
+    m = g.shape.candidates(g.base.model)[0]
+    runs = plan_wsd(g.base, [m], spec.budgets, rules)
+    stable0 = runs[0]
+    # the parent's final checkpoint is copied into the branch before the trainer starts
+    ck = tmp_path / stable0.run_id / "checkpoints" / str(stable0.steps)
+    ck.mkdir(parents=True)
+    (ck / "marker").write_text("x")
+    calls: list[str] = []
+    monkeypatch.setattr(trainer, "train", _fake_train(calls))
+    res = executors.run_sequential(runs, tmp_path)
+    assert all(r["status"] == "done" for r in res)
+    child = next(r for r in runs if r.parent and r.parent["run"] == stable0.name and r.kind == "wsd_branch")
+    assert (tmp_path / child.run_id / "checkpoints" / str(stable0.steps) / "marker").read_text() == "x"
+    # parent failed -> its branches are reported failed without running
+    calls.clear()
+    for r in runs:
+        (tmp_path / r.run_id / "summary.json").unlink()
+    monkeypatch.setattr(trainer, "train", _fake_train(calls, fail_names=(stable0.run_id,)))
+    res = executors.run_sequential(runs, tmp_path)
+    failed = {r["name"] for r in res if r["status"] == "failed"}
+    assert stable0.name in failed and child.name in failed
+    assert str(tmp_path / child.run_id) not in calls
+
+
+def test_job_array_export(tmp_path):
+    spec, g, rules = _spec_base("cpu-micro")
+    m = g.shape.candidates(g.base.model)[0]
+    runs = plan_isoflop(g.base, spec.budgets, 2, rules, shape_rule=g.shape, span=spec.span) + plan_wsd(
+        g.base, [m], spec.budgets, rules
+    )
+    from experiments.sweep import resolve
+
+    runs = resolve(runs)
+    plan = write_plan(runs, tmp_path / "plan.jsonl")
+    script = executors.export_job_array(
+        runs,
+        plan,
+        tmp_path / "runs",
+        tmp_path / "submit.sh",
+        max_parallel=3,
+        sbatch_options=["partition=gpu"],
+    )
+    text = script.read_text()
+    sbatch = [ln for ln in text.splitlines() if ln.startswith("JOB=$(sbatch")]
+    levels = {}
+    for r in runs:
+        levels[r.name] = 0 if r.parent is None else levels[r.parent["run"]] + 1
+    assert len(sbatch) == max(levels.values()) + 1
+    for lev, line in enumerate(sbatch):
+        want = ",".join(str(i) for i, r in enumerate(runs) if levels[r.name] == lev)
+        assert f"--array={want}%3" in line and "--partition=gpu" in line
+        assert "$DEP" in line
+    assert "--dependency=afterok:$JOB" in text
+    task = (tmp_path / "submit_task.sh").read_text()
+    assert f"run-one --plan {plan.absolute()}" in task and '--index "$SLURM_ARRAY_TASK_ID"' in task
+    import subprocess
+
+    subprocess.run(["bash", "-n", str(script)], check=True)  # both scripts are valid bash
+    subprocess.run(["bash", "-n", str(tmp_path / "submit_task.sh")], check=True)
+    # the array task entry point runs one plan index (here: a bad index is a clear error)
+    with pytest.raises(SystemExit):
+        executors.main(
+            ["run-one", "--plan", str(plan), "--index", str(len(runs)), "--runs-dir", str(tmp_path)]
+        )
+
+
+def test_slurm_executor_needs_submitit(tmp_path, monkeypatch, micro_runs):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_submitit(name, *a, **k):
+        if name == "submitit":
+            raise ImportError("no submitit")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_submitit)
+    with pytest.raises(ImportError, match="pip install submitit"):
+        executors.run_slurm(micro_runs, tmp_path, folder=tmp_path / "slurm")
+
+
+def test_progress_line(micro_runs):
+    p = executors.Progress(micro_runs)
+    p.start(micro_runs[0].name)
+    p.finish({"name": micro_runs[0].name, "status": "done"})
+    p.finish({"name": micro_runs[1].name, "status": "failed", "error": "x"})
+    line = p.line()
+    assert "1/3 done" in line and "1 failed" in line and "0 running" in line
+    frac = micro_runs[0].incremental_flops / sum(r.incremental_flops for r in micro_runs)
+    assert f"({100 * frac:.0f}%)" in line
+
+
+def test_flops_per_token_model_interpolates_exactly_at_planned_shapes(micro_runs):
+    from experiments.report import flops_per_token_model
+
+    f = flops_per_token_model(micro_runs)
+    for r in micro_runs:
+        assert f(np.array([r.params]))[0] == pytest.approx(r.flops_per_token, rel=1e-9)
+    n = np.array([max(r.params for r in micro_runs) * 10.0])
+    assert f(n)[0] > max(r.flops_per_token for r in micro_runs)
+
+
+def test_shape_rule_rejects_impossible_request():
+    spec, g, rules = _spec_base("cpu-micro")
+    with pytest.raises(ConfigError, match="sizes"):
+        plan_isoflop(g.base, spec.budgets, 50, rules, shape_rule=ShapeRule(max_layers=1, max_d_model=32))
+    assert LRRule(2.0, c_exp=-0.5)(N=1, D=1, C=4.0) == pytest.approx(1.0)
