@@ -182,7 +182,7 @@ def bootstrap(
     chunk: int | None = None,
 ) -> Bootstrap:
     """Refit ``fit`` on ``n`` bootstrap replicates at once (see module docstring for ``kind``)."""
-    from scaling.fit import _problem, run_pipeline  # local: fit imports this module lazily too
+    from scaling.fit import START_BUCKET, _problem, run_pipeline  # local: fit imports this module lazily too
 
     if fit.data is None:
         raise ValueError("bootstrap needs the fit's data (FitResult.data is None)")
@@ -208,7 +208,12 @@ def bootstrap(
         y_B = np.broadcast_to(y, (n, npts))
     names = prob.nonlin if prob.varpro else law.params
     x0 = np.broadcast_to(law.to_unconstrained(fit.params, names), (n, len(names)))
-    chunk = n if chunk is None else chunk
+    # Fixed-size chunks: every n (and the fit itself, for small start grids) reuses one compiled program,
+    # and a chunk's while-loop stops at its own slowest replicate, not the slowest of all n (measured ~2x
+    # less CPU for n=1000 than one 1024-row batch).
+    chunk = START_BUCKET if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     thetas, fs, reasons = [], [], []
     with jax.enable_x64(True):
         for s in range(0, n, chunk):

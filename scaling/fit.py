@@ -33,7 +33,7 @@ from scaling.varpro import active_set_masks, rho, solve_linear
 
 @dataclass(frozen=True)
 class FitOptions:
-    """Objective and optimiser settings (hashable: keys the compiled-program cache).
+    """Objective and optimiser settings (hashable; its structural part keys the compiled-program cache).
 
     loss: "huber" (default, Hoffmann et al. 2022) or "ls" (least squares).
     delta: Huber threshold on residuals (1e-3 as Hoffmann et al.).
@@ -138,10 +138,33 @@ def prepare_data(law: Law, data: Mapping, weights=None, *, space: str = "log", t
 
 
 # ----------------------------------------------------------------------------------------------------
-# Compiled problem (cached per law and options)
+# Compiled problem (cached per law and the *structural* options)
 # ----------------------------------------------------------------------------------------------------
-class _Problem:
-    """Pure-jax objectives and the compiled multi-start pipeline for one (law, options)."""
+def _static_options(opts: FitOptions) -> FitOptions:
+    """``opts`` with the numeric settings (delta, tau's value, max_iter, gtol, ftol) blanked out.
+
+    Why: those enter the compiled program as traced scalars, so e.g. the Huber-threshold continuation of
+    :func:`fit_huber_likelihood` or a ``max_iter`` change reuses one program instead of recompiling (each
+    compilation costs seconds of CPU).  What stays static changes the program's structure: loss, space,
+    method, polish, inner_iter and whether the loss is asymmetric at all.
+    """
+    return FitOptions(
+        **{
+            **asdict(opts),
+            "delta": 1.0,
+            "tau": None if opts.tau is None else 0.5,
+            "max_iter": 0,
+            "gtol": 0.0,
+            "ftol": 0.0,
+        }
+    )
+
+
+class _Compiled:
+    """Pure-jax objectives and the compiled multi-start pipeline for one (law, structural options).
+
+    The numeric settings arrive as ``hp``, a dict of traced scalars (delta, tau, max_iter, gtol, ftol).
+    """
 
     def __init__(self, law: Law, opts: FitOptions):
         self.law, self.opts = law, opts
@@ -152,8 +175,10 @@ class _Problem:
         self.lower = lower
         self.masks = active_set_masks(lower) if law.linear else np.zeros((1, 0))
         self.pipeline = jax.jit(self._pipeline)
-        self.refine = jax.jit(self._refine)
         self.hessian = jax.jit(jax.hessian(self.full_objective))
+
+    def _tau(self, hp):
+        return None if self.opts.tau is None else hp["tau"]
 
     # objectives ------------------------------------------------------------------------------------
     def residual(self, p, X, y):
@@ -161,12 +186,12 @@ class _Problem:
             return jnp.log(y) - self.law.log_prediction(p, X)
         return y - self.law.fn(p, X)
 
-    def full_objective(self, theta, X, y, w):
+    def full_objective(self, theta, X, y, w, hp):
         p = self.law.from_unconstrained(theta, self.names)
         r = self.residual(p, X, y)
-        return jnp.sum(w * rho(r, self.opts.loss, self.opts.delta, self.opts.tau))
+        return jnp.sum(w * rho(r, self.opts.loss, hp["delta"], self._tau(hp)))
 
-    def coef(self, phi, X, y, w):
+    def coef(self, phi, X, y, w, hp):
         p = self.law.from_unconstrained(phi, self.nonlin)
         Phi = self.law.basis(p, X)
         o = self.opts
@@ -178,26 +203,26 @@ class _Problem:
             jnp.asarray(self.masks),
             space=o.space,
             loss=o.loss,
-            delta=o.delta,
-            tau=o.tau,
+            delta=hp["delta"],
+            tau=self._tau(hp),
             n_iter=o.inner_iter,
         )
 
-    def projected_objective(self, phi, X, y, w):
+    def projected_objective(self, phi, X, y, w, hp):
         # Envelope theorem: d/dphi min_c F(phi, c) = dF/dphi at c*(phi), so the inner solve is not
         # differentiated (stop_gradient) -- cheaper and exact at the inner optimum.
-        c = jax.lax.stop_gradient(self.coef(phi, X, y, w))
+        c = jax.lax.stop_gradient(self.coef(phi, X, y, w, hp))
         p = self.law.from_unconstrained(phi, self.nonlin)
         yhat = self.law.basis(p, X) @ c
         if self.opts.space == "log":
             r = jnp.log(y) - jnp.log(jnp.maximum(yhat, 1e-300))
         else:
             r = y - yhat
-        return jnp.sum(w * rho(r, self.opts.loss, self.opts.delta, self.opts.tau))
+        return jnp.sum(w * rho(r, self.opts.loss, hp["delta"], self._tau(hp)))
 
-    def to_full(self, phi, X, y, w):
+    def to_full(self, phi, X, y, w, hp):
         """Nonlinear params + solved coefficients -> full unconstrained vector (order ``law.params``)."""
-        c = self.coef(phi, X, y, w)
+        c = self.coef(phi, X, y, w, hp)
         pn = self.law.from_unconstrained(phi, self.nonlin)
         nat = self.law.combine(pn, c)
         out = []
@@ -207,30 +232,63 @@ class _Problem:
         return jnp.stack(out)
 
     # pipelines ---------------------------------------------------------------------------------------
-    def _minimize(self, f, x0, X, y_S, w_S, max_iter):
-        o = self.opts
+    def _minimize(self, f, x0, X, y_S, w_S, hp):
         return lbfgs.minimize_batched(
-            lambda th, y, w: f(th, X, y, w), x0, y_S, w_S, max_iter=max_iter, gtol=o.gtol, ftol=o.ftol
+            lambda th, y, w: f(th, X, y, w, hp),
+            x0,
+            y_S,
+            w_S,
+            max_iter=hp["max_iter"],
+            gtol=hp["gtol"],
+            ftol=hp["ftol"],
         )
 
-    def _pipeline(self, x0_SxQ, X, y_SxN, w_SxN):
+    def _pipeline(self, x0_SxQ, X, y_SxN, w_SxN, hp):
         """Starts (nonlinear params for varpro, all params otherwise) -> polished full-space results."""
         o = self.opts
         if self.varpro:
-            stage1 = self._minimize(self.projected_objective, x0_SxQ, X, y_SxN, w_SxN, o.max_iter)
-            theta0 = jax.vmap(lambda ph, y, w: self.to_full(ph, X, y, w))(stage1.x_SxP, y_SxN, w_SxN)
+            stage1 = self._minimize(self.projected_objective, x0_SxQ, X, y_SxN, w_SxN, hp)
+            theta0 = jax.vmap(lambda ph, y, w: self.to_full(ph, X, y, w, hp))(stage1.x_SxP, y_SxN, w_SxN)
             f1 = stage1.f_S
         else:
             theta0, f1 = x0_SxQ, jnp.full(x0_SxQ.shape[:1], jnp.nan)
         if o.polish or not self.varpro:
-            res = self._minimize(self.full_objective, theta0, X, y_SxN, w_SxN, o.max_iter)
+            res = self._minimize(self.full_objective, theta0, X, y_SxN, w_SxN, hp)
         else:
-            fv = jax.vmap(lambda th, y, w: self.full_objective(th, X, y, w))(theta0, y_SxN, w_SxN)
+            fv = jax.vmap(lambda th, y, w: self.full_objective(th, X, y, w, hp))(theta0, y_SxN, w_SxN)
             res = lbfgs.BatchResult(theta0, fv, stage1.grad_norm_S, stage1.n_iter_S, stage1.reason_S)
         return res, f1
 
-    def _refine(self, theta_SxP, X, y_SxN, w_SxN):
-        return self._minimize(self.full_objective, theta_SxP, X, y_SxN, w_SxN, self.opts.max_iter)
+
+@functools.lru_cache(maxsize=64)
+def _compiled(law: Law, static_opts: FitOptions) -> _Compiled:
+    return _Compiled(law, static_opts)
+
+
+class _Problem:
+    """One (law, options): the shared compiled program plus this problem's numeric settings."""
+
+    def __init__(self, law: Law, opts: FitOptions):
+        self.law, self.opts = law, opts
+        self.core = _compiled(law, _static_options(opts))
+        self.names, self.nonlin, self.varpro = self.core.names, self.core.nonlin, self.core.varpro
+
+    def hp(self) -> dict:
+        """Numeric settings as typed float64/int32 scalars (call inside ``jax.enable_x64(True)``)."""
+        o = self.opts
+        return {
+            "delta": jnp.asarray(o.delta, jnp.float64),
+            "tau": jnp.asarray(0.5 if o.tau is None else o.tau, jnp.float64),
+            "max_iter": jnp.asarray(o.max_iter, jnp.int32),
+            "gtol": jnp.asarray(o.gtol, jnp.float64),
+            "ftol": jnp.asarray(o.ftol, jnp.float64),
+        }
+
+    def pipeline(self, x0_SxQ, X, y_SxN, w_SxN):
+        return self.core.pipeline(x0_SxQ, X, y_SxN, w_SxN, self.hp())
+
+    def hessian(self, theta, X, y, w):
+        return self.core.hessian(theta, X, y, w, self.hp())
 
 
 @functools.lru_cache(maxsize=64)
@@ -388,6 +446,11 @@ def _x64_inputs(X: Mapping[str, np.ndarray]) -> dict:
     return {k: jnp.asarray(v, jnp.float64) for k, v in X.items()}
 
 
+# Smallest padded number of starts: a single-start refit, a small start grid (Chinchilla's 25) and each
+# bootstrap chunk (scaling.bootstrap) all share the one program compiled for this many rows.
+START_BUCKET = 32
+
+
 def _bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << (int(n) - 1).bit_length())
 
@@ -402,7 +465,7 @@ def run_pipeline(prob: _Problem, x0_SxQ, X: Mapping, y_SxN, w_SxN) -> lbfgs.Batc
     x0 = np.asarray(x0_SxQ, np.float64)
     y_SxN, w_SxN = np.asarray(y_SxN, np.float64), np.asarray(w_SxN, np.float64)
     S, n = y_SxN.shape
-    Sp, n_p = _bucket(S, 32), _bucket(n, 64)
+    Sp, n_p = _bucket(S, START_BUCKET), _bucket(n, 64)
     pad_n = n_p - n
     Xp = {
         k: np.concatenate([np.asarray(v, np.float64), np.full(pad_n, np.asarray(v)[0], np.float64)])
@@ -567,6 +630,11 @@ def huber_nll(r, w, delta, log_sigma):
     return jnp.sum(w * (loss + jnp.log(s * z)))
 
 
+# One compiled program for the scalar sigma search (dozens of evaluations) instead of ~15 eager op dispatches
+# per evaluation, each compiled on first use.
+_huber_nll_jit = jax.jit(huber_nll)
+
+
 def fit_huber_likelihood(init: FitResult, *, delta: float = 1e-3, max_rounds: int = 1, **fit_kw) -> FitResult:
     """Maximum-likelihood refit with a Huber error density and a free scale sigma (Besiroglu et al. 2024).
 
@@ -587,9 +655,10 @@ def fit_huber_likelihood(init: FitResult, *, delta: float = 1e-3, max_rounds: in
 
     def sigma_mle(r):
         with jax.enable_x64(True):
+            r_j, w_j, d_j = jnp.asarray(r), jnp.asarray(w), jnp.asarray(delta, jnp.float64)
 
             def f(ls):
-                return float(huber_nll(jnp.asarray(r), jnp.asarray(w), delta, ls))
+                return float(_huber_nll_jit(r_j, w_j, d_j, jnp.asarray(ls, jnp.float64)))
 
             ls0 = np.log(delta * np.average(np.abs(r), weights=w) + 1e-300)
             out = minimize_scalar(f, bracket=(ls0 - 1.0, ls0 + 1.0))
