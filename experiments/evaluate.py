@@ -216,14 +216,27 @@ def _without_params(fn: LogitsFn) -> Callable[..., jax.Array]:
     return lambda _params, tokens_BxL: fn(tokens_BxL)
 
 
+def as_variables(params_or_variables: Any) -> dict[str, Any]:
+    """flax variables from either a bare parameter tree or ``{"params": ..., **model_state}``.
+
+    Stateful models (MoE with ``moe_bias_update_rate > 0``, MoR's loss-free bias) need their non-parameter
+    collections at apply time; a model's parameter tree never has a top-level "params" key, so the two forms
+    cannot be confused."""
+    if isinstance(params_or_variables, dict) and "params" in params_or_variables:
+        return params_or_variables
+    return {"params": params_or_variables}
+
+
 @functools.lru_cache(maxsize=32)
 def model_apply_fn(model_cfg: Any) -> Callable[..., jax.Array]:
     """``apply_fn(params, tokens) -> logits`` of ``models.build_model(model_cfg)``; one function object per
-    (hashable, frozen) model config, so the scorer's compilation is shared by runs of the same shape."""
+    (hashable, frozen) model config, so the scorer's compilation is shared by runs of the same shape.
+    ``params`` may be the parameter tree or the variables ``{"params": ..., **model_state}``
+    (``as_variables``)."""
     from models import build_model
 
     model = build_model(model_cfg)
-    return lambda params, tokens_BxL: model.apply({"params": params}, tokens_BxL)[0]
+    return lambda params, tokens_BxL: model.apply(as_variables(params), tokens_BxL)[0]
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
@@ -429,7 +442,16 @@ def stack_runs(results: list[dict[str, Any]], task: str) -> dict[str, np.ndarray
 
 # ---- runs --------------------------------------------------------------------------------------------
 def load_params(workdir: str | Path, step: int | None = None) -> tuple[Any, Any, int]:
-    """(ExperimentConfig, params on one device, checkpoint step) of a trainer work directory."""
+    """(ExperimentConfig, params on one device, checkpoint step) of a trainer work directory. Stateful models
+    (router biases) also need their model state to be applied: use ``load_variables``."""
+    cfg, variables, step = load_variables(workdir, step)
+    return cfg, variables["params"], step
+
+
+def load_variables(workdir: str | Path, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
+    """(ExperimentConfig, variables on one device, checkpoint step) of a trainer work directory: variables
+    is ``{"params": ..., **model_state}`` -- the non-parameter collections the trainer checkpoints as
+    ``model_state`` (MoE's "moe_state", MoR's "mor_state" router biases) are restored too."""
     import flax.linen as nn
 
     import optim
@@ -445,12 +467,16 @@ def load_params(workdir: str | Path, step: int | None = None) -> tuple[Any, Any,
     cfg = ExperimentConfig.from_dict(json.loads(cfg_path.read_text()))
     model = build_model(cfg.model)
     dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
-    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
+    abstract_vars = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)
+    boxed = abstract_vars["params"]
     abstract_params = nn.meta.unbox(boxed)
     tx, _ = optim.build_optimizer(
         cfg.optimizer, abstract_params, nn.get_partition_spec(boxed), cfg.total_steps
     )
     abstract = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params)}
+    abstract_mstate = nn.meta.unbox({k: v for k, v in abstract_vars.items() if k != "params"})
+    if abstract_mstate:  # the trainer's state layout: "model_state" only for stateful models
+        abstract["model_state"] = abstract_mstate
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = abstract_like(abstract, jax.tree.map(lambda _: dev, abstract))
     ckpt = Checkpointer(workdir / CHECKPOINT_DIR, keep=cfg.trainer.keep_checkpoints, async_save=False)
@@ -461,7 +487,7 @@ def load_params(workdir: str | Path, step: int | None = None) -> tuple[Any, Any,
         state, _ = ckpt.restore(step, abstract)
     finally:
         ckpt.close()
-    return cfg, state["params"], int(step)
+    return cfg, {"params": state["params"], **state.get("model_state", {})}, int(step)
 
 
 @functools.lru_cache(maxsize=8)
@@ -478,7 +504,8 @@ def battery_for(cfg: Any, seed: int = 0, names=None) -> list[Task]:
 
 
 def evaluate_params(cfg: Any, params: Any, tasks: list[Task], eval_cfg: EvalConfig | None = None):
-    """Evaluate ``params`` of an ExperimentConfig's model on ``tasks``."""
+    """Evaluate ``params`` (the parameter tree, or variables ``{"params": ..., **model_state}`` for stateful
+    models) of an ExperimentConfig's model on ``tasks``."""
     scorer = Scorer(
         model_apply_fn(cfg.model),
         params,
@@ -541,11 +568,11 @@ def evaluate_run(
     "tasks": {name: task info + metrics, with per-item lists under "items"}}.
     """
     t0 = time.perf_counter()
-    cfg, params, ckpt_step = load_params(workdir, step)
+    cfg, variables, ckpt_step = load_variables(workdir, step)  # params + model state (router biases)
     name = DOWNSTREAM_FILE if step is None else f"downstream_step{ckpt_step}.json"
     out = evaluate_and_write(
         cfg,
-        params,
+        variables,
         workdir if write else None,
         ckpt_step,
         tasks=tasks,

@@ -313,6 +313,25 @@ def cpu_worker_xla_flags(existing: str | None = None) -> str:
     return f"{existing} {extra}".strip() if existing else extra
 
 
+def critical_path_order(runs: Sequence[PlannedRun]) -> list[PlannedRun]:
+    """Runs by decreasing critical-path cost: a run's own FLOPs (incremental, for a branch) plus the costliest
+    chain of runs waiting on it. Starting the longest chains first (longest-processing-time scheduling) keeps
+    a large held-out run or a WSD chain from running alone at the end while the other workers idle."""
+    children: dict[str, list[PlannedRun]] = {}
+    for r in runs:
+        if r.parent is not None:
+            children.setdefault(r.parent["run"], []).append(r)
+    memo: dict[str, float] = {}
+
+    def chain(r: PlannedRun) -> float:
+        if r.name not in memo:
+            own = r.incremental_flops or r.predicted_flops
+            memo[r.name] = own + max((chain(c) for c in children.get(r.name, [])), default=0.0)
+        return memo[r.name]
+
+    return sorted(runs, key=lambda r: -chain(r))  # stable: equal costs keep plan order
+
+
 def run_parallel(
     runs: Sequence[PlannedRun],
     runs_dir: str | Path,
@@ -337,7 +356,7 @@ def run_parallel(
     for i in range(workers):
         queue.put(list(range(i * devices_per_worker, (i + 1) * devices_per_worker)))
     flags = cpu_worker_xla_flags(os.environ.get("XLA_FLAGS")) if single_thread_cpu else None
-    pending = list(runs)
+    pending = critical_path_order(runs)
     results: dict[str, dict[str, Any]] = {}
     finished_ok: set[str] = set()
     with ProcessPoolExecutor(

@@ -98,7 +98,7 @@ def fit_lr_rules(spec: StudySpec, runs: Sequence[PlannedRun], runs_dir: Path) ->
         if not cells:
             continue
         try:
-            rule = fit_lr_rule(cells, form=g.lr_rule_form)
+            rule = fit_lr_rule(cells, form=g.lr_rule_form, prior=g.lr)
             out[g.name] = {"rule": rule.to_dict(), "cells": cells, "error": None}
         except ValueError as e:
             out[g.name] = {"rule": g.lr.to_dict(), "cells": cells, "error": str(e)}
@@ -118,9 +118,9 @@ def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> li
         base = _with_data_dir(g.base, out)
         lr = _clamped(g, lr_rules.get(g.name))
         lo = hi = None
-        if g.lr_sweep_factors:  # keep the fitted rule inside the swept range (2 cells extrapolate wildly)
-            lo = min(g.lr_sweep_factors) * g.lr.coef
-            hi = max(g.lr_sweep_factors) * g.lr.coef
+        swept = [c["lr"] for c in (lr_rules.get(g.name) or {}).get("cells", [])]
+        if swept:  # keep the fitted rule inside the swept lr range (a rule from 2 cells extrapolates wildly)
+            lo, hi = min(swept), max(swept)
         rules = _rules(spec, lr)
         iso = plan_isoflop(
             base,
@@ -148,7 +148,7 @@ def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> li
                 mid,
                 spec.wsd_sizes,
                 seq_len=base.data.seq_len,
-                span=spec.span / 2,
+                span=spec.wsd_span,
                 tokens_per_param=spec.tokens_per_param,
                 aspect_ratio=g.shape.aspect_ratio,
             )

@@ -31,6 +31,7 @@ counts the shared prefix once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -55,20 +56,39 @@ RUN_KINDS = ("isoflop", "heldout", "lr_sweep", "wsd_stable", "wsd_branch", "grid
 
 
 # ----- identity ---------------------------------------------------------------------------------------------
-def _strip(d: dict, prefix: str = "") -> dict:
+_MISSING = object()
+
+
+def _strip(d: dict, prefix: str = "", default: Any = None) -> dict:
+    """``d`` without execution-only fields and without fields equal to their default: a config field added
+    to scalelab later (with a behaviour-preserving default) must not change the id of every finished run.
+    The flip side -- changing an existing default is a breaking change of run identity -- is documented."""
+    default = default if isinstance(default, dict) else {}
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if any(key == f or key.startswith(f) for f in EXECUTION_ONLY_FIELDS):
             continue
-        out[k] = _strip(v, key + ".") if isinstance(v, dict) else v
+        dv = default.get(k, _MISSING)
+        if isinstance(v, dict):
+            sub = _strip(v, key + ".", dv)
+            if sub or not isinstance(dv, dict):
+                out[k] = sub
+        elif dv is _MISSING or v != dv:
+            out[k] = v
     return out
 
 
+@functools.cache
+def _default_config_dict() -> dict:
+    return ExperimentConfig().to_dict()
+
+
 def run_id(cfg: ExperimentConfig | Mapping) -> str:
-    """12 hex digits of the SHA-256 of the canonical JSON config without execution-only fields."""
+    """12 hex digits of the SHA-256 of the canonical JSON config without execution-only fields and without
+    fields at their default values (see ``_strip``)."""
     d = cfg.to_dict() if isinstance(cfg, ExperimentConfig) else dict(cfg)
-    blob = json.dumps(_strip(d), sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(_strip(d, default=_default_config_dict()), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -12,6 +12,7 @@ from models.accounting import (
     training_flops_per_token,
 )
 from models.config import ModelConfig
+from models.decode import decode_logits, decode_step, init_cache, kv_cache_bytes
 from models.mla import MlaAttention
 from models.moe import MoeMlp, router_bias_update
 from models.mor import MoRTransformer, equal_unique_params_dense
@@ -35,11 +36,15 @@ __all__ = [
     "Transformer",
     "build_model",
     "chinchilla_flops_per_token",
+    "decode_logits",
+    "decode_step",
     "decode_flops_per_token",
     "equal_unique_params_dense",
     "family_summary",
     "flops_per_token",
+    "init_cache",
     "kaplan_flops_per_token",
+    "kv_cache_bytes",
     "kv_cache_bytes_per_token",
     "param_counts",
     "router_bias_update",

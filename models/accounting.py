@@ -212,7 +212,7 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> floa
     if cfg.family == "mor":
         from models.mor_accounting import mor_kv_cache_bytes_per_token
 
-        return mor_kv_cache_bytes_per_token(cfg)
+        return mor_kv_cache_bytes_per_token(cfg, dtype)
     itemsize = cfg.compute_jnp_dtype.itemsize if dtype is None else _itemsize(dtype)
     if cfg.attention == "mla":
         per_layer = cfg.resolved_mla_kv_lora_rank + cfg.resolved_mla_rope_head_dim

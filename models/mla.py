@@ -109,7 +109,8 @@ def init_mla_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> di
 
 
 def mla_decode_step(params: dict, cfg: ModelConfig, x_BxD: jax.Array, cache: dict[str, jax.Array],
-                    position: jax.Array | int) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    position: jax.Array | int, kv_valid_BxS: jax.Array | None = None,
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One new token per row at ``position`` (same for the batch; may be traced): append its latent and
     rotary key to ``cache`` and attend over positions <= ``position``. Returns (y_BxD, new cache).
 
@@ -118,6 +119,9 @@ def mla_decode_step(params: dict, cfg: ModelConfig, x_BxD: jax.Array, cache: dic
     of latents (sum_s p_s c_kv_s W_uv_h), as DeepSeek-V2 describes for inference. The k_up bias (with
     use_bias) adds q_nope_h . b_k to every score of a query, which softmax ignores; the v_up bias passes
     through the convex combination unchanged. Equals ``MlaAttention.__call__`` at that position (tested).
+    ``kv_valid_BxS`` (optional) also masks out cached positions (Mixture-of-Recursions: tokens that were not
+    active at this recursion step; models/decode.py). Masked scores get a large finite negative, not -inf, so
+    a row with nothing visible stays finite (uniform) instead of NaN, like jax.nn.dot_product_attention.
     """
     c = cfg
     H, D = c.n_heads, c.d_model
@@ -152,8 +156,11 @@ def mla_decode_step(params: dict, cfg: ModelConfig, x_BxD: jax.Array, cache: dic
     q_lat_BxHxR = jnp.einsum("bhn,rhn->bhr", q_nope_BxHxN, w_uk_RxHxN)
     scores_BxHxS = (jnp.einsum("bhr,bsr->bhs", q_lat_BxHxR, ckv_BxSxR)
                     + jnp.einsum("bhp,bsp->bhs", q_rope_BxHxP, kr_BxSxP)) * A ** -0.5
-    visible_S = jnp.arange(ckv_BxSxR.shape[1]) <= pos_1[0]
-    probs_BxHxS = jax.nn.softmax(jnp.where(visible_S, scores_BxHxS, -jnp.inf), axis=-1)
+    visible_BxS = jnp.broadcast_to(jnp.arange(ckv_BxSxR.shape[1]) <= pos_1[0], ckv_BxSxR.shape[:2])
+    if kv_valid_BxS is not None:
+        visible_BxS = visible_BxS & kv_valid_BxS
+    scores_BxHxS = jnp.where(visible_BxS[:, None, :], scores_BxHxS, jnp.finfo(f32).min)
+    probs_BxHxS = jax.nn.softmax(scores_BxHxS, axis=-1)
     lat_BxHxR = jnp.einsum("bhs,bsr->bhr", probs_BxHxS, ckv_BxSxR)
     out_BxHxU = jnp.einsum("bhr,rhu->bhu", lat_BxHxR, w_uv_RxHxU)
     if "bias" in params["v_up"]:

@@ -19,7 +19,9 @@ Routers (``mor_router``):
     training, so a token's selection depends on *future* tokens: it is not causal. As in the paper, an
     auxiliary BCE loss (``mor_aux_loss="bce"``, weight 0.001) trains the router logit to predict membership of
     the top-k, so at decoding time a token continues iff sigmoid(logit) >= 0.5 -- a causal per-token threshold
-    (the "mor_router_accuracy" metric measures how well that threshold reproduces the top-k).
+    (the "mor_router_accuracy" metric measures how well that threshold reproduces the top-k). The forward's
+    inference mode ``apply(..., causal_routing=True)`` routes with that threshold, and the KV-cache decoder
+    (models/decode.py) reproduces it exactly.
   * "token_choice" (Section 2.2.2): one router, softmax over the N_r depths of h after the first layer, top-1
     gives each token its depth up front (causal by construction); gate g = alpha * p(depth). A Switch-style
     balancing loss (weight 0.1) spreads tokens over depths, or (``mor_aux_loss="loss_free"``) a DeepSeek-V3
@@ -165,7 +167,13 @@ class MoRTransformer(nn.Module):
             x_BxKxD, _ = self.shared[shared_idx](x_BxKxD, None, **kwargs)
         return x_BxKxD
 
-    def __call__(self, tokens_BxL: jax.Array, *, return_hidden: bool = False) -> tuple[jax.Array, dict]:
+    def __call__(self, tokens_BxL: jax.Array, *, return_hidden: bool = False,
+                 causal_routing: bool = False) -> tuple[jax.Array, dict]:
+        """``causal_routing=True`` is the inference routing mode (``_expert_choice_causal``): expert choice
+        then keeps a token at step r iff its own router logit is >= 0 (sigmoid >= 0.5, the decision the BCE
+        loss trains), so no token's path depends on later tokens and KV-cache decoding (models/decode.py)
+        reproduces this forward exactly. Token choice and "none" are causal already: the flag changes nothing.
+        """
         c = self.config
         if tokens_BxL.ndim != 2 or not jnp.issubdtype(tokens_BxL.dtype, jnp.integer):
             raise ValueError(f"tokens must be an integer array [batch, seq]; got {tokens_BxL.dtype}"
@@ -188,6 +196,8 @@ class MoRTransformer(nn.Module):
             for r in range(n_r):
                 x_BxLxD = self._run_step(r, x_BxLxD, None, None, kv_inputs)
                 counts.append(jnp.full((Bsz,), L, jnp.float32))
+        elif c.mor_router == "expert_choice" and causal_routing:
+            x_BxLxD, counts = self._expert_choice_causal(x_BxLxD, pos_BxL, res, kv_inputs)
         elif c.mor_router == "expert_choice":
             x_BxLxD, counts = self._expert_choice(x_BxLxD, pos_BxL, k_steps, res, kv_inputs, extras)
         else:
@@ -232,6 +242,29 @@ class MoRTransformer(nn.Module):
         extras["mor_router_accuracy"] = sum(acc_terms) / len(acc_terms)
         if res["aux_loss"] == "bce":
             extras["mor_router_aux_loss"] = c.mor_aux_loss_weight * bce
+        return x_BxLxD, counts
+
+    def _expert_choice_causal(self, x_BxLxD, pos_BxL, res, kv_inputs):
+        """Expert choice at inference (official MoR: the router's own per-token decision): at step r a token
+        still active continues iff theta_r . h >= 0, i.e. sigmoid >= 0.5 (tanh >= 0), the threshold the BCE
+        auxiliary loss trains against the top-k; steps with capacity 1 keep every active token, as the top-k
+        does (recursive KV sharing relies on step 0 seeing all tokens). The number of tokens per step is data
+        dependent, so every step runs on all L tokens with a mask (attention keys: the tokens active at that
+        step, recursion-wise) -- exited tokens are not skipped here; decoding skips nothing either."""
+        c = self.config
+        active_BxL = jnp.ones(pos_BxL.shape, bool)
+        counts = []
+        for r in range(c.mor_recursions):
+            logit_BxL = self.router(x_BxLxD, column=r)
+            act = jax.nn.sigmoid(logit_BxL) if res["activation"] == "sigmoid" else jnp.tanh(logit_BxL)
+            if res["capacity"][r] < 1:
+                active_BxL = active_BxL & (logit_BxL >= 0)
+            out_BxLxD = self._run_step(r, x_BxLxD, pos_BxL, active_BxL, kv_inputs)
+            # where, not a product: rows of inactive tokens are never used (and may attend to nothing)
+            upd_BxLxD = out_BxLxD * (c.mor_router_scale * act)[..., None].astype(out_BxLxD.dtype)
+            x_BxLxD = x_BxLxD + jnp.where(active_BxL[..., None], upd_BxLxD, 0).astype(x_BxLxD.dtype)
+            x_BxLxD = constrain(x_BxLxD, ("batch", "seq", "embed"))
+            counts.append(jnp.sum(active_BxL, axis=-1).astype(jnp.float32))
         return x_BxLxD, counts
 
     def _token_choice(self, x_BxLxD, pos_BxL, k_steps, res, kv_inputs, extras):

@@ -11,7 +11,7 @@ counts each layer once per application at full depth (n_layers = n_fl + N_r * B)
 model "unrolled"; ``active`` = total (every unique weight is used by every token that recurses at least once).
 
 Forward FLOPs of one sequence (divided by T for per-token numbers):
-    first/last layers   n_fl * T * layer,           layer = 4DHK (q, o) + 4DGK (k, v) + 6DF (SwiGLU)
+    first/last layers   n_fl * T * layer,           layer = 4DHK (q, o) + 4DGK (k, v) + 6DF (SwiGLU) for MHA
     step r              B * n_r * layer (recursion-wise) -- attention only among the n_r active tokens:
                         B * 4 * n_r^2 * H * K (XLA's dense attention computes the n_r x n_r scores)
                         shared KV, r > 0: queries of the n_r tokens attend the first recursion's K/V of all T
@@ -26,7 +26,12 @@ Forward FLOPs of one sequence (divided by T for per-token numbers):
     head                2DV per token
 Training = 3 x forward, as for the dense model (Chowdhery et al. 2022, Appendix B).
 
-KV-cache bytes per token (decode): every layer application that keeps K/V for a token stores 2 * G * K values:
+Attention kind: a "layer" and a query-key "pair" are costed by the dense accounting of a one-layer model of
+the same config, so MLA (its down/up projections, Q.K^T and P.V at max(nope + rope, v) per head) is covered
+like MHA/GQA; recursive KV sharing is MHA-only (config validation), so its K/V terms are written for MHA.
+
+KV-cache bytes per token (decode): every layer application that keeps K/V for a token stores what one dense
+layer of the same attention kind stores (MHA/GQA 2 * G * K values, MLA kv_lora_rank + rope_head_dim):
 recursion-wise caching keeps them for the steps the token was active at (expected sum_r capacity_r), recursive
 sharing only for the first recursion (Bae et al. 2025, Section 2.3).
 """
@@ -173,11 +178,14 @@ def mor_flops_per_token(cfg: ModelConfig, seq_len: int, *, attention: str = "ful
     }
 
 
-def mor_kv_cache_bytes_per_token(cfg: ModelConfig) -> float:
-    """Expected KV-cache bytes per decoded token (compute dtype), see the module docstring."""
+def mor_kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> float:
+    """Expected KV-cache bytes per decoded token (``dtype`` default: compute), see the module docstring."""
+    from models import accounting
     from models.config import mor_resolved
 
     lay = mor_layout(cfg)
-    per_application = 2 * cfg.resolved_n_kv_heads * cfg.resolved_head_dim * cfg.compute_jnp_dtype.itemsize
+    # One layer application caches what one dense layer of the same attention kind caches (MHA/GQA: 2GK
+    # values, MLA: the latent + rotary key, kv_lora_rank + rope_head_dim).
+    per_application = accounting.kv_cache_bytes_per_token(cfg.replace(family="dense", n_layers=1), dtype)
     steps = 1.0 if cfg.mor_kv_strategy == "shared" else float(sum(mor_resolved(cfg)["capacity"]))
     return per_application * (lay["n_first_last"] + lay["block"] * steps)

@@ -59,6 +59,7 @@ class Approach3Result:
     params: dict
     ci_level: float = 0.95
     n_samples: int = 0
+    n_failed_samples: int = 0  # bootstrap draws without an interior optimum (excluded from the CIs)
 
     @property
     def a(self) -> float:
@@ -142,15 +143,23 @@ def approach3(
     n_fit, d_fit = fits(alloc.N, alloc.D, alloc)
     samples = as_param_samples(param_samples)
     a_ci = b_ci = None
+    n_failed = 0
     if samples:
         a_s, b_s = [], []
         for s in samples:
-            al = compute_optimal((law, {**p, **s}), C, flops_per_token=flops_per_token, n_bounds=n_bounds)
+            try:
+                al = compute_optimal(
+                    (law, {**p, **s}), C, flops_per_token=flops_per_token, n_bounds=n_bounds
+                )
+            except ValueError:  # this draw's law has no interior optimum: counted, excluded from the CI
+                n_failed += 1
+                continue
             nf, df = fits(al.N, al.D, al)
             a_s.append(nf.exponent), b_s.append(df.exponent)
         q = (0.5 - ci_level / 2, 0.5 + ci_level / 2)
-        a_ci = tuple(float(v) for v in np.quantile(a_s, q))
-        b_ci = tuple(float(v) for v in np.quantile(b_s, q))
+        if len(a_s) >= max(2, len(samples) // 2):  # a CI from a minority of the draws would be biased
+            a_ci = tuple(float(v) for v in np.quantile(a_s, q))
+            b_ci = tuple(float(v) for v in np.quantile(b_s, q))
     return Approach3Result(
         allocation=alloc,
         n_fit=n_fit,
@@ -161,6 +170,7 @@ def approach3(
         params=p,
         ci_level=ci_level,
         n_samples=len(samples),
+        n_failed_samples=n_failed,
     )
 
 

@@ -192,6 +192,7 @@ class OptimalAllocation:
     n_exponent_ci: tuple[np.ndarray, np.ndarray] | None = None
     ci_level: float = 0.95
     n_samples: int = 0
+    n_failed_samples: int = 0  # bootstrap draws without an interior optimum (excluded from the CIs)
 
     @property
     def tokens_per_param(self) -> np.ndarray:
@@ -209,6 +210,7 @@ class OptimalAllocation:
             flop_model=self.flop_model,
             ci_level=self.ci_level,
             n_samples=self.n_samples,
+            n_failed_samples=self.n_failed_samples,
         )
         for k in ("N_ci", "D_ci", "loss_ci", "n_exponent_ci"):
             v = getattr(self, k)
@@ -343,17 +345,24 @@ def compute_optimal(
         ns, ds, ls, es = [], [], [], []
         for p in samples:
             full = {**params, **p}
-            sn, sd, sl, _ = solve(full, C)
-            sn_hi, *_ = solve(full, C * np.exp(h))
-            sn_lo, *_ = solve(full, C * np.exp(-h))
+            try:
+                sn, sd, sl, _ = solve(full, C)
+                sn_hi, *_ = solve(full, C * np.exp(h))
+                sn_lo, *_ = solve(full, C * np.exp(-h))
+            except ValueError:
+                # A bootstrap draw whose law has no interior optimum (e.g. a resample that leaves an exponent
+                # unidentified) says the optimum is poorly determined: count it, do not let it abort the CI.
+                res.n_failed_samples += 1
+                continue
             ns.append(sn), ds.append(sd), ls.append(sl)
             es.append((np.log(sn_hi) - np.log(sn_lo)) / (2 * h))
-        ns, ds, ls, es = map(np.asarray, (ns, ds, ls, es))
-        res.N_ci = tuple(np.quantile(ns, q, axis=0))
-        res.D_ci = tuple(np.quantile(ds, q, axis=0))
-        res.loss_ci = tuple(np.quantile(ls, q, axis=0))
-        res.n_exponent_ci = tuple(np.quantile(es, q, axis=0))
         res.n_samples = len(samples)
+        if len(ns) >= max(2, len(samples) // 2):  # a CI from a minority of draws would be biased: none
+            ns, ds, ls, es = map(np.asarray, (ns, ds, ls, es))
+            res.N_ci = tuple(np.quantile(ns, q, axis=0))
+            res.D_ci = tuple(np.quantile(ds, q, axis=0))
+            res.loss_ci = tuple(np.quantile(ls, q, axis=0))
+            res.n_exponent_ci = tuple(np.quantile(es, q, axis=0))
     return res
 
 

@@ -257,6 +257,26 @@ def test_xla_flops_decrease_with_capacity_and_match_accounting():
     assert f["training"] < f["hardware_training"]
 
 
+def test_mla_flops_and_kv_cache_accounting():
+    """MoR with latent attention: the routed FLOP count (MLA projections, Q.K^T / P.V at the padded head size)
+    is within a few % below XLA's count of a loss+grad step (measured 2.8%, as for MHA), and the KV cache
+    holds MLA's latent + rotary key per cached layer application, not 2 G K."""
+    cfg = ModelConfig(family="mor", vocab_size=64, d_model=96, n_heads=2, n_layers=2, d_ff=192,
+                      max_seq_len=48, mor_recursions=2, mor_sharing="cycle", mor_capacity=(1.0, 0.5),
+                      attention="mla", mla_kv_lora_rank=48, mla_rope_head_dim=16, mla_nope_head_dim=32,
+                      mla_v_head_dim=48, mla_q_lora_rank=32)
+    B, L = 2, 48
+    xla = _xla_train_flops(cfg, B, L)
+    ours = flops_per_token(cfg, L)["training"] * B * L
+    assert ours <= xla <= ours * 1.04, f"XLA {xla:.4g} vs ours {ours:.4g}"
+    per_app = (48 + 16) * 4  # float32 latent + rotary key
+    assert mor_kv_cache_bytes_per_token(cfg) == pytest.approx(per_app * 1 * (1.0 + 0.5))
+    assert mor_kv_cache_bytes_per_token(cfg, "bfloat16") == pytest.approx(per_app / 2 * 1.5)
+    mla_dense = flops_per_token(cfg.replace(family="dense"), L)  # looped at full depth = dense of n_layers
+    looped = flops_per_token(cfg.replace(mor_router="none"), L)
+    assert looped["forward"] == pytest.approx(mla_dense["forward"])
+
+
 def test_accounting_relations():
     cfg = ModelConfig(**TINY, n_layers=8)  # middle_cycle, N_r = 3, expert choice, block of 2
     f = flops_per_token(cfg, 12)

@@ -109,6 +109,15 @@ def test_run_id_hash_semantics():
     other = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, learning_rate=1e-4))
     assert run_id(other) != r.run_id
     assert run_id(dataclasses.replace(cfg, seed=1)) != r.run_id
+    # a field added to a config later, at its default, leaves existing run ids unchanged
+    newer = cfg.to_dict()
+    newer["trainer"]["some_future_field"] = 0
+    assert run_id(newer) != r.run_id  # a non-default value of an unknown field is part of the identity
+    from experiments import sweep as sweep_mod
+
+    default = json.loads(json.dumps(sweep_mod._default_config_dict()))  # a copy: the original is cached
+    default["trainer"]["some_future_field"] = 0
+    assert sweep_mod._strip(newer, default=default) == sweep_mod._strip(cfg.to_dict(), default=default)
 
 
 def test_execution_only_fields_match_trainer():
@@ -215,6 +224,18 @@ def test_fit_lr_rule_recovers_power_law():
     mono = [dict(c, loss=-c["lr"]) for c in cells]  # loss falls with lr: optimum beyond the grid
     assert "2 cell(s) best at the edge" not in fit_lr_rule(mono).source
     assert "3 cell(s) best at the edge" in fit_lr_rule(mono).source
+    # two cells 3x apart in C: with a prior only the coefficient is fitted (the exponent is noise there)
+    near = []
+    for C in (1e10, 3e10):
+        opt = 0.5 * C**-0.2
+        for f in (0.25, 0.5, 1.0, 2.0, 4.0):
+            near.append({"N": C, "D": 1.0, "C": C, "lr": opt * f, "loss": 3 + 0.2 * math.log(f) ** 2})
+    prior = LRRule(coef=9.9, c_exp=-0.2)
+    kept = fit_lr_rule(near, prior=prior)
+    assert kept.c_exp == -0.2 and "kept from the prior" in kept.source
+    assert kept.coef == pytest.approx(0.5, rel=1e-5)  # lr*(C) = 0.5 C^-0.2 recovered with the prior's shape
+    assert fit_lr_rule(cells, prior=prior).c_exp == pytest.approx(-0.2, abs=1e-6)  # 2 decades: full fit
+    assert fit_lr_rule(near).source.startswith("fitted")  # no prior: the (unidentified) full fit
     # edge of grid -> the grid point; diverged runs ignored
     assert best_lr([1e-3, 1e-2, 1e-1], [2.0, 3.0, float("nan")]) == pytest.approx(1e-3)
 
@@ -402,3 +423,20 @@ def test_shape_rule_rejects_impossible_request():
     with pytest.raises(ConfigError, match="sizes"):
         plan_isoflop(g.base, spec.budgets, 50, rules, shape_rule=ShapeRule(max_layers=1, max_d_model=32))
     assert LRRule(2.0, c_exp=-0.5)(N=1, D=1, C=4.0) == pytest.approx(1.0)
+
+
+def test_critical_path_order_starts_longest_chains_first():
+    from experiments.sweep import PlannedRun
+
+    def run(name, flops, parent=None):
+        return PlannedRun(name=name, kind="user", config={}, parent=parent, predicted_flops=flops,
+                          incremental_flops=flops)
+
+    runs = [
+        run("small", 1.0),
+        run("stable", 2.0),
+        run("branch", 5.0, {"run": "stable", "step": 1}),  # chain stable -> branch costs 7
+        run("big", 6.0),
+    ]
+    order = [r.name for r in executors.critical_path_order(runs)]
+    assert order == ["stable", "big", "branch", "small"]
