@@ -299,8 +299,25 @@ def run_sequential(
     return out
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGTERM this worker when the study process dies (e.g. ``kill PID`` of the
+    study), instead of leaving an orphan that keeps training into a run directory the next invocation
+    also writes to. Elsewhere a no-op (a Ctrl-C still reaches the whole process group)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _init_worker(queue: Any, xla_flags: str | None) -> None:
     global _WORKER_DEVICES
+    _die_with_parent()
     _WORKER_DEVICES = queue.get()
     if xla_flags is not None:
         os.environ["XLA_FLAGS"] = xla_flags

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -440,3 +441,42 @@ def test_critical_path_order_starts_longest_chains_first():
     ]
     order = [r.name for r in executors.critical_path_order(runs)]
     assert order == ["stable", "big", "branch", "small"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_worker_dies_with_the_study_process(tmp_path):
+    """Killing the study (parent) must not leave a worker training on: the kernel SIGTERMs it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    script = f"""
+import os, time
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing as mp
+from experiments.executors import _die_with_parent
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_die_with_parent) as pool:
+        open({str(pid_file)!r}, "w").write(str(pool.submit(os.getpid).result()))
+        pool.submit(time.sleep, 60).result()
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd())
+    deadline = time.time() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline, "worker never started"
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    os.kill(worker, 0)  # alive
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker outlived the study process")
