@@ -3,6 +3,8 @@
     python -m experiments.bench --preset gpt2-124m [--set k=v ...] [--steps 10] [--json OUT]
     python -m experiments.bench --smoke            # CPU-sized shapes, a few seconds
     python -m experiments.bench --families --smoke # one row per model family (tiny, tiny-moe/-mla/-mor)
+    python -m experiments.bench --suite gpu [--dry] [--rows A,B] --json OUT.json   # issue 7's GPU suite
+                                                   # (experiments/bench_gpu.py; --dry: tiny shapes, CPU)
 
 The baseline is measured in the same process: a large square matmul in fp32 and bf16 on one device gives the
 achievable FLOP/s per device (a tighter reference than the datasheet peak, which is also reported when
@@ -157,6 +159,13 @@ def format_table(r: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    suite = argparse.ArgumentParser(add_help=False)
+    suite.add_argument("--suite", choices=["single", "gpu"], default="single")
+    if suite.parse_known_args(argv)[0].suite == "gpu":  # the multi-row GPU suite has its own options
+        from experiments import bench_gpu
+
+        return bench_gpu.main(argv)
     p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
@@ -165,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes for a quick CPU check")
     p.add_argument("--families", action="store_true", help=f"benchmark each of {FAMILY_PRESETS} in turn")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    p.add_argument("--suite", choices=["single", "gpu"], default="single",
+                   help="gpu: every issue-7 row in one process (experiments/bench_gpu.py, --suite gpu -h)")
     args = p.parse_args(argv)
     from experiments.sharding import maybe_initialize_distributed
 

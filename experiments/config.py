@@ -94,6 +94,9 @@ class TrainerConfig:
     # Downstream battery (experiments.evaluate) at the end of training -> WORKDIR/downstream.json:
     # False = off, True = the default battery, or a list of task names from experiments.tasks.default_specs.
     eval_tasks: bool | tuple[str, ...] = False
+    # Cross-entropy in chunks of this many tokens (models/loss.py): never materialises fp32 logits for the
+    # whole microbatch, which at a 50k vocabulary are bigger than the model. 0 = plain full-logits loss.
+    loss_chunk_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,8 @@ class ExperimentConfig:
             unknown = [n for n in t.eval_tasks if n not in known]
             if unknown:
                 errors.append(f"trainer.eval_tasks: unknown task(s) {unknown}; available: {known}")
+        if t.loss_chunk_tokens < 0:
+            errors.append(f"trainer.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0 = plain loss)")
         if t.peak_flops is not None and t.peak_flops <= 0:
             errors.append(f"trainer.peak_flops={t.peak_flops} must be positive or None")
         sizes = [m.data, m.fsdp, m.tensor]

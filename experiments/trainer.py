@@ -40,6 +40,7 @@ from models import accounting, build_model
 from models import moe as moe_lib
 from models import mor as mor_lib
 from models.config import mor_resolved
+from models.loss import chunked_cross_entropy, output_head
 from optim.schedules import make_schedule
 
 CONFIG_FILE = "config.json"
@@ -62,6 +63,7 @@ EXECUTION_ONLY_FIELDS = (
     "model.attention_impl",
     "data.synthetic_dir",
     "trainer.eval_tasks",
+    "trainer.loss_chunk_tokens",  # chunked vs full-logits cross-entropy: the same loss (models/loss.py)
 )
 
 
@@ -183,8 +185,15 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
     init_jit = jax.jit(init_fn, out_shardings=state_shardings)
 
     def loss_fn(params, model_state, tokens_BxL1):
-        logits_BxLxV, extras = model.apply({"params": params, **model_state}, tokens_BxL1[:, :-1])
-        ce = cross_entropy(logits_BxLxV, tokens_BxL1[:, 1:])
+        variables = {"params": params, **model_state}
+        inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+        if cfg.trainer.loss_chunk_tokens:  # chunked head + loss: no full-batch fp32 logits (models/loss.py)
+            h_BxLxD, extras = model.apply(variables, inputs_BxL, return_hidden=True)
+            ce = chunked_cross_entropy(h_BxLxD, targets_BxL, chunk_tokens=cfg.trainer.loss_chunk_tokens,
+                                       **output_head(params, c.tie_embeddings))
+        else:
+            logits_BxLxV, extras = model.apply(variables, inputs_BxL)
+            ce = cross_entropy(logits_BxLxV, targets_BxL)
         return ce + _aux_loss(extras), (ce, extras)
 
     def train_step(state, tokens_MxBxL1):
@@ -215,8 +224,8 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
         return new_state, {**extras, "loss": loss, "grad_norm": grad_norm}
 
     def eval_step(params, model_state, tokens_BxL1):
-        logits_BxLxV, _ = model.apply({"params": params, **model_state}, tokens_BxL1[:, :-1])
-        return cross_entropy(logits_BxLxV, tokens_BxL1[:, 1:])
+        _, (ce, _) = loss_fn(params, model_state, tokens_BxL1)  # the same loss path as training
+        return ce
 
     train_batch_sharding = shd.batch_sharding(mesh, leading=1)
     eval_batch_sharding = shd.batch_sharding(mesh)
@@ -423,8 +432,9 @@ def family_fields(c: Any, seq_len: int) -> dict[str, Any]:
 
 
 def run_downstream(cfg: ExperimentConfig, workdir: Path, params: Any, emit: Callable[[str], None]) -> None:
-    """Evaluate the downstream battery (``trainer.eval_tasks``) and write WORKDIR/downstream.json; with
-    ``params=None`` the newest checkpoint is loaded."""
+    """Evaluate the downstream battery (``trainer.eval_tasks``) and write WORKDIR/downstream.json; ``params``:
+    the variables {"params": ..., **model_state} (or bare params); with ``params=None`` the newest checkpoint
+    is loaded."""
     from experiments import evaluate  # lazy: only runs that ask for the battery pay for its import
 
     if jax.process_count() > 1:  # params span hosts; evaluate the checkpoint afterwards in one process
@@ -599,7 +609,8 @@ def train(
             f"{summary['tokens_per_second'] or 0:,.0f} tok/s; summary in {summary_path}"
         )
         if t.eval_tasks and is_main:
-            run_downstream(cfg, workdir, state["params"], emit)
+            # with the model state: MoE/MoR router biases are needed to apply the model
+            run_downstream(cfg, workdir, {"params": state["params"], **state.get("model_state", {})}, emit)
         return summary
     finally:
         if writer is not None:

@@ -235,13 +235,15 @@ def decode_flops_per_token(cfg: ModelConfig, context_len: int) -> dict[str, floa
     as usual; k_up/v_up are not applied to the cache but to the query and to the attended latent
     (2*H*N*R + 2*H*R*U); scores over the latent plus rotary key 2*H*(R + P)*T; latent weighted sum 2*H*R*T.
     Keys: forward, attention_block (one layer's attention sub-block, projections included), context_len.
-    Not for MoR (its decode cost depends on the routing; see models/mor_accounting.py).
+    MoR: ``models.mor_accounting.mor_decode_flops_per_token`` -- "forward" as ``models.decode`` executes it
+    (every step on every token, masked) plus "ideal_forward" (exited tokens skip) and "expected_depth".
     """
     cfg.validate()
     _check_seq_len(context_len)
     if cfg.family == "mor":
-        raise ValueError("decode_flops_per_token covers the dense and moe families; MoR decoding depends on "
-                         "the routing (models/mor_accounting.py)")
+        from models.mor_accounting import mor_decode_flops_per_token
+
+        return mor_decode_flops_per_token(cfg, context_len)
     D, H, G, K, F, V, n = _dims(cfg)
     T = float(context_len)
     counts = param_counts(cfg)

@@ -189,3 +189,62 @@ def mor_kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> 
     per_application = accounting.kv_cache_bytes_per_token(cfg.replace(family="dense", n_layers=1), dtype)
     steps = 1.0 if cfg.mor_kv_strategy == "shared" else float(sum(mor_resolved(cfg)["capacity"]))
     return per_application * (lay["n_first_last"] + lay["block"] * steps)
+
+
+def mor_decode_flops_per_token(cfg: ModelConfig, context_len: int) -> dict[str, Any]:
+    """Forward FLOPs to decode one token of a MoR model with ``context_len`` cached positions (KV cache).
+
+    Two numbers, because the decoder in this repo does not do what an ideal MoR decoder would:
+      forward        as executed by ``models.decode.decode_step``: a batched step has static shapes, so every
+                     recursion step runs its layers on the token whether or not it is still active (the update
+                     is masked out), and each attention scores all ``context_len`` cached positions (the keys
+                     of inactive tokens are masked, not skipped). This is what XLA's cost analysis of a
+                     jitted decode step counts (tests/test_mor_decode_flops.py).
+      ideal_forward  a decoder that skips exited tokens (Bae et al. 2025, Section 2.3): step r runs with
+                     probability capacity_r (the expected depth of the capacity schedule, as in training),
+                     and recursion-wise caching attends only to the keys active at step r, capacity_r *
+                     context_len in expectation; recursive KV sharing attends to all first-recursion keys and
+                     skips the k/v projections at r > 0. Expert choice evaluates step r's router column only
+                     for tokens still active after step r - 1.
+    Both count every weight matmul of the layers they run (2 FLOPs per weight), Q.K^T and P.V over the keys
+    they attend to (the per-layer costs come from the dense decode accounting of a one-layer model, so MHA/GQA
+    and MLA's absorbed decode are both covered), the router and the 2DV head, and no elementwise work.
+    Keys: forward, ideal_forward, router_forward (as executed), expected_depth, attention_block (one layer's
+    attention sub-block at the full context), context_len.
+    """
+    from models import accounting
+    from models.config import mor_resolved
+
+    D, V, n_r = cfg.d_model, cfg.vocab_size, cfg.mor_recursions
+    G, K = cfg.resolved_n_kv_heads, cfg.resolved_head_dim
+    T = float(context_len)
+    lay = mor_layout(cfg)
+    capacity = mor_resolved(cfg)["capacity"]
+    one_layer = cfg.replace(family="dense", n_layers=1)
+    # A layer's attention block costs A0 + a * keys (projections + scores/weighted sum over the keys): read
+    # both off the dense decode accounting at 1 and 2 keys, so fractional expected key counts work too.
+    a1 = accounting.decode_flops_per_token(one_layer, 1)
+    slope = accounting.decode_flops_per_token(one_layer, 2)["attention_block"] - a1["attention_block"]
+    attn0 = a1["attention_block"] - slope
+    mlp = a1["forward"] - a1["attention_block"] - 2.0 * D * V  # what is left of the 1-layer model: its MLP
+
+    def layer(keys: float, kv_proj: bool = True) -> float:
+        return attn0 + slope * keys + mlp - (0.0 if kv_proj else 4.0 * D * G * K)
+
+    shared = cfg.mor_kv_strategy == "shared"
+    edges = lay["n_first_last"] * layer(T)
+    executed = ideal = edges + 2.0 * D * V
+    for r in range(n_r):
+        reuse = shared and r > 0  # queries only: the first recursion's K/V are read, not recomputed
+        executed += lay["block"] * layer(T, kv_proj=not reuse)
+        keys = T if shared else capacity[r] * T
+        ideal += capacity[r] * lay["block"] * layer(keys, kv_proj=not reuse)
+    if cfg.mor_router == "expert_choice":
+        router = 2.0 * D * n_r
+        ideal_router = 2.0 * D * (1.0 + sum(capacity[:-1]))
+    elif cfg.mor_router == "token_choice":
+        router = ideal_router = 2.0 * D * n_r
+    else:
+        router = ideal_router = 0.0
+    return {"forward": executed + router, "ideal_forward": ideal + ideal_router, "router_forward": router,
+            "expected_depth": float(sum(capacity)), "attention_block": attn0 + slope * T, "context_len": T}

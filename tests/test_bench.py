@@ -1,0 +1,80 @@
+"""The GPU benchmark suite's CPU dry mode (``python -m experiments.bench --suite gpu --dry``): every row runs
+through the real code path on tiny shapes and the JSON/table are well formed. Only structure and positivity
+are asserted -- speed is the benchmark's business, not a test's."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import bench_gpu
+from experiments.presets import get_preset
+from models import accounting
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_vendor_peak_by_device_kind():
+    assert bench_gpu.vendor_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench_gpu.vendor_peak("NVIDIA H100 PCIe") == 756e12
+    assert bench_gpu.vendor_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert bench_gpu.vendor_peak("cpu") is None
+
+
+def test_gpt2_flops_formula():
+    """6N + 12 L d T with N = non-embedding + V d; for the dense MHA presets it is the accounting's training
+    FLOPs plus the norm scales (which do no matmul) -- an independent check of both."""
+    c = get_preset("gpt2-124m").model
+    n = accounting.param_counts(c)["non_embedding"] + 50304 * 768
+    assert bench_gpu.gpt2_flops_per_token(c, 1024) == 6 * n + 12 * 12 * 768 * 1024
+    norms = (2 * 12 + 1) * 768
+    assert bench_gpu.gpt2_flops_per_token(c, 1024) - 6 * norms == pytest.approx(
+        accounting.training_flops_per_token(c, 1024), rel=1e-12)
+
+
+def test_gpu_suite_dry_run_is_well_formed(tmp_path):
+    """The exact CI command of the issue, in a subprocess: there XLA may skip its LLVM optimisations (the dry
+    suite compiles ~20 tiny programs and runs each a few steps, so compile time is all its cost)."""
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    cmd = [sys.executable, "-m", "experiments.bench", "--suite", "gpu", "--dry", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    printed = proc.stdout
+    assert res["suite"] == "gpu" and res["dry"] is True and res["platform"] == "cpu"
+    assert res["matmul"]["measured_flops_per_s"] > 0 and res["matmul"]["vendor_peak_flops_per_s"] is None
+    names = [r["name"] for r in res["rows"]]
+    assert names == bench_gpu.row_names(dry=True)
+    assert {"dense-124m-adamw", "dense-354m-adamw", "dense-354m-muon", "moe-124m-adamw", "mor-124m-ec",
+            "mor-124m-looped-eq", "decode-dense-b1", "decode-mla-b64", "decode-mor-kvshare-b64"} <= set(names)
+    for r in res["rows"]:
+        assert r["status"] == "ok", (r["name"], r["status"])
+        assert r["tokens_per_second"] > 0 and r["step_time_s"] > 0 and r["peak_memory_bytes"] > 0
+        assert r["summary"] and r["config"] and r["name"] in printed
+        if r["kind"] == "train":
+            assert r["flops_per_token"] > 0 and r["flops_formula"]
+            assert 0 < r["mfu_measured"] and r["mfu_vendor"] is None and math.isfinite(r["loss"])
+            assert r["model_flops_per_second"] == pytest.approx(r["flops_per_token"] * r["tokens_per_second"])
+            assert r["config"]["trainer"]["loss_chunk_tokens"] > 0
+            # the dry programs are the GPU programs in miniature: no full logits, no host transfers
+            assert r["hlo_checks"] == {"full_logits_f32_buffers": [], "host_transfers": []}
+        else:
+            assert r["batch"] in bench_gpu.DECODE_BATCHES and r["kv_bytes_per_token"] > 0
+    c = res["comparisons"]
+    assert set(c) == {"muon_overhead_pct", "moe_mfu_vs_dense", "mor_tokens_per_s_vs_looped_eq",
+                      "mor_tokens_per_s_vs_looped_full"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in c.values())
+    assert "Muon step-time overhead" in printed
+
+
+def test_gpu_suite_rejects_unknown_rows():
+    with pytest.raises(ValueError, match="unknown rows"):
+        bench_gpu.run_suite(dry=True, only=["dense-7b"])
