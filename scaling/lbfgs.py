@@ -7,7 +7,12 @@ start waits for the slowest one at every iteration, which measured ~30x slower o
 two-loop recursion (Nocedal & Wright 2006, Alg. 7.4) with a backtracking Armijo line search whose trial
 steps are evaluated together.
 
-Stopping rules follow scipy's L-BFGS-B: max |gradient| <= ``gtol`` or relative decrease
+Simple bounds ``lower <= x <= upper`` (e.g. a law's exponents >= 0) are handled by projection, as in
+projected quasi-Newton methods (Bertsekas 1982): coordinates on a bound whose gradient points outward are
+held fixed for the step, trial points are clipped onto the box, and the convergence test uses the
+projected gradient.  Without bounds every clip is the identity and this is plain L-BFGS.
+
+Stopping rules follow scipy's L-BFGS-B: max |projected gradient| <= ``gtol`` or relative decrease
 ``(f_prev - f) / max(|f_prev|, |f|, tiny) <= ftol``, else ``max_iter``.  Call inside
 ``jax.enable_x64(True)`` for float64.
 """
@@ -48,8 +53,10 @@ def minimize_batched(
     ftol: float = 1e-12,
     memory: int = 10,
     n_trials: int = 12,
+    lower=None,
+    upper=None,
 ) -> BatchResult:
-    """Minimise ``f(x_P, *args_i)`` from each row of ``x0_SxP``.
+    """Minimise ``f(x_P, *args_i)`` from each row of ``x0_SxP`` within ``lower <= x <= upper`` ((P,) or None).
 
     ``args`` are per-start arrays with leading axis S (e.g. bootstrap weights), so one compiled program
     serves multi-start fits and bootstrap refits alike.
@@ -61,6 +68,13 @@ def minimize_batched(
     # Trial step lengths 1, 1/2, 1/4, ... (all evaluated at once; the largest Armijo step wins).
     steps_T = 0.5 ** jnp.arange(n_trials, dtype=dtype)
     tiny = jnp.finfo(dtype).tiny
+    lo = jnp.full((P,), -jnp.inf, dtype) if lower is None else jnp.asarray(lower, dtype)
+    hi = jnp.full((P,), jnp.inf, dtype) if upper is None else jnp.asarray(upper, dtype)
+    x0_SxP = jnp.clip(x0_SxP, lo, hi)
+
+    def free_mask(x, g):
+        # Coordinates held at a bound: the gradient pushes them out of the box.
+        return ~(((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0)))
 
     def direction(g, S_mem, Y_mem, rho, k):
         # Two-loop recursion over the ring buffer, newest first; empty slots have rho = 0 and drop out.
@@ -91,21 +105,21 @@ def minimize_batched(
         return jnp.where(descent, d, -g * gamma)
 
     def one_step(x, fx, g, S_mem, Y_mem, rho, k, *a):
-        d = direction(g, S_mem, Y_mem, rho, k)
-        slope = jnp.dot(g, d)
-        xt_TxP = x[None, :] + steps_T[:, None] * d[None, :]
+        free = free_mask(x, g)
+        d = direction(jnp.where(free, g, 0.0), S_mem, Y_mem, rho, k) * free
+        xt_TxP = jnp.clip(x[None, :] + steps_T[:, None] * d[None, :], lo, hi)
         ft_T = jax.vmap(lambda xt: f(xt, *a))(xt_TxP)
-        ok_T = jnp.isfinite(ft_T) & (ft_T <= fx + 1e-4 * steps_T * slope)
+        ok_T = jnp.isfinite(ft_T) & (ft_T <= fx + 1e-4 * (xt_TxP - x[None, :]) @ g) & (ft_T <= fx)
         j = jnp.argmax(ok_T)  # first (largest) acceptable step
         found = ok_T[j]
-        return d, steps_T[j], found
+        return xt_TxP[j], found
 
     def body(c):
         x, fx, g, S_mem, Y_mem, rho, k, it, reason, args = c
         active = reason < 0
-        d, t, found = jax.vmap(one_step)(x, fx, g, S_mem, Y_mem, rho, k, *args)
+        xt, found = jax.vmap(one_step)(x, fx, g, S_mem, Y_mem, rho, k, *args)
         move = active & found
-        x_new = jnp.where(move[:, None], x + t[:, None] * d, x)
+        x_new = jnp.where(move[:, None], xt, x)
         f_new, g_new = vg_S(x_new, *args)
         s = x_new - x
         y = g_new - g
@@ -117,7 +131,7 @@ def minimize_batched(
         Y_mem = Y_mem * (1 - onehot_SxM[..., None]) + onehot_SxM[..., None] * y[:, None, :]
         rho = rho * (1 - onehot_SxM) + onehot_SxM * (1.0 / jnp.where(store, sy, 1.0))[:, None]
         k = k + store.astype(k.dtype)
-        gnorm = jnp.max(jnp.abs(g_new), axis=1)
+        gnorm = jnp.max(jnp.abs(jnp.where(free_mask(x_new, g_new), g_new, 0.0)), axis=1)
         rel = (fx - f_new) / jnp.maximum(jnp.maximum(jnp.abs(fx), jnp.abs(f_new)), tiny)
         new_reason = jnp.where(
             ~found, LINESEARCH, jnp.where(gnorm <= gtol, GTOL, jnp.where(rel <= ftol, FTOL, -1))
@@ -132,7 +146,8 @@ def minimize_batched(
 
     f0, g0 = vg_S(x0_SxP, *args)
     bad0 = ~(jnp.isfinite(f0) & jnp.all(jnp.isfinite(g0), axis=1))
-    reason0 = jnp.where(bad0, NONFINITE, jnp.where(jnp.max(jnp.abs(g0), 1) <= gtol, GTOL, -1))
+    pg0 = jnp.where(free_mask(x0_SxP, g0), g0, 0.0)
+    reason0 = jnp.where(bad0, NONFINITE, jnp.where(jnp.max(jnp.abs(pg0), 1) <= gtol, GTOL, -1))
     init = (
         x0_SxP,
         f0,
@@ -148,4 +163,4 @@ def minimize_batched(
     x, fx, g, _, _, _, _, it, reason, _ = jax.lax.while_loop(cond, body, init)
     reason = jnp.where(reason < 0, MAXITER, reason)
     del f_S
-    return BatchResult(x, fx, jnp.max(jnp.abs(g), axis=1), it, reason)
+    return BatchResult(x, fx, jnp.max(jnp.abs(jnp.where(free_mask(x, g), g, 0.0)), axis=1), it, reason)
