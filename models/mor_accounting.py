@@ -110,12 +110,15 @@ def routed_forward_flops(cfg: ModelConfig, seq_len: int, n_per_step: list[Any], 
     T = seq_len
     lay = mor_layout(cfg)
     B, n_r = lay["block"], cfg.mor_recursions
+    # Counts as floats: in-graph they are int32 arrays, and FLOP totals of real sizes (1e11 per sequence at
+    # 360M x 2048) overflow int32.
+    n_per_step = [n * 1.0 for n in n_per_step]
     # Per-token cost of one layer, and of one query-key pair, from the dense accounting of a 1-layer model
     # (so MHA/GQA and MLA are both covered): layer = matmul_forward - head, pair = attention_forward / T.
     one = accounting.flops_per_token(cfg.replace(family="dense", n_layers=1), T, attention="full")
     layer = one["matmul_forward"] - 2.0 * D * V
     pair = one["attention_forward"] / T
-    kv = 4 * D * G * K  # k and v projections (MHA/GQA; shared KV is MHA-only)
+    kv = 4.0 * D * G * K  # k and v projections (MHA/GQA; shared KV is MHA-only)
     shared = cfg.mor_kv_strategy == "shared"
 
     def keys(n_k):  # key count per query under the chosen convention
@@ -131,12 +134,12 @@ def routed_forward_flops(cfg: ModelConfig, seq_len: int, n_per_step: list[Any], 
             matmul += B * n * layer
             attn += B * n * keys(n) * pair
     if cfg.mor_router == "expert_choice":
-        router = sum(2 * D * (T if r == 0 else n_per_step[r - 1]) for r in range(n_r))
+        router = sum(2.0 * D * (T if r == 0 else n_per_step[r - 1]) for r in range(n_r))
     elif cfg.mor_router == "token_choice":
-        router = 2 * D * n_r * T
+        router = 2.0 * D * n_r * T
     else:
         router = 0
-    matmul += router + 2 * D * V * T
+    matmul += router + 2.0 * D * V * T
     depth = sum(n_per_step) / T
     return {"matmul_forward": matmul / T, "attention_forward": attn / T, "router_forward": router / T,
             "forward": (matmul + attn) / T, "expected_depth": depth}

@@ -67,3 +67,18 @@ def test_ideal_decode_flops_by_hand():
         g = decode_flops_per_token(full, T)
         assert g["ideal_forward"] == pytest.approx(g["forward"], rel=1e-12)
         assert g["expected_depth"] == 3.0
+
+
+def test_in_graph_flops_do_not_overflow_int32_at_paper_scale():
+    """The model calls routed_forward_flops in-graph with int32 token counts; at 135M x 2048 tokens the
+    per-sequence totals (~1e11) overflow int32 (this crashed `experiments.train --preset mor-135m-r3`)."""
+    from experiments.presets import get_preset
+    from models.mor_accounting import routed_forward_flops
+
+    cfg = get_preset("mor-135m-r3").model
+    T = 2048
+    counts = [jnp.full((2,), n, jnp.int32) for n in (T, T * 2 // 3, T // 3)]
+    out = jax.jit(lambda *c: routed_forward_flops(cfg, T, list(c)))(*counts)
+    ref = routed_forward_flops(cfg, T, [T, T * 2 // 3, T // 3])
+    assert float(out["forward"][0]) == pytest.approx(float(ref["forward"]), rel=1e-5)
+    assert float(ref["forward"]) > 2**31 / T  # the regime that overflowed
