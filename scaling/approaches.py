@@ -145,17 +145,22 @@ def approach3(
     a_ci = b_ci = None
     n_failed = 0
     if samples:
-        a_s, b_s = [], []
-        for s in samples:
-            try:
-                al = compute_optimal(
-                    (law, {**p, **s}), C, flops_per_token=flops_per_token, n_bounds=n_bounds
-                )
-            except ValueError:  # this draw's law has no interior optimum: counted, excluded from the CI
-                n_failed += 1
-                continue
-            nf, df = fits(al.N, al.D, al)
-            a_s.append(nf.exponent), b_s.append(df.exponent)
+        # One vectorised solve for every draw (draws without an interior optimum are counted, excluded).
+        al = compute_optimal((law, p), C, flops_per_token=flops_per_token, n_bounds=n_bounds,
+                             param_samples=samples)
+        n_failed = al.n_failed_samples
+        if C.size >= 2:
+            a_s = [fit_power_law(C, n, None, ci_level).exponent for n in al.sample_N]
+            b_s = [fit_power_law(C, d, None, ci_level).exponent for d in al.sample_D]
+        else:  # one budget: each draw's local exponents, one solve per draw
+            a_s, b_s = [], []
+            for s in samples:
+                try:
+                    one = compute_optimal((law, {**p, **s}), C, flops_per_token=flops_per_token,
+                                          n_bounds=n_bounds)
+                except ValueError:
+                    continue
+                a_s.append(float(one.n_exponent[0])), b_s.append(float(one.d_exponent[0]))
         q = (0.5 - ci_level / 2, 0.5 + ci_level / 2)
         if len(a_s) >= max(2, len(samples) // 2):  # a CI from a minority of the draws would be biased
             a_ci = tuple(float(v) for v in np.quantile(a_s, q))

@@ -193,6 +193,9 @@ class OptimalAllocation:
     ci_level: float = 0.95
     n_samples: int = 0
     n_failed_samples: int = 0  # bootstrap draws without an interior optimum (excluded from the CIs)
+    # N*, D* of every usable draw [draws, budgets] (not serialised; Approach 3 fits its exponents to them)
+    sample_N: np.ndarray | None = field(default=None, repr=False)
+    sample_D: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def tokens_per_param(self) -> np.ndarray:
@@ -342,28 +345,58 @@ def compute_optimal(
     samples = as_param_samples(param_samples)
     if samples:
         q = (0.5 - ci_level / 2, 0.5 + ci_level / 2)
-        ns, ds, ls, es = [], [], [], []
-        for p in samples:
-            full = {**params, **p}
-            try:
-                sn, sd, sl, _ = solve(full, C)
-                sn_hi, *_ = solve(full, C * np.exp(h))
-                sn_lo, *_ = solve(full, C * np.exp(-h))
-            except ValueError:
-                # A bootstrap draw whose law has no interior optimum (e.g. a resample that leaves an exponent
-                # unidentified) says the optimum is poorly determined: count it, do not let it abort the CI.
-                res.n_failed_samples += 1
-                continue
-            ns.append(sn), ds.append(sd), ls.append(sl)
-            es.append((np.log(sn_hi) - np.log(sn_lo)) / (2 * h))
+        C3 = np.concatenate([C, C * np.exp(h), C * np.exp(-h)])
+        stacked = None
+        if used == "numeric" and not extra:
+            stacked = _solve_samples_stacked(law, params, samples, C3, flops_per_token, n_bounds)
+        if stacked is None:
+            stacked = _solve_samples_loop(solve, params, samples, C3)
+        ok, n3, d3, l3 = stacked
+        m = len(C)
+        ns, ds, ls = n3[ok, :m], d3[ok, :m], l3[ok, :m]
+        es = (np.log(n3[ok, m : 2 * m]) - np.log(n3[ok, 2 * m :])) / (2 * h)
+        # A bootstrap draw whose law has no interior optimum (e.g. a resample that leaves an exponent
+        # unidentified) says the optimum is poorly determined: it is counted, not allowed to abort the CI.
+        res.n_failed_samples = int((~ok).sum())
         res.n_samples = len(samples)
+        res.sample_N, res.sample_D = ns, ds
         if len(ns) >= max(2, len(samples) // 2):  # a CI from a minority of draws would be biased: none
-            ns, ds, ls, es = map(np.asarray, (ns, ds, ls, es))
             res.N_ci = tuple(np.quantile(ns, q, axis=0))
             res.D_ci = tuple(np.quantile(ds, q, axis=0))
             res.loss_ci = tuple(np.quantile(ls, q, axis=0))
             res.n_exponent_ci = tuple(np.quantile(es, q, axis=0))
     return res
+
+
+def _solve_samples_loop(solve, params, samples, C):
+    """(ok [S], N [S, m], D [S, m], L [S, m]) one draw at a time (closed form, or laws with extra inputs)."""
+    S, m = len(samples), len(C)
+    ok = np.ones(S, bool)
+    n, d, loss = (np.full((S, m), np.nan) for _ in range(3))
+    for i, p in enumerate(samples):
+        try:
+            n[i], d[i], loss[i], _ = solve({**params, **p}, C)
+        except ValueError:
+            ok[i] = False
+    return ok, n, d, loss
+
+
+def _solve_samples_stacked(law, params, samples, C, flops_per_token, n_bounds):
+    """The numeric optimum of every draw at every budget in one vectorised solve (rows = draws x budgets,
+    each row with its own parameters): ~100x faster than one solve per draw, whose cost is dominated by
+    per-call overhead. None if the law's predict does not broadcast per-row parameters."""
+    S, m = len(samples), len(C)
+    names = list(dict.fromkeys([*params, *(k for p in samples for k in p)]))
+    stacked = {
+        k: np.repeat(np.array([float({**params, **p}[k]) for p in samples]), m)[:, None] for k in names
+    }
+    try:
+        n, loss, on_edge = _numeric_optimum(law, stacked, np.tile(C, S), flops_per_token, {}, n_bounds)
+    except (TypeError, ValueError):
+        return None
+    n, loss = n.reshape(S, m), loss.reshape(S, m)
+    ok = ~on_edge.reshape(S, m).any(axis=1) & np.isfinite(loss).all(axis=1)
+    return ok, n, C[None, :] / _fpt(flops_per_token, n), loss
 
 
 # ----------------------------------------------------------------------------------------------------------

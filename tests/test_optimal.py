@@ -241,3 +241,30 @@ def test_numeric_paths_match_closed_forms_for_an_unnamed_chinchilla():
     alloc = compute_optimal((law, HOFFMANN), C)
     assert alloc.method == "numeric"
     np.testing.assert_allclose(alloc.N, compute_optimal((CHIN, HOFFMANN), C).N, rtol=1e-5)
+
+
+def test_stacked_sample_solve_equals_one_solve_per_draw():
+    """compute_optimal solves every bootstrap draw in one vectorised problem; it must equal solving each draw
+    alone, and a draw without an interior optimum is counted and excluded, not fatal."""
+    from scaling.optimal import _solve, _solve_samples_loop, _solve_samples_stacked
+
+    law = CHIN
+    base = {"E": 1.8, "A": 400.0, "B": 2000.0, "alpha": 0.34, "beta": 0.37}
+    rng = np.random.default_rng(0)
+    draws = [
+        {"alpha": 0.34 + 0.03 * rng.standard_normal(), "beta": 0.37 + 0.03 * rng.standard_normal()}
+        for _ in range(6)
+    ]
+    draws.append({"A": 0.0})  # no N term: loss falls monotonically in D, so N* sits on the lower bound
+    fpt = lambda n: 6.0 * n + 2e4  # noqa: E731 -- a non-6N FLOP model forces the numeric solver
+    C = np.array([1e20, 1e21, 1e22])
+    bounds = (1e2, 1e16)
+    ok_s, n_s, d_s, l_s = _solve_samples_stacked(law, base, draws, C, fpt, bounds)
+    ok_l, n_l, d_l, l_l = _solve_samples_loop(lambda p, c: _solve(law, p, c, fpt, {}, bounds), base, draws, C)
+    assert ok_s.tolist() == ok_l.tolist() == [True] * 6 + [False]
+    np.testing.assert_allclose(n_s[ok_s], n_l[ok_l], rtol=1e-6)
+    np.testing.assert_allclose(d_s[ok_s], d_l[ok_l], rtol=1e-6)
+    np.testing.assert_allclose(l_s[ok_s], l_l[ok_l], rtol=1e-10)
+    res = compute_optimal((law, base), C, flops_per_token=fpt, param_samples=draws)
+    assert res.n_failed_samples == 1 and res.n_samples == 7 and res.sample_N.shape == (6, 3)
+    assert res.N_ci[0][0] <= res.N[0] <= res.N_ci[1][0]
