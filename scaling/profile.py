@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import lbfgs
+from scaling import lbfgs, varpro
 from scaling.varpro import active_set_masks
 
 # Rows per kernel call: one compiled shape serves the grid, the finite-difference stencil and line searches.
@@ -92,14 +92,7 @@ class Basis:
 # Losses (numpy twins of scaling.varpro.rho / irls_weights)
 # ----------------------------------------------------------------------------------------------------
 def rho(r, loss: str, delta: float, tau: float | None):
-    if loss == "ls":
-        v = 0.5 * r * r
-    else:
-        a = np.abs(r)
-        v = np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
-    if tau is not None:
-        v = v * np.where(r > 0, tau, 1.0 - tau)
-    return v
+    return varpro.rho(r, loss, delta, tau, xp=np)
 
 
 def psi(r, loss: str, delta: float, tau: float | None):

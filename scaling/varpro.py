@@ -85,16 +85,17 @@ def irls_weights(r, loss: str, delta: float, tau: float | None):
     return w
 
 
-def rho(r, loss: str, delta: float, tau: float | None):
+def rho(r, loss: str, delta: float, tau: float | None, xp=jnp):
     """Per-point loss. Huber as in Hoffmann et al. 2022 (quadratic within delta); ``tau`` weights positive
-    residuals (data above the curve) by tau and negative ones by 1 - tau: small tau gives a lower envelope."""
+    residuals (data above the curve) by tau and negative ones by 1 - tau: small tau gives a lower envelope.
+    ``xp``: jax.numpy (traced fits) or numpy (the engine in scaling/profile.py); one definition for both."""
     if loss == "ls":
         v = 0.5 * r * r
     else:
-        a = jnp.abs(r)
-        v = jnp.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
+        a = xp.abs(r)
+        v = xp.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
     if tau is not None:
-        v = v * jnp.where(r > 0, tau, 1.0 - tau)
+        v = v * xp.where(r > 0, tau, 1.0 - tau)
     return v
 
 
