@@ -22,7 +22,8 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
     ``approach2``: {a, b, a_ci, b_ci, optima [{C, N, D, loss}], rejected},
     ``approach3``: {a, b, a_ci, b_ci},
     ``extrapolation``: [{multiple, C, N, N_ci, D, D_ci, tokens_per_param, loss, loss_ci}],
-    ``wsd``: {n_points, chinchilla params + ci, approach3 a/b, heldout (same rows as above), compare},
+    ``wsd``: {n_points, chinchilla params + ci, approach3 a/b, heldout (same rows as above), compare,
+    pairs: each branch vs the cosine run of the same model and token count, with mean/sd/max difference},
     ``downstream``: {tasks: name -> {chance, fit_compute, two_step, heldout [...]}, mean_abs_error}
   } (any block may instead be {"error": str})
 - ``pareto``: {loss_vs_training_flops: [{name, group, flops, loss}], accuracy_vs_inference_flops:
@@ -216,6 +217,7 @@ def _chinchilla_block(res, boot) -> dict:
         "converged": bool(res.converged),
         "objective": float(res.objective),
         "n_points": int(res.n_points),
+        "at_bounds": list(getattr(res, "at_bounds", [])),  # parameters that ended on a bound: degenerate
     }
 
 
@@ -513,7 +515,42 @@ def _wsd_block(spec, rr, group: str, held_rows, cos_block: dict) -> dict:
     cos = cos_block.get("chinchilla", {})
     if "params" in cos:
         out["compare"] = {k: {"cosine": cos["params"][k], "wsd": res.params[k]} for k in res.params}
+    out["pairs"] = _wsd_cosine_pairs(rows, _rows(rr, group, ("isoflop",)))
     return out
+
+
+def _wsd_cosine_pairs(branches: Sequence[dict], cosine: Sequence[dict], rtol: float = 0.02) -> dict:
+    """Each WSD cool-down branch next to the independent cosine run of the same model at the same token count
+    (within ``rtol``; batch sizes may differ, so D differs by rounding to whole steps): the direct,
+    law-free test of Hägele et al. 2024's claim that a WSD branch matches a cosine run of its length. The
+    fitted-law comparison above needs enough branch points to identify five parameters; this does not."""
+    rows = []
+    for b in branches:
+        match = [
+            c for c in cosine if c["params"] == b["params"] and abs(c["tokens"] / b["tokens"] - 1.0) <= rtol
+        ]
+        if match:
+            c = min(match, key=lambda c: abs(c["tokens"] / b["tokens"] - 1.0))
+            rows.append(
+                {
+                    "wsd": b["name"],
+                    "cosine": c["name"],
+                    "N": b["params"],
+                    "D_wsd": b["tokens"],
+                    "D_cosine": c["tokens"],
+                    "loss_wsd": b["final_eval_loss"],
+                    "loss_cosine": c["final_eval_loss"],
+                    "difference": b["final_eval_loss"] - c["final_eval_loss"],
+                }
+            )
+    d = np.array([r["difference"] for r in rows])
+    return {
+        "rows": rows,
+        "n": len(rows),
+        "mean_difference": float(d.mean()) if d.size else None,
+        "sd_difference": float(d.std(ddof=1)) if d.size > 1 else None,
+        "max_abs_difference": float(np.abs(d).max()) if d.size else None,
+    }
 
 
 def _pareto(rr: list[dict], task: str | None) -> dict:
@@ -823,6 +860,8 @@ def render_markdown(report: dict) -> str:
             ]
             for k, v in ch["params"].items():
                 L.append(f"| {k} | {_fmt(v)} | {_fmt(ch['ci'].get(k))} |")
+            if ch.get("at_bounds"):
+                L.append(f"\nOn a bound (the fit is degenerate there): {', '.join(ch['at_bounds'])}.")
             e = b["entropy"]
             L += [
                 "",
@@ -887,11 +926,33 @@ def render_markdown(report: dict) -> str:
             L += ["", "| param | cosine isoFLOP | WSD branches |", "|---|---|---|"]
             for k, v in (w.get("compare") or {}).items():
                 L.append(f"| {k} | {_fmt(v['cosine'])} | {_fmt(v['wsd'])} |")
+            wb = (w.get("chinchilla") or {}).get("at_bounds")
+            if wb:
+                L.append(
+                    f"\nThe WSD-branch fit is degenerate: {', '.join(wb)} ended on a bound "
+                    f"({w['n_points']} points for 5 parameters); read the pairwise comparison below instead."
+                )
             for h in w["heldout"]:
                 L.append(
                     f"\nWSD-fit prediction of {h['name']}: {_fmt(h['predicted'])} vs actual "
                     f"{_fmt(h['actual'])} ({h['relative_error']:+.2%})."
                 )
+            pr = w.get("pairs") or {}
+            if pr.get("n"):
+                L += [
+                    "",
+                    f"Same model, same tokens: WSD branch minus cosine run, over {pr['n']} pairs: mean "
+                    f"{pr['mean_difference']:+.4f} nats (sd {_fmt(pr['sd_difference'])}, max |diff| "
+                    f"{pr['max_abs_difference']:.4f}).",
+                    "",
+                    "| N | D (WSD) | D (cosine) | WSD loss | cosine loss | diff |",
+                    "|---|---|---|---|---|---|",
+                ]
+                for r in pr["rows"]:
+                    L.append(
+                        f"| {r['N']:,} | {r['D_wsd']:,} | {r['D_cosine']:,} | {r['loss_wsd']:.4f} "
+                        f"| {r['loss_cosine']:.4f} | {r['difference']:+.4f} |"
+                    )
         ds = b["downstream"]
         L += [
             "",

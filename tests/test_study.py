@@ -138,3 +138,19 @@ def test_wsd_branch_equals_wsd_run_from_scratch(tmp_path):
     )
     assert res[1]["summary"]["final_eval_loss"] == pytest.approx(s["final_eval_loss"], rel=1e-5)
     assert branch.incremental_flops == pytest.approx(branch.predicted_flops * 4 / 20)
+
+
+def test_wsd_branches_are_paired_with_cosine_runs_of_the_same_model_and_tokens():
+    from experiments.report import _wsd_cosine_pairs
+
+    def row(name, n, d, loss):
+        return {"name": name, "params": n, "tokens": d, "final_eval_loss": loss}
+
+    branches = [row("b1", 100, 1000, 2.0), row("b2", 100, 5000, 1.5), row("b3", 300, 1000, 3.0)]
+    cosine = [row("c1", 100, 1010, 2.5), row("c2", 100, 5200, 9.0), row("c3", 200, 1000, 9.0)]
+    out = _wsd_cosine_pairs(branches, cosine)
+    # b1 ~ c1 (1% apart in D); b2 has no twin within 2% (c2 is 4% off); b3 has no run of its size
+    assert [(r["wsd"], r["cosine"]) for r in out["rows"]] == [("b1", "c1")]
+    assert out["n"] == 1 and out["mean_difference"] == pytest.approx(-0.5)
+    assert out["sd_difference"] is None and out["max_abs_difference"] == pytest.approx(0.5)
+    assert _wsd_cosine_pairs(branches, [])["n"] == 0
