@@ -457,7 +457,7 @@ def load_variables(workdir: str | Path, step: int | None = None) -> tuple[Any, d
     import optim
     from experiments.checkpoint import Checkpointer, abstract_like
     from experiments.config import ExperimentConfig
-    from experiments.trainer import CHECKPOINT_DIR, CONFIG_FILE
+    from experiments.run_record import CHECKPOINT_DIR, CONFIG_FILE
     from models import build_model
 
     workdir = Path(workdir)
@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks: list[Task] = []
     if not args.no_battery:
         from experiments.config import ExperimentConfig
-        from experiments.trainer import CONFIG_FILE
+        from experiments.run_record import CONFIG_FILE
 
         cfg = ExperimentConfig.from_dict(json.loads((Path(args.workdir) / CONFIG_FILE).read_text()))
         tasks += battery_for(cfg, args.battery_seed, names)

@@ -46,7 +46,7 @@ from experiments.config import ConfigError, ExperimentConfig, TrainerConfig
 from experiments.hparam_rules import BatchRule, LRRule
 
 # Settings that change how a run executes, not what it computes, are left out of the run hash.
-from experiments.trainer import EXECUTION_ONLY_FIELDS
+from experiments.run_record import EXECUTION_ONLY_FIELDS
 from models import accounting
 from models.config import ModelConfig
 from optim.schedules import wsd_decay_start

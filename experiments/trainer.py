@@ -5,7 +5,8 @@ Structure:
   from the logical-axis rules, the train step (ONE ``jax.jit`` with explicit in/out shardings and the state
   donated) and the eval step. The benchmark reuses it.
 - ``train(cfg, workdir)`` runs it: data, automatic resume from the newest checkpoint, logging, NaN guard
-  and summary.json.
+  and summary.json (the run directory's file names, config check and summary live in
+  experiments/run_record.py).
 
 Exact resume: a batch is a pure function of (seed, step), the state (params + optimiser state, which holds the
 step count) is checkpointed whole, and the train step is the same compiled program, so continuing from step k
@@ -33,38 +34,24 @@ from jax.sharding import Mesh, NamedSharding
 import optim
 from experiments import sharding as shd
 from experiments.checkpoint import Checkpointer, abstract_like
-from experiments.config import ConfigError, ExperimentConfig, config_diff
+from experiments.config import ConfigError, ExperimentConfig
 from experiments.data import TokenDataset, prepare_synthetic
 from experiments.metrics import MetricsWriter, read_metrics
+from experiments.run_record import (  # noqa: F401 -- re-exported: the run directory's names live there
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    EXECUTION_ONLY_FIELDS,
+    SUMMARY_FILE,
+    SUMMARY_SCHEMA_VERSION,
+    build_summary,
+    check_and_save_config,
+    family_fields,
+)
 from models import accounting, build_model
 from models import moe as moe_lib
 from models import mor as mor_lib
-from models.config import mor_resolved
 from models.loss import chunked_cross_entropy, output_head
 from optim.schedules import make_schedule
-
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-CHECKPOINT_DIR = "checkpoints"
-SUMMARY_SCHEMA_VERSION = 1
-
-# Settings that change how a run executes but not what it computes: they may differ when resuming a workdir
-# (e.g. a checkpoint written on 8 devices resumed on 1). Anything else differing is an error.
-EXECUTION_ONLY_FIELDS = (
-    "mesh.",
-    "trainer.progress",
-    "trainer.async_checkpoint",
-    "trainer.peak_flops",
-    "trainer.keep_checkpoints",
-    "trainer.checkpoint_every",
-    "trainer.log_every",
-    "trainer.eval_every",
-    "model.remat",
-    "model.attention_impl",
-    "data.synthetic_dir",
-    "trainer.eval_tasks",
-    "trainer.loss_chunk_tokens",  # chunked vs full-logits cross-entropy: the same loss (models/loss.py)
-)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -328,107 +315,6 @@ def evaluate(ds: TokenDataset, cfg: ExperimentConfig, prog: Program, state: Any)
         batch = shd.host_batch(local, prog.eval_batch_sharding, (Be, L + 1))
         losses.append(prog.eval_step(params, model_state, batch))
     return float(np.mean(np.asarray(jax.device_get(losses), dtype=np.float64)))
-
-
-# ----- workdir bookkeeping ----------------------------------------------------------------------------------
-def check_and_save_config(cfg: ExperimentConfig, workdir: Path) -> None:
-    """Write WORKDIR/config.json; refuse to continue a workdir that was started with a different
-    experiment."""
-    path = workdir / CONFIG_FILE
-    new = cfg.to_dict()
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = [
-            k
-            for k in config_diff(old, new)
-            if not any(k == f or k.startswith(f) for f in EXECUTION_ONLY_FIELDS)
-        ]
-        if diff:
-            details = "\n".join(f"  {k}: saved {_get(old, k)!r} != now {_get(new, k)!r}" for k in diff)
-            raise ConfigError(
-                f"{workdir} holds a run with a different config ({path}); use a new --workdir or "
-                f"the same settings. Differences:\n{details}"
-            )
-    if jax.process_index() == 0:
-        path.write_text(json.dumps(new, indent=2) + "\n")
-
-
-def _get(d: dict, dotted: str) -> Any:
-    for k in dotted.split("."):
-        if not isinstance(d, dict) or k not in d:
-            return "<missing>"
-        d = d[k]
-    return d
-
-
-def build_summary(
-    cfg: ExperimentConfig,
-    ds: TokenDataset,
-    *,
-    final_loss: float,
-    final_eval_loss: float,
-    meta: dict[str, Any],
-    n_devices: int,
-) -> dict[str, Any]:
-    c, L = cfg.model, cfg.data.seq_len
-    counts = accounting.param_counts(c)
-    steps = cfg.total_steps
-    tokens = steps * cfg.tokens_per_step
-    family = family_fields(c, L)
-    fpt = family["active_flops_per_token"]  # = flops_per_token(c, L)["training"]: model FLOPs are active
-    tps = meta["timed_tokens"] / meta["train_seconds"] if meta.get("train_seconds") else None
-    peak = cfg.trainer.peak_flops
-    return {
-        "schema_version": SUMMARY_SCHEMA_VERSION,
-        "family": c.family,
-        "optimizer": cfg.optimizer.name,
-        "params": counts["total"],
-        "non_embedding_params": counts["non_embedding"],
-        "embedding_params": counts["embedding"],
-        "tokens": tokens,
-        "flops_per_token": fpt,
-        "flops": fpt * tokens,
-        "kaplan_flops_per_token": accounting.kaplan_flops_per_token(c, L),
-        "chinchilla_flops_per_token": accounting.chinchilla_flops_per_token(c),
-        "steps": steps,
-        "batch_size": cfg.data.batch_size,
-        "seq_len": L,
-        "final_loss": final_loss,
-        "final_eval_loss": final_eval_loss,
-        "entropy_floor": ds.entropy_rate,
-        "unigram_entropy": ds.unigram_entropy,
-        "tokens_per_second": tps,
-        "mfu": (fpt * tps / (peak * n_devices)) if (peak and tps) else None,
-        "wall_seconds": meta.get("wall_seconds"),
-        "compile_seconds": meta.get("compile_seconds"),
-        "devices": n_devices,
-        "seed": cfg.seed,
-        **family,
-        "config": cfg.to_dict(),
-    }
-
-
-def family_fields(c: Any, seq_len: int) -> dict[str, Any]:
-    """summary.json's family fields: ``models.accounting.family_summary`` (active_params,
-    active_flops_per_token, kv_cache_bytes_per_token, attention, MoE: experts, top_k, ...) plus, for MoR,
-    recursions, sharing, router, kv_strategy, capacity and the expected depth; for MLA its latent sizes."""
-    out = dict(accounting.family_summary(c, seq_len))
-    if c.family == "mor":
-        res = mor_resolved(c)
-        flops = accounting.flops_per_token(c, seq_len)
-        out.setdefault("recursions", c.mor_recursions)
-        out.setdefault("sharing", c.mor_sharing)
-        out.setdefault("router", c.mor_router)
-        out.setdefault("kv_strategy", c.mor_kv_strategy)
-        out.setdefault("capacity", list(res["capacity"]))
-        out.setdefault("mor_aux_loss", res["aux_loss"])
-        out.setdefault("expected_depth", flops["expected_depth"])
-        out.setdefault("full_depth_flops_per_token", 3.0 * flops["full_depth_forward"])
-    if c.attention == "mla":
-        out.setdefault("kv_lora_rank", c.resolved_mla_kv_lora_rank)
-        out.setdefault("q_lora_rank", c.mla_q_lora_rank)
-        out.setdefault("rope_head_dim", c.resolved_mla_rope_head_dim)
-    return out
 
 
 def run_downstream(cfg: ExperimentConfig, workdir: Path, params: Any, emit: Callable[[str], None]) -> None:
