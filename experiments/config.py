@@ -224,14 +224,29 @@ class ExperimentConfig:
         return _build(cls, d, "")
 
     def override(self, assignments: list[str] | tuple[str, ...]) -> ExperimentConfig:
-        """Apply ``["section.field=value", ...]`` (values parsed against the field's annotated type)."""
+        """Apply ``["section.field=value", ...]`` (values parsed against the field's annotated type).
+
+        ``trainer.steps`` and ``trainer.tokens`` are alternatives (exactly one is set): overriding one of them
+        clears the other unless both are given: ``--set trainer.steps=10`` works on a token-budgeted preset.
+        """
         cfg = self
+        keys = set()
         for a in assignments:
             if "=" not in a:
                 raise ConfigError(f"override {a!r} must look like section.field=value")
             key, raw = a.split("=", 1)
+            keys.add(key.strip())
             cfg = _set_path(cfg, key.strip().split("."), raw, key.strip())
+        for given, other in (("trainer.steps", "tokens"), ("trainer.tokens", "steps")):
+            if given in keys and f"trainer.{other}" not in keys and _get_path(cfg, given) is not None:
+                cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, **{other: None}))
         return cfg
+
+
+def _get_path(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 # ----- typed conversion -------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_from_dict_rejects_unknown_and_mistyped_fields():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["trainer.tokens=1000"], "set exactly one of trainer.steps / trainer.tokens"),
+        (["trainer.steps=300", "trainer.tokens=1000"], "set exactly one of trainer.steps / trainer.tokens"),
         (["trainer.microbatches=3"], "microbatches=3 must be >= 1 and divide data.batch_size=16"),
         (["data.seq_len=1000"], "data.seq_len=1000 exceeds model.max_seq_len"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "at most one -1"),
@@ -124,3 +124,17 @@ def test_config_diff():
     a = get_preset("tiny").to_dict()
     b = get_preset("tiny").override(["model.d_model=32", "seed=1"]).to_dict()
     assert config_diff(a, b) == ["model.d_model", "seed"]
+
+
+def test_overriding_steps_or_tokens_clears_the_other():
+    by_tokens = get_preset("muon-mla-moe-30m")  # a token-budgeted preset
+    assert by_tokens.trainer.tokens is not None and by_tokens.trainer.steps is None
+    cfg = by_tokens.override(["trainer.steps=7", "optimizer.warmup_steps=1"])
+    assert cfg.trainer.steps == 7 and cfg.trainer.tokens is None
+    cfg.validate()
+    back = cfg.override(["trainer.tokens=1000"])
+    assert back.trainer.tokens == 1000 and back.trainer.steps is None
+    # both given explicitly: nothing is cleared, and validation names the conflict
+    both = by_tokens.override(["trainer.steps=7", "trainer.tokens=1000"])
+    with pytest.raises(ConfigError, match="exactly one of trainer.steps / trainer.tokens"):
+        both.validate()
