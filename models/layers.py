@@ -58,3 +58,35 @@ def apply_rope(x_BxLxHxK: jax.Array, positions_L: jax.Array, theta: float) -> ja
     x1, x2 = x32[..., : K // 2], x32[..., K // 2 :]
     out = jnp.concatenate([x1 * cos_1xLx1xF - x2 * sin_1xLx1xF, x2 * cos_1xLx1xF + x1 * sin_1xLx1xF], axis=-1)
     return out.astype(x_BxLxHxK.dtype)
+
+
+def check_tokens(tokens_BxL: jax.Array, max_seq_len: int) -> None:
+    """The models' input check: an integer [batch, seq] array no longer than their max_seq_len."""
+    if tokens_BxL.ndim != 2 or not jnp.issubdtype(tokens_BxL.dtype, jnp.integer):
+        raise ValueError(f"tokens must be an integer array [batch, seq]; got {tokens_BxL.dtype}"
+                         f"{list(tokens_BxL.shape)}")
+    if tokens_BxL.shape[1] > max_seq_len:
+        raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds max_seq_len={max_seq_len}")
+
+
+def attention_positions_and_mask(
+    L: int,
+    positions_BxL: jax.Array | None,
+    kv_BxSxD: jax.Array | None,
+    kv_positions_BxS: jax.Array | None,
+    kv_valid_BxS: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(query positions, key positions, mask) shared by MHA/GQA and MLA attention when Mixture-of-Recursions
+    runs a layer on gathered tokens (see ``transformer.Attention``). Keys are visible when kv_pos <= q_pos.
+    The mask is None for plain self-attention (the kernel's own causal mask applies), else [B, 1, L, S] or
+    [L, S] booleans."""
+    positions_L = jnp.arange(L) if positions_BxL is None else positions_BxL
+    kv_positions_S = positions_L if kv_BxSxD is None else (
+        jnp.arange(kv_BxSxD.shape[1]) if kv_positions_BxS is None else kv_positions_BxS)
+    mask = None
+    if kv_BxSxD is not None or kv_valid_BxS is not None:
+        mask = kv_positions_S[..., None, :] <= positions_L[..., :, None]  # [(B,) L, S]
+        if kv_valid_BxS is not None:
+            mask = mask & kv_valid_BxS[:, None, :]
+        mask = mask[..., None, :, :] if mask.ndim == 3 else mask  # -> [B, 1, L, S] or [L, S]
+    return positions_L, kv_positions_S, mask

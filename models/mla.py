@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.layers import RMSNorm, apply_rope
+from models.layers import RMSNorm, apply_rope, attention_positions_and_mask
 from models.transformer import _dense, constrain
 
 
@@ -74,20 +74,13 @@ class MlaAttention(nn.Module):
         k_nope_BxSxHxN = _dense(c, (H, N), ("kv_lora",), ("heads", "head_dim"), name="k_up")(ckv_BxSxR)
         v_BxSxHxU = _dense(c, (H, U), ("kv_lora",), ("heads", "head_dim"), name="v_up")(ckv_BxSxR)
 
-        positions_L = jnp.arange(x_BxLxD.shape[1]) if positions_BxL is None else positions_BxL
-        kv_positions_S = positions_L if kv_BxSxD is None else (
-            jnp.arange(kv_BxSxD.shape[1]) if kv_positions_BxS is None else kv_positions_BxS)
+        positions_L, kv_positions_S, mask = attention_positions_and_mask(
+            x_BxLxD.shape[1], positions_BxL, kv_BxSxD, kv_positions_BxS, kv_valid_BxS)
         q_rope_BxLxHxP = apply_rope(q_BxLxHxA[..., N:], positions_L, c.rope_theta)
         kr_BxSx1xP = apply_rope(kr_BxSxP[:, :, None, :], kv_positions_S, c.rope_theta)
         B, S = src_BxSxD.shape[:2]
         q_BxLxHxA = jnp.concatenate([q_BxLxHxA[..., :N], q_rope_BxLxHxP], axis=-1)
         k_BxSxHxA = jnp.concatenate([k_nope_BxSxHxN, jnp.broadcast_to(kr_BxSx1xP, (B, S, H, P))], axis=-1)
-        mask = None
-        if kv_BxSxD is not None or kv_valid_BxS is not None:
-            mask = kv_positions_S[..., None, :] <= positions_L[..., :, None]  # [(B,) L, S]
-            if kv_valid_BxS is not None:
-                mask = mask & kv_valid_BxS[:, None, :]
-            mask = mask[..., None, :, :] if mask.ndim == 3 else mask  # -> [B, 1, L, S] or [L, S]
         W = max(A, U)  # common head size for the fused kernel (see the module docstring)
         q_BxLxHxW = constrain(_pad_last(q_BxLxHxA, W), ("batch", "seq", "heads", "head_dim"))
         k_BxSxHxW = constrain(_pad_last(k_BxSxHxA, W), ("batch", "seq", "heads", "head_dim"))

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig, mor_resolved
-from models.layers import RMSNorm, boxed_param
+from models.layers import RMSNorm, boxed_param, check_tokens
 from models.mor_accounting import mor_layout, routed_forward_flops, step_token_counts
 from models.transformer import Block, Dense, Embed, _remat_policy
 
@@ -175,11 +175,7 @@ class MoRTransformer(nn.Module):
         reproduces this forward exactly. Token choice and "none" are causal already: the flag changes nothing.
         """
         c = self.config
-        if tokens_BxL.ndim != 2 or not jnp.issubdtype(tokens_BxL.dtype, jnp.integer):
-            raise ValueError(f"tokens must be an integer array [batch, seq]; got {tokens_BxL.dtype}"
-                             f"{list(tokens_BxL.shape)}")
-        if tokens_BxL.shape[1] > c.max_seq_len:
-            raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds max_seq_len={c.max_seq_len}")
+        check_tokens(tokens_BxL, c.max_seq_len)
         Bsz, L = tokens_BxL.shape
         n_r = c.mor_recursions
         res = mor_resolved(c)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.layers import RMSNorm, apply_rope, boxed_param
+from models.layers import RMSNorm, apply_rope, attention_positions_and_mask, boxed_param, check_tokens
 
 constrain = nn.with_logical_constraint
 
@@ -92,20 +92,13 @@ class Attention(nn.Module):
         if c.qk_norm:  # normalise each head's query/key vector before RoPE; bounds the attention logits
             q_BxLxHxK = RMSNorm(c.norm_eps, "head_dim", c.param_jnp_dtype, name="q_norm")(q_BxLxHxK)
             k_BxLxGxK = RMSNorm(c.norm_eps, "head_dim", c.param_jnp_dtype, name="k_norm")(k_BxLxGxK)
-        positions_L = jnp.arange(x_BxLxD.shape[1]) if positions_BxL is None else positions_BxL
-        kv_positions_S = positions_L if kv_BxSxD is None else (
-            jnp.arange(kv_BxSxD.shape[1]) if kv_positions_BxS is None else kv_positions_BxS)
+        positions_L, kv_positions_S, mask = attention_positions_and_mask(
+            x_BxLxD.shape[1], positions_BxL, kv_BxSxD, kv_positions_BxS, kv_valid_BxS)
         q_BxLxHxK = constrain(apply_rope(q_BxLxHxK, positions_L, c.rope_theta),
                               ("batch", "seq", "heads", "head_dim"))
         k_BxLxGxK = constrain(apply_rope(k_BxLxGxK, kv_positions_S, c.rope_theta),
                               ("batch", "seq", "kv_heads", "head_dim"))
         v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "seq", "kv_heads", "head_dim"))
-        mask = None
-        if kv_BxSxD is not None or kv_valid_BxS is not None:
-            mask = kv_positions_S[..., None, :] <= positions_L[..., :, None]  # [(B,) L, S]
-            if kv_valid_BxS is not None:
-                mask = mask & kv_valid_BxS[:, None, :]
-            mask = mask[..., None, :, :] if mask.ndim == 3 else mask  # -> [B, 1, L, S] or [L, S]
         # Scale 1/sqrt(K) is the default; GQA is handled natively (G must divide H).
         out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask,
                                                    is_causal=mask is None, implementation=c.attention_impl)
@@ -255,11 +248,7 @@ class Transformer(nn.Module):
 
     def __call__(self, tokens_BxL: jax.Array, *, return_hidden: bool = False) -> tuple[jax.Array, dict]:
         c = self.config
-        if tokens_BxL.ndim != 2 or not jnp.issubdtype(tokens_BxL.dtype, jnp.integer):
-            raise ValueError(f"tokens must be an integer array [batch, seq]; got {tokens_BxL.dtype}"
-                             f"{list(tokens_BxL.shape)}")
-        if tokens_BxL.shape[1] > c.max_seq_len:
-            raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds max_seq_len={c.max_seq_len}")
+        check_tokens(tokens_BxL, c.max_seq_len)
         x_BxLxD = constrain(self.embed(tokens_BxL), ("batch", "seq", "embed"))
         layer_stats = []  # per-layer routing statistics of MoE blocks (None for dense blocks)
         if c.scan_layers:
