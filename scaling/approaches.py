@@ -28,7 +28,7 @@ from scaling.isoflop import (
     isoflop_slices,
 )
 from scaling.optimal import OptimalAllocation, compute_optimal
-from scaling.powerlaw import PowerLawFit, fit_power_law
+from scaling.powerlaw import AllocationLaws, PowerLawFit, fit_power_law
 
 __all__ = [
     "Approach3Result",
@@ -43,7 +43,7 @@ FlopsPerToken = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
-class Approach3Result:
+class Approach3Result(AllocationLaws):
     """N*(C), D*(C) from a parametric fit, with power laws fitted over the C range (exact for Chinchilla).
 
     `law` is the Law object and `params` its parameters, so the result can itself be passed wherever a fitted
@@ -62,19 +62,8 @@ class Approach3Result:
     n_failed_samples: int = 0  # bootstrap draws without an interior optimum (excluded from the CIs)
 
     @property
-    def a(self) -> float:
-        return self.n_fit.exponent
-
-    @property
-    def b(self) -> float:
-        return self.d_fit.exponent
-
-    @property
     def law_name(self) -> str:
         return str(getattr(self.law, "name", self.law))
-
-    def predict(self, C: Any) -> tuple[np.ndarray, np.ndarray]:
-        return self.n_fit.predict(C), self.d_fit.predict(C)
 
     def to_dict(self) -> dict:
         return {

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy.interpolate import Akima1DInterpolator
 
-from scaling.powerlaw import PowerLawFit, fit_power_law
+from scaling.powerlaw import AllocationLaws, PowerLawFit, fit_power_law
 
 __all__ = [
     "BudgetOptimum",
@@ -309,7 +309,7 @@ def _budget(
 # Approach 2
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
-class Approach2Result:
+class Approach2Result(AllocationLaws):
     """Hoffmann Approach 2: per-budget optima and the power laws N* = n_fit.coef C^a, D* = d_fit.coef C^b.
 
     a_ci / b_ci: bootstrap percentile intervals when n_bootstrap > 0, else the regression's t-interval.
@@ -328,14 +328,6 @@ class Approach2Result:
     ci_level: float = 0.95
 
     @property
-    def a(self) -> float:
-        return self.n_fit.exponent
-
-    @property
-    def b(self) -> float:
-        return self.d_fit.exponent
-
-    @property
     def C(self) -> np.ndarray:
         return np.array([o.C for o in self.optima])
 
@@ -350,10 +342,6 @@ class Approach2Result:
     @property
     def loss(self) -> np.ndarray:
         return np.array([o.loss for o in self.optima])
-
-    def predict(self, C: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(N*(C), D*(C)) from the fitted power laws."""
-        return self.n_fit.predict(C), self.d_fit.predict(C)
 
     def to_dict(self) -> dict:
         settings = {
@@ -613,7 +601,7 @@ def isoflop_slices(
 
 
 @dataclass
-class Approach1Result:
+class Approach1Result(AllocationLaws):
     """Hoffmann Approach 1: the minimum-loss envelope over training curves and its power laws.
 
     C, N, D, loss: the envelope on the FLOP grid (grid points where the winner is the smallest or largest
@@ -632,18 +620,6 @@ class Approach1Result:
     b_ci: tuple[float, float]
     n_runs: int
     ci_level: float = 0.95
-
-    @property
-    def a(self) -> float:
-        return self.n_fit.exponent
-
-    @property
-    def b(self) -> float:
-        return self.d_fit.exponent
-
-    def predict(self, C: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(N_opt(C), D_opt(C)) from the fitted power laws."""
-        return self.n_fit.predict(C), self.d_fit.predict(C)
 
     def to_dict(self) -> dict:
         return {

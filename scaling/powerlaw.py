@@ -52,6 +52,23 @@ class PowerLawFit:
         )
 
 
+class AllocationLaws:
+    """For results that hold ``n_fit`` / ``d_fit``, the power laws N*(C) = k C^a and D*(C) = k' C^b fitted by
+    the Hoffmann approaches: the exponents ``a``, ``b`` and ``predict(C)``, written once for all of them."""
+
+    @property
+    def a(self) -> float:
+        return self.n_fit.exponent
+
+    @property
+    def b(self) -> float:
+        return self.d_fit.exponent
+
+    def predict(self, C) -> tuple[np.ndarray, np.ndarray]:
+        """(N*(C), D*(C)) from the fitted power laws."""
+        return self.n_fit.predict(C), self.d_fit.predict(C)
+
+
 def fit_power_law(x, y, weights=None, ci_level: float = 0.95) -> PowerLawFit:
     """Fit y = coef * x**exponent by (weighted) least squares on (log x, log y).
 
