@@ -263,6 +263,11 @@ def _parent_ids(runs: Sequence[PlannedRun]) -> dict[str, str]:
     return {r.name: by_name[r.parent["run"]] for r in runs if r.parent is not None}
 
 
+def _failed(r: PlannedRun, error: str) -> dict[str, Any]:
+    """The result record of a run that did not train (failed parent, missing parent, crashed worker)."""
+    return {"name": r.name, "run_id": r.run_id, "status": "failed", "error": error}
+
+
 def run_sequential(
     runs: Sequence[PlannedRun],
     runs_dir: str | Path,
@@ -278,12 +283,7 @@ def run_sequential(
     out = []
     for r in runs:
         if r.parent is not None and r.parent["run"] in progress.failed:
-            res = {
-                "name": r.name,
-                "run_id": r.run_id,
-                "status": "failed",
-                "error": f"parent {r.parent['run']!r} failed",
-            }
+            res = _failed(r, f"parent {r.parent['run']!r} failed")
         else:
             progress.start(r.name)
             res = run_one(
@@ -385,12 +385,7 @@ def run_parallel(
                 par = r.parent["run"] if r.parent is not None else None
                 if par is not None and par in progress.failed:
                     pending.remove(r)
-                    res = {
-                        "name": r.name,
-                        "run_id": r.run_id,
-                        "status": "failed",
-                        "error": f"parent {par!r} failed",
-                    }
+                    res = _failed(r, f"parent {par!r} failed")
                     results[r.name] = res
                     progress.finish(res)
                 elif par is None or par in finished_ok:
@@ -411,12 +406,7 @@ def run_parallel(
             if not futures:
                 if pending:  # only branches whose parents are not in this plan: report, do not hang
                     for r in pending:
-                        res = {
-                            "name": r.name,
-                            "run_id": r.run_id,
-                            "status": "failed",
-                            "error": f"parent {r.parent['run']!r} is not in the plan",
-                        }
+                        res = _failed(r, f"parent {r.parent['run']!r} is not in the plan")
                         results[r.name] = res
                         progress.finish(res)
                     pending = []
@@ -427,12 +417,7 @@ def run_parallel(
                 try:
                     res = f.result()
                 except Exception as e:  # noqa: BLE001 -- a crashed worker process
-                    res = {
-                        "name": r.name,
-                        "run_id": r.run_id,
-                        "status": "failed",
-                        "error": f"worker crashed: {type(e).__name__}: {e}",
-                    }
+                    res = _failed(r, f"worker crashed: {type(e).__name__}: {e}")
                 results[r.name] = res
                 if res["status"] != "failed":
                     finished_ok.add(r.name)
