@@ -50,6 +50,7 @@ from experiments.run_record import EXECUTION_ONLY_FIELDS
 from models import accounting
 from models.config import ModelConfig
 from optim.schedules import wsd_decay_start
+from scaling.io import iter_jsonl
 
 PLAN_FILE = "plan.jsonl"
 RUN_KINDS = ("isoflop", "heldout", "lr_sweep", "wsd_stable", "wsd_branch", "grid", "user")
@@ -193,13 +194,7 @@ def read_plan(path: str | Path) -> list[PlannedRun]:
     path = Path(path)
     runs = []
     fields = {f.name for f in dataclasses.fields(PlannedRun)}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{i}: invalid JSON ({e.msg})") from e
+    for i, d in iter_jsonl(path, error=ConfigError):
         unknown = sorted(set(d) - fields)
         if unknown:
             raise ConfigError(f"{path}:{i}: unknown plan fields {unknown}")

@@ -160,15 +160,10 @@ def read_jsonl(path: str | os.PathLike) -> list[MCItem]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
-    items = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{n}: not valid JSON ({e})") from e
-        items.append(parse_item(d, f"{path}:{n}"))
+    from scaling.io import iter_jsonl  # here, not at the top: importing scaling loads jax
+
+    lines = iter_jsonl(path, error=TaskError, invalid="not valid JSON ({e})")
+    items = [parse_item(d, f"{path}:{n}") for n, d in lines]
     if not items:
         raise TaskError(f"{path} holds no items")
     return items

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ __all__ = [
     "load_table",
     "read_csv",
     "read_jsonl",
+    "iter_jsonl",
     "read_summaries",
     "parse_columns",
     "filter_rows",
@@ -80,19 +81,31 @@ def read_jsonl(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    rows = []
-    with path.open() as f:
+    rows = [_flatten(obj) for _, obj in iter_jsonl(path)]
+    return _rows_to_table(rows, str(path))
+
+
+def iter_jsonl(
+    path: str | Path,
+    *,
+    error: Callable[[str], Exception] = ValueError,
+    invalid: str = "invalid JSON ({e.msg})",
+) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line number, object)`` for each non-blank line of a JSON lines file (numbers count from 1,
+    blank lines included). A line that is not valid JSON, or not a JSON object, raises ``error`` with a
+    message starting ``"{path}:{lineno}: "``; ``invalid`` is the rest of the bad-JSON message, formatted
+    with ``e`` = the ``json.JSONDecodeError``. Callers do their own validation of each object."""
+    with Path(path).open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\n"))  # without it, an error at the end reads "line 2 column 1"
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+                raise error(f"{path}:{lineno}: {invalid.format(e=e)}") from e
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(_flatten(obj))
-    return _rows_to_table(rows, str(path))
+                raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
 
 
 def _flatten(obj: Mapping, prefix: str = "") -> dict:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from scaling.io import law_data, load_table, parse_columns, read_summaries
+from scaling.io import iter_jsonl, law_data, load_table, parse_columns, read_summaries
 
 
 def test_csv_numeric_string_and_blank_columns(tmp_path):
@@ -31,6 +31,28 @@ def test_jsonl_and_json_list(tmp_path):
     bad.write_text('{"a": 1}\n{oops\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: invalid JSON"):
         load_table(bad)
+
+
+def test_iter_jsonl_line_numbers_blank_lines_and_errors(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"a": 1}\n\n   \n{"a": 2}\r\n{"b": [3]}')  # blank/space-only lines, CRLF, no final newline
+    assert list(iter_jsonl(p)) == [(1, {"a": 1}), (4, {"a": 2}), (5, {"b": [3]})]
+    p.write_text('{"a": 1}\n\n{"a": 2,}\n')
+
+    class Bad(Exception):
+        pass
+
+    with pytest.raises(Bad, match=r"x\.jsonl:3: invalid JSON \(Expecting property name") as info:
+        list(iter_jsonl(p, error=Bad))
+    assert isinstance(info.value.__cause__, json.JSONDecodeError)
+    with pytest.raises(ValueError, match=r"x\.jsonl:3: bad line at column 9$"):
+        list(iter_jsonl(p, invalid="bad line at column {e.colno}"))
+    p.write_text('{"a":\n')  # the position in a truncated line is within that line
+    with pytest.raises(ValueError, match=r"x\.jsonl:1: at 1:6$"):
+        list(iter_jsonl(p, invalid="at {e.lineno}:{e.colno}"))
+    p.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"x\.jsonl:2: expected a JSON object, got list"):
+        list(iter_jsonl(p))
 
 
 def test_directory_of_summaries(tmp_path):
