@@ -418,18 +418,34 @@ def make_mc_task(src: MarkovSource, spec: TaskSpec, seed: int = 0) -> Task:
     return Task(spec, items, info)
 
 
-@functools.lru_cache(maxsize=4)
-def _dense_logprob_table(cfg: MarkovSourceConfig) -> np.ndarray:
-    """[V**order, V] log p(x | context) for every context (float64), through the public log_prob."""
+@functools.lru_cache(maxsize=2)
+def _log_prob_parts(cfg: MarkovSourceConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """log p(x | c) in the source's two parts: log of the dense low-order part [R, V] (r = the last
+    order-1 tokens of c), the top-order successors [C, K] and their exact log-probabilities [C, K]."""
     src = _source(cfg)
+    C = cfg.vocab_size**cfg.order
+    R = C // cfg.vocab_size
+    low_RxV = src._low_dense()
+    top_CxK, top_p_CxK = src._top()
+    r_C1 = (np.arange(C) % R)[:, None]
+    return np.log(low_RxV), top_CxK, np.log(low_RxV[r_C1, top_CxK] + top_p_CxK)
+
+
+def _best_future(cfg: MarkovSourceConfig, k: int) -> list[np.ndarray]:
+    """G_0..G_k [C]: G_j(c) = the best log-probability of j more tokens from state c (Bellman, backwards)."""
+    log_low_RxV, top_CxK, top_lp_CxK = _log_prob_parts(cfg)
     V, C = cfg.vocab_size, cfg.vocab_size**cfg.order
-    if C * V > 2**24:
-        raise TaskError(
-            f"gen tasks need the dense V**(order+1) = {C * V} table for the exact mode; the limit "
-            f"is 2**24 (use a smaller synthetic vocabulary)"
-        )
-    ctx = np.repeat(np.arange(C), V)
-    return src.log_prob(ctx, np.tile(np.arange(V), C)).reshape(C, V)
+    R = C // V
+    c = np.arange(C)
+    G = [np.zeros(C)]
+    for _ in range(k):
+        G_RxV = G[-1].reshape(R, V)  # next state of c = (a, r) after x is (r, x), index r * V + x
+        # Any x scores at least log low[r, x] + G(r, x) (exact unless x is a top successor of c, which
+        # the second term scores exactly), so the max of the two terms is the exact Bellman update.
+        h_R = (log_low_RxV + G_RxV).max(1)
+        via_top = (top_lp_CxK + G_RxV[(c % R)[:, None], top_CxK]).max(1)
+        G.append(np.maximum(h_R[c % R], via_top))
+    return G
 
 
 def source_mode(src: MarkovSource, contexts_NxL: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -438,22 +454,26 @@ def source_mode(src: MarkovSource, contexts_NxL: np.ndarray, k: int) -> tuple[np
 
     Dynamic programming over the V**order source states (Viterbi, run backwards): G_j(c), the best log-prob
     of j more tokens from state c, is ``max_x log p(x | c) + G_{j-1}(next(c, x))``; computed once for every
-    state, then each item follows the argmax from its own state.
+    state, then each item follows the argmax from its own state. The source's split p(x | c) = low(x | r) +
+    top_c(x) (r = the last order-1 tokens, top_c sparse over K successors) makes one update O(V**order * K)
+    work instead of a dense V**(order+1) table, so the exact mode exists for a 1024-token order-2 source.
     """
     V, order = src.config.vocab_size, src.config.order
-    C, R = V**order, V ** (order - 1)
-    logp_CxV = _dense_logprob_table(src.config)
-    next_CxV = (np.arange(C)[:, None] % R) * V + np.arange(V)[None, :]  # state (a, r) -> (r, x)
-    G = [np.zeros(C)]
-    for _ in range(k):
-        G.append((logp_CxV + G[-1][next_CxV]).max(1))
+    R = V ** (order - 1)
+    log_low_RxV, top_CxK, top_lp_CxK = _log_prob_parts(src.config)
+    G = _best_future(src.config, k)
     c = _ctx_index(contexts_NxL, V, order)
+    start = c.copy()
     out = np.zeros((len(c), k), dtype=np.int64)
+    rows = np.arange(len(c))
     for t in range(k):
-        x = (logp_CxV[c] + G[k - t - 1][next_CxV[c]]).argmax(1)
+        r = c % R
+        lp_NxV = log_low_RxV[r].copy()
+        lp_NxV[rows[:, None], top_CxK[c]] = top_lp_CxK[c]  # successors within a row are distinct
+        x = (lp_NxV + G[k - t - 1].reshape(R, V)[r]).argmax(1)
         out[:, t] = x
-        c = next_CxV[c, x]
-    return out, G[k][_ctx_index(contexts_NxL, V, order)]
+        c = r * V + x
+    return out, G[k][start]
 
 
 def make_gen_task(src: MarkovSource, spec: TaskSpec, seed: int = 0) -> Task:
