@@ -435,9 +435,12 @@ def run_slurm(
     wait_for_results: bool = True,
     **slurm_params: Any,
 ) -> list[Any]:
-    """Submit the plan through submitit (``pip install submitit``) as two job arrays: runs without a parent,
-    then WSD branches depending on them (``afterok``). ``slurm_params`` go to
-    ``AutoExecutor.update_parameters`` (e.g. ``slurm_partition``, ``gpus_per_node``, ``timeout_min``)."""
+    """Submit the plan through submitit (``pip install submitit``) as job arrays: runs without a parent, then
+    one array per WSD dependency level, each ``afterok`` on the level before. ``slurm_params`` go to
+    ``AutoExecutor.update_parameters`` (e.g. ``slurm_partition``, ``gpus_per_node``, ``timeout_min``;
+    submitit's default time limit is 5 minutes). Returns the run records in plan order; a job that returned
+    none (it crashed, was killed, or never ran because a job it waits on failed) is a failed record, as a
+    crashed worker in ``run_parallel``. With ``wait_for_results=False``: the submitit jobs, level by level."""
     try:
         import submitit
     except ImportError as e:
@@ -459,10 +462,14 @@ def run_slurm(
         level[r.name] = level[r.parent["run"]] + 1
     prev = jobs
     all_jobs = list(jobs)
+    submitted = list(roots)
+    # parameters accumulate over update_parameters calls; only the additional ones are replaced, so keep the
+    # caller's next to the dependency (passing slurm_params again would repeat slurm_additional_parameters)
+    extra = dict(slurm_params.get("slurm_additional_parameters") or {})
     for lev in range(1, max(level.values(), default=0) + 1):
         batch = [r for r in children if level[r.name] == lev]
         dep = ":".join(j.job_id for j in prev)
-        ex.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{dep}"}, **slurm_params)
+        ex.update_parameters(slurm_additional_parameters={**extra, "dependency": f"afterok:{dep}"})
         prev = ex.map_array(
             _slurm_entry,
             batch,
@@ -471,9 +478,26 @@ def run_slurm(
             [post_run] * len(batch),
         )
         all_jobs += prev
+        submitted += batch
     if not wait_for_results:
         return all_jobs
-    return [j.result() for j in all_jobs]
+    results = {r.name: _slurm_result(r, j) for r, j in zip(submitted, all_jobs, strict=True)}
+    return [results[r.name] for r in runs]
+
+
+def _slurm_result(record: PlannedRun, job: Any) -> dict[str, Any]:
+    """The job's ``run_one`` record, or a failed record naming the remote error (a job that raised outside
+    ``run_one``) or the Slurm state (a job killed or never run) and the job's log."""
+    try:
+        return job.result()
+    except Exception as e:  # noqa: BLE001 -- reported per run, as a crashed worker in run_parallel
+        text = str(e)
+        parts = text.split("\n----------------------\n")  # submitit's FailedJobError: the remote traceback
+        if len(parts) >= 3 and parts[1].strip():
+            what = parts[1].strip().splitlines()[-1]
+        else:
+            what = next((ln.strip() for ln in text.splitlines() if "(state:" in ln), type(e).__name__)
+        return _failed(record, f"slurm job {job.job_id}: {what} (log: {job.paths.stderr})")
 
 
 def _slurm_entry(record: PlannedRun, runs_dir: str, parent_id: str | None, post_run: str | None) -> dict:
@@ -526,6 +550,7 @@ def export_job_array(
             f"JOB=$(sbatch --parsable --job-name=sweep-l{lev} --array={arr}%{max_parallel} $DEP {opts} "
             '"$TASK")'
         )
+        lines.append("JOB=${JOB%%;*}  # --parsable prints ID;CLUSTER where there are several clusters")
         lines.append(f'echo "submitted level {lev} ($JOB)"')
         lines.append('DEP="--dependency=afterok:$JOB"')
     out.write_text("\n".join(lines) + "\n")
