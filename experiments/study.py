@@ -14,7 +14,8 @@ gives new ids: start a new DIR after upgrading.
 Re-running the same command reuses finished runs, resumes interrupted ones, retries failed ones, and refits.
 ``--retry NAME`` reruns just that run (its error and partial state are cleared); ``--fit-only`` skips
 training; ``--export-slurm FILE`` writes a job-array script instead of training; ``--executor slurm`` submits
-through submitit.
+through submitit. ``--dry`` rehearses the preset on the CPU: the same plan, every run cut to a few steps
+(experiments/rehearsal.py), the whole pipeline end to end in minutes, numbers meaningless.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,11 @@ from experiments.sweep import (
 )
 
 LR_RULES_FILE = "lr_rules.json"
+REHEARSAL_FILE = "rehearsal.json"
+REHEARSAL_NOTE = (
+    "REHEARSAL (--dry): every run was cut to a few steps on a tiny batch to check the pipeline; "
+    "losses, fits and predictions below are meaningless"
+)
 # The downstream battery, called in each worker after training as fn(cfg, run_dir) (experiments/evaluate.py).
 POST_RUN = "experiments.evaluate:post_run"
 
@@ -199,14 +205,18 @@ def execute(
     raise ValueError(f"unknown executor {executor!r}; choose auto, sequential, parallel or slurm")
 
 
-def _prepare_corpus(spec: StudySpec, out: Path) -> None:
-    """Generate the synthetic corpus once, in this process, before workers start (no race)."""
+def _prepare_corpus(runs: Sequence[PlannedRun], out: Path) -> None:
+    """Generate each synthetic corpus the runs read once, in this process, before workers start (no race).
+    From the runs, not the presets: a --dry rehearsal or an edited plan may ask for another corpus size."""
     from experiments.trainer import open_dataset
 
-    for g in spec.groups:
-        base = _with_data_dir(g.base, out)
-        if base.data.path == "synthetic":
-            open_dataset(base, out)
+    seen = set()
+    for r in runs:
+        data = r.config["data"]
+        key = json.dumps(data, sort_keys=True)
+        if data.get("path") == "synthetic" and key not in seen:
+            seen.add(key)
+            open_dataset(r.experiment, out)
 
 
 def _post_run(spec: StudySpec, enabled: bool) -> str | None:
@@ -221,6 +231,19 @@ def _post_run(spec: StudySpec, enabled: bool) -> str | None:
     return POST_RUN
 
 
+def _rehearsal(spec: StudySpec, out: Path, steps: int) -> Callable[[list[PlannedRun]], list[PlannedRun]]:
+    """The plan transform of a --dry study; refuses a directory that holds a real study."""
+    import jax
+
+    from experiments.rehearsal import rehearse
+
+    if (out / PLAN_FILE).exists() and not (out / REHEARSAL_FILE).exists():
+        raise SystemExit(f"{out} holds a real study; give the --dry rehearsal another --out")
+    (out / REHEARSAL_FILE).write_text(json.dumps({"preset": spec.name}) + "\n")
+    on_gpu = jax.default_backend() == "gpu"
+    return lambda runs: rehearse(runs, steps=steps, devices=jax.device_count(), keep_cudnn=on_gpu)
+
+
 def run_study(
     spec: StudySpec,
     out: str | Path,
@@ -231,12 +254,21 @@ def run_study(
     retry: Sequence[str] = (),
     downstream: bool = True,
     export_slurm: str | None = None,
+    dry: bool = False,
+    dry_steps: int = 4,
 ) -> dict[str, Any]:
-    """Plan (or re-read DIR/plan.jsonl), execute, fit and write the report; returns report.json's dict."""
+    """Plan (or re-read DIR/plan.jsonl), execute, fit and write the report; returns report.json's dict.
+    ``dry``: a CPU rehearsal of the same plan (experiments/rehearsal.py), roots cut to ``dry_steps`` steps,
+    in a directory of its own."""
     from experiments.report import build_report, print_summary, write_report
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    cut = _rehearsal(spec, out, dry_steps) if dry else None
+    if not dry and (out / REHEARSAL_FILE).exists():
+        raise SystemExit(f"{out} holds a --dry rehearsal; give the real study another --out")
+    if cut is not None:
+        spec = dataclasses.replace(spec, notes=(REHEARSAL_NOTE, *spec.notes))
     runs_dir = out / "runs"
     t0 = time.time()
     plan_path = out / PLAN_FILE
@@ -250,13 +282,16 @@ def run_study(
         print(f"[study] using the existing plan {plan_path} ({len(runs)} runs)")
     else:
         stage1 = plan_lr_stage(spec, out)
+        if cut is not None and stage1:
+            stage1 = cut(stage1)
         if stage1 and not fit_only and export_slurm is None:
             print(f"[study] stage 1: LR sweep, {len(stage1)} runs")
-            _prepare_corpus(spec, out)
+            _prepare_corpus(stage1, out)
             execute(stage1, runs_dir, workers=workers, post_run=None, executor=executor)
             lr_rules = fit_lr_rules(spec, stage1, runs_dir)
             (out / LR_RULES_FILE).write_text(json.dumps(lr_rules, indent=2) + "\n")
-        runs = resolve(list(stage1) + plan_main_stage(spec, out, lr_rules))
+        main_stage = plan_main_stage(spec, out, lr_rules)
+        runs = resolve(list(stage1) + (cut(main_stage) if cut is not None else main_stage))
         write_plan(runs, plan_path)
     s = summarize(runs)
     print(
@@ -275,7 +310,7 @@ def run_study(
         print(f"[study] wrote the job-array script {path}; run it, then re-run this command with --fit-only")
         return {}
     if not fit_only:
-        _prepare_corpus(spec, out)
+        _prepare_corpus(runs, out)
         results = execute(runs, runs_dir, workers=workers, post_run=post_run, executor=executor)
         failed = [r for r in results if r["status"] == "failed"]
         if failed:
@@ -311,6 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--no-downstream", action="store_true", help="skip the downstream task battery")
     p.add_argument("--export-slurm", metavar="FILE", help="write a Slurm job-array script and stop")
+    p.add_argument(
+        "--dry",
+        action="store_true",
+        help="CPU rehearsal: the preset's plan with every run cut to a few steps (numbers meaningless)",
+    )
+    p.add_argument("--dry-steps", type=int, default=4, help="steps of each root run in a --dry rehearsal")
     a = p.parse_args(argv)
     spec = get_study_preset(a.preset)
     run_study(
@@ -322,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         retry=a.retry,
         downstream=not a.no_downstream,
         export_slurm=a.export_slurm,
+        dry=a.dry,
+        dry_steps=a.dry_steps,
     )
     return 0
 

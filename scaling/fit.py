@@ -714,7 +714,8 @@ def _conditioning(H: np.ndarray, names: tuple[str, ...]) -> tuple[float, list[st
         return float("nan"), ["Hessian is not finite at the optimum"]
     ev, V = np.linalg.eigh(H)
     aev = np.abs(ev)
-    cond = float(aev.max() / aev.min()) if aev.min() > 0 else float("inf")
+    with np.errstate(over="ignore"):  # a curvature near 1e-308 (a dead direction) overflows to inf: fine
+        cond = float(aev.max() / aev.min()) if aev.min() > 0 else float("inf")
     flat = []
     for j in np.argsort(aev)[:2]:
         if aev.max() > 0 and aev[j] / aev.max() > 1e-4:

@@ -1,0 +1,98 @@
+"""A CPU rehearsal of a study plan (``python -m experiments.study --preset gpu-quick --out DIR --dry``).
+
+A GPU or cluster study spends its first minutes finding bugs that have nothing to do with the accelerator: a
+plan that does not validate, a corpus that does not fit, a WSD branch whose parent checkpoint is missing, a
+report that chokes on a fit. ``rehearse`` keeps every run of the real plan -- names, kinds, model shapes,
+sequence length, dtypes, optimiser, schedules, WSD parent links, checkpoints, the downstream battery -- and
+cuts only what costs time: each run trains a few steps on a batch of one sequence per data-parallel device,
+evaluates one batch, and the corpus is just large enough. The whole pipeline then runs on a laptop in minutes;
+its losses and fits are meaningless (the report says so) and its run ids differ from the real plan's.
+
+What it cannot check: cuDNN attention (replaced by XLA attention unless told otherwise), GPU memory, speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from experiments.config import ExperimentConfig
+from experiments.sweep import PlannedRun, resolve
+from optim.config import OptimizerConfig
+from optim.schedules import wsd_decay_start
+
+MARKER_FILE = "rehearsal.json"
+
+
+def _branch_steps(opt: dict[str, Any], start: int) -> int:
+    """The fewest total steps whose WSD cool-down starts exactly at ``start`` (the parent's last step)."""
+    cfg = OptimizerConfig(**{k: v for k, v in opt.items() if k in OptimizerConfig.__dataclass_fields__})
+    for total in range(start + 1, 4 * start + 16):
+        if wsd_decay_start(cfg, total) == start:
+            return total
+    raise ValueError(f"no step count has its WSD cool-down start at step {start} (decay_fraction "
+                     f"{cfg.decay_fraction}); use more rehearsal steps")
+
+
+def rehearse(
+    runs: Sequence[PlannedRun],
+    *,
+    steps: int = 4,
+    sequences_per_device: int = 1,
+    devices: int = 1,
+    keep_cudnn: bool = False,
+) -> list[PlannedRun]:
+    """The plan ``runs`` cut down for a CPU rehearsal (module docstring); returns resolved runs.
+
+    Roots train ``min(steps, planned)`` steps; a child continuing its parent's constant-lr phase trains
+    ``steps`` more; a WSD cool-down branch gets the fewest steps whose cool-down starts at its parent's last
+    step, so WSD reuse is exercised exactly as planned. ``devices`` is the data-parallel width the runs will
+    see (``jax.device_count()`` for ``mesh.data=-1``): batches stay divisible by it. ``keep_cudnn`` keeps
+    cuDNN attention (a rehearsal on a GPU); otherwise it becomes XLA attention.
+    """
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 (warmup + one more step), got {steps}")
+    by_name = {r.name: r for r in runs}
+    new_steps: dict[str, int] = {}
+
+    def steps_of(r: PlannedRun) -> int:
+        if r.name in new_steps:
+            return new_steps[r.name]
+        planned = ExperimentConfig.from_dict(r.config).total_steps
+        if r.parent is None:
+            n = min(steps, planned)
+        else:
+            start = steps_of(by_name[r.parent["run"]])
+            opt = r.config["optimizer"]
+            n = _branch_steps(opt, start) if opt.get("schedule") == "wsd" else start + steps
+        new_steps[r.name] = n
+        return n
+
+    out = []
+    for r in runs:
+        n = steps_of(r)
+        cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in r.config.items()}
+        seq_len = int(cfg["data"]["seq_len"])
+        mesh_data = int(cfg["mesh"].get("data", -1))
+        width = devices if mesh_data == -1 else mesh_data * int(cfg["mesh"].get("fsdp", 1))
+        batch = sequences_per_device * width
+        cfg["trainer"].update(
+            steps=n, tokens=None, eval_steps=1, eval_every=0, eval_batch_size=None, microbatches=1,
+            checkpoint_every=max(1, n // 2), log_every=1,
+        )
+        cfg["optimizer"].update(warmup_steps=1)
+        cfg["data"].update(
+            batch_size=batch,
+            n_train_tokens=max(65_536, 2 * max(new_steps.values()) * batch * seq_len),
+            n_val_tokens=max(16_384, 2 * batch * seq_len),
+        )
+        if cfg["model"].get("attention_impl") == "cudnn" and not keep_cudnn:
+            cfg["model"]["attention_impl"] = "xla"  # cuDNN kernels do not compile for the CPU
+        parent = None if r.parent is None else {"run": r.parent["run"], "step": new_steps[r.parent["run"]]}
+        out.append(dataclasses.replace(r, config=cfg, parent=parent))
+    # n_train_tokens depends on the longest run: give every run the same corpus (one generation, shared).
+    n_train = max(c.config["data"]["n_train_tokens"] for c in out)
+    for c in out:
+        c.config["data"]["n_train_tokens"] = n_train
+    return resolve(out)
