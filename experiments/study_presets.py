@@ -1,13 +1,14 @@
 """Scaling-study presets (``python -m experiments.study --preset NAME``): what to sweep and how.
 
 * ``cpu-tiny``: the README's first command. Dense AdamW on the synthetic order-2 Markov corpus (exact entropy
-  rate known): 3 budgets x 4 sizes isoFLOP, a held-out run at 3x the largest budget, a small LR sweep at the
-  two smallest budgets (fitted LR rule used everywhere), and a WSD-branch sweep of 2 sizes for the
-  compute-reuse comparison. About 5 minutes on 2 CPU cores.
+  rate known): 3 budgets x 5 sizes isoFLOP, a held-out run at 3x the largest budget, a small LR sweep at the
+  two smallest budgets (fitted LR rule used everywhere), and a WSD-branch sweep of 3 sizes for the
+  compute-reuse comparison. About 7 minutes on 2 CPU cores (measured: README).
 * ``cpu-micro``: the same pipeline at toy size (2 budgets x 3 sizes, no WSD / LR sweep) for tests.
 * ``cpu-families``: dense vs MoE vs MoR (AdamW) and dense Muon vs AdamW at matched budgets: per-group laws,
   Muon's compute multiplier at a target loss, the cross-family Pareto frontier.
-* ``gpu-quick`` / ``gpu-full``: real sweeps for one H100 (< 8 min) and for a cluster (configs only here).
+* ``gpu-quick`` / ``gpu-full``: real sweeps for one H100 (meant to take < 8 min; not yet run on a GPU) and
+  for a cluster. ``--dry`` rehearses either on the CPU (experiments/rehearsal.py).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ _CPU_BATCH = BatchRule(coef=16 * 64 / 1e11**0.33, exp=0.33, min_batch=4, max_bat
 def cpu_tiny() -> StudySpec:
     return StudySpec(
         name="cpu-tiny",
-        description="dense AdamW isoFLOP study on the synthetic Markov corpus (2 CPU cores, ~5 min)",
+        description="dense AdamW isoFLOP study on the synthetic Markov corpus (2 CPU cores, ~7 min)",
         groups=(
             GroupSpec(
                 "dense-adamw", _cpu_base(), _CPU_LR, _CPU_SHAPES, lr_sweep_factors=(0.5, 1.0, 2.0, 4.0)
