@@ -6,7 +6,8 @@ Every executor runs the same unit of work, ``run_one(record, runs_dir)``:
 * a finished run (a ``summary.json`` that parses, matches the config and has a finite eval loss) is skipped;
 * an interrupted run resumes from its newest checkpoint (the trainer does that);
 * a run with a ``parent`` (WSD reuse) is seeded with a copy of the parent's final checkpoint before the
-  trainer starts, so it resumes from there;
+  trainer starts, so it resumes from there; given the parent's plan record, a run whose parent has not
+  finished fails at once without training (the job-array tasks, which start whatever their parents did);
 * a failure writes ``error.json`` (message + traceback) into the run directory and is reported, not raised:
   the other runs go on, and re-running the study retries only the failed (and unfinished) runs.
 
@@ -25,6 +26,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -127,28 +129,52 @@ def enable_compile_cache(directory: str | Path) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def _failed_run(record: PlannedRun, d: Path, error: str, tb: str, t0: float) -> dict[str, Any]:
+    """Write ``error.json`` into the run directory ``d``; the failed result record of ``run_one``."""
+    err = {"run": record.name, "run_id": record.run_id, "error": error, "traceback": tb, "time": time.time()}
+    (d / ERROR_FILE).write_text(json.dumps(err, indent=2) + "\n")
+    return {
+        "name": record.name,
+        "run_id": record.run_id,
+        "status": "failed",
+        "error": error,
+        "seconds": time.time() - t0,
+    }
+
+
 def run_one(
     record: PlannedRun,
     runs_dir: str | Path,
     *,
     parent_id: str | None = None,
+    parent: PlannedRun | None = None,
     post_run: str | None = None,
     quiet: bool = True,
     compile_cache: str | None = None,
 ) -> dict[str, Any]:
     """Train one planned run (skip / resume / seed from parent), never raising; returns a status dict.
-    ``compile_cache``: a directory for JAX's persistent compilation cache (process-wide once set)."""
+    ``parent``: the parent's plan record (``parent_id`` defaults to its run id); with it, a run whose parent
+    has not finished is a failure (``error.json``) without training, instead of training from whatever
+    checkpoint the parent left. ``compile_cache``: a directory for JAX's persistent compilation cache
+    (process-wide once set)."""
     from experiments.trainer import train
 
     if compile_cache:
         enable_compile_cache(compile_cache)
 
+    if parent is not None and parent_id is None:
+        parent_id = parent.run_id
     d = run_dir(runs_dir, record)
     d.mkdir(parents=True, exist_ok=True)
     (d / RECORD_FILE).write_text(record.to_json() + "\n")
     t0 = time.time()
     summary = finished_summary(d, record)
     status = "skipped"
+    if summary is None and parent is not None and record.parent is not None:
+        par_status = run_status(runs_dir, parent)
+        if par_status != "done":
+            msg = f"parent {parent.name!r} has not finished (status: {par_status})"
+            return _failed_run(record, d, msg, "", t0)
     if summary is None:
         status = "done"
         try:
@@ -167,21 +193,7 @@ def run_one(
                 summary = train(cfg, d, devices=_devices(cfg), log=log)
             (d / ERROR_FILE).unlink(missing_ok=True)
         except Exception as e:  # noqa: BLE001 -- reported per run; the sweep goes on
-            err = {
-                "run": record.name,
-                "run_id": record.run_id,
-                "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(),
-                "time": time.time(),
-            }
-            (d / ERROR_FILE).write_text(json.dumps(err, indent=2) + "\n")
-            return {
-                "name": record.name,
-                "run_id": record.run_id,
-                "status": "failed",
-                "error": err["error"],
-                "seconds": time.time() - t0,
-            }
+            return _failed_run(record, d, f"{type(e).__name__}: {e}", traceback.format_exc(), t0)
     # The post-run hook (downstream battery) is for runs that enter the analysis, not LR-sweep probes or
     # WSD stable segments.
     if post_run and record.kind not in ("lr_sweep", "wsd_stable"):
@@ -426,6 +438,15 @@ def run_parallel(
 
 
 # ----- Slurm ------------------------------------------------------------------------------------------------
+# submitit's own default time limit is 5 minutes: too short for any real run
+SLURM_TIMEOUT_MIN = 24 * 60
+
+
+class RunFailed(RuntimeError):
+    """Raised by a Slurm job whose run failed, with ``run_one``'s error as the message: the job FAILS, so the
+    jobs waiting on it (``afterok``) never start, and the submitting side reads the error back."""
+
+
 def run_slurm(
     runs: Sequence[PlannedRun],
     runs_dir: str | Path,
@@ -435,12 +456,19 @@ def run_slurm(
     wait_for_results: bool = True,
     **slurm_params: Any,
 ) -> list[Any]:
-    """Submit the plan through submitit (``pip install submitit``) as job arrays: runs without a parent, then
-    one array per WSD dependency level, each ``afterok`` on the level before. ``slurm_params`` go to
-    ``AutoExecutor.update_parameters`` (e.g. ``slurm_partition``, ``gpus_per_node``, ``timeout_min``;
-    submitit's default time limit is 5 minutes). Returns the run records in plan order; a job that returned
-    none (it crashed, was killed, or never ran because a job it waits on failed) is a failed record, as a
-    crashed worker in ``run_parallel``. With ``wait_for_results=False``: the submitit jobs, level by level."""
+    """Submit the plan through submitit (``pip install submitit``): the runs without a parent as one job
+    array, then each WSD continuation or branch as a job of its own, ``afterok`` on its parent's job only
+    (``ID_TASK`` for a root in the array), so a failed run holds back its own descendants and nothing else. A
+    job whose run failed exits with an error (``RunFailed``). ``slurm_params`` go to
+    ``AutoExecutor.update_parameters`` (e.g. ``slurm_partition``, ``gpus_per_node``, ``timeout_min``);
+    ``timeout_min`` defaults to 24 hours (``SLURM_TIMEOUT_MIN``; submitit's default is 5 minutes).
+
+    Returns the run records in plan order. A run that failed is a failed record with its error (as in
+    ``error.json``); a job that returned nothing (it crashed outside ``run_one`` or was killed) is a failed
+    record naming the remote error or the Slurm state, as a crashed worker in ``run_parallel``; a job
+    waiting on a failed parent is cancelled if it is still pending (without Slurm's ``kill_invalid_depend``
+    it would stay pending forever) and is a failed record naming the parent. With
+    ``wait_for_results=False``: the submitit jobs, in plan order."""
     try:
         import submitit
     except ImportError as e:
@@ -449,59 +477,81 @@ def run_slurm(
             "cluster, export a job-array script instead (experiments.executors.export_job_array)"
         ) from e
     parents = _parent_ids(runs)
+    level: dict[str, int] = {}
+    for r in runs:  # parents precede their branches in a plan
+        level[r.name] = 0 if r.parent is None else level[r.parent["run"]] + 1
     roots = [r for r in runs if r.parent is None]
-    children = [r for r in runs if r.parent is not None]
+    children = sorted((r for r in runs if r.parent is not None), key=lambda r: level[r.name])
     ex = submitit.AutoExecutor(folder=str(folder))
-    ex.update_parameters(**slurm_params)
-    jobs = ex.map_array(
-        _slurm_entry, roots, [str(runs_dir)] * len(roots), [None] * len(roots), [post_run] * len(roots)
-    )
-    # WSD chains can be several deep; submit one array per depth level with afterok on the previous level.
-    level = {r.name: 0 for r in roots}
-    for r in children:
-        level[r.name] = level[r.parent["run"]] + 1
-    prev = jobs
-    all_jobs = list(jobs)
-    submitted = list(roots)
+    ex.update_parameters(**{"timeout_min": SLURM_TIMEOUT_MIN, **slurm_params})
+    n = len(roots)
+    root_jobs = ex.map_array(_slurm_entry, roots, [str(runs_dir)] * n, [None] * n, [post_run] * n)
+    jobs = {r.name: j for r, j in zip(roots, root_jobs, strict=True)}
     # parameters accumulate over update_parameters calls; only the additional ones are replaced, so keep the
     # caller's next to the dependency (passing slurm_params again would repeat slurm_additional_parameters)
     extra = dict(slurm_params.get("slurm_additional_parameters") or {})
-    for lev in range(1, max(level.values(), default=0) + 1):
-        batch = [r for r in children if level[r.name] == lev]
-        dep = ":".join(j.job_id for j in prev)
+    for r in children:  # by depth: a parent's job id is known before its branches are submitted
+        dep = jobs[r.parent["run"]].job_id
         ex.update_parameters(slurm_additional_parameters={**extra, "dependency": f"afterok:{dep}"})
-        prev = ex.map_array(
-            _slurm_entry,
-            batch,
-            [str(runs_dir)] * len(batch),
-            [parents[r.name] for r in batch],
-            [post_run] * len(batch),
-        )
-        all_jobs += prev
-        submitted += batch
+        jobs[r.name] = ex.submit(_slurm_entry, r, str(runs_dir), parents[r.name], post_run)
     if not wait_for_results:
-        return all_jobs
-    results = {r.name: _slurm_result(r, j) for r, j in zip(submitted, all_jobs, strict=True)}
+        return [jobs[r.name] for r in runs]
+    results: dict[str, dict[str, Any]] = {}
+    for r in roots + children:  # parents first
+        par = r.parent["run"] if r.parent is not None else None
+        if par is not None and results[par]["status"] == "failed":
+            results[r.name] = _orphan_result(r, jobs[r.name], par)
+        else:
+            results[r.name] = _slurm_result(r, jobs[r.name])
     return [results[r.name] for r in runs]
 
 
+# Slurm states of a job that started (sacct may append details: "CANCELLED by 1234")
+_STARTED = ("RUNNING", "COMPLETING", "COMPLETED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+
+
+def _orphan_result(record: PlannedRun, job: Any, parent: str) -> dict[str, Any]:
+    """The record of a job waiting (``afterok``) on the job of a failed parent. Not started: cancelled (Slurm
+    without ``kill_invalid_depend`` keeps it pending forever, and waiting for its result would hang) and
+    failed. Started anyway (its parent's job completed, but its result could not be read): waited for."""
+    try:
+        state = str(job.get_info(mode="force").get("State") or "UNKNOWN")
+    except Exception:  # noqa: BLE001 -- sacct trouble: treat the job as not started
+        state = "UNKNOWN"
+    if state.split(" ")[0] in _STARTED:
+        return _slurm_result(record, job)
+    if not state.startswith("CANCELLED"):
+        job.cancel(check=False)
+    return _failed(record, f"parent {parent!r} failed (slurm job {job.job_id} cancelled)")
+
+
 def _slurm_result(record: PlannedRun, job: Any) -> dict[str, Any]:
-    """The job's ``run_one`` record, or a failed record naming the remote error (a job that raised outside
+    """The job's ``run_one`` record; for a run that failed, a failed record with the run's own error (raised
+    as ``RunFailed`` by the job); else a failed record naming the remote error (a job that raised outside
     ``run_one``) or the Slurm state (a job killed or never run) and the job's log."""
     try:
         return job.result()
     except Exception as e:  # noqa: BLE001 -- reported per run, as a crashed worker in run_parallel
         text = str(e)
         parts = text.split("\n----------------------\n")  # submitit's FailedJobError: the remote traceback
-        if len(parts) >= 3 and parts[1].strip():
-            what = parts[1].strip().splitlines()[-1]
+        trace = parts[1] if len(parts) >= 3 else ""
+        # the exception line of the traceback (``experiments.executors.RunFailed: ERROR``, ERROR possibly
+        # several lines); the traceback's source lines are indented
+        m = re.search(rf"^(?:[\w.]+\.)?{RunFailed.__name__}: ", trace, re.MULTILINE)
+        if m is not None:
+            return _failed(record, trace[m.end() :].strip())
+        if trace.strip():
+            what = trace.strip().splitlines()[-1]
         else:
             what = next((ln.strip() for ln in text.splitlines() if "(state:" in ln), type(e).__name__)
         return _failed(record, f"slurm job {job.job_id}: {what} (log: {job.paths.stderr})")
 
 
 def _slurm_entry(record: PlannedRun, runs_dir: str, parent_id: str | None, post_run: str | None) -> dict:
-    return run_one(record, runs_dir, parent_id=parent_id, post_run=post_run)
+    res = run_one(record, runs_dir, parent_id=parent_id, post_run=post_run)
+    if res["status"] == "failed":
+        raise RunFailed(res["error"])
+    return res
 
 
 def export_job_array(
@@ -513,11 +563,16 @@ def export_job_array(
     max_parallel: int = 16,
     sbatch_options: Sequence[str] = (),
     python: str = "python",
+    post_run: str | None = None,
 ) -> Path:
     """Write ``out_path`` (a bash script submitting the plan as Slurm job arrays, one per WSD dependency
-    level, chained with ``--dependency=afterok``) and ``<out_path stem>_task.sh`` (what each array task runs:
-    ``python -m experiments.executors run-one --plan PLAN --index $SLURM_ARRAY_TASK_ID --runs-dir DIR``).
-    Needs only sbatch and Python on the nodes, not submitit. Returns ``out_path``."""
+    level, each ``--dependency=afterany`` on the level before) and ``<out_path stem>_task.sh`` (what each
+    array task runs: ``python -m experiments.executors run-one --plan PLAN --index $SLURM_ARRAY_TASK_ID
+    --runs-dir DIR [--post-run MODULE:FN]``). An array's dependency holds for all its tasks, so a task cannot
+    wait on just its own parent: a level starts once the level before ended, however it ended, and a task
+    whose parent run did not finish fails at once (``error.json``: ``parent ... has not finished``) without
+    training, so a failed run holds back only its own descendants. Needs only sbatch and Python on the
+    nodes, not submitit. Returns ``out_path``."""
     import shlex
 
     index = {r.name: i for i, r in enumerate(runs)}
@@ -527,18 +582,22 @@ def export_job_array(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     task = out.with_name(out.stem + "_task.sh")
+    hook = f" --post-run {shlex.quote(post_run)}" if post_run else ""
     task.write_text(
         "#!/bin/bash\n"
-        "# One Slurm array task = one run of the plan (skipped if finished, resumed if interrupted).\n"
+        "# One Slurm array task = one run of the plan (skipped if finished, resumed if interrupted;\n"
+        "# a run whose parent run did not finish fails at once without training).\n"
         f"exec {python} -m experiments.executors run-one "
         f"--plan {shlex.quote(str(Path(plan_path).absolute()))} "
-        f'--index "$SLURM_ARRAY_TASK_ID" --runs-dir {shlex.quote(str(Path(runs_dir).absolute()))}\n'
+        f'--index "$SLURM_ARRAY_TASK_ID" --runs-dir {shlex.quote(str(Path(runs_dir).absolute()))}{hook}\n'
     )
     task.chmod(0o755)
     lines = [
         "#!/bin/bash",
         f"# Submits {len(runs)} runs of {plan_path} as Slurm job arrays (from experiments.executors).",
         "# Each task trains one run; finished runs are skipped, interrupted ones resume. Re-submit to retry.",
+        "# WSD levels are chained with afterany: a level starts when the level before ended, however it",
+        "# ended; a task whose parent run did not finish fails at once (error.json) without training.",
         "set -euo pipefail",
         f"TASK={shlex.quote(str(task.absolute()))}",
         'DEP=""',
@@ -552,7 +611,7 @@ def export_job_array(
         )
         lines.append("JOB=${JOB%%;*}  # --parsable prints ID;CLUSTER where there are several clusters")
         lines.append(f'echo "submitted level {lev} ($JOB)"')
-        lines.append('DEP="--dependency=afterok:$JOB"')
+        lines.append('DEP="--dependency=afterany:$JOB"')
     out.write_text("\n".join(lines) + "\n")
     out.chmod(0o755)
     return out
@@ -578,7 +637,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= a.index < len(runs):
         p.error(f"--index {a.index} out of range: the plan has {len(runs)} runs")
     r = runs[a.index]
-    res = run_one(r, a.runs_dir, parent_id=_parent_ids(runs).get(r.name), post_run=a.post_run, quiet=False)
+    # the task of a branch starts whatever its parent's task did (afterany): run_one checks the parent
+    parent = next((p for p in runs if p.name == r.parent["run"]), None) if r.parent is not None else None
+    res = run_one(
+        r,
+        a.runs_dir,
+        parent_id=_parent_ids(runs).get(r.name),
+        parent=parent,
+        post_run=a.post_run,
+        quiet=False,
+    )
     print(json.dumps({k: v for k, v in res.items() if k != "summary"}))
     return 0 if res["status"] != "failed" else 1
 

@@ -14,7 +14,9 @@ gives new ids: start a new DIR after upgrading.
 Re-running the same command reuses finished runs, resumes interrupted ones, retries failed ones, and refits.
 ``--retry NAME`` reruns just that run (its error and partial state are cleared); ``--fit-only`` skips
 training; ``--export-slurm FILE`` writes a job-array script instead of training; ``--executor slurm`` submits
-through submitit. ``--dry`` rehearses the preset on the CPU: the same plan, every run cut to a few steps
+through submitit, with ``--slurm KEY=VALUE`` (repeatable) for its parameters (e.g. ``--slurm
+slurm_partition=gpu --slurm gpus_per_node=1``; the time limit ``timeout_min`` defaults to 24 hours).
+``--dry`` rehearses the preset on the CPU: the same plan, every run cut to a few steps
 (experiments/rehearsal.py), the whole pipeline end to end in minutes, numbers meaningless.
 """
 
@@ -24,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -187,9 +190,36 @@ def default_workers(spec: StudySpec) -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def parse_slurm_params(items: Sequence[str]) -> dict[str, Any]:
+    """``["slurm_partition=gpu", "timeout_min=720", "mem_gb=40.5"]`` -> submitit parameters: a value that
+    looks like an integer or a decimal number becomes an int or a float, anything else stays a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, val = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"--slurm {item!r}: expected KEY=VALUE (e.g. slurm_partition=gpu)")
+        val = val.strip()
+        if re.fullmatch(r"[+-]?\d+", val):
+            out[key] = int(val)
+        elif re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?", val):
+            out[key] = float(val)
+        else:
+            out[key] = val
+    return out
+
+
 def execute(
-    runs: Sequence[PlannedRun], runs_dir: Path, *, workers: int, post_run: str | None, executor: str = "auto"
+    runs: Sequence[PlannedRun],
+    runs_dir: Path,
+    *,
+    workers: int,
+    post_run: str | None,
+    executor: str = "auto",
+    slurm_params: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
+    """Train ``runs`` with the chosen executor; ``slurm_params`` go to ``executors.run_slurm`` (submitit's
+    ``update_parameters``) for ``executor="slurm"``."""
     progress = executors.Progress(runs, stream=sys.stdout)
     cache = str(runs_dir.parent / ".jax_cache")
     if executor == "sequential" or (executor == "auto" and workers <= 1):
@@ -201,7 +231,9 @@ def execute(
             runs, runs_dir, workers=workers, post_run=post_run, progress=progress, compile_cache=cache
         )
     if executor == "slurm":
-        return executors.run_slurm(runs, runs_dir, folder=runs_dir.parent / "slurm", post_run=post_run)
+        return executors.run_slurm(
+            runs, runs_dir, folder=runs_dir.parent / "slurm", post_run=post_run, **(slurm_params or {})
+        )
     raise ValueError(f"unknown executor {executor!r}; choose auto, sequential, parallel or slurm")
 
 
@@ -256,10 +288,11 @@ def run_study(
     export_slurm: str | None = None,
     dry: bool = False,
     dry_steps: int = 4,
+    slurm_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Plan (or re-read DIR/plan.jsonl), execute, fit and write the report; returns report.json's dict.
     ``dry``: a CPU rehearsal of the same plan (experiments/rehearsal.py), roots cut to ``dry_steps`` steps,
-    in a directory of its own."""
+    in a directory of its own. ``slurm_params``: submitit parameters of ``executor="slurm"``."""
     from experiments.report import build_report, print_summary, write_report
 
     out = Path(out).absolute()
@@ -287,7 +320,9 @@ def run_study(
         if stage1 and not fit_only and export_slurm is None:
             print(f"[study] stage 1: LR sweep, {len(stage1)} runs")
             _prepare_corpus(stage1, out)
-            execute(stage1, runs_dir, workers=workers, post_run=None, executor=executor)
+            execute(
+                stage1, runs_dir, workers=workers, post_run=None, executor=executor, slurm_params=slurm_params
+            )
             lr_rules = fit_lr_rules(spec, stage1, runs_dir)
             (out / LR_RULES_FILE).write_text(json.dumps(lr_rules, indent=2) + "\n")
         main_stage = plan_main_stage(spec, out, lr_rules)
@@ -306,12 +341,14 @@ def run_study(
         shutil.rmtree(d, ignore_errors=True)
         print(f"[study] cleared {d} for a retry")
     if export_slurm is not None:
-        path = executors.export_job_array(runs, plan_path, runs_dir, export_slurm)
+        path = executors.export_job_array(runs, plan_path, runs_dir, export_slurm, post_run=post_run)
         print(f"[study] wrote the job-array script {path}; run it, then re-run this command with --fit-only")
         return {}
     if not fit_only:
         _prepare_corpus(runs, out)
-        results = execute(runs, runs_dir, workers=workers, post_run=post_run, executor=executor)
+        results = execute(
+            runs, runs_dir, workers=workers, post_run=post_run, executor=executor, slurm_params=slurm_params
+        )
         failed = [r for r in results if r["status"] == "failed"]
         if failed:
             print(
@@ -352,7 +389,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="CPU rehearsal: the preset's plan with every run cut to a few steps (numbers meaningless)",
     )
     p.add_argument("--dry-steps", type=int, default=4, help="steps of each root run in a --dry rehearsal")
+    p.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a submitit parameter of --executor slurm, e.g. slurm_partition=gpu, gpus_per_node=1, "
+        f"timeout_min=120 (default {executors.SLURM_TIMEOUT_MIN}); numbers are parsed; repeatable",
+    )
     a = p.parse_args(argv)
+    try:
+        slurm_params = parse_slurm_params(a.slurm)
+    except ValueError as e:
+        p.error(str(e))
+    if slurm_params and a.executor != "slurm":
+        p.error(
+            "--slurm sets submitit parameters of --executor slurm (--export-slurm: edit the sbatch lines)"
+        )
     spec = get_study_preset(a.preset)
     run_study(
         spec,
@@ -365,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         export_slurm=a.export_slurm,
         dry=a.dry,
         dry_steps=a.dry_steps,
+        slurm_params=slurm_params,
     )
     return 0
 

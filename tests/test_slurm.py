@@ -1,23 +1,27 @@
 """The cluster paths of experiments/executors.py end to end under a fake Slurm, training tiny runs for real:
 
-* ``run_slurm``: the real submitit (``AutoExecutor``) submits the plan as one job (array) per WSD dependency
-  level chained with ``afterok``; the jobs train through submitit's own job script and ``srun`` line;
+* ``run_slurm``: the real submitit (``AutoExecutor``) submits the roots of the plan as one job (array) and
+  every WSD continuation or branch as a job ``afterok`` on its own parent's job; the jobs train through
+  submitit's own job script and ``srun`` line; a job whose run failed fails, so only its descendants stop;
 * ``export_job_array``: the exported ``submit.sh`` is executed with ``bash`` and its ``sbatch`` calls
-  submit ``submit_task.sh`` arrays (``python -m experiments.executors run-one``).
+  submit ``submit_task.sh`` arrays (``python -m experiments.executors run-one``), one per dependency level
+  chained with ``afterany``; a task whose parent run did not finish fails at once without training.
 
 The fake (tests/fake_slurm/, documented in ``_fakeslurm.py``) puts ``sbatch``, ``srun``, ``sacct``,
 ``squeue`` and ``scancel`` first on ``PATH``. It emulates what these paths use: ``#SBATCH`` lines and
-command-line options, ``--array=LIST%N``, ``--dependency=afterok:ID[_TASK][:...]``, ``--parsable``
+command-line options, ``--array=LIST%N``, ``--dependency=afterok|afterany:ID[_TASK][:...]``, ``--parsable``
 (``ID;CLUSTER`` output), output-file patterns, the ``SLURM_*`` environment of a one-node, one-task job, and
 ``sacct``'s parsable state table, with job states in a JSON file. ``sbatch`` returns at once; a detached
 runner starts the job when its dependencies are decided (submitit moves its pickles into place only after
 ``sbatch`` returns, so jobs cannot run inside ``sbatch``). A job whose ``afterok`` parent failed is
-CANCELLED (DependencyNeverSatisfied) without running. It does not emulate scheduling or resources
+CANCELLED (DependencyNeverSatisfied) without running, or with ``FAKE_SLURM_KEEP_INVALID_DEPEND`` stays
+PENDING until cancelled (Slurm's default). It does not emulate scheduling or resources
 (partitions, time limits, memory, GPUs are ignored), multi-node or multi-task jobs, requeueing or preemption.
 
 The plan is one cpu-micro model's WSD chain: stable S1 -> {stable S2, branch T1}, S2 -> branch T2, i.e. three
-dependency levels (1, 2 and 1 runs: both submitit's single-job and array submissions). Jobs share a JAX
-compilation cache (``JAX_COMPILATION_CACHE_DIR``), so later tests mostly skip compiling.
+dependency levels (1, 2 and 1 runs); the failure tests add roots of other sizes (submitit's array
+submission). Jobs share a JAX compilation cache (``JAX_COMPILATION_CACHE_DIR``), so later tests mostly skip
+compiling.
 """
 
 from __future__ import annotations
@@ -133,6 +137,22 @@ def _assert_levels_in_order(jobs: list[dict]) -> None:
         assert all(t["start_seq"] > last_end for t in job["tasks"].values()), (prev, job)
 
 
+def _assert_after_dependencies(jobs: list[dict]) -> None:
+    """Every task that started did so after every task its job depends on (``ID`` or ``ID_TASK``) ended."""
+    by_id = {j["id"]: j for j in jobs}
+    for job in jobs:
+        if not job["dependency"]:
+            continue
+        _, *refs = job["dependency"].split(":")
+        ends = []
+        for ref in refs:
+            jid, _, key = ref.partition("_")
+            tasks = by_id[jid]["tasks"]
+            ends += [tasks[key]["end_seq"]] if key else [t["end_seq"] for t in tasks.values()]
+        for t in job["tasks"].values():
+            assert "start_seq" not in t or t["start_seq"] > max(ends), (job, refs)
+
+
 def test_run_slurm_through_submitit(fake_slurm, tmp_path):
     runs = _wsd_plan()
     runs_dir = tmp_path / "runs"
@@ -148,13 +168,14 @@ def test_run_slurm_through_submitit(fake_slurm, tmp_path):
     _assert_all_finished(runs_dir, runs)
 
     jobs = fake_slurm.wait()  # submitit returns on the result file, a moment before the job ends
-    assert len(jobs) == 3  # one submission per dependency level: 1 run (a job), 2 runs (an array), 1 run
-    assert [j["array"] for j in jobs] == [None, [0, 1], None]
-    j0, j1, _ = (j["id"] for j in jobs)
-    assert [j["dependency"] for j in jobs] == ["", f"afterok:{j0}", f"afterok:{j1}_0:{j1}_1"]
+    # the root (an array of one: a plain job), then a job per run with a parent, afterok on that parent only:
+    # S2 and T1 wait for S1, T2 for S2 alone (it need not wait for T1)
+    assert len(jobs) == len(runs) and all(j["array"] is None for j in jobs)
+    s1, s2, _, _ = (j["id"] for j in jobs)
+    assert [j["dependency"] for j in jobs] == ["", f"afterok:{s1}", f"afterok:{s1}", f"afterok:{s2}"]
     assert all(t["state"] == "COMPLETED" for j in jobs for t in j["tasks"].values())
-    _assert_levels_in_order(jobs)
-    for j in jobs:  # every level keeps the caller's Slurm parameters next to the dependency
+    _assert_after_dependencies(jobs)
+    for j in jobs:  # every job keeps the caller's Slurm parameters next to the dependency
         script = Path(j["script"]).read_text()
         assert "#SBATCH --partition=debug" in script and "#SBATCH --comment=scalelab-test" in script
         assert "#SBATCH --time=30" in script
@@ -165,40 +186,126 @@ def test_run_slurm_through_submitit(fake_slurm, tmp_path):
     res2 = executors.run_slurm(runs, runs_dir, folder=tmp_path / "submitit", **params)
     assert [r["status"] for r in res2] == ["skipped"] * len(runs)
     assert _mtimes(runs_dir, runs, "metrics.jsonl") == before
-    assert len(fake_slurm.wait()) == 6
+    assert len(fake_slurm.wait()) == 2 * len(runs)
 
 
-def test_run_slurm_failures_are_reported_not_raised(fake_slurm, tmp_path):
-    """A run that fails inside run_one (its job succeeds) and a job that crashes outside it (no result):
-    both come back as failed records, and the branch waiting on them never runs."""
-    stable, _, branch, _ = _wsd_plan()
-    other = _micro_wsd(1, budgets=1)[0]  # another root
-    runs = [stable, other, branch]
+def test_run_slurm_failed_run_stops_only_its_descendants(fake_slurm, tmp_path, monkeypatch):
+    """Three roots: A fails inside run_one (error.json; its job fails with that error), C crashes outside it
+    (no result), B trains. A's branch never runs: Slurm (by default) keeps it pending on a dependency that can
+    never be satisfied, and run_slurm cancels it instead of waiting forever. B's branch waits for B alone and
+    trains. Every run comes back as a record, none raises."""
+    monkeypatch.setenv("FAKE_SLURM_KEEP_INVALID_DEPEND", "1")
+    b, _, b_branch, _ = _wsd_plan()  # the shape the first test compiled (the JAX cache is shared)
+    a, a_branch = _micro_wsd(1, budgets=1)
+    c = _micro_wsd(2, budgets=1)[0]
+    runs = [a, c, b, a_branch, b_branch]
     runs_dir = tmp_path / "runs"
     runs_dir.mkdir()
-    executors.run_dir(runs_dir, stable).write_text("not a directory")  # run_one itself raises: job FAILED
-    (executors.run_dir(runs_dir, other) / "train.log").mkdir(parents=True)  # training fails: error.json
-    res = executors.run_slurm(runs, runs_dir, folder=tmp_path / "submitit")
+    (executors.run_dir(runs_dir, a) / "train.log").mkdir(parents=True)  # training fails: error.json
+    executors.run_dir(runs_dir, c).write_text("not a directory")  # run_one itself raises
+    res = executors.run_slurm(runs, runs_dir, folder=tmp_path / "submitit")  # no timeout_min: the default
     st = {r["name"]: r for r in res}
     assert [r["name"] for r in res] == [r.name for r in runs]
-    assert all(r["status"] == "failed" for r in res), res
+    assert [r["status"] for r in res] == ["failed", "failed", "done", "failed", "done"], res
     jobs = fake_slurm.wait()
-    assert [[t["state"] for t in j["tasks"].values()] for j in jobs] == [
-        ["FAILED", "COMPLETED"],
-        ["CANCELLED"],
-    ]
-    assert jobs[1]["tasks"][""]["reason"] == "DependencyNeverSatisfied"
-    # the crashed job: its remote exception; the job that never ran: its Slurm state
-    assert st[stable.name]["error"].startswith(f"slurm job {jobs[0]['id']}_0: FileExistsError")
-    assert st[branch.name]["error"].startswith(f"slurm job {jobs[1]['id']}: ")
-    assert "(state: CANCELLED)" in st[branch.name]["error"]
-    assert "IsADirectoryError" in st[other.name]["error"]
-    err = json.loads((executors.run_dir(runs_dir, other) / "error.json").read_text())
+    assert len(jobs) == 3
+    roots, a_job, b_job = jobs
+    r0 = roots["id"]
+    assert roots["array"] == [0, 1, 2] and a_job["array"] is None and b_job["array"] is None
+    assert [t["state"] for t in roots["tasks"].values()] == ["FAILED", "FAILED", "COMPLETED"]
+    assert a_job["dependency"] == f"afterok:{r0}_0" and b_job["dependency"] == f"afterok:{r0}_2"
+    assert a_job["tasks"][""]["state"] == "CANCELLED" and "start_seq" not in a_job["tasks"][""]
+    assert b_job["tasks"][""]["state"] == "COMPLETED"
+    _assert_after_dependencies(jobs)
+    assert all("#SBATCH --time=1440" in Path(j["script"]).read_text() for j in jobs)  # 24 h, not 5 min
+    # the failed run: its own error, as in its error.json (the job raised RunFailed with it)
+    err = json.loads((executors.run_dir(runs_dir, a) / "error.json").read_text())
     assert "IsADirectoryError" in err["error"] and "Traceback" in err["traceback"]
-    assert not executors.run_dir(runs_dir, branch).exists()
+    assert st[a.name]["error"] == err["error"]
+    # the crashed job: its remote exception; the cancelled one: its failed parent
+    assert st[c.name]["error"].startswith(f"slurm job {r0}_1: FileExistsError")
+    assert st[a_branch.name]["error"] == f"parent {a.name!r} failed (slurm job {a_job['id']} cancelled)"
+    assert not executors.run_dir(runs_dir, a_branch).exists()
+    _assert_all_finished(runs_dir, [b, b_branch])
 
 
-def _export(runs, tmp_path: Path) -> tuple[Path, Path]:
+class _StubJob:
+    job_id = "77_3"
+
+    class paths:  # noqa: N801 -- submitit's job.paths
+        stderr = Path("/logs/77_3_0_log.err")
+
+    def __init__(self, trace: str):
+        self.trace = trace
+
+    def result(self):
+        from submitit.core.utils import FailedJobError
+
+        raise FailedJobError(  # the text of submitit's Job.exception()
+            "Job (task=0) failed during processing with trace:\n"
+            f"----------------------\n{self.trace}\n----------------------\n"
+            "You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - x\n  - y"
+        )
+
+
+def _trace(exc: Exception) -> str:
+    import traceback
+
+    try:
+        raise exc
+    except Exception:
+        return traceback.format_exc()
+
+
+def test_slurm_result_of_a_failed_run_is_the_run_error():
+    r = _wsd_plan()[0]
+    msg = "ConfigError: plan.jsonl:3: bad value\n  expected a number"  # a run error of several lines
+    got = executors._slurm_result(r, _StubJob(_trace(executors.RunFailed(msg))))
+    assert got == {"name": r.name, "run_id": r.run_id, "status": "failed", "error": msg}
+    got = executors._slurm_result(r, _StubJob(_trace(KeyError("x"))))  # raised outside run_one
+    assert got["error"] == "slurm job 77_3: KeyError: 'x' (log: /logs/77_3_0_log.err)"
+
+
+def test_study_slurm_options(tmp_path, monkeypatch):
+    """``--slurm KEY=VALUE`` (numbers parsed) reaches run_slurm through run_study and execute."""
+    from experiments import study
+
+    got = study.parse_slurm_params(
+        ["slurm_partition=gpu", "timeout_min=720", "mem_gb=40.5", "gpus_per_node=+2", "cpus_per_task=1e1"]
+        + ["slurm_time=01:00:00", "slurm_account=007x", "slurm_comment=a=b", "slurm_qos=1.2.3"]
+    )
+    assert got == {
+        "slurm_partition": "gpu",
+        "timeout_min": 720,
+        "mem_gb": 40.5,
+        "gpus_per_node": 2,
+        "cpus_per_task": 10.0,
+        "slurm_time": "01:00:00",
+        "slurm_account": "007x",
+        "slurm_comment": "a=b",
+        "slurm_qos": "1.2.3",
+    }
+    assert all(type(got[k]) is int for k in ("timeout_min", "gpus_per_node"))
+    for bad in ("timeout_min", "=3"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            study.parse_slurm_params([bad])
+
+    calls = []
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: calls.append(k))
+    study.main(["--out", str(tmp_path), "--executor", "slurm", "--slurm", "timeout_min=90", "--slurm", "a=b"])
+    assert calls[-1]["slurm_params"] == {"timeout_min": 90, "a": "b"}
+    with pytest.raises(SystemExit):  # not for the local executors
+        study.main(["--out", str(tmp_path), "--slurm", "timeout_min=90"])
+    with pytest.raises(SystemExit):
+        study.main(["--out", str(tmp_path), "--executor", "slurm", "--slurm", "timeout_min"])
+
+    seen = {}
+    monkeypatch.setattr(executors, "run_slurm", lambda runs, runs_dir, **k: seen.update(k) or [])
+    study.execute([], tmp_path / "runs", workers=1, post_run="m:f", executor="slurm", slurm_params=got)
+    assert seen == {"folder": tmp_path / "slurm", "post_run": "m:f", **got}
+
+
+def _export(runs, tmp_path: Path, post_run: str | None = None) -> tuple[Path, Path]:
     plan = write_plan(runs, tmp_path / "plan.jsonl")
     runs_dir = tmp_path / "runs"
     script = executors.export_job_array(
@@ -209,6 +316,7 @@ def _export(runs, tmp_path: Path) -> tuple[Path, Path]:
         max_parallel=2,
         sbatch_options=["partition=debug"],
         python=sys.executable,
+        post_run=post_run,
     )
     return script, runs_dir
 
@@ -223,6 +331,7 @@ def test_export_job_array_under_sbatch(fake_slurm, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_SLURM_CLUSTER", "fakecluster")  # --parsable prints ID;CLUSTER
     runs = _wsd_plan()[:3]  # S1 -> {S2, T1}: two levels (three: the run_slurm test)
     script, runs_dir = _export(runs, tmp_path)
+    assert "--post-run" not in (tmp_path / "submit_task.sh").read_text()
     work = tmp_path / "work"  # sbatch's working directory: slurm-%A_%a.out land there
     work.mkdir()
     stdout = _submit(script, work)
@@ -231,7 +340,7 @@ def test_export_job_array_under_sbatch(fake_slurm, tmp_path, monkeypatch):
     assert stdout.splitlines() == [f"submitted level {lev} ({i})" for lev, i in enumerate(ids)]
     assert [j["array"] for j in jobs] == [[0], [1, 2]]
     assert [j["max_parallel"] for j in jobs] == [2, 2]
-    assert [j["dependency"] for j in jobs] == ["", f"afterok:{ids[0]}"]  # the whole array before
+    assert [j["dependency"] for j in jobs] == ["", f"afterany:{ids[0]}"]  # the whole array before
     assert all("--partition=debug" in j["argv"] and j["name"] == f"sweep-l{n}" for n, j in enumerate(jobs))
     assert all(t["state"] == "COMPLETED" for j in jobs for t in j["tasks"].values()), jobs
     _assert_levels_in_order(jobs)
@@ -251,16 +360,53 @@ def test_export_job_array_under_sbatch(fake_slurm, tmp_path, monkeypatch):
             assert json.loads(last)["status"] == "skipped"
 
 
-def test_export_job_array_failed_root_blocks_its_branch(fake_slurm, tmp_path):
-    stable, _, branch, _ = _wsd_plan()
-    runs = [stable, branch]
-    script, runs_dir = _export(runs, tmp_path)
-    (executors.run_dir(runs_dir, stable) / "train.log").mkdir(parents=True)  # training fails
+def post_run_marker(cfg, run_dir) -> None:
+    """A post-run hook for the exported task script (the job imports it as ``test_slurm:post_run_marker``)."""
+    (Path(run_dir) / "post_run.txt").write_text(json.dumps(cfg.to_dict()["model"]))
+
+
+def test_export_job_array_failed_root_stops_only_its_branch(fake_slurm, tmp_path, monkeypatch):
+    """Levels are chained with afterany: the branch of a failed root starts, but fails at once without
+    training (its parent has not finished); the branch of a root that trained trains, then runs the
+    post-run hook the script passes (``--post-run``)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), os.environ["PYTHONPATH"]]))
+    b, _, b_branch, _ = _wsd_plan()
+    a, a_branch = _micro_wsd(1, budgets=1)
+    runs = [a, b, a_branch, b_branch]
+    script, runs_dir = _export(runs, tmp_path, post_run="test_slurm:post_run_marker")
+    assert "--post-run test_slurm:post_run_marker" in (tmp_path / "submit_task.sh").read_text()
+    (executors.run_dir(runs_dir, a) / "train.log").mkdir(parents=True)  # training fails
     _submit(script, tmp_path)
     jobs = fake_slurm.wait()
-    assert [j["tasks"][str(i)]["state"] for i, j in enumerate(jobs)] == ["FAILED", "CANCELLED"]
-    assert jobs[1]["tasks"]["1"]["reason"] == "DependencyNeverSatisfied"
-    err = json.loads((executors.run_dir(runs_dir, stable) / "error.json").read_text())
-    assert err["run"] == stable.name and "IsADirectoryError" in err["error"]
-    assert executors.run_status(runs_dir, stable) == "failed"
-    assert not executors.run_dir(runs_dir, branch).exists()  # never started
+    assert [j["dependency"] for j in jobs] == ["", f"afterany:{jobs[0]['id']}"]
+    assert [[t["state"] for t in j["tasks"].values()] for j in jobs] == [["FAILED", "COMPLETED"]] * 2
+    _assert_levels_in_order(jobs)
+    err = json.loads((executors.run_dir(runs_dir, a) / "error.json").read_text())
+    assert err["run"] == a.name and "IsADirectoryError" in err["error"]
+    assert executors.run_status(runs_dir, a) == "failed"
+    # A's branch: failed fast, nothing seeded or trained; the error names the parent and its status
+    d = executors.run_dir(runs_dir, a_branch)
+    err = json.loads((d / "error.json").read_text())
+    assert err["run"] == a_branch.name
+    assert err["error"] == f"parent {a.name!r} has not finished (status: failed)"
+    assert not (d / "checkpoints").exists() and not (d / "metrics.jsonl").exists()
+    assert executors.run_status(runs_dir, a_branch) == "failed"
+    last = json.loads((tmp_path / f"slurm-{jobs[1]['id']}_2.out").read_text().strip().splitlines()[-1])
+    assert last["status"] == "failed" and last["error"] == err["error"]
+    # B's branch trained, and the hook ran for it (not for the stable runs: the hook skips those)
+    _assert_all_finished(runs_dir, [b, b_branch])
+    assert (executors.run_dir(runs_dir, b_branch) / "post_run.txt").exists()
+    assert not (executors.run_dir(runs_dir, b) / "post_run.txt").exists()
+    assert not (d / "post_run.txt").exists()
+
+
+def test_study_exports_with_its_post_run(tmp_path):
+    """``--export-slurm``: the task script runs the study's downstream battery (``--post-run``)."""
+    from experiments import study
+
+    spec = get_study_preset("cpu-tiny")
+    assert spec.downstream
+    assert study.run_study(spec, tmp_path / "s", export_slurm=str(tmp_path / "submit.sh")) == {}
+    assert f"--post-run {study.POST_RUN}" in (tmp_path / "submit_task.sh").read_text()
+    study.run_study(spec, tmp_path / "s", export_slurm=str(tmp_path / "submit.sh"), downstream=False)
+    assert "--post-run" not in (tmp_path / "submit_task.sh").read_text()

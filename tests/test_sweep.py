@@ -369,7 +369,7 @@ def test_job_array_export(tmp_path):
         want = ",".join(str(i) for i, r in enumerate(runs) if levels[r.name] == lev)
         assert f"--array={want}%3" in line and "--partition=gpu" in line
         assert "$DEP" in line
-    assert "--dependency=afterok:$JOB" in text
+    assert "--dependency=afterany:$JOB" in text  # a task checks its own parent (run-one)
     task = (tmp_path / "submit_task.sh").read_text()
     assert f"run-one --plan {plan.absolute()}" in task and '--index "$SLURM_ARRAY_TASK_ID"' in task
     import subprocess

@@ -18,8 +18,8 @@ What it emulates
   plus the ``SLURM_*`` variables of a one-node, one-task allocation, one process per array task, at most
   ``min(%N, FAKE_SLURM_PARALLEL)`` at a time (default 1). Exit status 0 -> COMPLETED, else FAILED.
   A job whose dependency can no longer be satisfied is CANCELLED with reason DependencyNeverSatisfied
-  without running (Slurm with ``SchedulerParameters=kill_invalid_depend``; without it the job would stay
-  PENDING forever).
+  without running (Slurm with ``SchedulerParameters=kill_invalid_depend``); with
+  ``FAKE_SLURM_KEEP_INVALID_DEPEND`` set it stays PENDING with that reason until cancelled (Slurm's default).
 * ``srun [OPTIONS] CMD...`` inside a job: runs CMD once (task 0) with ``SLURM_PROCID/LOCALID/NODEID`` set,
   its output appended to ``--output``/``--error``.
 * ``sacct -j ID [-j ID] -o FIELDS [--parsable2|-P|--parsable|-p] [-n] [-X]``: one row per job or array task
@@ -341,14 +341,14 @@ def run_job(jid: str) -> int:
             if not pending:
                 return 0  # cancelled meanwhile
             v = _verdict(st, job)
-            if v == "never":
+            if v == "never" and not os.environ.get("FAKE_SLURM_KEEP_INVALID_DEPEND"):
                 for k in pending:
                     t = job["tasks"][k]
                     t.update(state="CANCELLED", reason="DependencyNeverSatisfied", end_seq=_tick(st))
                 return 0
-            if v == "wait":
+            if v != "run":  # "never" kept pending (Slurm's default): until scancel
                 for k in pending:
-                    job["tasks"][k]["reason"] = "Dependency"
+                    job["tasks"][k]["reason"] = "Dependency" if v == "wait" else "DependencyNeverSatisfied"
         if v == "run":
             break
         time.sleep(POLL_S)
