@@ -18,6 +18,7 @@ With ``None``, Keller Jordan's ``sqrt(max(1, fan_out / fan_in))`` is used and th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -66,3 +67,29 @@ def muon_group(cfg: OptimizerConfig, learning_rate: optax.ScalarOrSchedule,
         muon_weight_dimension_numbers=dimension_numbers_fn(partition),
         consistent_rms=cfg.muon_consistent_rms,
     )
+
+
+def newton_schulz_flops(partition: Partition, ns_steps: int) -> float:
+    """Matmul FLOPs of one Muon step's orthogonalisation, summed over the partition's Muon matrices.
+
+    Each matrix is flattened as ``optax.contrib.muon`` does (batch x reduction x output) and orthogonalised
+    as an (s x l) matrix, s <= l (optax transposes the tall ones); each quintic Newton-Schulz iteration
+    computes A = X X^T (2 s^2 l), A A (2 s^3) and (b A + c A^2) X (2 s^2 l). The O(s l) elementwise work is
+    left out. Against the model's ~6 N FLOPs per token this is the Muon overhead a step pays at equal FLOP
+    rate: it grows with width and does not shrink with batch size, so small batches make it expensive.
+    """
+    total = 0
+    for a in partition.info.values():
+        dims = a.dimension_numbers
+        if dims is None:
+            continue
+        nd = len(a.shape)
+        red, out = (
+            {i % nd for i in ((ax,) if isinstance(ax, int) else ax)}
+            for ax in (dims.reduction_axis, dims.output_axis)
+        )
+        batch = math.prod(a.shape[i] for i in range(nd) if i not in red | out)
+        m, n = math.prod(a.shape[i] for i in red), math.prod(a.shape[i] for i in out)
+        s, big = min(m, n), max(m, n)
+        total += batch * ns_steps * (4 * s * s * big + 2 * s**3)
+    return float(total)
