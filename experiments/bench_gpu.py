@@ -12,7 +12,9 @@ null). Then:
   train rows (one optimiser step = one microbatch; param fp32, compute bf16, cudnn attention on GPU):
     dense-124m-adamw    GPT-2 small shape, T=1024, batch 16
     dense-354m-adamw    24 x 1024, T=2048, batch 8
-    dense-354m-muon     the same with Muon (its step-time overhead vs AdamW is reported)
+    dense-354m-muon     the same with Muon (its step-time overhead vs AdamW is reported, and its
+                        Newton-Schulz FLOPs as a share of the step's model FLOPs)
+    dense-354m-{adamw,muon}-acc8  the same pair with 8 microbatches (batch 64) per optimiser step
     moe-124m-adamw      8 experts, top-2, dropless, expert width d_ff/2: the active size of dense-124m
     mor-124m-ec         MoR, N_r=3, expert choice, middle-cycle sharing (1 + 4 shared x 3 + 1 layers)
     mor-124m-looped-eq  the looped (router "none") baseline at equal active FLOPs: N_r=2 over the same 6
@@ -116,6 +118,7 @@ DRY = Shapes(matmul_n=256, d124=(64, 2, 4), d354=(64, 2, 4), seq124=64, batch124
              vocab=509, moe_d_ff=96, mor_block=1, loss_chunk_tokens=64, decode_max_len=32, decode_steps=4,
              train_steps=2, train_warmup=1)
 DECODE_BATCHES = (1, 64)
+ACCUM = 8  # microbatches per optimiser step in the accumulated Muon-vs-AdamW pair
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +153,15 @@ def train_rows(s: Shapes, platform: str) -> list[TrainRow]:
         return ["model.family=mor", f"model.mor_router={router}", f"model.mor_recursions={n_r}",
                 "model.mor_sharing=middle_cycle", f"model.n_layers={2 + n_r * s.mor_block}"]
 
+    accum = [f"data.batch_size={ACCUM * s.batch354}", f"trainer.microbatches={ACCUM}"]
     return [
         TrainRow("dense-124m-adamw", "gpt2-124m", (*m124, "optimizer.name=adamw"), "gpt2"),
         TrainRow("dense-354m-adamw", "350m", (*m354, "optimizer.name=adamw"), "gpt2"),
         TrainRow("dense-354m-muon", "350m", (*m354, "optimizer.name=muon"), "gpt2"),
+        # The same pair with one optimiser step per ACCUM microbatches: Muon's orthogonalisation costs the
+        # same per step, so its share (and overhead) falls ACCUM-fold (optim.muon.newton_schulz_flops).
+        *(TrainRow(f"dense-354m-{o}-acc{ACCUM}", "350m", (*m354, f"optimizer.name={o}", *accum), "gpt2")
+          for o in ("adamw", "muon")),
         TrainRow("moe-124m-adamw", "gpt2-124m", (*m124, *moe), "active"),
         TrainRow("mor-124m-ec", "gpt2-124m", (*m124, *mor("expert_choice", 3)), "active"),
         TrainRow("mor-124m-looped-eq", "gpt2-124m", (*m124, *mor("none", 2)), "active"),
@@ -227,9 +235,10 @@ def run_train_row(row: TrainRow, device: jax.Device, s: Shapes, peaks: dict[str,
     mesh = shd.make_mesh(cfg.mesh, [device])
     prog = build_program(cfg, mesh)
     state = prog.init_state()
-    B, L = cfg.data.batch_size, cfg.data.seq_len
+    B, L, M = cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.microbatches
     # Throughput does not depend on token values: random tokens, no dataset.
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=(1, B, L + 1), dtype=np.int32)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.model.vocab_size, size=(M, B // M, L + 1), dtype=np.int32)
     batch = shd.host_batch(tokens, prog.train_batch_sharding, tokens.shape)
     for _ in range(s.train_warmup):
         state, metrics = prog.train_step(state, batch)
@@ -440,8 +449,13 @@ def comparisons(rows: list[dict]) -> dict[str, float | None]:
 
     muon, adamw = get("dense-354m-muon", "step_time_s"), get("dense-354m-adamw", "step_time_s")
     ns_share = get("dense-354m-muon", "muon_ns_fraction_of_step_flops")
+    muon_acc = get(f"dense-354m-muon-acc{ACCUM}", "step_time_s")
+    adamw_acc = get(f"dense-354m-adamw-acc{ACCUM}", "step_time_s")
     return {
         "muon_overhead_pct": 100.0 * (muon / adamw - 1.0) if muon and adamw else None,
+        "muon_overhead_pct_accumulated": (
+            100.0 * (muon_acc / adamw_acc - 1.0) if muon_acc and adamw_acc else None
+        ),
         "muon_ns_flops_pct_of_step": 100.0 * ns_share if ns_share is not None else None,
         "moe_mfu_vs_dense": ratio(get("moe-124m-adamw", "mfu_measured"),
                                   get("dense-124m-adamw", "mfu_measured")),
@@ -487,6 +501,8 @@ def format_table(res: dict) -> str:
         f"Muon step-time overhead vs AdamW (354m): {_fmt(c['muon_overhead_pct'], 1, '.1f', '%')} "
         f"(target <= 3%); its Newton-Schulz FLOPs are {_fmt(c['muon_ns_flops_pct_of_step'], 1, '.1f', '%')} "
         "of the step's model FLOPs (optim.muon.newton_schulz_flops)",
+        f"  with {ACCUM} microbatches per optimiser step: "
+        f"{_fmt(c['muon_overhead_pct_accumulated'], 1, '.1f', '%')}",
         f"MoE MFU / dense MFU (124m, active FLOPs): {_fmt(c['moe_mfu_vs_dense'], 1, '.2f')} (target >= 0.70)",
         f"MoR tok/s / looped at equal active FLOPs: {_fmt(c['mor_tokens_per_s_vs_looped_eq'], 1, '.2f')} "
         f"(target >= 0.80); / looped at full depth: {_fmt(c['mor_tokens_per_s_vs_looped_full'], 1, '.2f')}",
@@ -510,7 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         est = [estimate_train_memory(r) for r in MEMORY_ROWS]
         for e in est:
             print(f"{e['row']:<26} {e['total'] / 2**30:6.2f} GiB (args {e['argument'] / 2**30:.2f}, temp "
-                  f"{e['temp'] / 2**30:.2f}; compiled in {e['compile_s']:.0f} s)  {e['summary']}")
+                  f"{e['temp'] / 2**30:.2f}; compiled in {e['compile_s']:.0f} s)  {e['summary']}"
+                  + (f"  [Muon Newton-Schulz FLOPs = {100 * e['muon_ns_fraction_of_step_flops']:.1f}% of the "
+                     "step's model FLOPs]" if "muon_ns_fraction_of_step_flops" in e else ""))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(est, f, indent=2)
@@ -607,8 +625,15 @@ def estimate_train_memory(row_name: str, extra_overrides: Sequence[str] = (), fl
         seconds = time.perf_counter() - t0
     finally:
         jax.nn.dot_product_attention = original
-    return {"row": row_name, "summary": _config_summary(cfg), "flash_standin": flash_standin,
-            "compile_s": seconds, **compiled_bytes(prog.train_step)}
+    out = {"row": row_name, "summary": _config_summary(cfg), "flash_standin": flash_standin,
+           "compile_s": seconds, **compiled_bytes(prog.train_step)}
+    if cfg.optimizer.name == "muon":  # the same share run_train_row reports, here without a device
+        L = cfg.data.seq_len
+        step_flops = gpt2_flops_per_token(cfg.model, L) * cfg.data.batch_size * L
+        out["muon_ns_fraction_of_step_flops"] = (
+            newton_schulz_flops(prog.partition, cfg.optimizer.ns_steps) / step_flops
+        )
+    return out
 
 
 # ----- HLO checks (run on every train row too: on a GPU they inspect the real GPU program) ----------------

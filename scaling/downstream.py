@@ -332,7 +332,10 @@ class LossPowerLaw:
             raise ValueError("no bootstrap samples: fit with n_boot > 0")
         c = np.atleast_1d(np.asarray(compute, dtype=np.float64))[None, :]
         e, a, al = (self.samples[:, i, None] for i in range(3))
-        return e + a * (c / self.C_ref) ** -al
+        # A degenerate draw (a huge alpha) diverges below C_ref: +inf is its honest prediction there, and
+        # percentiles over the draws handle it, so the overflow is not worth a warning.
+        with np.errstate(over="ignore"):
+            return e + a * (c / self.C_ref) ** -al
 
     def to_dict(self) -> dict:
         return {"E": self.E, "A_ref": self.A_ref, "alpha": self.alpha, "C_ref": self.C_ref, "sse": self.sse,

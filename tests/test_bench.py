@@ -69,12 +69,19 @@ def test_gpu_suite_dry_run_is_well_formed(tmp_path):
         else:
             assert r["batch"] in bench_gpu.DECODE_BATCHES and r["kv_bytes_per_token"] > 0
     c = res["comparisons"]
-    assert set(c) == {"muon_overhead_pct", "muon_ns_flops_pct_of_step", "moe_mfu_vs_dense",
+    assert set(c) == {"muon_overhead_pct", "muon_overhead_pct_accumulated", "muon_ns_flops_pct_of_step",
+                      "moe_mfu_vs_dense",
                       "mor_tokens_per_s_vs_looped_eq", "mor_tokens_per_s_vs_looped_full"}
     muon = next(r for r in res["rows"] if r["name"] == "dense-354m-muon")
     ns_share = muon["muon_ns_flops_per_step"] / (muon["flops_per_token"] * muon["tokens_per_step"])
     assert muon["muon_ns_fraction_of_step_flops"] == pytest.approx(ns_share)
     assert c["muon_ns_flops_pct_of_step"] == pytest.approx(100 * muon["muon_ns_fraction_of_step_flops"])
+    acc = next(r for r in res["rows"] if r["name"] == f"dense-354m-muon-acc{bench_gpu.ACCUM}")
+    assert acc["tokens_per_step"] == bench_gpu.ACCUM * muon["tokens_per_step"]  # one step, ACCUM microbatches
+    assert acc["config"]["trainer"]["microbatches"] == bench_gpu.ACCUM
+    assert acc["muon_ns_fraction_of_step_flops"] == pytest.approx(
+        muon["muon_ns_fraction_of_step_flops"] / bench_gpu.ACCUM
+    )
     assert all(isinstance(v, float) and math.isfinite(v) for v in c.values())
     assert "Muon step-time overhead" in printed
 
