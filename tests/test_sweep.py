@@ -225,6 +225,10 @@ def test_fit_lr_rule_recovers_power_law():
     mono = [dict(c, loss=-c["lr"]) for c in cells]  # loss falls with lr: optimum beyond the grid
     assert "2 cell(s) best at the edge" not in fit_lr_rule(mono).source
     assert "3 cell(s) best at the edge" in fit_lr_rule(mono).source
+    # the caveat says by how much the edge point wins, so a flat curve reads as flat
+    flat = [{"N": 1.0, "D": 1.0, "C": 1e11, "lr": lr, "loss": y} for lr, y in ((1, 3.0), (2, 2.9), (4, 2.85))]
+    src = fit_lr_rule(flat, prior=LRRule(coef=1.0)).source
+    assert "1 cell(s) best at the edge of the lr grid, by 0.05 nats over the neighbouring lr" in src
     # two cells 3x apart in C: with a prior only the coefficient is fitted (the exponent is noise there)
     near = []
     for C in (1e10, 3e10):
