@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments import executors
+from experiments import executors, slurm
 from experiments.hparam_rules import LRRule, fit_lr_rule
 from experiments.study_presets import STUDY_PRESETS, GroupSpec, StudySpec, get_study_preset
 from experiments.sweep import (
@@ -218,7 +218,7 @@ def execute(
     executor: str = "auto",
     slurm_params: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train ``runs`` with the chosen executor; ``slurm_params`` go to ``executors.run_slurm`` (submitit's
+    """Train ``runs`` with the chosen executor; ``slurm_params`` go to ``slurm.run_slurm`` (submitit's
     ``update_parameters``) for ``executor="slurm"``."""
     progress = executors.Progress(runs, stream=sys.stdout)
     cache = str(runs_dir.parent / ".jax_cache")
@@ -231,7 +231,7 @@ def execute(
             runs, runs_dir, workers=workers, post_run=post_run, progress=progress, compile_cache=cache
         )
     if executor == "slurm":
-        return executors.run_slurm(
+        return slurm.run_slurm(
             runs, runs_dir, folder=runs_dir.parent / "slurm", post_run=post_run, **(slurm_params or {})
         )
     raise ValueError(f"unknown executor {executor!r}; choose auto, sequential, parallel or slurm")
@@ -341,7 +341,7 @@ def run_study(
         shutil.rmtree(d, ignore_errors=True)
         print(f"[study] cleared {d} for a retry")
     if export_slurm is not None:
-        path = executors.export_job_array(runs, plan_path, runs_dir, export_slurm, post_run=post_run)
+        path = slurm.export_job_array(runs, plan_path, runs_dir, export_slurm, post_run=post_run)
         print(f"[study] wrote the job-array script {path}; run it, then re-run this command with --fit-only")
         return {}
     if not fit_only:
@@ -395,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="a submitit parameter of --executor slurm, e.g. slurm_partition=gpu, gpus_per_node=1, "
-        f"timeout_min=120 (default {executors.SLURM_TIMEOUT_MIN}); numbers are parsed; repeatable",
+        f"timeout_min=120 (default {slurm.SLURM_TIMEOUT_MIN}); numbers are parsed; repeatable",
     )
     a = p.parse_args(argv)
     try:

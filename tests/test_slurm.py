@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import submitit  # noqa: F401 -- in the test extra: a missing submitit fails here instead of skipping
 
-from experiments import executors
+from experiments import executors, slurm
 from experiments.study_presets import get_study_preset
 from experiments.sweep import Rules, plan_wsd, resolve, write_plan
 
@@ -159,7 +159,7 @@ def test_run_slurm_through_submitit(fake_slurm, tmp_path):
     params = dict(
         timeout_min=30, slurm_partition="debug", slurm_additional_parameters={"comment": "scalelab-test"}
     )
-    res = executors.run_slurm(runs, runs_dir, folder=tmp_path / "submitit", **params)
+    res = slurm.run_slurm(runs, runs_dir, folder=tmp_path / "submitit", **params)
     assert [r["name"] for r in res] == [r.name for r in runs]  # the plan's order, as the local executors
     assert [r["status"] for r in res] == ["done"] * len(runs), res
     for r, out in zip(runs, res, strict=True):
@@ -183,7 +183,7 @@ def test_run_slurm_through_submitit(fake_slurm, tmp_path):
 
     # a second call re-submits the plan; every run is finished, so every job skips without training
     before = _mtimes(runs_dir, runs, "metrics.jsonl")
-    res2 = executors.run_slurm(runs, runs_dir, folder=tmp_path / "submitit", **params)
+    res2 = slurm.run_slurm(runs, runs_dir, folder=tmp_path / "submitit", **params)
     assert [r["status"] for r in res2] == ["skipped"] * len(runs)
     assert _mtimes(runs_dir, runs, "metrics.jsonl") == before
     assert len(fake_slurm.wait()) == 2 * len(runs)
@@ -203,7 +203,7 @@ def test_run_slurm_failed_run_stops_only_its_descendants(fake_slurm, tmp_path, m
     runs_dir.mkdir()
     (executors.run_dir(runs_dir, a) / "train.log").mkdir(parents=True)  # training fails: error.json
     executors.run_dir(runs_dir, c).write_text("not a directory")  # run_one itself raises
-    res = executors.run_slurm(runs, runs_dir, folder=tmp_path / "submitit")  # no timeout_min: the default
+    res = slurm.run_slurm(runs, runs_dir, folder=tmp_path / "submitit")  # no timeout_min: the default
     st = {r["name"]: r for r in res}
     assert [r["name"] for r in res] == [r.name for r in runs]
     assert [r["status"] for r in res] == ["failed", "failed", "done", "failed", "done"], res
@@ -260,9 +260,9 @@ def _trace(exc: Exception) -> str:
 def test_slurm_result_of_a_failed_run_is_the_run_error():
     r = _wsd_plan()[0]
     msg = "ConfigError: plan.jsonl:3: bad value\n  expected a number"  # a run error of several lines
-    got = executors._slurm_result(r, _StubJob(_trace(executors.RunFailed(msg))))
+    got = slurm._slurm_result(r, _StubJob(_trace(slurm.RunFailed(msg))))
     assert got == {"name": r.name, "run_id": r.run_id, "status": "failed", "error": msg}
-    got = executors._slurm_result(r, _StubJob(_trace(KeyError("x"))))  # raised outside run_one
+    got = slurm._slurm_result(r, _StubJob(_trace(KeyError("x"))))  # raised outside run_one
     assert got["error"] == "slurm job 77_3: KeyError: 'x' (log: /logs/77_3_0_log.err)"
 
 
@@ -300,7 +300,7 @@ def test_study_slurm_options(tmp_path, monkeypatch):
         study.main(["--out", str(tmp_path), "--executor", "slurm", "--slurm", "timeout_min"])
 
     seen = {}
-    monkeypatch.setattr(executors, "run_slurm", lambda runs, runs_dir, **k: seen.update(k) or [])
+    monkeypatch.setattr(slurm, "run_slurm", lambda runs, runs_dir, **k: seen.update(k) or [])
     study.execute([], tmp_path / "runs", workers=1, post_run="m:f", executor="slurm", slurm_params=got)
     assert seen == {"folder": tmp_path / "slurm", "post_run": "m:f", **got}
 
@@ -308,7 +308,7 @@ def test_study_slurm_options(tmp_path, monkeypatch):
 def _export(runs, tmp_path: Path, post_run: str | None = None) -> tuple[Path, Path]:
     plan = write_plan(runs, tmp_path / "plan.jsonl")
     runs_dir = tmp_path / "runs"
-    script = executors.export_job_array(
+    script = slurm.export_job_array(
         runs,
         plan,
         runs_dir,

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import executors
+from experiments import executors, slurm
 from experiments.config import ConfigError
 from experiments.hparam_rules import BatchRule, LRRule, best_lr, fit_lr_rule
 from experiments.study_presets import STUDY_PRESETS, get_study_preset
@@ -355,7 +355,7 @@ def test_job_array_export(tmp_path):
 
     runs = resolve(runs)
     plan = write_plan(runs, tmp_path / "plan.jsonl")
-    script = executors.export_job_array(
+    script = slurm.export_job_array(
         runs,
         plan,
         tmp_path / "runs",
@@ -399,7 +399,7 @@ def test_slurm_executor_needs_submitit(tmp_path, monkeypatch, micro_runs):
 
     monkeypatch.setattr(builtins, "__import__", no_submitit)
     with pytest.raises(ImportError, match="pip install submitit"):
-        executors.run_slurm(micro_runs, tmp_path, folder=tmp_path / "slurm")
+        slurm.run_slurm(micro_runs, tmp_path, folder=tmp_path / "slurm")
 
 
 def test_progress_line(micro_runs):
