@@ -50,6 +50,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -397,7 +398,10 @@ def row_names(dry: bool = True) -> list[str]:
     return names
 
 
-def run_suite(dry: bool, only: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict:
+def run_suite(dry: bool, only: Sequence[str] | None = None, log: Callable[[str], None] = print,
+              on_row: Callable[[dict], None] | None = None) -> dict:
+    """Every selected row in this process; returns the results. ``on_row`` gets the results so far after
+    each row (``main`` rewrites ``--json`` with them: a run cut short by a time limit keeps its rows)."""
     s = DRY if dry else FULL
     device = jax.devices()[0]
     platform = device.platform
@@ -411,30 +415,33 @@ def run_suite(dry: bool, only: Sequence[str] | None = None, log: Callable[[str],
     peaks = {"measured": matmul_peak(n, device, min_seconds=0.1 if dry else 1.0),
              "vendor": vendor_peak(device.device_kind) if platform == "gpu" else None}
     rows: list[dict] = []
-    for row in train_rows(s, platform):
-        if row.name in selected:
-            log(f"row {row.name} ...")
-            fn = functools.partial(_train_with_fallback, row, device, s, peaks)
-            rows.append(_guard(row.name, "train", fn))
-    for model_name, mcfg in decode_models(s, platform).items():
-        for b in DECODE_BATCHES:
-            name = f"decode-{model_name}-b{b}"
-            if name in selected:
-                log(f"row {name} ...")
-                fn = functools.partial(run_decode_row, name, mcfg, b, device, s)
-                rows.append(_guard(name, "decode", fn))
-    return {
-        "suite": "gpu",
-        "dry": dry,
-        "device": device.device_kind,
-        "platform": platform,
-        "jax_version": jax.__version__,
-        "matmul": {"n": n, "dtype": "bfloat16", "measured_flops_per_s": peaks["measured"],
-                   "vendor_peak_flops_per_s": peaks["vendor"]},
-        "rows": rows,
-        "comparisons": comparisons(rows),
-        "targets": TARGETS,
-    }
+
+    def results() -> dict:
+        return {
+            "suite": "gpu",
+            "dry": dry,
+            "device": device.device_kind,
+            "platform": platform,
+            "jax_version": jax.__version__,
+            "matmul": {"n": n, "dtype": "bfloat16", "measured_flops_per_s": peaks["measured"],
+                       "vendor_peak_flops_per_s": peaks["vendor"]},
+            "rows": rows,
+            "comparisons": comparisons(rows),
+            "targets": TARGETS,
+        }
+
+    jobs = [(row.name, "train", functools.partial(_train_with_fallback, row, device, s, peaks))
+            for row in train_rows(s, platform)]
+    jobs += [(f"decode-{m}-b{b}", "decode", functools.partial(run_decode_row, f"decode-{m}-b{b}", mcfg, b,
+                                                               device, s))
+             for m, mcfg in decode_models(s, platform).items() for b in DECODE_BATCHES]
+    for name, kind, fn in jobs:
+        if name in selected:
+            log(f"row {name} ...")
+            rows.append(_guard(name, kind, fn))
+            if on_row is not None:
+                on_row(results())
+    return results()
 
 
 def comparisons(rows: list[dict]) -> dict[str, float | None]:
@@ -534,11 +541,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 json.dump(est, f, indent=2)
         return 0
     only = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
-    res = run_suite(args.dry, only, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    def save(res: dict) -> None:  # after every row: a run cut short keeps what it measured
+        if args.json:
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(res, f, indent=2)
+            os.replace(tmp, args.json)
+
+    res = run_suite(args.dry, only, log=lambda msg: print(msg, file=sys.stderr, flush=True), on_row=save)
     print(format_table(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    save(res)
     failed = [r["name"] for r in res["rows"] if r["status"].startswith("error")]
     return 1 if failed else 0
 

@@ -89,3 +89,13 @@ def test_gpu_suite_dry_run_is_well_formed(tmp_path):
 def test_gpu_suite_rejects_unknown_rows():
     with pytest.raises(ValueError, match="unknown rows"):
         bench_gpu.run_suite(dry=True, only=["dense-7b"])
+
+
+def test_gpu_suite_reports_results_after_every_row():
+    """A suite cut short (the device tool's 10-minute limit) keeps the rows it finished: on_row gets the
+    results so far after each row, and main writes them to --json."""
+    seen = []
+    res = bench_gpu.run_suite(dry=True, only=["decode-dense-b1", "decode-mla-b1"], log=lambda m: None,
+                              on_row=lambda r: seen.append([row["name"] for row in r["rows"]]))
+    assert seen == [["decode-dense-b1"], ["decode-dense-b1", "decode-mla-b1"]]
+    assert [r["name"] for r in res["rows"]] == seen[-1] and res["comparisons"]["muon_overhead_pct"] is None
