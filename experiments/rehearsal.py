@@ -22,8 +22,6 @@ from experiments.sweep import PlannedRun, resolve
 from optim.config import OptimizerConfig
 from optim.schedules import wsd_decay_start
 
-MARKER_FILE = "rehearsal.json"
-
 
 def _branch_steps(opt: dict[str, Any], start: int) -> int:
     """The fewest total steps whose WSD cool-down starts exactly at ``start`` (the parent's last step)."""
