@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -191,8 +190,9 @@ def default_workers(spec: StudySpec) -> int:
 
 
 def parse_slurm_params(items: Sequence[str]) -> dict[str, Any]:
-    """``["slurm_partition=gpu", "timeout_min=720", "mem_gb=40.5"]`` -> submitit parameters: a value that
-    looks like an integer or a decimal number becomes an int or a float, anything else stays a string."""
+    """``["slurm_partition=gpu", "timeout_min=720", 'slurm_additional_parameters={"qos": "hi"}']`` ->
+    submitit parameters: a value that is JSON (a number, true/false, an object, a list) is parsed as JSON,
+    anything else stays a string -- so an account "007" (not a JSON number) stays "007"."""
     out: dict[str, Any] = {}
     for item in items:
         key, eq, val = item.partition("=")
@@ -200,11 +200,9 @@ def parse_slurm_params(items: Sequence[str]) -> dict[str, Any]:
         if not eq or not key:
             raise ValueError(f"--slurm {item!r}: expected KEY=VALUE (e.g. slurm_partition=gpu)")
         val = val.strip()
-        if re.fullmatch(r"[+-]?\d+", val):
-            out[key] = int(val)
-        elif re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?", val):
-            out[key] = float(val)
-        else:
+        try:
+            out[key] = json.loads(val)
+        except json.JSONDecodeError:
             out[key] = val
     return out
 
@@ -395,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="a submitit parameter of --executor slurm, e.g. slurm_partition=gpu, gpus_per_node=1, "
-        f"timeout_min=120 (default {slurm.SLURM_TIMEOUT_MIN}); numbers are parsed; repeatable",
+        f"timeout_min=120 (default {slurm.SLURM_TIMEOUT_MIN}); JSON values are parsed; repeatable",
     )
     a = p.parse_args(argv)
     try:

@@ -271,8 +271,9 @@ def test_study_slurm_options(tmp_path, monkeypatch):
     from experiments import study
 
     got = study.parse_slurm_params(
-        ["slurm_partition=gpu", "timeout_min=720", "mem_gb=40.5", "gpus_per_node=+2", "cpus_per_task=1e1"]
-        + ["slurm_time=01:00:00", "slurm_account=007x", "slurm_comment=a=b", "slurm_qos=1.2.3"]
+        ["slurm_partition=gpu", "timeout_min=720", "mem_gb=40.5", "gpus_per_node=2", "cpus_per_task=1e1"]
+        + ["slurm_time=01:00:00", "slurm_account=007", "slurm_comment=a=b", "slurm_qos=1.2.3"]
+        + ["slurm_use_srun=false", 'slurm_additional_parameters={"reservation": "r1"}', "x=+2"]
     )
     assert got == {
         "slurm_partition": "gpu",
@@ -281,9 +282,12 @@ def test_study_slurm_options(tmp_path, monkeypatch):
         "gpus_per_node": 2,
         "cpus_per_task": 10.0,
         "slurm_time": "01:00:00",
-        "slurm_account": "007x",
+        "slurm_account": "007",  # not a JSON number: stays the string it is
         "slurm_comment": "a=b",
         "slurm_qos": "1.2.3",
+        "slurm_use_srun": False,
+        "slurm_additional_parameters": {"reservation": "r1"},
+        "x": "+2",
     }
     assert all(type(got[k]) is int for k in ("timeout_min", "gpus_per_node"))
     for bad in ("timeout_min", "=3"):
