@@ -284,16 +284,21 @@ def run_train_row(row: TrainRow, device: jax.Device, s: Shapes, peaks: dict[str,
         "loss": loss,
         "hlo_checks": hlo_checks,
     }
-    if cfg.optimizer.name == "muon":
-        # The orthogonalisation's FLOPs per optimiser step vs the model's: the overhead Muon pays at an equal
-        # FLOP rate. It does not shrink with the batch, so here (one microbatch per step) it is far larger
-        # than in training with gradient accumulation to a real batch.
-        ns = newton_schulz_flops(prog.partition, cfg.optimizer.ns_steps)
-        out["muon_ns_flops_per_step"] = ns
-        out["muon_ns_fraction_of_step_flops"] = ns / (fpt * B * L)
+    out.update(muon_ns_share(cfg, prog, fpt))
     out.update(_mfu(fpt * tps, peaks))
     out.update(_memory(mem, device))
     return out
+
+
+def muon_ns_share(cfg: ExperimentConfig, prog: Any, flops_per_token: float) -> dict[str, float]:
+    """For a Muon row: the orthogonalisation's FLOPs per optimiser step and their share of the step's model
+    FLOPs -- the overhead Muon pays at an equal FLOP rate. It does not shrink with the batch, so with one
+    microbatch per step it is far larger than with gradient accumulation to a real batch. {} otherwise."""
+    if cfg.optimizer.name != "muon":
+        return {}
+    ns = newton_schulz_flops(prog.partition, cfg.optimizer.ns_steps)
+    step_flops = flops_per_token * cfg.data.batch_size * cfg.data.seq_len
+    return {"muon_ns_flops_per_step": ns, "muon_ns_fraction_of_step_flops": ns / step_flops}
 
 
 def _mfu(flops_per_s: float, peaks: dict[str, float | None]) -> dict[str, float | None]:
@@ -639,12 +644,7 @@ def estimate_train_memory(row_name: str, extra_overrides: Sequence[str] = (), fl
         jax.nn.dot_product_attention = original
     out = {"row": row_name, "summary": _config_summary(cfg), "flash_standin": flash_standin,
            "compile_s": seconds, **compiled_bytes(prog.train_step)}
-    if cfg.optimizer.name == "muon":  # the same share run_train_row reports, here without a device
-        L = cfg.data.seq_len
-        step_flops = gpt2_flops_per_token(cfg.model, L) * cfg.data.batch_size * L
-        out["muon_ns_fraction_of_step_flops"] = (
-            newton_schulz_flops(prog.partition, cfg.optimizer.ns_steps) / step_flops
-        )
+    out.update(muon_ns_share(cfg, prog, gpt2_flops_per_token(cfg.model, cfg.data.seq_len)))
     return out
 
 
