@@ -132,13 +132,7 @@ def _failed_run(record: PlannedRun, d: Path, error: str, tb: str, t0: float) -> 
     """Write ``error.json`` into the run directory ``d``; the failed result record of ``run_one``."""
     err = {"run": record.name, "run_id": record.run_id, "error": error, "traceback": tb, "time": time.time()}
     (d / ERROR_FILE).write_text(json.dumps(err, indent=2) + "\n")
-    return {
-        "name": record.name,
-        "run_id": record.run_id,
-        "status": "failed",
-        "error": error,
-        "seconds": time.time() - t0,
-    }
+    return {**_failed(record, error), "seconds": time.time() - t0}
 
 
 def run_one(

@@ -22,6 +22,14 @@ from experiments.sweep import PlannedRun
 SLURM_TIMEOUT_MIN = 24 * 60
 
 
+def _wsd_depths(runs: Sequence[PlannedRun]) -> dict[str, int]:
+    """Run name -> how many parents above it (0 for a run without one); parents precede their branches."""
+    depth: dict[str, int] = {}
+    for r in runs:
+        depth[r.name] = 0 if r.parent is None else depth[r.parent["run"]] + 1
+    return depth
+
+
 class RunFailed(RuntimeError):
     """Raised by a Slurm job whose run failed, with ``run_one``'s error as the message: the job FAILS, so the
     jobs waiting on it (``afterok``) never start, and the submitting side reads the error back."""
@@ -54,12 +62,10 @@ def run_slurm(
     except ImportError as e:
         raise ImportError(
             "the Slurm executor needs submitit (`pip install submitit`); without Python access on the "
-            "cluster, export a job-array script instead (experiments.executors.export_job_array)"
+            "cluster, export a job-array script instead (experiments.slurm.export_job_array)"
         ) from e
     parents = _parent_ids(runs)
-    level: dict[str, int] = {}
-    for r in runs:  # parents precede their branches in a plan
-        level[r.name] = 0 if r.parent is None else level[r.parent["run"]] + 1
+    level = _wsd_depths(runs)
     roots = [r for r in runs if r.parent is None]
     children = sorted((r for r in runs if r.parent is not None), key=lambda r: level[r.name])
     ex = submitit.AutoExecutor(folder=str(folder))
@@ -115,7 +121,7 @@ def _slurm_result(record: PlannedRun, job: Any) -> dict[str, Any]:
         text = str(e)
         parts = text.split("\n----------------------\n")  # submitit's FailedJobError: the remote traceback
         trace = parts[1] if len(parts) >= 3 else ""
-        # the exception line of the traceback (``experiments.executors.RunFailed: ERROR``, ERROR possibly
+        # the exception line of the traceback (``experiments.slurm.RunFailed: ERROR``, ERROR possibly
         # several lines); the traceback's source lines are indented
         m = re.search(rf"^(?:[\w.]+\.)?{RunFailed.__name__}: ", trace, re.MULTILINE)
         if m is not None:
@@ -156,9 +162,7 @@ def export_job_array(
     import shlex
 
     index = {r.name: i for i, r in enumerate(runs)}
-    level: dict[str, int] = {}
-    for r in runs:
-        level[r.name] = 0 if r.parent is None else level[r.parent["run"]] + 1
+    level = _wsd_depths(runs)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     task = out.with_name(out.stem + "_task.sh")
@@ -174,7 +178,7 @@ def export_job_array(
     task.chmod(0o755)
     lines = [
         "#!/bin/bash",
-        f"# Submits {len(runs)} runs of {plan_path} as Slurm job arrays (from experiments.executors).",
+        f"# Submits {len(runs)} runs of {plan_path} as Slurm job arrays (from experiments.slurm).",
         "# Each task trains one run; finished runs are skipped, interrupted ones resume. Re-submit to retry.",
         "# WSD levels are chained with afterany: a level starts when the level before ended, however it",
         "# ended; a task whose parent run did not finish fails at once (error.json) without training.",
