@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
-from experiments.config import ExperimentConfig
 from experiments.sweep import PlannedRun, resolve
 from optim.config import OptimizerConfig
 from optim.schedules import wsd_decay_start
 
 
-def _branch_steps(opt: dict[str, Any], start: int) -> int:
+def _branch_steps(opt: OptimizerConfig, start: int) -> int:
     """The fewest total steps whose WSD cool-down starts exactly at ``start`` (the parent's last step)."""
-    cfg = OptimizerConfig(**{k: v for k, v in opt.items() if k in OptimizerConfig.__dataclass_fields__})
     for total in range(start + 1, 4 * start + 16):
-        if wsd_decay_start(cfg, total) == start:
+        if wsd_decay_start(opt, total) == start:
             return total
     raise ValueError(f"no step count has its WSD cool-down start at step {start} (decay_fraction "
-                     f"{cfg.decay_fraction}); use more rehearsal steps")
+                     f"{opt.decay_fraction}); use more rehearsal steps")
 
 
 def rehearse(
@@ -55,23 +52,21 @@ def rehearse(
     new_steps: dict[str, int] = {}
 
     def steps_of(r: PlannedRun) -> int:
-        if r.name in new_steps:
-            return new_steps[r.name]
-        planned = ExperimentConfig.from_dict(r.config).total_steps
-        if r.parent is None:
-            n = min(steps, planned)
-        else:
-            start = steps_of(by_name[r.parent["run"]])
-            opt = r.config["optimizer"]
-            n = _branch_steps(opt, start) if opt.get("schedule") == "wsd" else start + steps
-        new_steps[r.name] = n
-        return n
+        if r.name not in new_steps:
+            exp = r.experiment
+            if r.parent is None:
+                n = min(steps, exp.total_steps)
+            else:
+                start = steps_of(by_name[r.parent["run"]])
+                n = _branch_steps(exp.optimizer, start) if exp.optimizer.schedule == "wsd" else start + steps
+            new_steps[r.name] = n
+        return new_steps[r.name]
 
     out = []
+    longest = 0  # tokens the longest run reads
     for r in runs:
         n = steps_of(r)
         cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in r.config.items()}
-        seq_len = int(cfg["data"]["seq_len"])
         mesh_data = int(cfg["mesh"].get("data", -1))
         width = devices if mesh_data == -1 else mesh_data * int(cfg["mesh"].get("fsdp", 1))
         batch = sequences_per_device * width
@@ -80,17 +75,14 @@ def rehearse(
             checkpoint_every=max(1, n // 2), log_every=1,
         )
         cfg["optimizer"].update(warmup_steps=1)
-        cfg["data"].update(
-            batch_size=batch,
-            n_train_tokens=max(65_536, 2 * max(new_steps.values()) * batch * seq_len),
-            n_val_tokens=max(16_384, 2 * batch * seq_len),
-        )
+        seq_len = int(cfg["data"]["seq_len"])
+        cfg["data"].update(batch_size=batch, n_val_tokens=max(16_384, 2 * batch * seq_len))
+        longest = max(longest, n * batch * seq_len)
         if cfg["model"].get("attention_impl") == "cudnn" and not keep_cudnn:
             cfg["model"]["attention_impl"] = "xla"  # cuDNN kernels do not compile for the CPU
         parent = None if r.parent is None else {"run": r.parent["run"], "step": new_steps[r.parent["run"]]}
         out.append(dataclasses.replace(r, config=cfg, parent=parent))
-    # n_train_tokens depends on the longest run: give every run the same corpus (one generation, shared).
-    n_train = max(c.config["data"]["n_train_tokens"] for c in out)
+    # One corpus for every run (generated once, shared), twice as long as the longest run reads.
     for c in out:
-        c.config["data"]["n_train_tokens"] = n_train
+        c.config["data"]["n_train_tokens"] = max(65_536, 2 * longest)
     return resolve(out)

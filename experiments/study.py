@@ -262,13 +262,11 @@ def _post_run(spec: StudySpec, enabled: bool) -> str | None:
 
 
 def _rehearsal(spec: StudySpec, out: Path, steps: int) -> Callable[[list[PlannedRun]], list[PlannedRun]]:
-    """The plan transform of a --dry study; refuses a directory that holds a real study."""
+    """The plan transform of a --dry study; marks ``out`` as a rehearsal directory."""
     import jax
 
     from experiments.rehearsal import rehearse
 
-    if (out / PLAN_FILE).exists() and not (out / REHEARSAL_FILE).exists():
-        raise SystemExit(f"{out} holds a real study; give the --dry rehearsal another --out")
     (out / REHEARSAL_FILE).write_text(json.dumps({"preset": spec.name}) + "\n")
     on_gpu = jax.default_backend() == "gpu"
     return lambda runs: rehearse(runs, steps=steps, devices=jax.device_count(), keep_cudnn=on_gpu)
@@ -295,9 +293,13 @@ def run_study(
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    cut = _rehearsal(spec, out, dry_steps) if dry else None
-    if not dry and (out / REHEARSAL_FILE).exists():
+    # A rehearsal directory and a real study directory refuse each other.
+    rehearsed = (out / REHEARSAL_FILE).exists()
+    if dry and (out / PLAN_FILE).exists() and not rehearsed:
+        raise SystemExit(f"{out} holds a real study; give the --dry rehearsal another --out")
+    if not dry and rehearsed:
         raise SystemExit(f"{out} holds a --dry rehearsal; give the real study another --out")
+    cut = _rehearsal(spec, out, dry_steps) if dry else None
     if cut is not None:
         spec = dataclasses.replace(spec, notes=(REHEARSAL_NOTE, *spec.notes))
     runs_dir = out / "runs"
