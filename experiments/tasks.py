@@ -435,16 +435,15 @@ def _best_future(cfg: MarkovSourceConfig, k: int) -> list[np.ndarray]:
     """G_0..G_k [C]: G_j(c) = the best log-probability of j more tokens from state c (Bellman, backwards)."""
     log_low_RxV, top_CxK, top_lp_CxK = _log_prob_parts(cfg)
     V, C = cfg.vocab_size, cfg.vocab_size**cfg.order
-    R = C // V
-    c = np.arange(C)
+    r_C = np.arange(C) % (C // V)  # the last order-1 tokens of each state
     G = [np.zeros(C)]
     for _ in range(k):
-        G_RxV = G[-1].reshape(R, V)  # next state of c = (a, r) after x is (r, x), index r * V + x
+        G_RxV = G[-1].reshape(-1, V)  # next state of c = (a, r) after x is (r, x), index r * V + x
         # Any x scores at least log low[r, x] + G(r, x) (exact unless x is a top successor of c, which
         # the second term scores exactly), so the max of the two terms is the exact Bellman update.
         h_R = (log_low_RxV + G_RxV).max(1)
-        via_top = (top_lp_CxK + G_RxV[(c % R)[:, None], top_CxK]).max(1)
-        G.append(np.maximum(h_R[c % R], via_top))
+        via_top = (top_lp_CxK + G_RxV[r_C[:, None], top_CxK]).max(1)
+        G.append(np.maximum(h_R[r_C], via_top))
     return G
 
 
