@@ -431,20 +431,26 @@ def _log_prob_parts(cfg: MarkovSourceConfig) -> tuple[np.ndarray, np.ndarray, np
     return np.log(low_RxV), top_CxK, np.log(low_RxV[r_C1, top_CxK] + top_p_CxK)
 
 
+@functools.lru_cache(maxsize=2)
+def _future_tables(cfg: MarkovSourceConfig) -> list[np.ndarray]:
+    """The cache ``_best_future`` extends: G_0.. of one source (the battery asks for k = 1, 2, 4, 8)."""
+    return [np.zeros(cfg.vocab_size**cfg.order)]
+
+
 def _best_future(cfg: MarkovSourceConfig, k: int) -> list[np.ndarray]:
     """G_0..G_k [C]: G_j(c) = the best log-probability of j more tokens from state c (Bellman, backwards)."""
     log_low_RxV, top_CxK, top_lp_CxK = _log_prob_parts(cfg)
     V, C = cfg.vocab_size, cfg.vocab_size**cfg.order
     r_C = np.arange(C) % (C // V)  # the last order-1 tokens of each state
-    G = [np.zeros(C)]
-    for _ in range(k):
+    G = _future_tables(cfg)
+    while len(G) <= k:
         G_RxV = G[-1].reshape(-1, V)  # next state of c = (a, r) after x is (r, x), index r * V + x
         # Any x scores at least log low[r, x] + G(r, x) (exact unless x is a top successor of c, which
         # the second term scores exactly), so the max of the two terms is the exact Bellman update.
         h_R = (log_low_RxV + G_RxV).max(1)
         via_top = (top_lp_CxK + G_RxV[r_C[:, None], top_CxK]).max(1)
         G.append(np.maximum(h_R[r_C], via_top))
-    return G
+    return G[: k + 1]
 
 
 def source_mode(src: MarkovSource, contexts_NxL: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
