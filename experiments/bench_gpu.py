@@ -51,7 +51,6 @@ import functools
 import json
 import math
 import os
-import re
 import sys
 import time
 import traceback
@@ -64,6 +63,7 @@ import numpy as np
 
 from experiments import sharding as shd
 from experiments.config import ExperimentConfig
+from experiments.hlo_checks import full_logits_buffers, host_transfers
 from experiments.presets import get_preset
 from experiments.trainer import build_program
 from models import accounting
@@ -646,29 +646,3 @@ def estimate_train_memory(row_name: str, extra_overrides: Sequence[str] = (), fl
            "compile_s": seconds, **compiled_bytes(prog.train_step)}
     out.update(muon_ns_share(cfg, prog, gpt2_flops_per_token(cfg.model, cfg.data.seq_len)))
     return out
-
-
-# ----- HLO checks (run on every train row too: on a GPU they inspect the real GPU program) ----------------
-_HLO_ARRAY = re.compile(r"\b(f32|bf16|f16)\[(\d+(?:,\d+)*)\]")
-_HOST_OPS = re.compile(r"\b(infeed|outfeed|send|recv|send-done|recv-done)\(")
-_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
-
-
-def full_logits_buffers(hlo_text: str, tokens: int, vocab: int, dtype: str = "f32") -> list[str]:
-    """Array shapes in ``hlo_text`` of dtype ``dtype`` that hold a vocab axis and at least ``tokens`` x
-    ``vocab`` elements: the full-batch logits (or their softmax / gradient) in any layout or reshape."""
-    found = set()
-    for dt, dims in _HLO_ARRAY.findall(hlo_text):
-        shape = tuple(int(d) for d in dims.split(","))
-        if dt == dtype and vocab in shape and math.prod(shape) >= tokens * vocab:
-            found.add(f"{dt}[{dims}]")
-    return sorted(found)
-
-
-def host_transfers(hlo_text: str) -> list[str]:
-    """Device<->host traffic inside a compiled program: infeed/outfeed/send/recv ops and custom calls to
-    host callbacks (jax.debug.callback / pure_callback / io_callback lower to python-callback targets)."""
-    found = {m for m in _HOST_OPS.findall(hlo_text)}
-    found |= {t for t in _CUSTOM_CALL.findall(hlo_text)
-              if any(w in t.lower() for w in ("callback", "python", "host"))}
-    return sorted(found)

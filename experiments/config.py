@@ -31,7 +31,11 @@ class ConfigError(ValueError):
 # "fsdp" first and "embed" falls back to unsharded, while for parameters "embed" is FSDP-sharded.
 # Expert parallelism: "expert" comes before "embed", so MoE expert stacks (expert, embed, mlp) are split by
 # expert over "fsdp" (each device holds whole experts; "embed" stays unsharded in them) and "mlp" over tensor.
+# "muon_layers" names no parameter: it is the layers axis of Muon's orthogonalisation, split over every
+# device so each computes its share of whole per-layer matrices (optim/muon_layout.py; drop the row to let
+# XLA choose). First, so that it claims the mesh before "expert" in MoE expert stacks.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("muon_layers", ("data", "fsdp")),
     ("batch", ("data", "fsdp")),
     ("seq", None),
     ("expert", "fsdp"),

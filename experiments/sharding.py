@@ -21,6 +21,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments.config import MESH_AXES, ConfigError, MeshConfig
+from optim.muon_layout import MUON_LAYERS
 
 BATCH_AXES = ("data", "fsdp")  # a batch's leading (example) dimension is split over these mesh axes
 
@@ -123,12 +124,22 @@ def effective_rules(rules: Sequence[Sequence[Any]], mesh: Mesh, dim_sizes: dict[
     Activations are constrained inside the model with the same rules; uneven activation shardings would be
     padded by XLA and uneven parameter shardings cannot be placed at all, so e.g. 6 heads on tensor=4 makes
     "heads" unsharded everywhere, consistently for parameters and activations.
+
+    ``muon_layers`` (Muon's orthogonalisation layout, :mod:`optim.muon_layout`) has the sizes of ``layers``
+    and, silently, keeps the group of its mesh axes with the most devices that divides them, else its single
+    largest axis, split unevenly (XLA pads); with no axis of more than one device, no rule (XLA decides).
+    (On the 8 simulated devices, 12 layers: split unevenly over fsdp=8, the step's Muon reshards were
+    all-to-alls and its temporaries fell below XLA's own layout; split unevenly over data=2 x fsdp=4, XLA
+    resharded through full all-gathers and the temporaries grew past it, hence one axis only.)
     """
     out = []
     for name, axes in normalize_rules(rules):
+        sizes = dim_sizes.get("layers" if name == MUON_LAYERS else name, ())
         ways = _ways(mesh, axes)
-        bad = sorted(n for n in dim_sizes.get(name, ()) if n % ways)
-        if ways > 1 and bad:
+        bad = sorted(n for n in sizes if n % ways)
+        if name == MUON_LAYERS:
+            axes = _muon_layers_axes(mesh, axes, sizes)
+        elif ways > 1 and bad:
             warnings.warn(
                 f"logical axis {name!r} (sizes {bad}) is not divisible by mesh axes {axes} "
                 f"({ways} ways): replicating it instead",
@@ -137,6 +148,17 @@ def effective_rules(rules: Sequence[Sequence[Any]], mesh: Mesh, dim_sizes: dict[
             axes = None
         out.append((name, axes))
     return tuple(out)
+
+
+def _muon_layers_axes(mesh: Mesh, axes: Any, sizes: Any) -> tuple[str, ...] | None:
+    """The sub-tuple of ``axes`` (order kept) with the most devices that divides every size, else the single
+    axis with the most devices; None when no axis has more than one device."""
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    groups = [tuple(a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(1, 2 ** len(axes))]
+    groups = [g for g in groups if _ways(mesh, g) > 1]
+    even = [g for g in groups if all(n % _ways(mesh, g) == 0 for n in sizes)]
+    single = [g for g in groups if len(g) == 1]
+    return max(even or single, key=lambda g: _ways(mesh, g), default=None)
 
 
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

@@ -27,7 +27,8 @@ from optax.contrib import MuonDimensionNumbers
 
 from optim.adamw import decay_mask_fn
 from optim.config import OptimizerConfig
-from optim.partition import Partition, path_str
+from optim.muon_layout import split_over_layers
+from optim.partition import Partition, matrix_axes, path_str
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -55,8 +56,9 @@ def dimension_numbers_fn(partition: Partition):
 
 def muon_group(cfg: OptimizerConfig, learning_rate: optax.ScalarOrSchedule,
                partition: Partition) -> optax.GradientTransformation:
-    """``optax.contrib.muon`` over the partition's Muon matrices (orthogonalised per layer / per expert)."""
-    return optax.contrib.muon(
+    """``optax.contrib.muon`` over the partition's Muon matrices (orthogonalised per layer / per expert), on a
+    mesh split over the layers axis (:mod:`optim.muon_layout`)."""
+    muon = optax.contrib.muon(
         learning_rate=learning_rate,
         ns_coeffs=NS_COEFFS,
         ns_steps=cfg.ns_steps,
@@ -67,6 +69,7 @@ def muon_group(cfg: OptimizerConfig, learning_rate: optax.ScalarOrSchedule,
         muon_weight_dimension_numbers=dimension_numbers_fn(partition),
         consistent_rms=cfg.muon_consistent_rms,
     )
+    return split_over_layers(muon, partition)
 
 
 def newton_schulz_flops(partition: Partition, ns_steps: int) -> float:
@@ -80,15 +83,10 @@ def newton_schulz_flops(partition: Partition, ns_steps: int) -> float:
     """
     total = 0
     for a in partition.info.values():
-        dims = a.dimension_numbers
-        if dims is None:
+        if a.dimension_numbers is None:
             continue
-        nd = len(a.shape)
-        red, out = (
-            {i % nd for i in ((ax,) if isinstance(ax, int) else ax)}
-            for ax in (dims.reduction_axis, dims.output_axis)
-        )
-        batch = math.prod(a.shape[i] for i in range(nd) if i not in red | out)
+        red, out = matrix_axes(a)
+        batch = math.prod(n for i, n in enumerate(a.shape) if i not in red | out)
         m, n = math.prod(a.shape[i] for i in red), math.prod(a.shape[i] for i in out)
         s, big = min(m, n), max(m, n)
         total += batch * ns_steps * (4 * s * s * big + 2 * s**3)

@@ -72,6 +72,18 @@ class ParamAssignment:
     dimension_numbers: MuonDimensionNumbers | None = None
 
 
+def matrix_axes(a: ParamAssignment) -> tuple[frozenset[int], frozenset[int]]:
+    """A Muon parameter's (reduction, output) axes as non-negative indices; every other axis is a batch
+    axis (one matrix per index). Raises for a parameter without Muon dimension numbers."""
+    d, nd = a.dimension_numbers, len(a.shape)
+    if d is None:
+        raise ValueError(f"parameter {a.path!r} is not a Muon matrix ({a.optimizer})")
+    return tuple(  # type: ignore[return-value]
+        frozenset(i % nd for i in ((ax,) if isinstance(ax, int) else ax))
+        for ax in (d.reduction_axis, d.output_axis)
+    )
+
+
 class Partition(dict):
     """``dict[path, "muon" | "adamw"]`` (paths like ``"layers/attn/q/kernel"``) with details in ``.info``."""
 

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import bench_gpu
+from experiments import bench_gpu, hlo_checks
 from experiments import sharding as shd
 from experiments.presets import get_preset
 from experiments.trainer import build_program
@@ -120,10 +120,10 @@ def test_train_step_has_no_full_batch_fp32_logits_only_with_chunked_loss():
     cfg_c, chunked = _program(64)  # 64 tokens = 16 positions of all 4 rows per chunk
     cfg_p, plain = _program(0)
     tokens, V = cfg_c.data.batch_size * cfg_c.data.seq_len, cfg_c.model.vocab_size
-    assert bench_gpu.full_logits_buffers(chunked.train_step.as_text(), tokens, V) == []
-    assert bench_gpu.full_logits_buffers(chunked.eval_step.as_text(), tokens, V) == []
+    assert hlo_checks.full_logits_buffers(chunked.train_step.as_text(), tokens, V) == []
+    assert hlo_checks.full_logits_buffers(chunked.eval_step.as_text(), tokens, V) == []
     # The same check catches the plain path: the test can fail.
-    assert "f32[4,48,320]" in bench_gpu.full_logits_buffers(plain.train_step.as_text(), tokens, V)
+    assert "f32[4,48,320]" in hlo_checks.full_logits_buffers(plain.train_step.as_text(), tokens, V)
     # Both programs train the same: one step from the same init gives the same loss (bf16 rounding apart).
     batch = np.random.default_rng(0).integers(0, V, size=(1, 4, 49), dtype=np.int32)
     got = []
@@ -135,8 +135,8 @@ def test_train_step_has_no_full_batch_fp32_logits_only_with_chunked_loss():
                     float(prog.eval_step(state["params"], {}, eval_batch))])
     np.testing.assert_allclose(got[0], got[1], rtol=2e-2)  # loss, gradient norm, eval loss after the step
     # ... and neither moves data to or from the host inside the step.
-    assert bench_gpu.host_transfers(chunked.train_step.as_text()) == []
-    assert bench_gpu.host_transfers(plain.train_step.as_text()) == []
+    assert hlo_checks.host_transfers(chunked.train_step.as_text()) == []
+    assert hlo_checks.host_transfers(plain.train_step.as_text()) == []
 
 
 def test_host_transfer_detector_catches_callbacks():
@@ -145,8 +145,8 @@ def test_host_transfer_detector_catches_callbacks():
         return jax.pure_callback(lambda v: v, jax.ShapeDtypeStruct(x.shape, x.dtype), x) * 2
 
     text = jax.jit(step).lower(jnp.ones(3)).compile().as_text()
-    assert bench_gpu.host_transfers(text) != []
-    assert bench_gpu.host_transfers(jax.jit(lambda x: x * 2).lower(jnp.ones(3)).compile().as_text()) == []
+    assert hlo_checks.host_transfers(text) != []
+    assert hlo_checks.host_transfers(jax.jit(lambda x: x * 2).lower(jnp.ones(3)).compile().as_text()) == []
 
 
 # ----- memory of the full-size GPU presets, by XLA's buffer assignment (nothing allocated) ----------------

@@ -1,0 +1,87 @@
+"""Where Muon's orthogonalisation runs on a device mesh: whole matrices, split over the layers axis.
+
+Newton-Schulz is five rounds of (s x s) and (s x l) matmuls on every per-layer matrix. Left to XLA's sharding
+propagation, a stacked (layers, embed, mlp) gradient keeps the parameters' FSDP layout (``embed`` split) and
+every round re-gathers the matrices; under data parallelism every replica repeats the whole iteration.
+
+Each layer's matrix is orthogonalised independently, so the work splits exactly over the layers axis
+instead: this wrapper constrains the Muon group's incoming gradients and outgoing updates to the parameters'
+logical names with ``layers`` renamed ``muon_layers``. The rules table maps ``muon_layers`` first, to the
+``data`` and ``fsdp`` mesh axes, so ``embed`` finds ``fsdp`` taken and stays whole: one all-to-all in and one
+out replace the per-round gathers, and each device orthogonalises its own layers. Tensor-parallel sharding of
+``mlp`` / heads stays (a version that made those whole too needed 2867 MB of temporaries on 2x2x2 below,
+more than XLA's own layout). The momentum keeps the parameters' layout: memory at rest and checkpoints are
+unchanged.
+
+Measured by ``python -m experiments.bench_muon_sharding`` (the 350m preset, 24 layers, d=1024, batch 8 x 256,
+8 simulated CPU devices; XLA's per-device cost and memory analysis of the compiled step, nothing timed),
+XLA's layout -> split, per device:
+
+=========  ====================  ======================  ===================
+mesh       GFLOP                 collective MB           temporaries MB
+=========  ====================  ======================  ===================
+1x8x1      1358 -> 1134          15841 -> 2093           3148 -> 1696
+8x1x1      8137 -> 1106          463 -> 2891             4489 -> 1399
+2x4x1      2330 -> 1133          15905 -> 2764           3460 -> 1669
+2x2x2      1524 -> 1326          12770 -> 3427           1645 -> 1337
+=========  ====================  ======================  ===================
+
+(AdamW on the same meshes: 111-130 GFLOP and 463-1246 MB; Newton-Schulz is 1003 GFLOP per device when split
+evenly eight ways.) Under pure data parallelism the split trades an all-gather of the updates for 7x fewer
+FLOPs. Which axes ``muon_layers`` gets is decided by ``experiments.sharding.effective_rules``: the mesh axes
+that divide the layer count, else one axis split unevenly. Without a rule for ``muon_layers`` (or outside a
+mesh) the wrapper changes nothing and XLA chooses, as before. Leaves without a layers axis (MoR's unstacked
+shared blocks, unrolled ``blocks_0`` layers) are left to XLA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import optax
+
+from optim.partition import Partition, path_str
+
+MUON_LAYERS = "muon_layers"
+
+
+def orthogonalisation_layouts(partition: Partition) -> dict[str, tuple[str | None, ...]]:
+    """Per Muon leaf with a ``layers`` axis: its logical names with the matrix axes whole (None) and
+    ``layers`` renamed ``muon_layers``; other batch axes (``expert``) keep their names."""
+    out = {}
+    for path, a in partition.info.items():
+        names = a.logical_axes
+        if a.dimension_numbers is None or names is None or "layers" not in names:
+            continue
+        out[path] = tuple(MUON_LAYERS if n == "layers" else n for n in names)
+    return out
+
+
+def _rule_is_set() -> bool:
+    """True when the logical rules in scope send ``muon_layers`` to some mesh axis."""
+    rules = nn.get_logical_axis_rules()
+    return any(name == MUON_LAYERS and axes for name, axes in rules)
+
+
+def split_over_layers(inner: optax.GradientTransformation,
+                      partition: Partition) -> optax.GradientTransformation:
+    """``inner`` (the Muon group) with its gradients and updates laid out whole-matrix, layers-split."""
+    layouts = orthogonalisation_layouts(partition)
+
+    def constrain(tree: Any) -> Any:
+        if not layouts or not _rule_is_set():
+            return tree
+
+        def leaf(kp: Any, x: Any) -> Any:
+            names = layouts.get(path_str(kp))
+            return x if names is None or not hasattr(x, "shape") else nn.with_logical_constraint(x, names)
+
+        return jax.tree_util.tree_map_with_path(leaf, tree)
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        updates, state = inner.update(constrain(updates), state, params)
+        return constrain(updates), state
+
+    return optax.GradientTransformation(inner.init, update_fn)
