@@ -75,11 +75,11 @@ def bench_train(cfg, steps: int, warmup: int = 2) -> dict[str, Any]:
     tokens = rng.integers(0, cfg.model.vocab_size, size=(M, B // M, L + 1)).astype(np.int32)
     batch = shd.host_batch(tokens, prog.train_batch_sharding, tokens.shape)
     for _ in range(warmup):
-        state, m = prog.train_step(state, batch)
+        state, m = prog.step(state, batch)
     jax.block_until_ready(m)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, m = prog.train_step(state, batch)
+        state, m = prog.step(state, batch)
         float(m["loss"])  # the trainer syncs on the loss every step too
     elapsed = time.perf_counter() - t0
     return {

@@ -242,11 +242,11 @@ def run_train_row(row: TrainRow, device: jax.Device, s: Shapes, peaks: dict[str,
     tokens = rng.integers(0, cfg.model.vocab_size, size=(M, B // M, L + 1), dtype=np.int32)
     batch = shd.host_batch(tokens, prog.train_batch_sharding, tokens.shape)
     for _ in range(s.train_warmup):
-        state, metrics = prog.train_step(state, batch)
+        state, metrics = prog.step(state, batch)
     jax.block_until_ready((state, metrics))
     t0 = time.perf_counter()
     for _ in range(s.train_steps):  # no host sync in here: steps queue up on the device
-        state, metrics = prog.train_step(state, batch)
+        state, metrics = prog.step(state, batch)
     jax.block_until_ready((state, metrics))
     step_time = (time.perf_counter() - t0) / s.train_steps
     loss = float(metrics["loss"])

@@ -103,16 +103,21 @@ class Program:
     schedule: Callable[[int], Any]
     state_shardings: Any
     abstract_state: Any
-    train_step: Any  # compiled: (state, tokens_MxBxL1) -> (state, metrics)
+    train_step: Any  # compiled: (state, tokens_MxBxL1, hyper) -> (state, metrics); call it through step()
     eval_step: Any  # compiled: (params, model_state, tokens_BxL1) -> mean loss
     init_state: Callable[[], Any]
     train_batch_sharding: NamedSharding
     eval_batch_sharding: NamedSharding
     compile_seconds: float
+    hyper: Any  # optim.optimizer_hyperparams of this run, on the devices: train_step's run-time numbers
 
     @property
     def micro_batch(self) -> int:
         return self.cfg.data.batch_size // self.cfg.trainer.microbatches
+
+    def step(self, state: Any, tokens_MxBxL1: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+        """One optimiser step of this run (its learning rates and schedule passed in as ``hyper``)."""
+        return self.train_step(state, tokens_MxBxL1, self.hyper)
 
 
 @functools.lru_cache(maxsize=4)
@@ -120,7 +125,11 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
     """Compile the train/eval programs for ``cfg`` on ``mesh``.
 
     Memoised on (cfg, mesh), both immutable and hashable: a process that trains the same experiment again (a
-    resume in tests or notebooks) reuses the compiled executables instead of recompiling.
+    resume in tests or notebooks) reuses the compiled executables instead of recompiling. The learning
+    rates and the schedule are arguments of the train step, not constants in it
+    (``optim.optimizer_hyperparams``), so runs of one shape that differ only in those compile to the same
+    program: with JAX's persistent compilation cache on (the study's executors turn it on) the second such
+    run loads the first one's executable instead of compiling (cpu-tiny: 42 runs, 16 distinct programs).
     """
     t0 = time.perf_counter()
     c, M, L = cfg.model, cfg.trainer.microbatches, cfg.data.seq_len
@@ -151,6 +160,7 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
 
     tx, partition = optim.build_optimizer(cfg.optimizer, abstract_params, logical_axes, cfg.total_steps)
     schedule = make_schedule(cfg.optimizer, cfg.total_steps)
+    hyper_host = optim.optimizer_hyperparams(cfg.optimizer, cfg.total_steps)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_specs = optim.opt_state_logical_specs(tx, abstract_params, logical_axes)
     opt_shardings = shd.shardings_from_logical(opt_specs, abstract_opt, mesh, rules)
@@ -183,8 +193,12 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
             ce = cross_entropy(logits_BxLxV, targets_BxL)
         return ce + _aux_loss(extras), (ce, extras)
 
-    def train_step(state, tokens_MxBxL1):
+    def train_step(state, tokens_MxBxL1, hyper):
         params, model_state = state["params"], state.get("model_state", {})
+        # The same optimiser as ``tx`` (same state layout), its schedules reading the traced ``hyper``.
+        tx_run, _ = optim.build_optimizer(
+            cfg.optimizer, params, logical_axes, cfg.total_steps, hyperparams=hyper
+        )
 
         def micro(grads_acc, tokens_BxL1):
             (_, (ce, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -201,7 +215,7 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
         # Family statistics (MoE load, MoR depth, ...) as microbatch means: means over all tokens of the step.
         extras = jax.tree.map(lambda x: jnp.mean(x.astype(jnp.float32), axis=0), extras_M)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        updates, opt_state = tx_run.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
         if "model_state" in state:
             new_state["model_state"] = update_model_state(c, model_state, extras)
@@ -217,15 +231,17 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
     train_batch_sharding = shd.batch_sharding(mesh, leading=1)
     eval_batch_sharding = shd.batch_sharding(mesh)
     rep = shd.replicated(mesh)
+    hyper = jax.device_put(jax.tree.map(np.float32, hyper_host), rep)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         train_c = (
             jax.jit(
                 train_step,
-                in_shardings=(state_shardings, train_batch_sharding),
+                in_shardings=(state_shardings, train_batch_sharding, rep),
                 out_shardings=(state_shardings, rep),
                 donate_argnums=(0,),
             )
-            .lower(abstract_state, jax.ShapeDtypeStruct((M, B_micro, L + 1), jnp.int32))
+            .lower(abstract_state, jax.ShapeDtypeStruct((M, B_micro, L + 1), jnp.int32),
+                   jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32), hyper_host))
             .compile()
         )
         eval_shape = jax.ShapeDtypeStruct((cfg.eval_batch_size, L + 1), jnp.int32)
@@ -261,6 +277,7 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
         train_batch_sharding,
         eval_batch_sharding,
         time.perf_counter() - t0,
+        hyper,
     )
 
 
@@ -419,7 +436,7 @@ def train(
         batch = train_batch(ds, cfg, prog, start) if start < total else None
         tick = time.perf_counter()
         for s in range(start, total):
-            state, m = prog.train_step(state, batch)
+            state, m = prog.step(state, batch)
             if s + 1 < total:
                 batch = train_batch(ds, cfg, prog, s + 1)  # host work overlaps the device step
             m = jax.device_get(m)

@@ -1,10 +1,12 @@
 """scalelab optimisers: AdamW and Muon (optax), parameter partition, learning-rate schedules.
 
 Entry points: :func:`build_optimizer` -> ``(tx, partition)``; :func:`describe_partition` for start-up logs;
-:func:`make_schedule` for logging the lr; :func:`opt_state_logical_specs` to shard the optimiser state.
+:func:`make_schedule` for logging the lr; :func:`opt_state_logical_specs` to shard the optimiser state;
+:func:`optimizer_hyperparams` for the run-time numbers (learning rates, schedule) a jitted step takes as
+arguments.
 """
 
-from optim.build import build_optimizer
+from optim.build import build_optimizer, optimizer_hyperparams
 from optim.config import DECAY_SHAPES, OPTIMIZERS, SCHEDULES, OptimizerConfig
 from optim.lr_scaling import adam_sqrt_scaling, linear_scaling_rule, sqrt_scaling_rule
 from optim.partition import ParamAssignment, Partition, compute_partition, describe_partition
@@ -25,6 +27,7 @@ __all__ = [
     "linear_scaling_rule",
     "make_schedule",
     "opt_state_logical_specs",
+    "optimizer_hyperparams",
     "sqrt_scaling_rule",
     "wsd_decay_start",
 ]

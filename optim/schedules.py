@@ -19,20 +19,12 @@ Conventions (all three schedules), with W = ``warmup_steps``, T = ``total_steps`
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 import optax
 
-from optim.config import OptimizerConfig
-
-
-def _shape_fn(shape: str, p: jnp.ndarray) -> jnp.ndarray:
-    if shape == "linear":
-        return 1.0 - p
-    if shape == "cosine":
-        return 0.5 * (1.0 + jnp.cos(jnp.pi * p))
-    if shape == "1-sqrt":
-        return 1.0 - jnp.sqrt(p)
-    raise ValueError(f"unknown decay shape {shape!r}")
+from optim.config import DECAY_SHAPES, OptimizerConfig
 
 
 def wsd_decay_start(cfg: OptimizerConfig, total_steps: int) -> int:
@@ -40,9 +32,14 @@ def wsd_decay_start(cfg: OptimizerConfig, total_steps: int) -> int:
     return total_steps - int(round(cfg.decay_fraction * total_steps))
 
 
-def make_schedule(cfg: OptimizerConfig, total_steps: int, *,
-                  peak_value: float | None = None) -> optax.Schedule:
-    """``step -> learning rate`` (jit-able) for ``cfg.schedule``; ``peak_value`` defaults to the cfg's lr."""
+def schedule_params(cfg: OptimizerConfig, total_steps: int, *,
+                    peak_value: float | None = None) -> dict[str, float]:
+    """The numbers that define ``cfg``'s schedule over ``total_steps`` (validated): peak, warmup,
+    decay_begin, decay_len, min_ratio and shape (an index into ``DECAY_SHAPES``).
+
+    Every schedule kind is one formula of these (``schedule_from_params``), so a compiled train step that
+    takes them as arguments serves every run that differs only in learning rate, length or schedule: the
+    trainer passes them at run time and the compilation cache shares one executable among such runs."""
     cfg.validate()
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
@@ -51,8 +48,7 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int, *,
     peak = float(cfg.learning_rate if peak_value is None else peak_value)
     if peak <= 0:
         raise ValueError(f"peak learning rate must be > 0, got {peak}")
-    warmup, m = cfg.warmup_steps, cfg.min_lr_ratio
-
+    warmup = cfg.warmup_steps
     if cfg.schedule == "wsd":
         decay_start = wsd_decay_start(cfg, total_steps)
         if decay_start < warmup:
@@ -63,16 +59,33 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int, *,
         decay_begin, decay_len = decay_start, total_steps - decay_start
     else:
         decay_begin, decay_len = warmup, total_steps - warmup
+    if cfg.schedule == "constant":
+        decay_len = 0  # no cool-down: the peak forever
+    shape = "cosine" if cfg.schedule == "cosine" else cfg.decay_shape
+    return {"peak": peak, "warmup": float(warmup), "decay_begin": float(decay_begin),
+            "decay_len": float(decay_len), "min_ratio": float(cfg.min_lr_ratio),
+            "shape": float(DECAY_SHAPES.index(shape))}
+
+
+def schedule_from_params(p: dict[str, Any]) -> optax.Schedule:
+    """``step -> learning rate`` from ``schedule_params`` (plain floats, or traced scalars inside jit)."""
 
     def schedule(step):
         s = jnp.asarray(step, jnp.float32)
-        warm = jnp.minimum(1.0, (s + 1.0) / warmup) if warmup > 0 else jnp.float32(1.0)
-        if cfg.schedule == "constant" or decay_len == 0:
-            factor = jnp.float32(1.0)
-        else:
-            p = jnp.clip((s - decay_begin) / decay_len, 0.0, 1.0)
-            shape = "cosine" if cfg.schedule == "cosine" else cfg.decay_shape
-            factor = m + (1.0 - m) * _shape_fn(shape, p)
-        return peak * warm * factor
+        warmup, length = p["warmup"], p["decay_len"]
+        warm = jnp.where(warmup > 0, jnp.minimum(1.0, (s + 1.0) / jnp.maximum(warmup, 1.0)), 1.0)
+        prog = jnp.clip((s - p["decay_begin"]) / jnp.maximum(length, 1.0), 0.0, 1.0)
+        # in DECAY_SHAPES order: linear, cosine, 1-sqrt
+        by_shape = jnp.stack([1.0 - prog, 0.5 * (1.0 + jnp.cos(jnp.pi * prog)), 1.0 - jnp.sqrt(prog)])
+        shaped = by_shape[jnp.asarray(p["shape"]).astype(jnp.int32)]
+        m = p["min_ratio"]
+        factor = jnp.where(length > 0, m + (1.0 - m) * shaped, 1.0)
+        return p["peak"] * warm * factor
 
     return schedule
+
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int, *,
+                  peak_value: float | None = None) -> optax.Schedule:
+    """``step -> learning rate`` (jit-able) for ``cfg.schedule``; ``peak_value`` defaults to the cfg's lr."""
+    return schedule_from_params(schedule_params(cfg, total_steps, peak_value=peak_value))

@@ -129,7 +129,7 @@ def test_train_step_has_no_full_batch_fp32_logits_only_with_chunked_loss():
     got = []
     for prog in (chunked, plain):
         train_batch = shd.host_batch(batch, prog.train_batch_sharding, batch.shape)
-        state, metrics = prog.train_step(prog.init_state(), train_batch)
+        state, metrics = prog.step(prog.init_state(), train_batch)
         eval_batch = shd.host_batch(batch[0], prog.eval_batch_sharding, batch[0].shape)
         got.append([float(metrics["loss"]), float(metrics["grad_norm"]),
                     float(prog.eval_step(state["params"], {}, eval_batch))])

@@ -144,7 +144,7 @@ def test_split_trains_like_xla_layout_with_less_communication_and_flops():
         state = prog.init_state()
         batch = shd.host_batch(tokens, prog.train_batch_sharding, tokens.shape)
         for _ in range(3):
-            state, metrics = prog.train_step(state, batch)
+            state, metrics = prog.step(state, batch)
         finals[v] = jax.tree.map(np.asarray, state["params"])
         assert np.isfinite(float(metrics["loss"]))
     for a, b in zip(jax.tree.leaves(finals["muon-xla"]), jax.tree.leaves(finals["muon-split"]), strict=True):

@@ -557,6 +557,34 @@ def test_constant_schedule_and_peak_override():
     assert jnp.isfinite(jax.jit(sched)(jnp.int32(3)))
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1},
+        {"schedule": "wsd", "warmup_steps": 3, "decay_fraction": 0.3, "decay_shape": "1-sqrt"},
+        {"schedule": "wsd", "warmup_steps": 0, "decay_fraction": 0.2, "decay_shape": "linear"},
+        {"schedule": "constant", "warmup_steps": 2},
+        {"schedule": "cosine", "warmup_steps": 40},  # warmup to the end: no decay phase
+    ],
+)
+def test_schedule_with_traced_parameters_matches_the_host_schedule(kw):
+    """The train step computes the lr from traced schedule parameters; one jitted function must reproduce
+    every schedule kind exactly (the same compiled step serves them all)."""
+    from optim.schedules import schedule_from_params, schedule_params
+
+    cfg = OptimizerConfig(learning_rate=0.02, **kw)
+    steps = jnp.arange(41)
+    host = np.array([float(make_schedule(cfg, 40)(int(s))) for s in steps])
+    traced = jax.jit(lambda p, s: jax.vmap(schedule_from_params(p))(s))
+    params = jax.tree.map(np.float32, schedule_params(cfg, 40))
+    # (to 1 ulp: XLA's vectorised cos in the jitted vmap vs the eager scalar one)
+    np.testing.assert_allclose(np.asarray(traced(params, steps)), host, rtol=3e-7, atol=0)
+    assert traced._cache_size() == 1
+    other = jax.tree.map(np.float32, schedule_params(OptimizerConfig(learning_rate=0.5), 17))
+    traced(other, steps)
+    assert traced._cache_size() == 1  # another schedule, same compiled function
+
+
 def test_schedule_errors():
     with pytest.raises(ValueError, match="warmup_steps"):
         make_schedule(OptimizerConfig(warmup_steps=20), 10)

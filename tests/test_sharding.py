@@ -143,7 +143,7 @@ def test_indivisible_model_trains_on_eight_devices(tmp_path):
     state = prog.init_state()
     tokens = np.random.default_rng(0).integers(0, 51, size=(1, 8, 9)).astype(np.int32)
     batch = shd.host_batch(tokens, prog.train_batch_sharding, tokens.shape)
-    state, m = prog.train_step(state, batch)
+    state, m = prog.step(state, batch)
     assert np.isfinite(float(m["loss"])) and abs(float(m["loss"]) - np.log(51)) < 0.5
     assert state["params"]["embed"]["embedding"].sharding.spec == P(None, "fsdp")
 
