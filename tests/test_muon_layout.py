@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from experiments import bench_muon_sharding as bms
@@ -28,14 +29,7 @@ from optim.partition import compute_partition, path_str
 
 
 def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        *head, last = path.split("/")
-        d = out
-        for k in head:
-            d = d.setdefault(k, {})
-        d[last] = v
-    return out
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 SPEC = {
