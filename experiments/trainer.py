@@ -51,7 +51,7 @@ from models import accounting, build_model
 from models import moe as moe_lib
 from models import mor as mor_lib
 from models.loss import chunked_cross_entropy, output_head
-from optim.schedules import make_schedule
+from optim.schedules import schedule_from_params
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -158,9 +158,11 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
     )
     abstract_mstate = abstract_like(nn.meta.unbox(abstract_mstate_boxed), mstate_shardings)
 
-    tx, partition = optim.build_optimizer(cfg.optimizer, abstract_params, logical_axes, cfg.total_steps)
-    schedule = make_schedule(cfg.optimizer, cfg.total_steps)
     hyper_host = optim.optimizer_hyperparams(cfg.optimizer, cfg.total_steps)
+    tx, partition = optim.build_optimizer(
+        cfg.optimizer, abstract_params, logical_axes, cfg.total_steps, hyperparams=hyper_host
+    )
+    schedule = schedule_from_params(hyper_host["lr"])  # the host's copy of the lr, for the logs
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_specs = optim.opt_state_logical_specs(tx, abstract_params, logical_axes)
     opt_shardings = shd.shardings_from_logical(opt_specs, abstract_opt, mesh, rules)
