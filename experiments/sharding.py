@@ -134,12 +134,12 @@ def effective_rules(rules: Sequence[Sequence[Any]], mesh: Mesh, dim_sizes: dict[
     """
     out = []
     for name, axes in normalize_rules(rules):
-        sizes = dim_sizes.get("layers" if name == MUON_LAYERS else name, ())
-        ways = _ways(mesh, axes)
-        bad = sorted(n for n in sizes if n % ways)
         if name == MUON_LAYERS:
-            axes = _muon_layers_axes(mesh, axes, sizes)
-        elif ways > 1 and bad:
+            out.append((name, _muon_layers_axes(mesh, axes, dim_sizes.get("layers", ()))))
+            continue
+        ways = _ways(mesh, axes)
+        bad = sorted(n for n in dim_sizes.get(name, ()) if n % ways)
+        if ways > 1 and bad:
             warnings.warn(
                 f"logical axis {name!r} (sizes {bad}) is not divisible by mesh axes {axes} "
                 f"({ways} ways): replicating it instead",
