@@ -7,11 +7,11 @@ every round re-gathers the matrices; under data parallelism every replica repeat
 Each layer's matrix is orthogonalised independently, so the work splits exactly over the layers axis
 instead: this wrapper constrains the Muon group's incoming gradients and outgoing updates to the parameters'
 logical names with ``layers`` renamed ``muon_layers``. The rules table maps ``muon_layers`` first, to the
-``data`` and ``fsdp`` mesh axes, so ``embed`` finds ``fsdp`` taken and stays whole: one all-to-all in and one
-out replace the per-round gathers, and each device orthogonalises its own layers. Tensor-parallel sharding of
-``mlp`` / heads stays (a version that made those whole too needed 2867 MB of temporaries on 2x2x2 below,
-more than XLA's own layout). The momentum keeps the parameters' layout: memory at rest and checkpoints are
-unchanged.
+``data`` and ``fsdp`` mesh axes, so ``embed`` finds ``fsdp`` taken and stays whole: an all-to-all per matrix
+in and out replaces the per-round gathers, and each device orthogonalises its own layers. Tensor-parallel
+sharding of ``mlp`` / heads stays (a version that made those whole too needed 2867 MB of temporaries on 2x2x2
+below, more than XLA's own layout). The momentum keeps the parameters' layout: memory at rest and checkpoints
+are unchanged.
 
 Measured by ``python -m experiments.bench_muon_sharding`` (the 350m preset, 24 layers, d=1024, batch 8 x 256,
 8 simulated CPU devices; XLA's per-device cost and memory analysis of the compiled step, nothing timed),
@@ -48,8 +48,10 @@ MUON_LAYERS = "muon_layers"
 
 
 def orthogonalisation_layouts(partition: Partition) -> dict[str, tuple[str | None, ...]]:
-    """Per Muon leaf with a ``layers`` axis: its logical names with the matrix axes whole (None) and
-    ``layers`` renamed ``muon_layers``; other batch axes (``expert``) keep their names."""
+    """Per Muon leaf with a ``layers`` axis: its logical names with ``layers`` renamed ``muon_layers``. The
+    other names stay: ``muon_layers`` comes first in the rules table and claims ``data`` and ``fsdp``, so
+    ``embed`` (and ``expert``) find their mesh axis taken and stay whole, while ``mlp`` / ``heads`` keep
+    ``tensor``."""
     out = {}
     for path, a in partition.info.items():
         names = a.logical_axes
