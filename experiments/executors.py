@@ -452,14 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = runs[a.index]
     # the task of a branch starts whatever its parent's task did (afterany): run_one checks the parent
     parent = next((p for p in runs if p.name == r.parent["run"]), None) if r.parent is not None else None
-    res = run_one(
-        r,
-        a.runs_dir,
-        parent_id=_parent_ids(runs).get(r.name),
-        parent=parent,
-        post_run=a.post_run,
-        quiet=False,
-    )
+    res = run_one(r, a.runs_dir, parent=parent, post_run=a.post_run, quiet=False)
     print(json.dumps({k: v for k, v in res.items() if k != "summary"}))
     return 0 if res["status"] != "failed" else 1
 
