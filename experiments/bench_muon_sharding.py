@@ -36,7 +36,7 @@ from experiments import sharding as shd  # noqa: E402
 from experiments.config import ConfigError, ExperimentConfig, MeshConfig  # noqa: E402
 from experiments.hlo_checks import collective_bytes  # noqa: E402
 from experiments.presets import get_preset  # noqa: E402
-from experiments.trainer import build_program  # noqa: E402
+from experiments.trainer import Program, build_program  # noqa: E402
 from optim.muon import newton_schulz_flops  # noqa: E402
 from optim.muon_layout import MUON_LAYERS  # noqa: E402
 
@@ -58,7 +58,13 @@ def variant_config(cfg: ExperimentConfig, variant: str, mesh_shape: tuple[int, i
 def measure(cfg: ExperimentConfig) -> dict[str, Any]:
     n = math.prod((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     mesh = shd.make_mesh(cfg.mesh, jax.devices()[:n])
-    prog = build_program.__wrapped__(cfg, mesh)  # no memo: three variants per mesh would evict each other
+    # no memo: three variants per mesh would evict each other
+    return program_stats(build_program.__wrapped__(cfg, mesh))
+
+
+def program_stats(prog: Program) -> dict[str, Any]:
+    """What XLA says of ``prog``'s compiled train step, per device (module docstring)."""
+    cfg = prog.cfg
     cost = prog.train_step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     colls = collective_bytes(prog.train_step.as_text())
