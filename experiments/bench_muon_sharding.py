@@ -1,11 +1,12 @@
 """How Muon's orthogonalisation is sharded: the compiled train step per device, on simulated CPU devices.
 
     python -m experiments.bench_muon_sharding [--preset 350m] [--meshes 1x8x1,8x1x1,2x4x1,2x2x2]
-                                              [--set KEY=VALUE ...] [--json OUT]
+                                              [--variants adamw,...] [--set KEY=VALUE ...] [--json OUT]
 
-For each mesh (data x fsdp x tensor) it compiles three steps of the same model -- AdamW, Muon with XLA's own
+For each mesh (data x fsdp x tensor) it compiles four steps of the same model -- AdamW, Muon with XLA's own
 sharding of Newton-Schulz (the ``muon_layers`` rule removed), Muon split over layers (the default rules,
-:mod:`optim.muon_layout`) -- and prints what XLA says of each per-device program: FLOPs (cost analysis),
+:mod:`optim.muon_layout`), and the same with Newton-Schulz in bf16 (:mod:`optim.muon_lowp`) -- and prints
+what XLA says of each per-device program: FLOPs (cost analysis),
 bytes written by collectives (static: an op in the layer scan counts once) and temporary memory. Nothing
 runs, so the answer is the same on any host and holds for a GPU mesh of the same shape as far as XLA's SPMD
 partitioner is concerned; times on real interconnects are not measured here. The simulated devices are
@@ -40,7 +41,7 @@ from experiments.trainer import Program, build_program  # noqa: E402
 from optim.muon import newton_schulz_flops  # noqa: E402
 from optim.muon_layout import MUON_LAYERS  # noqa: E402
 
-VARIANTS = ("adamw", "muon-xla", "muon-split")
+VARIANTS = ("adamw", "muon-xla", "muon-split", "muon-split-bf16")
 DEFAULT_OVERRIDES = ("data.seq_len=256", "model.max_seq_len=256", "data.batch_size=8",
                      "trainer.microbatches=1", "trainer.eval_batch_size=8", "model.attention_impl=xla")
 
@@ -50,7 +51,8 @@ def variant_config(cfg: ExperimentConfig, variant: str, mesh_shape: tuple[int, i
     rules = cfg.mesh.rules
     if variant == "muon-xla":
         rules = tuple(r for r in rules if r[0] != MUON_LAYERS)
-    opt = dataclasses.replace(cfg.optimizer, name="adamw" if variant == "adamw" else "muon")
+    opt = dataclasses.replace(cfg.optimizer, name="adamw" if variant == "adamw" else "muon",
+                              ns_dtype="bfloat16" if variant.endswith("-bf16") else "float32")
     mesh = MeshConfig(data=data, fsdp=fsdp, tensor=tensor, rules=rules)
     return dataclasses.replace(cfg, optimizer=opt, mesh=mesh).validate()
 
@@ -92,14 +94,17 @@ def parse_meshes(text: str) -> list[tuple[int, int, int]]:
 
 
 def run(preset: str, meshes: Sequence[tuple[int, int, int]], overrides: Sequence[str] = (),
-        log: Any = print) -> list[dict[str, Any]]:
+        log: Any = print, variants: Sequence[str] = VARIANTS) -> list[dict[str, Any]]:
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {sorted(unknown)}; choose from {VARIANTS}")
     base = get_preset(preset).override([*DEFAULT_OVERRIDES, *overrides])
     n_dev = len(jax.devices())
     rows = []
     for shape in meshes:
         if math.prod(shape) > n_dev:
             raise ConfigError(f"mesh {shape} needs {math.prod(shape)} devices, this process has {n_dev}")
-        for variant in VARIANTS:
+        for variant in variants:
             row = {"mesh": "x".join(map(str, shape)), "variant": variant,
                    **measure(variant_config(base, variant, shape))}
             rows.append(row)
@@ -121,10 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--preset", default="350m")
     p.add_argument("--meshes", default="1x8x1,8x1x1,2x4x1,2x2x2")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     try:
-        rows = run(a.preset, parse_meshes(a.meshes), a.set)
+        rows = run(a.preset, parse_meshes(a.meshes), a.set, variants=a.variants.split(","))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

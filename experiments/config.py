@@ -95,6 +95,9 @@ class TrainerConfig:
     async_checkpoint: bool = True
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None = unknown (no MFU reported)
     progress: bool = True
+    # Fetch step s's metrics after dispatching step s+1: no host sync between steps (trainer.async_metrics).
+    # None = on for GPUs/TPUs, off on CPUs. Same results either way (tests/test_trainer.py).
+    async_metrics: bool | None = None
     # Downstream battery (experiments.evaluate) at the end of training -> WORKDIR/downstream.json:
     # False = off, True = the default battery, or a list of task names from experiments.tasks.default_specs.
     eval_tasks: bool | tuple[str, ...] = False

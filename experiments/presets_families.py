@@ -79,7 +79,7 @@ def muon_mla_moe(size: str) -> ExperimentConfig:
     return ExperimentConfig(
         model=model,
         optimizer=OptimizerConfig(name="muon", learning_rate=1e-3, weight_decay=0.1,
-                                  warmup_steps=max(1, steps // 50)),
+                                  warmup_steps=max(1, steps // 50), ns_dtype="bfloat16"),
         data=data,
         trainer=_trainer(tokens=tokens, microbatches=8),
     )

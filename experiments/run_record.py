@@ -28,6 +28,7 @@ SUMMARY_SCHEMA_VERSION = 1
 EXECUTION_ONLY_FIELDS = (
     "mesh.",
     "trainer.progress",
+    "trainer.async_metrics",
     "trainer.async_checkpoint",
     "trainer.peak_flops",
     "trainer.keep_checkpoints",

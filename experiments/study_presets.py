@@ -196,7 +196,9 @@ def _gpu_base(optimizer: str = "adamw") -> ExperimentConfig:
             compute_dtype="bfloat16",
             attention_impl="cudnn",
         ),
-        optimizer=OptimizerConfig(name=optimizer, learning_rate=2e-3, weight_decay=0.1, warmup_steps=100),
+        # Muon orthogonalises in bf16 on the GPU (optim.muon_lowp); AdamW has no such choice
+        optimizer=OptimizerConfig(name=optimizer, learning_rate=2e-3, weight_decay=0.1, warmup_steps=100,
+                                  ns_dtype="bfloat16" if optimizer == "muon" else "float32"),
         data=DataConfig(
             seq_len=512,
             batch_size=64,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+NS_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class OptimizerConfig:
       muon_momentum: Muon's momentum coefficient (0.95 as in Jordan et al. 2024).
       nesterov: Nesterov momentum for Muon.
       ns_steps: Newton-Schulz iterations for Muon (5, with coefficients (3.4445, -4.7750, 2.0315)).
+      ns_dtype: dtype of Muon's Newton-Schulz matmuls. "float32" (default) runs ``optax.contrib.muon``;
+        "bfloat16" keeps the momentum in fp32 and casts only the orthogonalisation to bf16, as modded-nanogpt
+        and Moonlight do (:mod:`optim.muon_lowp`): tensor-core speed on GPUs, emulated (slow) on CPUs.
       adam_learning_rate: peak learning rate of Muon's AdamW group; None -> ``learning_rate``.
       muon_consistent_rms: Muon update scale. A float r scales each orthogonalised update by
         ``r * sqrt(max(fan_in, fan_out))`` so its RMS is ~r whatever the shape (Liu et al. 2025, "Muon is
@@ -56,6 +60,7 @@ class OptimizerConfig:
     muon_momentum: float = 0.95
     nesterov: bool = True
     ns_steps: int = 5
+    ns_dtype: str = "float32"
     adam_learning_rate: float | None = None
     muon_consistent_rms: float | None = 0.2
     schedule: str = "cosine"
@@ -75,6 +80,8 @@ class OptimizerConfig:
             raise ValueError(
                 f"optimizer.decay_shape={self.decay_shape!r} is unknown; choose one of {DECAY_SHAPES}"
             )
+        if self.ns_dtype not in NS_DTYPES:
+            raise ValueError(f"optimizer.ns_dtype={self.ns_dtype!r} is unknown; choose one of {NS_DTYPES}")
         _positive("learning_rate", self.learning_rate)
         if self.adam_learning_rate is not None:
             _positive("adam_learning_rate", self.adam_learning_rate)

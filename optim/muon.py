@@ -28,6 +28,7 @@ from optax.contrib import MuonDimensionNumbers
 from optim.adamw import decay_mask_fn
 from optim.config import OptimizerConfig
 from optim.muon_layout import split_over_layers
+from optim.muon_lowp import muon_lowp
 from optim.partition import Partition, matrix_axes, path_str
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -57,7 +58,10 @@ def dimension_numbers_fn(partition: Partition):
 def muon_group(cfg: OptimizerConfig, learning_rate: optax.ScalarOrSchedule,
                partition: Partition) -> optax.GradientTransformation:
     """``optax.contrib.muon`` over the partition's Muon matrices (orthogonalised per layer / per expert), on a
-    mesh split over the layers axis (:mod:`optim.muon_layout`)."""
+    mesh split over the layers axis (:mod:`optim.muon_layout`). With ``cfg.ns_dtype="bfloat16"`` the same
+    update with the orthogonalisation in bf16 (:mod:`optim.muon_lowp`)."""
+    if cfg.ns_dtype != "float32":  # splits over layers itself, after its bf16 cast
+        return muon_lowp(cfg, learning_rate, partition, NS_COEFFS)
     muon = optax.contrib.muon(
         learning_rate=learning_rate,
         ns_coeffs=NS_COEFFS,

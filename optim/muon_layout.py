@@ -17,14 +17,19 @@ Measured by ``python -m experiments.bench_muon_sharding`` (the 350m preset, 24 l
 8 simulated CPU devices; XLA's per-device cost and memory analysis of the compiled step, nothing timed),
 XLA's layout -> split, per device:
 
-=========  ====================  ======================  ===================
-mesh       GFLOP                 collective MB           temporaries MB
-=========  ====================  ======================  ===================
-1x8x1      1358 -> 1134          15841 -> 2093           3148 -> 1696
-8x1x1      8137 -> 1106          463 -> 2891             4489 -> 1399
-2x4x1      2330 -> 1133          15905 -> 2764           3460 -> 1669
-2x2x2      1524 -> 1326          12770 -> 3427           1645 -> 1337
-=========  ====================  ======================  ===================
+=========  ====================  ======================  ===================  =====================
+mesh       GFLOP                 collective MB           temporaries MB       bf16 NS: coll. / temp
+=========  ====================  ======================  ===================  =====================
+1x8x1      1358 -> 1134          15841 -> 2093           3148 -> 1696         1789 / 1333
+8x1x1      8137 -> 1106          463 -> 2891             4489 -> 1399         2891 / 1399
+2x4x1      2330 -> 1133          15905 -> 2764           3460 -> 1669         2460 / 1436
+2x2x2      1524 -> 1326          12770 -> 3427           1645 -> 1337         3124 / 1063
+=========  ====================  ======================  ===================  =====================
+
+The last column is ``ns_dtype="bfloat16"`` (:mod:`optim.muon_lowp`), which applies the same layout change
+itself, to the bf16 copy of the momentum direction (:func:`layer_split_constraints`): the momentum update
+stays in the parameters' layout, only the matrices being orthogonalised move. XLA's CPU backend compiles
+those bf16 all-to-alls as f32, so the bytes above are an upper bound for a backend with bf16 collectives.
 
 (AdamW on the same meshes: 111-130 GFLOP and 463-1246 MB; Newton-Schulz is 1003 GFLOP per device when split
 evenly eight ways.) Under pure data parallelism the split trades an all-gather of the updates for 7x fewer
@@ -36,6 +41,7 @@ shared blocks, unrolled ``blocks_0`` layers) are left to XLA.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -67,20 +73,37 @@ def _rule_is_set() -> bool:
     return any(name == MUON_LAYERS and axes for name, axes in rules)
 
 
+LeafConstraint = Callable[[str, Any], Any]
+
+
+def layer_split_constraints(partition: Partition) -> tuple[LeafConstraint, LeafConstraint]:
+    """``(to_split, to_params)``: per-leaf ``f(path, x)`` constraining ``x`` to the whole-matrix,
+    layers-split layout and back to the parameter's own layout. Both return ``x`` unchanged for leaves
+    without a ``layers`` axis, and everywhere when the rules in scope (read at trace time) have no
+    ``muon_layers`` entry. :mod:`optim.muon_lowp` uses them around its bf16 cast, so both all-to-alls move
+    bf16."""
+    layouts = orthogonalisation_layouts(partition)
+    own = {p: partition.info[p].logical_axes for p in layouts}
+
+    def make(names_of: dict[str, tuple[str | None, ...]]) -> LeafConstraint:
+        def f(path: str, x: Any) -> Any:
+            names = names_of.get(path)
+            if names is None or not hasattr(x, "shape") or not _rule_is_set():
+                return x
+            return nn.with_logical_constraint(x, names)
+
+        return f
+
+    return make(layouts), make(own)
+
+
 def split_over_layers(inner: optax.GradientTransformation,
                       partition: Partition) -> optax.GradientTransformation:
     """``inner`` (the Muon group) with its gradients and updates laid out whole-matrix, layers-split."""
-    layouts = orthogonalisation_layouts(partition)
+    to_split, _ = layer_split_constraints(partition)
 
     def constrain(tree: Any) -> Any:
-        if not layouts or not _rule_is_set():
-            return tree
-
-        def leaf(kp: Any, x: Any) -> Any:
-            names = layouts.get(path_str(kp))
-            return x if names is None or not hasattr(x, "shape") else nn.with_logical_constraint(x, names)
-
-        return jax.tree_util.tree_map_with_path(leaf, tree)
+        return jax.tree_util.tree_map_with_path(lambda kp, x: to_split(path_str(kp), x), tree)
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         updates, state = inner.update(constrain(updates), state, params)

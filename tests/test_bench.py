@@ -70,9 +70,12 @@ def test_gpu_suite_dry_run_is_well_formed(tmp_path):
             assert r["batch"] in bench_gpu.DECODE_BATCHES and r["kv_bytes_per_token"] > 0
     c = res["comparisons"]
     assert set(c) == {"muon_overhead_pct", "muon_overhead_pct_accumulated", "muon_ns_flops_pct_of_step",
+                      "muon_fp32_ns_overhead_pct",
                       "moe_mfu_vs_dense",
                       "mor_tokens_per_s_vs_looped_eq", "mor_tokens_per_s_vs_looped_full"}
     muon = next(r for r in res["rows"] if r["name"] == "dense-354m-muon")
+    fp32 = next(r for r in res["rows"] if r["name"] == "dense-354m-muon-nsfp32")
+    assert muon["config"]["optimizer"]["ns_dtype"] == "bfloat16" != fp32["config"]["optimizer"]["ns_dtype"]
     ns_share = muon["muon_ns_flops_per_step"] / (muon["flops_per_token"] * muon["tokens_per_step"])
     assert muon["muon_ns_fraction_of_step_flops"] == pytest.approx(ns_share)
     assert c["muon_ns_flops_pct_of_step"] == pytest.approx(100 * muon["muon_ns_fraction_of_step_flops"])
@@ -99,3 +102,16 @@ def test_gpu_suite_reports_results_after_every_row():
                               on_row=lambda r: seen.append([row["name"] for row in r["rows"]]))
     assert seen == [["decode-dense-b1"], ["decode-dense-b1", "decode-mla-b1"]]
     assert [r["name"] for r in res["rows"]] == seen[-1] and res["comparisons"]["muon_overhead_pct"] is None
+
+
+def test_metrics_fetch_bench_reports_both_modes(capsys):
+    from experiments import bench_metrics_fetch
+
+    small = ["model.n_layers=1", "model.d_model=32", "data.batch_size=8", "data.seq_len=32",
+             "trainer.microbatches=1", "optimizer.warmup_steps=0"]
+    out = bench_metrics_fetch.measure("tiny", steps=3, rounds=1, overrides=small)
+    assert set(out["tokens_per_second"]) == {"sync", "async"}
+    assert all(len(v) == 1 and v[0] > 0 for v in out["tokens_per_second"].values())
+    assert out["median_ratio_async_over_sync"] == pytest.approx(
+        out["tokens_per_second"]["async"][0] / out["tokens_per_second"]["sync"][0])
+    assert "async / sync tokens/s" in capsys.readouterr().out

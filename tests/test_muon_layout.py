@@ -129,11 +129,18 @@ def test_split_trains_like_xla_layout_with_less_communication_and_flops():
     # Each device orthogonalises its own 8 / 8 layers: the NS FLOPs are split evenly, nothing repeated.
     assert split_flops <= adam_flops + 1.1 * ns_per_device, (split_flops, adam_flops, ns_per_device)
     assert split_flops <= xla_flops
+    # bf16 Newton-Schulz (optim.muon_lowp) keeps the momentum in the parameters' layout and moves only the
+    # matrices it orthogonalises: no more communication or temporaries than the fp32 split, even with XLA's
+    # CPU backend compiling its bf16 all-to-alls as f32
+    bf16 = stats["muon-split-bf16"]
+    assert bf16["collective_bytes_per_device"] <= split_bytes, (bf16["collectives"], split_colls)
+    assert bf16["temp_bytes"] <= stats["muon-split"]["temp_bytes"]
+    assert bf16["flops_per_device"] <= 1.05 * split_flops
 
     # Same arithmetic: three steps from the same state on the same batch land on the same parameters.
     tokens = np.random.default_rng(0).integers(0, 64, size=(1, 8, 33), dtype=np.int32)
     finals = {}
-    for v in ("muon-xla", "muon-split"):
+    for v in ("muon-xla", "muon-split", "muon-split-bf16"):
         prog = progs[v]
         state = prog.init_state()
         batch = shd.host_batch(tokens, prog.train_batch_sharding, tokens.shape)
@@ -148,6 +155,11 @@ def test_split_trains_like_xla_layout_with_less_communication_and_flops():
     moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(finals["muon-split"]),
                                                  strict=True)]
     assert max(moved) > 1e-3
+    # bf16 orthogonalisation: each update within a few percent of fp32's (tests/test_muon_lowp.py), so
+    # after three steps every parameter's change is within 10% of the fp32 change
+    for a, b, c in zip(jax.tree.leaves(finals["muon-split-bf16"]), jax.tree.leaves(finals["muon-split"]),
+                       jax.tree.leaves(init), strict=True):
+        assert np.linalg.norm(a - b) <= 0.1 * np.linalg.norm(b - c) + 1e-6
 
 
 def test_bench_cli_writes_one_row_per_mesh_and_variant(tmp_path, capsys):
