@@ -24,7 +24,10 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
     ``extrapolation``: [{multiple, C, N, N_ci, D, D_ci, tokens_per_param, loss, loss_ci}],
     ``wsd``: {n_points, chinchilla params + ci, approach3 a/b, heldout (same rows as above), compare,
     pairs: each branch vs the cosine run of the same model and token count, with mean/sd/max difference},
-    ``downstream``: {tasks: name -> {chance, fit_compute, two_step, heldout [...]}, mean_abs_error}
+    ``downstream``: {tasks: name -> {chance, fit_compute, two_step, heldout [...]}, mean_abs_error},
+    ``seed_noise``: {rows [{name, N, D, budget, losses (the run, then its seed replicates), mean, sd}],
+    pooled_sd, dof, budgets, fit_residual_rms, fit_residual_rms_over_sd, heldout_error_in_sd [{name, error,
+    in_sd}]}
   } (any block may instead be {"error": str})
 - ``pareto``: {loss_vs_training_flops: [{name, group, flops, loss}], accuracy_vs_inference_flops:
   [{name, group, inference_flops_per_token, accuracy}], accuracy_task}
@@ -90,6 +93,7 @@ GROUP_KEYS = (
     "extrapolation",
     "wsd",
     "downstream",
+    "seed_noise",
 )
 
 
@@ -496,10 +500,62 @@ def _group_block(
         )
     block["approach2"] = _guard(lambda: _approach2(fit_rows, fpt, spec.n_bootstrap))
     block["wsd"] = _guard(lambda: _wsd_block(spec, rr, group, held_rows, block))
+    block["seed_noise"] = _guard(lambda: _seed_noise_block(rr, group, block))
     block["downstream"] = _guard(
         lambda: _downstream_block(fit_rows, held_rows, runs_dir, min(spec.n_bootstrap, 100))
     )
     return block
+
+
+SEED_SUFFIX = "-seed"
+
+
+def seed_noise(groups_of_losses: Sequence[Sequence[float]]) -> tuple[float, int]:
+    """Pooled within-configuration standard deviation of final losses and its degrees of freedom:
+    sqrt(sum_i sum_j (L_ij - mean_i)^2 / sum_i (n_i - 1)) over configurations i with n_i >= 2 seeds."""
+    ss, dof = 0.0, 0
+    for losses in groups_of_losses:
+        x = np.asarray(losses, np.float64)
+        if x.size >= 2:
+            ss += float(np.sum((x - x.mean()) ** 2))
+            dof += x.size - 1
+    if dof == 0:
+        raise ValueError("no configuration has two finished seeds")
+    return math.sqrt(ss / dof), dof
+
+
+def _seed_noise_block(rr: Sequence[dict], group: str, block: dict) -> dict:
+    """Run-to-run noise from seed replicates, next to what the fit and the held-out check saw."""
+    reps = _rows(rr, group, ("seed_replicate",))
+    if not reps:
+        raise ValueError("no finished seed replicates (StudySpec.replicate_seeds / replicate_budgets)")
+    by_name = {r["name"]: r for r in _rows(rr, group, ("isoflop", "heldout"))}
+    rows = []
+    for name in sorted({r["name"].rsplit(SEED_SUFFIX, 1)[0] for r in reps}):
+        copies = [r for r in reps if r["name"].rsplit(SEED_SUFFIX, 1)[0] == name]
+        members = ([by_name[name]] if name in by_name else []) + copies
+        losses = [m["final_eval_loss"] for m in members]
+        if len(losses) < 2:
+            continue
+        rows.append({"name": name, "N": members[0]["params"], "D": members[0]["tokens"],
+                     "budget": members[0]["budget"], "losses": losses, "mean": float(np.mean(losses)),
+                     "sd": float(np.std(losses, ddof=1))})
+    sd, dof = seed_noise([r["losses"] for r in rows])
+    out: dict[str, Any] = {"rows": rows, "pooled_sd": sd, "dof": dof,
+                           "budgets": sorted({r["budget"] for r in rows if r["budget"] is not None})}
+    if "_fit" in block:
+        res, _, data = block["_fit"]
+        resid = data["loss"] - np.asarray(res.predict(N=data["N"], D=data["D"]), np.float64).ravel()
+        rms = float(np.sqrt(np.mean(resid**2)))
+        out["fit_residual_rms"] = rms
+        out["fit_residual_rms_over_sd"] = rms / sd if sd > 0 else None
+    if isinstance(block.get("heldout"), list):
+        out["heldout_error_in_sd"] = [
+            {"name": h["name"], "error": h["actual"] - h["predicted"],
+             "in_sd": (h["actual"] - h["predicted"]) / sd if sd > 0 else None}
+            for h in block["heldout"]
+        ]
+    return out
 
 
 def _wsd_block(spec, rr, group: str, held_rows, cos_block: dict) -> dict:
@@ -814,6 +870,33 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
         return str(x)
 
 
+def _seed_noise_markdown(sn: dict) -> list[str]:
+    if not sn:
+        return []
+    if "error" in sn:
+        return ["", f"**Run-to-run noise**: not measured ({sn['error']})."]
+    L = [
+        "",
+        f"**Run-to-run noise** (the same run with other seeds: initialisation and data order; not fitted; "
+        f"budgets {', '.join(f'{c:.3g}' for c in sn['budgets'])}): pooled sd = {_fmt(sn['pooled_sd'])} nats "
+        f"({sn['dof']} degrees of freedom). The bootstrap intervals above resample the fitted points and do "
+        "not include this noise.",
+        "",
+        "| run | N | D | final losses (seeds) | sd |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sn["rows"]:
+        L.append(f"| {r['name']} | {r['N']:,} | {r['D']:,} | {', '.join(f'{x:.4f}' for x in r['losses'])} | "
+                 f"{_fmt(r['sd'])} |")
+    if sn.get("fit_residual_rms") is not None:
+        L += ["", f"Chinchilla fit residual RMS = {_fmt(sn['fit_residual_rms'])} nats = "
+                  f"{_fmt(sn['fit_residual_rms_over_sd'], '.2f')} × the seed sd."]
+    for h in sn.get("heldout_error_in_sd", []):
+        L.append(f"Held-out {h['name']}: actual − predicted = {h['error']:+.4f} nats = "
+                 f"{_fmt(h['in_sd'], '+.1f')} seed sd.")
+    return L
+
+
 def render_markdown(report: dict) -> str:
     L = [f"# Scaling study `{report['preset']}`", "", report["description"], ""]
     for n in report["notes"]:
@@ -884,6 +967,7 @@ def render_markdown(report: dict) -> str:
                     f"{_fmt(h['predicted'])} | "
                     f"{_fmt(h['interval'])} | {h['relative_error']:+.2%} |"
                 )
+        L += _seed_noise_markdown(b.get("seed_noise", {}))
         a2, a3 = b["approach2"], b["approach3"]
         L += [
             "",
@@ -1054,6 +1138,12 @@ def print_summary(report: dict, out: Path) -> None:
                 f"[{g}] held-out {h['name']}: predicted {h['predicted']:.4f} vs actual {h['actual']:.4f} "
                 f"({h['relative_error']:+.2%})"
             )
+        sn = b.get("seed_noise", {})
+        if sn and "error" not in sn:
+            held = "; ".join(f"held-out error {h['in_sd']:+.1f} sd" for h in sn.get("heldout_error_in_sd", [])
+                             if h["in_sd"] is not None)
+            print(f"[{g}] seed noise: sd {sn['pooled_sd']:.4f} nats ({sn['dof']} dof); fit residual RMS "
+                  f"{_fmt(sn.get('fit_residual_rms_over_sd'), '.2f')} sd" + (f"; {held}" if held else ""))
         for x in b["extrapolation"] if isinstance(b["extrapolation"], list) else []:
             print(
                 f"[{g}] {x['multiple']:g}x budget ({x['C']:.3g} FLOPs): "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import executors, slurm
+from experiments.config import ConfigError
 from experiments.hparam_rules import LRRule, fit_lr_rule
 from experiments.study_presets import STUDY_PRESETS, GroupSpec, StudySpec, get_study_preset
 from experiments.sweep import (
@@ -44,6 +46,7 @@ from experiments.sweep import (
     plan_heldout,
     plan_isoflop,
     plan_lr_sweep,
+    plan_seed_replicates,
     plan_wsd,
     read_plan,
     resolve,
@@ -122,6 +125,11 @@ def _clamped(g: GroupSpec, fitted: dict | None) -> LRRule:
 def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> list[PlannedRun]:
     """Stage 2: isoFLOP + held-out (+ WSD) runs of every group with its (fitted) LR rule."""
     runs: list[PlannedRun] = []
+    unknown = [b for b in spec.replicate_budgets
+               if not any(math.isclose(b, c, rel_tol=1e-9) for c in (*spec.budgets, *spec.heldout_budgets))]
+    if unknown:
+        raise ConfigError(f"study {spec.name!r}: replicate_budgets {unknown} are not among its budgets "
+                          f"{spec.budgets} or held-out budgets {spec.heldout_budgets}")
     for g in spec.groups:
         base = _with_data_dir(g.base, out)
         lr = _clamped(g, lr_rules.get(g.name))
@@ -166,6 +174,10 @@ def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> li
         group_runs = iso + held + wsd
         if lo is not None and hi is not None:
             group_runs = [_clamp_lr(r, lo, hi) for r in group_runs]
+        replicated = [r for r in group_runs if r.kind in ("isoflop", "heldout") and r.budget is not None
+                      and any(math.isclose(r.budget, b, rel_tol=1e-9) for b in spec.replicate_budgets)]
+        if spec.replicate_seeds and replicated:
+            group_runs += plan_seed_replicates(replicated, spec.replicate_seeds)
         runs += group_runs
     return resolve(runs)
 

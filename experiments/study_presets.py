@@ -58,6 +58,10 @@ class StudySpec:
     workers: int | None = None  # None -> auto (min(cores, devices, 2) on CPU)
     target_loss: float | None = None  # for compute multipliers between groups (None -> auto)
     extrapolate: tuple[float, ...] = (10.0, 100.0)  # report N*, D*, L* at these multiples of max budget
+    # Run-to-run noise: the isoFLOP and held-out runs at ``replicate_budgets`` are repeated with each of these
+    # seeds (not fitted); the report compares their spread with the fit residuals and the held-out errors.
+    replicate_seeds: tuple[int, ...] = ()
+    replicate_budgets: tuple[float, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -119,6 +123,9 @@ def cpu_tiny() -> StudySpec:
         wsd_sizes=3,  # 3 sizes x 3 cool-downs = 9 points: the fewest that identify the 5-parameter law
         wsd_span=2.5,  # sizes near the optimum (wider, the largest sits in the slow early phase at small D)
         n_bootstrap=200,
+        # the smallest budget's 5 runs twice more (+10 short runs, ~3% of the study's FLOPs)
+        replicate_seeds=(1, 2),
+        replicate_budgets=(3e10,),
     )
 
 

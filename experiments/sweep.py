@@ -53,7 +53,7 @@ from optim.schedules import wsd_decay_start
 from scaling.io import iter_jsonl
 
 PLAN_FILE = "plan.jsonl"
-RUN_KINDS = ("isoflop", "heldout", "lr_sweep", "wsd_stable", "wsd_branch", "grid", "user")
+RUN_KINDS = ("isoflop", "heldout", "lr_sweep", "wsd_stable", "wsd_branch", "grid", "user", "seed_replicate")
 
 
 # ----- identity ---------------------------------------------------------------------------------------------
@@ -420,6 +420,24 @@ def plan_lr_sweep(runs: Iterable[PlannedRun], lr_factors: Sequence[float]) -> li
                     r, name=f"{r.name}-lrx{f:g}", kind="lr_sweep", fit=False, config=c2.to_dict()
                 )
             )
+    return resolve(out)
+
+
+def plan_seed_replicates(runs: Iterable[PlannedRun], seeds: Sequence[int]) -> list[PlannedRun]:
+    """Copies of ``runs`` with another ``seed`` each (kind "seed_replicate", not fitted): the same model,
+    data and schedule with a different initialisation and data order. The spread of their final losses is the
+    run-to-run noise that a law's bootstrap over the fitted points cannot see (experiments.report)."""
+    out = []
+    for r in runs:
+        if r.parent is not None:
+            raise ConfigError(f"run {r.name!r} resumes from another run; replicate its root instead")
+        cfg = r.experiment
+        for seed in seeds:
+            if seed == cfg.seed:
+                raise ConfigError(f"run {r.name!r} already has seed {seed}; replicate with other seeds")
+            c2 = dataclasses.replace(cfg, seed=int(seed))
+            out.append(dataclasses.replace(r, name=f"{r.name}-seed{seed}", kind="seed_replicate", fit=False,
+                                           config=c2.to_dict()))
     return resolve(out)
 
 

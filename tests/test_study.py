@@ -25,6 +25,8 @@ def _micro_spec():
         budgets=(1e9, 3e9),
         heldout_budgets=(6e9,),
         n_bootstrap=8,
+        replicate_seeds=(1,),
+        replicate_budgets=(1e9,),
     )
 
 
@@ -37,8 +39,8 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     validate_report(on_disk)
     assert on_disk["schema_version"] == REPORT_SCHEMA_VERSION
     runs = on_disk["runs"]
-    assert len(runs) == 7 and all(r["status"] == "done" for r in runs)
-    assert {r["kind"] for r in runs} == {"isoflop", "heldout"}
+    assert len(runs) == 10 and all(r["status"] == "done" for r in runs)
+    assert {r["kind"] for r in runs} == {"isoflop", "heldout", "seed_replicate"}
     for r in runs:  # each run directory is its config hash and holds the trainer's summary
         s = json.loads((out / "runs" / r["run_id"] / "summary.json").read_text())
         assert s["final_eval_loss"] == pytest.approx(r["final_eval_loss"])
@@ -55,6 +57,23 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert h["relative_error"] == pytest.approx((h["predicted"] - h["actual"]) / h["actual"])
     held_run = next(r for r in runs if r["kind"] == "heldout")
     assert h["actual"] == held_run["final_eval_loss"] and held_run["fit"] is False
+    # seed replicates: the smallest budget's three runs again with seed 1, not fitted; the noise block's
+    # pooled sd is the hand-computed one from the runs' own final losses
+    reps = [r for r in runs if r["kind"] == "seed_replicate"]
+    assert len(reps) == 3 and not any(r["fit"] for r in reps)
+    by_name = {r["name"]: r for r in runs}
+    pairs = [(by_name[r["name"].removesuffix("-seed1")]["final_eval_loss"], r["final_eval_loss"])
+             for r in reps]
+    assert all(a != b for a, b in pairs)  # another seed is another run
+    sn = g["seed_noise"]
+    assert "error" not in sn, sn
+    assert sorted(tuple(r["losses"]) for r in sn["rows"]) == sorted(pairs)
+    # two seeds: each configuration's variance is (a - b)^2 / 2, with one degree of freedom
+    assert sn["dof"] == 3
+    assert sn["pooled_sd"] == pytest.approx((sum((a - b) ** 2 / 2 for a, b in pairs) / 3) ** 0.5)
+    (he,) = sn["heldout_error_in_sd"]
+    assert he["in_sd"] == pytest.approx((h["actual"] - h["predicted"]) / sn["pooled_sd"])
+    assert sn["fit_residual_rms"] > 0
     ex = g["extrapolation"]
     assert [x["multiple"] for x in ex] == [10.0, 100.0]
     assert ex[1]["C"] == pytest.approx(100 * max(spec.budgets))
@@ -65,6 +84,7 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert losses == sorted(losses, reverse=True)  # more compute on the frontier -> lower loss
     md = (out / "report.md").read_text()
     assert "Held-out runs" in md and f"{h['relative_error']:+.2%}" in md
+    assert "Run-to-run noise" in md and f"{he['in_sd']:+.1f} seed sd" in md
     for f in on_disk["figures"]:
         assert (out / f).stat().st_size > 1000
     assert any("isoflop" in f for f in on_disk["figures"])
@@ -77,9 +97,9 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(trainer, "train", no_training)
     again = study.run_study(spec, out, workers=1, executor="sequential")
-    assert [r["status"] for r in again["runs"]] == ["done"] * 7
+    assert [r["status"] for r in again["runs"]] == ["done"] * 10
     assert again["groups"]["dense-adamw"]["chinchilla"]["params"] == pytest.approx(ch["params"])
-    assert "7/7 done (7 reused)" in capsys.readouterr().out
+    assert "10/10 done (10 reused)" in capsys.readouterr().out
 
 
 def test_validate_report_names_problems():
@@ -154,3 +174,22 @@ def test_wsd_branches_are_paired_with_cosine_runs_of_the_same_model_and_tokens()
     assert out["n"] == 1 and out["mean_difference"] == pytest.approx(-0.5)
     assert out["sd_difference"] is None and out["max_abs_difference"] == pytest.approx(0.5)
     assert _wsd_cosine_pairs(branches, [])["n"] == 0
+
+
+def test_seed_noise_pools_within_configuration_variance():
+    from experiments.report import seed_noise
+
+    groups = [[1.0, 1.2, 1.4], [2.0, 2.1], [3.0]]  # the single-seed configuration adds nothing
+    sd, dof = seed_noise(groups)
+    # sum of squares 0.08 + 0.005 over 2 + 1 degrees of freedom
+    assert dof == 3 and sd == pytest.approx((0.085 / 3) ** 0.5)
+    with pytest.raises(ValueError, match="two finished seeds"):
+        seed_noise([[1.0], [2.0]])
+
+
+def test_replicate_budgets_must_be_study_budgets(tmp_path):
+    from experiments.config import ConfigError
+
+    spec = dataclasses.replace(_micro_spec(), replicate_budgets=(5e9,))
+    with pytest.raises(ConfigError, match=r"replicate_budgets \[5000000000.0\]"):
+        study.plan_main_stage(spec, tmp_path, {})

@@ -26,6 +26,7 @@ from experiments.sweep import (
     plan_heldout,
     plan_isoflop,
     plan_lr_sweep,
+    plan_seed_replicates,
     plan_user_list,
     plan_wsd,
     read_plan,
@@ -165,6 +166,26 @@ def test_grid_user_and_lr_sweep_plans():
         [0.5 * grid[0].learning_rate, 2 * grid[0].learning_rate]
     )
     assert all(r.kind == "lr_sweep" and not r.fit for r in sweep)
+
+
+def test_seed_replicates_change_only_the_seed():
+    spec, g, rules = _spec_base()
+    iso = plan_isoflop(g.base, spec.budgets[:1], 2, rules, shape_rule=g.shape, span=spec.span)
+    reps = plan_seed_replicates(iso, (1, 2))
+    assert [r.name for r in reps] == [f"{r.name}-seed{s}" for r in iso for s in (1, 2)]
+    for rep in reps:
+        orig = next(r for r in iso if rep.name.startswith(r.name + "-seed"))
+        assert rep.kind == "seed_replicate" and not rep.fit and rep.budget == orig.budget
+        assert rep.run_id != orig.run_id and rep.experiment.seed in (1, 2)
+        # everything else identical: model, tokens, FLOPs, schedule
+        assert dataclasses.replace(rep.experiment, seed=orig.experiment.seed) == orig.experiment
+        assert rep.predicted_flops == orig.predicted_flops
+    with pytest.raises(ConfigError, match="already has seed 0"):
+        plan_seed_replicates(iso, (0,))
+    wsd = plan_wsd(g.base, [g.shape.candidates(g.base.model)[2]], spec.budgets, rules)
+    branch = next(r for r in wsd if r.parent is not None)
+    with pytest.raises(ConfigError, match="replicate its root"):
+        plan_seed_replicates([branch], (1,))
 
 
 def test_wsd_plan_branches_share_stable_prefix():
