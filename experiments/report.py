@@ -531,7 +531,8 @@ def _seed_noise_block(rr: Sequence[dict], group: str, block: dict) -> dict:
         raise ValueError("no finished seed replicates (StudySpec.replicate_seeds / replicate_budgets)")
     by_name = {r["name"]: r for r in _rows(rr, group, ("isoflop", "heldout"))}
     rows = []
-    for name in sorted({r["name"].rsplit(SEED_SUFFIX, 1)[0] for r in reps}):
+    for name in sorted({r["name"].rsplit(SEED_SUFFIX, 1)[0] for r in reps},
+                       key=lambda n: (by_name[n]["params"], n) if n in by_name else (0, n)):
         copies = [r for r in reps if r["name"].rsplit(SEED_SUFFIX, 1)[0] == name]
         members = ([by_name[name]] if name in by_name else []) + copies
         losses = [m["final_eval_loss"] for m in members]
@@ -888,11 +889,13 @@ def _seed_noise_markdown(sn: dict) -> list[str]:
     for r in sn["rows"]:
         L.append(f"| {r['name']} | {r['N']:,} | {r['D']:,} | {', '.join(f'{x:.4f}' for x in r['losses'])} | "
                  f"{_fmt(r['sd'])} |")
+    L.append("")
     if sn.get("fit_residual_rms") is not None:
-        L += ["", f"Chinchilla fit residual RMS = {_fmt(sn['fit_residual_rms'])} nats = "
-                  f"{_fmt(sn['fit_residual_rms_over_sd'], '.2f')} × the seed sd."]
+        L.append(f"- Chinchilla fit residual RMS = {_fmt(sn['fit_residual_rms'])} nats = "
+                 f"{_fmt(sn['fit_residual_rms_over_sd'], '.2f')} × the seed sd (≈ 1 would mean the law fits "
+                 "to the noise; much more means the law form, not the noise, limits the fit).")
     for h in sn.get("heldout_error_in_sd", []):
-        L.append(f"Held-out {h['name']}: actual − predicted = {h['error']:+.4f} nats = "
+        L.append(f"- Held-out {h['name']}: actual − predicted = {h['error']:+.4f} nats = "
                  f"{_fmt(h['in_sd'], '+.1f')} seed sd.")
     return L
 
