@@ -26,6 +26,7 @@ null). Then:
                         the whole card)
   decode rows (models.decode; bf16 weights, greedy, one token per sequence per step):
     decode-{dense,mla,mor-kvshare}-b{1,64}: tokens/s and KV-cache bytes per token
+    decode-mor-kvshare-noskip-b1  MoR at batch 1 with exited tokens' steps run masked instead of skipped
 
 FLOPs per token (model FLOPs; remat recomputation not counted, Chowdhery et al. 2022 appendix B):
   * GPT-2 rows use the issue's formula 6 N + 12 L d T, N = non-embedding + V d (the head matmul: the tied
@@ -322,11 +323,13 @@ def _memory(mem: dict[str, int] | None, device: jax.Device) -> dict[str, Any]:
     return {"peak_memory_bytes": peak, "peak_memory_source": source, "compiled_memory": mem}
 
 
-def run_decode_row(name: str, model_cfg: ModelConfig, batch: int, device: jax.Device, s: Shapes) -> dict:
+def run_decode_row(name: str, model_cfg: ModelConfig, batch: int, device: jax.Device, s: Shapes,
+                   skip_exited: bool = True) -> dict:
     base = {"name": name, "kind": "decode", "summary": f"{model_cfg.family} attention={model_cfg.attention} "
             f"kv={model_cfg.mor_kv_strategy if model_cfg.family == 'mor' else '-'} d={model_cfg.d_model} "
-            f"L={model_cfg.n_layers} batch={batch} max_len={s.decode_max_len}", "batch": batch,
-            "max_len": s.decode_max_len, "config": dataclasses.asdict(model_cfg)}
+            f"L={model_cfg.n_layers} batch={batch} max_len={s.decode_max_len}"
+            + ("" if skip_exited else " (exited tokens run masked)"), "batch": batch,
+            "max_len": s.decode_max_len, "config": dataclasses.asdict(model_cfg), "skip_exited": skip_exited}
     try:
         from models import decode
     except ImportError as e:
@@ -341,7 +344,8 @@ def run_decode_row(name: str, model_cfg: ModelConfig, batch: int, device: jax.De
         cache = decode.init_cache(model_cfg, batch, s.decode_max_len)
 
     def greedy(variables, cache, tokens_B, pos):
-        logits_BxV, cache = decode.decode_step(model_cfg, variables, cache, tokens_B, pos)
+        logits_BxV, cache = decode.decode_step(model_cfg, variables, cache, tokens_B, pos,
+                                               skip_exited=skip_exited)
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), cache
 
     step = jax.jit(greedy, donate_argnums=(1,))
@@ -403,11 +407,18 @@ def _train_with_fallback(row: TrainRow, device: jax.Device, s: Shapes, peaks: di
         return out
 
 
+def decode_rows(s: Shapes, platform: str) -> list[tuple[str, ModelConfig, int, bool]]:
+    """(name, model, batch, skip_exited) of every decode row: each model at each batch, and MoR at batch 1
+    with its exited tokens run masked (``skip_exited=False``): what skipping the steps no row needs buys."""
+    models = decode_models(s, platform)
+    rows = [(f"decode-{m}-b{b}", cfg, b, True) for m, cfg in models.items() for b in DECODE_BATCHES]
+    rows.append(("decode-mor-kvshare-noskip-b1", models["mor-kvshare"], 1, False))
+    return rows
+
+
 def row_names(dry: bool = True) -> list[str]:
     s = DRY if dry else FULL
-    names = [r.name for r in train_rows(s, "cpu")]
-    names += [f"decode-{m}-b{b}" for m in decode_models(s, "cpu") for b in DECODE_BATCHES]
-    return names
+    return [r.name for r in train_rows(s, "cpu")] + [r[0] for r in decode_rows(s, "cpu")]
 
 
 def run_suite(dry: bool, only: Sequence[str] | None = None, log: Callable[[str], None] = print,
@@ -444,9 +455,8 @@ def run_suite(dry: bool, only: Sequence[str] | None = None, log: Callable[[str],
 
     jobs = [(row.name, "train", functools.partial(_train_with_fallback, row, device, s, peaks))
             for row in train_rows(s, platform)]
-    jobs += [(f"decode-{m}-b{b}", "decode", functools.partial(run_decode_row, f"decode-{m}-b{b}", mcfg, b,
-                                                               device, s))
-             for m, mcfg in decode_models(s, platform).items() for b in DECODE_BATCHES]
+    jobs += [(name, "decode", functools.partial(run_decode_row, name, mcfg, b, device, s, skip))
+             for name, mcfg, b, skip in decode_rows(s, platform)]
     for name, kind, fn in jobs:
         if name in selected:
             log(f"row {name} ...")
@@ -484,6 +494,8 @@ def comparisons(rows: list[dict]) -> dict[str, float | None]:
                                                get("mor-124m-looped-eq", "tokens_per_second")),
         "mor_tokens_per_s_vs_looped_full": ratio(get("mor-124m-ec", "tokens_per_second"),
                                                  get("mor-124m-looped-full", "tokens_per_second")),
+        "mor_decode_skip_speedup_b1": ratio(get("decode-mor-kvshare-b1", "tokens_per_second"),
+                                            get("decode-mor-kvshare-noskip-b1", "tokens_per_second")),
     }
 
 
@@ -528,6 +540,8 @@ def format_table(res: dict) -> str:
         f"MoE MFU / dense MFU (124m, active FLOPs): {_fmt(c['moe_mfu_vs_dense'], 1, '.2f')} (target >= 0.70)",
         f"MoR tok/s / looped at equal active FLOPs: {_fmt(c['mor_tokens_per_s_vs_looped_eq'], 1, '.2f')} "
         f"(target >= 0.80); / looped at full depth: {_fmt(c['mor_tokens_per_s_vs_looped_full'], 1, '.2f')}",
+        f"MoR decode at batch 1, exited tokens skipped / run masked: "
+        f"{_fmt(c['mor_decode_skip_speedup_b1'], 1, '.2f')}x tokens/s",
         "FLOPs/token: GPT-2 rows 6N + 12*L*d*T (N = non-embedding + V*d); MoE/MoR rows: active FLOPs "
         "(models.accounting)",
     ]

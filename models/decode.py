@@ -30,7 +30,8 @@ Cache contents (``cache["kv"]``; ``kv_cache_bytes`` counts exactly these arrays)
     step r's k_r = floor(capacity_r * S) slots in position order exactly like the training forward on S
     tokens (counters in ``cache["routed"]`` [N_r, B]), S being the cache length -- so ``decode_logits``
     equals the training forward. Inactive tokens still run the step's layers (their update is masked out):
-    a batched decode step has static shapes.
+    a batched decode step has static shapes; but a step at which no row is active is skipped
+    (``skip_exited``), so at batch 1 an exited token costs nothing more.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def _transformer_step(cfg, params, state, cache, tokens_B, pos):
     return _head(cfg, Transformer(cfg), params, x_BxD), {**cache, "kv": kv}
 
 
-def _mor_step(cfg, params, state, cache, tokens_B, pos):
+def _mor_step(cfg, params, state, cache, tokens_B, pos, skip_exited=True):
     c = cfg
     lay, res = mor_layout(c), mor_resolved(c)
     kv = dict(cache["kv"])
@@ -231,6 +232,8 @@ def _mor_step(cfg, params, state, cache, tokens_B, pos):
         gate_B = c.mor_router_scale * jnp.take_along_axis(prob_BxR, depth_B[:, None], -1)[:, 0]
         k_steps = step_token_counts(c, S)  # the forward's slot budget for a sequence of S tokens
         routed_RxB = cache["routed"]
+    elif c.mor_router == "none":
+        gate_B = None  # looped: every token runs every step
     for r in range(c.mor_recursions):
         if c.mor_router == "expert_choice":
             logit_B = router.apply({"params": params["router"]}, x_BxD[:, None, :], column=r)[:, 0]
@@ -246,18 +249,36 @@ def _mor_step(cfg, params, state, cache, tokens_B, pos):
         if "active" in new:
             new["active"] = new["active"].at[r, :, pos].set(alive_B)
             valid_BxS = new["active"][r]
-        h_BxD = x_BxD
-        for j, idx in enumerate(lay["schedule"][r]):
-            p = params[f"shared_{idx}"]
-            if shared_kv and r > 0:  # queries of this step, keys/values of the first recursion
-                h_BxD, _ = _block_decode(c, p, {}, h_BxD, steps[0][j], pos, write=False)
-            else:
-                h_BxD, steps[r][j] = _block_decode(c, p, {}, h_BxD, steps[r][j], pos, valid_BxS=valid_BxS)
-        if c.mor_router == "none":
-            x_BxD = h_BxD
-        else:  # h <- h + g * f(h) for the active tokens (models/mor.py)
+        def run_step(x_BxD, caches, r=r, valid_BxS=valid_BxS, gate_B=gate_B, alive_B=alive_B):
+            caches = list(caches)
+            h_BxD = x_BxD
+            for j, idx in enumerate(lay["schedule"][r]):
+                p = params[f"shared_{idx}"]
+                if shared_kv and r > 0:  # queries of this step, keys/values of the first recursion
+                    h_BxD, _ = _block_decode(c, p, {}, h_BxD, steps[0][j], pos, write=False)
+                else:
+                    h_BxD, caches[j] = _block_decode(c, p, {}, h_BxD, caches[j], pos, valid_BxS=valid_BxS)
+            if c.mor_router == "none":
+                return h_BxD, caches
+            # h <- h + g * f(h) for the active tokens (models/mor.py)
             upd_BxD = h_BxD * gate_B[:, None].astype(h_BxD.dtype)
-            x_BxD = x_BxD + jnp.where(alive_B[:, None], upd_BxD, 0).astype(x_BxD.dtype)
+            return x_BxD + jnp.where(alive_B[:, None], upd_BxD, 0).astype(x_BxD.dtype), caches
+
+        # (with recursive KV sharing the first step writes the K/V every later step reads: never skipped)
+        may_exit = c.mor_router != "none" and not (shared_kv and r == 0) and (
+            r > 0 or c.mor_router == "token_choice" or res["capacity"][r] < 1)
+        own = r < len(steps)  # recursive KV sharing keeps only the first recursion's caches
+        caches = steps[r] if own else []
+        if skip_exited and may_exit:
+            # No row active at this step: its layers would change nothing (the update is masked and the K/V
+            # written at ``pos`` is marked inactive, so no later query reads it). Skip them -- at batch 1
+            # that is every exited token, so decode runs the FLOPs the routing saves.
+            x_BxD, caches = jax.lax.cond(jnp.any(alive_B), run_step, lambda x, cs: (x, list(cs)),
+                                         x_BxD, caches)
+        else:
+            x_BxD, caches = run_step(x_BxD, caches)
+        if own:
+            steps[r] = caches
     if c.mor_router == "token_choice":
         new["routed"] = routed_RxB
     if lay["n_first_last"]:
@@ -268,13 +289,15 @@ def _mor_step(cfg, params, state, cache, tokens_B, pos):
 
 
 def decode_step(cfg: ModelConfig, variables: dict, cache: Cache, tokens_B: jax.Array,
-                pos: jax.Array | int) -> tuple[jax.Array, Cache]:
+                pos: jax.Array | int, *, skip_exited: bool = True) -> tuple[jax.Array, Cache]:
     """Logits [B, V] (fp32) of one new token per sequence at position ``pos``, and the updated cache.
 
     ``variables``: ``model.init``'s result or ``{"params": params, **model_state}`` (boxed or not); the
     model state holds MoE's / MoR's router biases. Jit it with the config static:
     ``jax.jit(functools.partial(decode_step, cfg))``. ``pos`` must be < the cache length (not checked when
-    traced: dynamic_update_slice would clamp it).
+    traced: dynamic_update_slice would clamp it). ``skip_exited`` (MoR): skip a recursion step's layers
+    when no row of the batch is active at it (``jax.lax.cond``); False runs them masked, as the batched
+    forward does. The results are the same.
     """
     if tokens_B.ndim != 1 or not jnp.issubdtype(tokens_B.dtype, jnp.integer):
         raise ValueError(f"tokens_B must be an integer array [batch]; got "
@@ -286,8 +309,10 @@ def decode_step(cfg: ModelConfig, variables: dict, cache: Cache, tokens_B: jax.A
         raise ValueError("variables must be {'params': ..., **model_state} (what model.init returns)")
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
-    step = _mor_step if cfg.family == "mor" else _transformer_step
-    return step(cfg, params, state, cache, tokens_B, jnp.asarray(pos, jnp.int32))
+    pos = jnp.asarray(pos, jnp.int32)
+    if cfg.family == "mor":
+        return _mor_step(cfg, params, state, cache, tokens_B, pos, skip_exited)
+    return _transformer_step(cfg, params, state, cache, tokens_B, pos)
 
 
 def decode_logits(cfg: ModelConfig, variables: dict, tokens_BxL: jax.Array) -> jax.Array:

@@ -198,11 +198,14 @@ def mor_decode_flops_per_token(cfg: ModelConfig, context_len: int) -> dict[str, 
     """Forward FLOPs to decode one token of a MoR model with ``context_len`` cached positions (KV cache).
 
     Two numbers, because the decoder in this repo does not do what an ideal MoR decoder would:
-      forward        as executed by ``models.decode.decode_step``: a batched step has static shapes, so every
-                     recursion step runs its layers on the token whether or not it is still active (the update
-                     is masked out), and each attention scores all ``context_len`` cached positions (the keys
-                     of inactive tokens are masked, not skipped). This is what XLA's cost analysis of a
-                     jitted decode step counts (tests/test_mor_decode_flops.py).
+      forward        as executed by ``models.decode.decode_step`` when any row of the batch is still active:
+                     a batched step has static shapes, so every recursion step runs its layers on the token
+                     whether or not it is still active (the update is masked out), and each attention scores
+                     all ``context_len`` cached positions (the keys of inactive tokens are masked, not
+                     skipped). This is what XLA's cost analysis of a jitted decode step counts
+                     (tests/test_mor_decode_flops.py; it counts both branches of the skip below). A step no
+                     row needs is skipped (``skip_exited``), so at batch 1 the executed FLOPs fall towards
+                     ``ideal_forward``'s layer count (attention still scores all positions).
       ideal_forward  a decoder that skips exited tokens (Bae et al. 2025, Section 2.3): step r runs with
                      probability capacity_r (the expected depth of the capacity schedule, as in training),
                      and recursion-wise caching attends only to the keys active at step r, capacity_r *

@@ -72,7 +72,8 @@ def test_gpu_suite_dry_run_is_well_formed(tmp_path):
     assert set(c) == {"muon_overhead_pct", "muon_overhead_pct_accumulated", "muon_ns_flops_pct_of_step",
                       "muon_fp32_ns_overhead_pct",
                       "moe_mfu_vs_dense",
-                      "mor_tokens_per_s_vs_looped_eq", "mor_tokens_per_s_vs_looped_full"}
+                      "mor_tokens_per_s_vs_looped_eq", "mor_tokens_per_s_vs_looped_full",
+                      "mor_decode_skip_speedup_b1"}
     muon = next(r for r in res["rows"] if r["name"] == "dense-354m-muon")
     fp32 = next(r for r in res["rows"] if r["name"] == "dense-354m-muon-nsfp32")
     assert muon["config"]["optimizer"]["ns_dtype"] == "bfloat16" != fp32["config"]["optimizer"]["ns_dtype"]

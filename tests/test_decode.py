@@ -99,6 +99,42 @@ def test_mor_decode_matches_forward(name):
         assert np.abs(np.asarray(forward) - np.asarray(_forward(cfg, variables, tokens))).max() > 1e-3
 
 
+@pytest.mark.parametrize("name", ["ec-recursion_wise", "tc-recursion_wise-lossfree", "ec-shared"])
+def test_mor_decode_skips_steps_no_row_needs_with_the_same_result(name):
+    """At batch 1 a token that exited skips the later recursion steps (``skip_exited``, a lax.cond): the
+    logits and the cache are those of running the steps masked, and the skip really happened."""
+    cfg = ModelConfig(**BASE | MOR_CASES[name])
+    variables = _random_variables(cfg)
+    tokens_L = _tokens(cfg)[0]
+    out = {}
+    for skip in (True, False):
+        step = jax.jit(functools.partial(decode_step, cfg, skip_exited=skip))
+        cache = init_cache(cfg, 1, tokens_L.shape[0])
+        logits = []
+        for pos in range(tokens_L.shape[0]):
+            logits_1xV, cache = step(variables, cache, tokens_L[pos:pos + 1], pos)
+            logits.append(np.asarray(logits_1xV[0]))
+        out[skip] = (np.stack(logits), cache)
+        hlo = step.lower(variables, cache, tokens_L[:1], 0).as_text()
+        assert ("stablehlo.case" in hlo or "stablehlo.if" in hlo) == skip, skip
+    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6, atol=1e-6)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6)
+    (_, skipped), (_, masked) = out[True], out[False]
+    steps_skipped, steps_masked = skipped["kv"].pop("steps"), masked["kv"].pop("steps")
+    jax.tree.map(close, skipped, masked)  # first/last layers, router state, active / routed masks
+    if "active" not in skipped:  # recursive KV sharing: only the first step has caches, never skipped
+        jax.tree.map(close, steps_skipped, steps_masked)
+        return
+    # K/V of a skipped step are not written; no query reads them (inactive). The active entries agree.
+    active_RxS = np.asarray(skipped["active"])[:, 0]
+    for r, (a, b) in enumerate(zip(steps_skipped, steps_masked, strict=True)):
+        keep = active_RxS[r]
+        jax.tree.map(lambda x, y, keep=keep: close(np.asarray(x)[:, keep], np.asarray(y)[:, keep]), a, b)
+    last_S = active_RxS[-1]  # the last step had positions with no active row: those were skipped
+    assert 0 < last_S.sum() < last_S.size, last_S
+    assert not np.allclose(jax.tree.leaves(steps_skipped[-1])[0], jax.tree.leaves(steps_masked[-1])[0])
+
+
 def test_decode_uses_the_cache():
     """Changing an earlier token changes the later decoded logits exactly as the forward's (a decoder that
     ignored its cache would only see the current token), and leaves the earlier ones alone. Also checks the
