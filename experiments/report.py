@@ -880,8 +880,8 @@ def _seed_noise_markdown(sn: dict) -> list[str]:
         "",
         f"**Run-to-run noise** (the same run with other seeds: initialisation and data order; not fitted; "
         f"budgets {', '.join(f'{c:.3g}' for c in sn['budgets'])}): pooled sd = {_fmt(sn['pooled_sd'])} nats "
-        f"({sn['dof']} degrees of freedom). The bootstrap intervals above resample the fitted points and do "
-        "not include this noise.",
+        f"({sn['dof']} degrees of freedom). The bootstrap and the prediction interval treat all of the fit's "
+        "residual scatter as noise; what exceeds this sd is lack of fit.",
         "",
         "| run | N | D | final losses (seeds) | sd |",
         "|---|---|---|---|---|",

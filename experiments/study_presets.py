@@ -189,6 +189,8 @@ def cpu_families() -> StudySpec:
         tokens_per_param=64.0,
         n_bootstrap=100,
         notes=("moe-adamw and mor-adamw use the dense AdamW lr rule (not swept)",),
+        replicate_seeds=(1, 2),  # every group's smallest-budget runs: the noise behind the multipliers
+        replicate_budgets=(3e10,),
     )
 
 
