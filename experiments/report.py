@@ -32,6 +32,7 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
 - ``pareto``: {loss_vs_training_flops: [{name, group, flops, loss}], accuracy_vs_inference_flops:
   [{name, group, inference_flops_per_token, accuracy}], accuracy_task}
 - ``comparisons``: {target_loss, compute_to_target (group -> C), multipliers (group -> C / C_ref),
+  multiplier_ci {level, n_replicates, ci (group -> [lo, hi] or null)},
   reference_group, law_frontier} (several groups only)
 - ``figures``: list of PNG paths relative to the study directory; ``timing``: wall seconds
 """
@@ -473,7 +474,11 @@ def _group_block(
     fit_rows = _rows(rr, group, ("isoflop",), fit=True)
     held_rows = _rows(rr, group, ("heldout",))
     block: dict[str, Any] = {"n_fit_points": len(fit_rows), "_fpt": fpt}
-    fitted = _guard(lambda: fit_chinchilla(fit_rows, spec.n_bootstrap))
+    # Each group resamples with its own seed (its index; the first group keeps 0): their bootstraps must be
+    # independent for the compute-multiplier intervals, which pair replicate i of one group with another's.
+    names = [g.name for g in spec.groups]
+    seed = names.index(group) if group in names else 0
+    fitted = _guard(lambda: fit_chinchilla(fit_rows, spec.n_bootstrap, seed=seed))
     if isinstance(fitted, dict):
         for k in ("chinchilla", "entropy", "heldout", "approach3", "extrapolation"):
             block[k] = fitted
@@ -649,6 +654,56 @@ def _pareto(rr: list[dict], task: str | None) -> dict:
     return out
 
 
+def compute_to_target(loss_C: np.ndarray, C: np.ndarray, target: float) -> float:
+    """The budget at which a (decreasing) compute-optimal loss curve first reaches ``target``, interpolated
+    in log C; nan when it never does on the grid."""
+    below = np.flatnonzero(loss_C <= target)
+    if not below.size:
+        return math.nan
+    i = below[0]
+    if i == 0:
+        return float(C[0])
+    x0, x1, y0, y1 = np.log(C[i - 1]), np.log(C[i]), loss_C[i - 1], loss_C[i]
+    return float(np.exp(x0 + (target - y0) * (x1 - x0) / (y1 - y0)))
+
+
+def _multiplier_ci(groups: dict, fits: dict, ref: str, target: float, grid: np.ndarray) -> dict:
+    """Percentile CIs of each group's compute multiplier at the fixed target loss: every group's bootstrap
+    refits (resampled fitted points, independent between groups), replicate i against the reference's
+    replicate i. Replicates whose law never reaches the target on the grid count as infinite compute, so a
+    group that may not get there shows an open upper end."""
+    from scaling.optimal import compute_optimal
+
+    coarse = np.geomspace(grid[0], grid[-1], 120)
+    need: dict[str, np.ndarray] = {}
+    for g, (res, fpt) in fits.items():
+        boot = groups[g]["_fit"][1]
+        if boot is None:
+            raise ValueError(f"group {g!r} has no bootstrap (n_bootstrap=0)")
+        ok = np.ones(boot.n, bool) if boot.converged is None else np.asarray(boot.converged, bool)
+        vals = []
+        for i in np.flatnonzero(ok):
+            p = {k: float(v[i]) for k, v in boot.values.items()}
+            try:
+                loss = np.asarray(compute_optimal((res.law, p), coarse, flops_per_token=fpt).loss)
+            except ValueError:  # no interior optimum for this replicate's parameters
+                vals.append(math.nan)
+                continue
+            c = compute_to_target(loss, coarse, target)
+            vals.append(math.inf if math.isnan(c) else c)
+        need[g] = np.asarray(vals, np.float64)
+    n = min(v.size for v in need.values())
+    out = {"level": CI_LEVEL, "n_replicates": n, "ci": {}}
+    q = [(1 - CI_LEVEL) / 2, (1 + CI_LEVEL) / 2]
+    for g, v in need.items():
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = v[:n] / need[ref][:n]
+        m = m[~np.isnan(m)]
+        out["ci"][g] = None if m.size < 10 else [float(x) if np.isfinite(x) else None
+                                                 for x in np.quantile(m, q, method="inverted_cdf")]
+    return out
+
+
 def _comparisons(groups: dict, spec) -> dict:
     from scaling.optimal import compute_optimal
     from scaling.pareto import law_frontier
@@ -680,6 +735,8 @@ def _comparisons(groups: dict, spec) -> dict:
         "muon_paper_reference": "Muon is Scalable for LLM Training (Liu et al. 2025): ~0.48-0.52 of "
         "AdamW's compute at matched loss",
     }
+    ci = _guard(lambda: _multiplier_ci(groups, fits, ref, target, grid))
+    out["multiplier_ci"] = ci
     fr = _guard(lambda: law_frontier(predictors, grid, sense="min").to_dict())
     out["law_frontier"] = (
         fr if "error" in fr else {"crossovers": fr["crossovers"], "best_at_max_budget": fr["best"][-1]}
@@ -1095,11 +1152,20 @@ def render_markdown(report: dict) -> str:
             f"Compute to reach loss {_fmt(cmp_['target_loss'])} (compute-optimal, "
             f"relative to `{cmp_['reference_group']}`; {cmp_['muon_paper_reference']}):",
             "",
-            "| group | compute | multiplier |",
-            "|---|---|---|",
+            "| group | compute | multiplier | 95% CI (bootstrap) |",
+            "|---|---|---|---|",
         ]
+        mci = cmp_.get("multiplier_ci") or {}
         for g, cc in cmp_["compute_to_target"].items():
-            L.append(f"| {g} | {_fmt(cc, '.3g')} | {_fmt(cmp_['multipliers'][g], '.3f')} |")
+            ci = mci.get("ci", {}).get(g) if "error" not in mci else None
+            mult = _fmt(cmp_["multipliers"][g], ".3f")
+            L.append(f"| {g} | {_fmt(cc, '.3g')} | {mult} | {_fmt(ci, '.3g')} |")
+        if "error" in mci:
+            L.append(f"\nMultiplier CIs not computed: {mci['error']}")
+        elif mci:
+            L.append(f"\nCIs from {mci['n_replicates']} bootstrap refits of each group's law (its fitted "
+                     "points resampled), paired by replicate; a replicate that never reaches the target "
+                     "counts as infinite compute, and an infinite upper end shows as –.")
         L.append(f"\nLaw frontier: {cmp_.get('law_frontier')}")
     if report["figures"]:
         L += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]

@@ -193,3 +193,43 @@ def test_replicate_budgets_must_be_study_budgets(tmp_path):
     spec = dataclasses.replace(_micro_spec(), replicate_budgets=(5e9,))
     with pytest.raises(ConfigError, match=r"replicate_budgets \[5000000000.0\]"):
         study.plan_main_stage(spec, tmp_path, {})
+
+
+def _law_rows(E, A, B, alpha, beta, seed):
+    """isoFLOP-like points of a Chinchilla law with 1% multiplicative noise (C = 6 N D)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for C in (1e15, 3e15, 1e16, 3e16):
+        for N in np.geomspace(2e6, 6e7, 6):
+            D = C / (6 * N)
+            loss = (E + A / N**alpha + B / D**beta) * np.exp(0.01 * rng.normal())
+            rows.append({"params": float(N), "tokens": float(D), "flops": C, "final_eval_loss": float(loss)})
+    return rows
+
+
+def test_compute_multiplier_has_a_bootstrap_ci_that_separates_a_better_group():
+    import numpy as np
+
+    from experiments.report import _comparisons, compute_to_target, fit_chinchilla
+
+    true = dict(E=1.8, A=400.0, B=2000.0, alpha=0.34, beta=0.36)
+    groups = {}
+    for i, (g, over) in enumerate((("dense-adamw", {}), ("dense-muon", {"B": 1000.0}), ("dense-same", {}))):
+        # independent noise and bootstrap per group, as the report does
+        res, boot = fit_chinchilla(_law_rows(**(true | over), seed=i), n_bootstrap=60, seed=i)
+        groups[g] = {"_fit": (res, boot, None), "_fpt": lambda n: 6.0 * np.asarray(n, np.float64)}
+    spec = dataclasses.replace(_micro_spec(), budgets=(1e15, 3e16), target_loss=None)
+    cmp_ = _comparisons(groups, spec)
+    ci, mult = cmp_["multiplier_ci"]["ci"], cmp_["multipliers"]
+    assert cmp_["reference_group"] == "dense-adamw" and ci["dense-adamw"] == [1.0, 1.0]
+    # halving B (each token worth more) reaches the target with less compute, clearly beyond the noise
+    assert ci["dense-muon"][1] < 1.0 and ci["dense-muon"][0] <= mult["dense-muon"] <= ci["dense-muon"][1]
+    # the same law as the reference: a multiplier near 1, and a CI around 1
+    assert mult["dense-same"] == pytest.approx(1.0, abs=0.3)
+    assert ci["dense-same"][0] < 1.0 < ci["dense-same"][1]
+    # the interpolation behind the multipliers
+    C = np.array([1.0, 10.0, 100.0])
+    assert compute_to_target(np.array([3.0, 2.0, 1.0]), C, 1.5) == pytest.approx(10 ** 1.5)
+    assert np.isnan(compute_to_target(np.array([3.0, 2.0, 1.5]), C, 1.0))
