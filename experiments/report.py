@@ -32,7 +32,8 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
 - ``pareto``: {loss_vs_training_flops: [{name, group, flops, loss}], accuracy_vs_inference_flops:
   [{name, group, inference_flops_per_token, accuracy}], accuracy_task}
 - ``comparisons``: {target_loss, compute_to_target (group -> C), multipliers (group -> C / C_ref),
-  multiplier_ci {level, n_replicates, ci (group -> [lo, hi] or null)},
+  multiplier_ci {level, n_replicates, ci (group -> [lo, hi] or null)}, matched_budget_gaps (group ->
+  [{budget, best_loss, reference_best_loss, gap, combined_seed_sd, gap_in_sd}]),
   reference_group, law_frontier} (several groups only)
 - ``figures``: list of PNG paths relative to the study directory; ``timing``: wall seconds
 """
@@ -704,7 +705,35 @@ def _multiplier_ci(groups: dict, fits: dict, ref: str, target: float, grid: np.n
     return out
 
 
-def _comparisons(groups: dict, spec) -> dict:
+def _matched_budget_gaps(rr: Sequence[dict], groups: dict, ref: str) -> dict:
+    """Law-free comparison: at each isoFLOP budget, each group's best run minus the reference's best run,
+    and that gap in units of their combined seed noise sqrt(sd_g^2 + sd_ref^2) (where both groups have seed
+    replicates)."""
+    def best(g: str) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for r in _rows(rr, g, ("isoflop",), fit=True):
+            out[r["budget"]] = min(out.get(r["budget"], math.inf), r["final_eval_loss"])
+        return out
+
+    def sd(g: str) -> float | None:
+        sn = groups[g].get("seed_noise", {})
+        return None if "error" in sn or not sn else sn["pooled_sd"]
+
+    ref_best = best(ref)
+    out = {}
+    for g in groups:
+        if g == ref:
+            continue
+        mine = best(g)
+        noise = None if sd(g) is None or sd(ref) is None else math.hypot(sd(g), sd(ref))
+        out[g] = [{"budget": c, "best_loss": mine[c], "reference_best_loss": ref_best[c],
+                   "gap": mine[c] - ref_best[c], "combined_seed_sd": noise,
+                   "gap_in_sd": None if not noise else (mine[c] - ref_best[c]) / noise}
+                  for c in sorted(set(mine) & set(ref_best))]
+    return out
+
+
+def _comparisons(groups: dict, spec, rr: Sequence[dict] = ()) -> dict:
     from scaling.optimal import compute_optimal
     from scaling.pareto import law_frontier
 
@@ -737,6 +766,7 @@ def _comparisons(groups: dict, spec) -> dict:
     }
     ci = _guard(lambda: _multiplier_ci(groups, fits, ref, target, grid))
     out["multiplier_ci"] = ci
+    out["matched_budget_gaps"] = _guard(lambda: _matched_budget_gaps(rr, groups, ref))
     fr = _guard(lambda: law_frontier(predictors, grid, sense="min").to_dict())
     out["law_frontier"] = (
         fr if "error" in fr else {"crossovers": fr["crossovers"], "best_at_max_budget": fr["best"][-1]}
@@ -771,7 +801,7 @@ def build_report(
         "lr_rules": dict(lr_rules or {}),
         "groups": groups,
         "pareto": _guard(lambda: _pareto(rr, task)),
-        "comparisons": _guard(lambda: _comparisons(groups, spec)),
+        "comparisons": _guard(lambda: _comparisons(groups, spec, rr)),
         "figures": [],
     }
     return report
@@ -1166,6 +1196,17 @@ def render_markdown(report: dict) -> str:
             L.append(f"\nCIs from {mci['n_replicates']} bootstrap refits of each group's law (its fitted "
                      "points resampled), paired by replicate; a replicate that never reaches the target "
                      "counts as infinite compute, and an infinite upper end shows as –.")
+        gaps = cmp_.get("matched_budget_gaps") or {}
+        if gaps and "error" not in gaps:
+            budgets = [r["budget"] for r in next(iter(gaps.values()))]
+            L += ["", f"Law-free check, best run per budget minus `{cmp_['reference_group']}`'s (in units of "
+                      "the two groups' combined seed sd):", "",
+                  "| group | " + " | ".join(f"C = {c:.3g}" for c in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+            for g, rows in gaps.items():
+                cells = [f"{r['gap']:+.3f}" + (f" ({r['gap_in_sd']:+.1f} sd)" if r["gap_in_sd"] is not None
+                                               else "") for r in rows]
+                L.append(f"| {g} | " + " | ".join(cells) + " |")
         L.append(f"\nLaw frontier: {cmp_.get('law_frontier')}")
     if report["figures"]:
         L += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]

@@ -233,3 +233,20 @@ def test_compute_multiplier_has_a_bootstrap_ci_that_separates_a_better_group():
     C = np.array([1.0, 10.0, 100.0])
     assert compute_to_target(np.array([3.0, 2.0, 1.0]), C, 1.5) == pytest.approx(10 ** 1.5)
     assert np.isnan(compute_to_target(np.array([3.0, 2.0, 1.5]), C, 1.0))
+
+
+def test_matched_budget_gaps_compare_best_runs_in_seed_sd():
+    from experiments.report import _matched_budget_gaps
+
+    def run(g, c, loss, kind="isoflop", fit=True):
+        return {"group": g, "kind": kind, "budget": c, "final_eval_loss": loss, "status": "done", "fit": fit}
+
+    rr = [run("a", 1e10, 3.0), run("a", 1e10, 2.9), run("a", 1e11, 2.5),
+          run("b", 1e10, 2.8), run("b", 1e10, 2.95), run("b", 1e11, 2.6),
+          run("b", 1e11, 2.0, kind="seed_replicate", fit=False)]  # not an isoFLOP point: ignored
+    groups = {"a": {"seed_noise": {"pooled_sd": 0.03}}, "b": {"seed_noise": {"pooled_sd": 0.04}},
+              "c": {"seed_noise": {"error": "no replicates"}}}
+    gaps = _matched_budget_gaps(rr, groups, "a")
+    assert [(g["budget"], round(g["gap"], 6)) for g in gaps["b"]] == [(1e10, -0.1), (1e11, 0.1)]
+    assert gaps["b"][0]["gap_in_sd"] == pytest.approx(-0.1 / 0.05)
+    assert gaps["c"] == []  # no runs of its own; and without seed noise no sd units
