@@ -1269,5 +1269,18 @@ def print_summary(report: dict, out: Path) -> None:
         ds = b["downstream"]
         if "error" not in ds and ds.get("mean_abs_error") is not None:
             print(f"[{g}] downstream held-out accuracy MAE {ds['mean_abs_error']:.3f}")
+    cmp_ = report.get("comparisons") or {}
+    if cmp_ and "error" not in cmp_:
+        mci = cmp_.get("multiplier_ci") or {}
+        gaps = cmp_.get("matched_budget_gaps") or {}
+        for g, m in cmp_["multipliers"].items():
+            if g == cmp_["reference_group"]:
+                continue
+            ci = mci.get("ci", {}).get(g) if "error" not in mci else None
+            gap = "" if "error" in gaps or g not in gaps else "; best run minus reference's: " + ", ".join(
+                f"{r['gap']:+.3f}" + (f" ({r['gap_in_sd']:+.1f} sd)" if r["gap_in_sd"] is not None else "")
+                for r in gaps[g])
+            print(f"[compare] {g} vs {cmp_['reference_group']}: compute multiplier {_fmt(m, '.3f')} "
+                  f"(95% CI {_fmt(ci, '.3g')}){gap}")
     t = report.get("timing", {})
     print(f"wall time {t.get('total_wall_seconds', t.get('train_wall_seconds', 0)):.0f} s")

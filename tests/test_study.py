@@ -209,10 +209,10 @@ def _law_rows(E, A, B, alpha, beta, seed):
     return rows
 
 
-def test_compute_multiplier_has_a_bootstrap_ci_that_separates_a_better_group():
+def test_compute_multiplier_has_a_bootstrap_ci_that_separates_a_better_group(capsys, tmp_path):
     import numpy as np
 
-    from experiments.report import _comparisons, compute_to_target, fit_chinchilla
+    from experiments.report import _comparisons, compute_to_target, fit_chinchilla, print_summary
 
     true = dict(E=1.8, A=400.0, B=2000.0, alpha=0.34, beta=0.36)
     groups = {}
@@ -229,6 +229,13 @@ def test_compute_multiplier_has_a_bootstrap_ci_that_separates_a_better_group():
     # the same law as the reference: a multiplier near 1, and a CI around 1
     assert mult["dense-same"] == pytest.approx(1.0, abs=0.3)
     assert ci["dense-same"][0] < 1.0 < ci["dense-same"][1]
+    # the printed summary carries each multiplier with its interval
+    report = {"preset": "x", "corpus": {"entropy_rate": None}, "groups": {}, "comparisons": cmp_}
+    print_summary(report, tmp_path)
+    printed = capsys.readouterr().out
+    lo, hi = ci["dense-muon"]
+    assert f"[compare] dense-muon vs dense-adamw: compute multiplier {mult['dense-muon']:.3f} " \
+           f"(95% CI [{lo:.3g}, {hi:.3g}])" in printed
     # the interpolation behind the multipliers
     C = np.array([1.0, 10.0, 100.0])
     assert compute_to_target(np.array([3.0, 2.0, 1.0]), C, 1.5) == pytest.approx(10 ** 1.5)
