@@ -123,9 +123,9 @@ def cpu_tiny() -> StudySpec:
         wsd_sizes=3,  # 3 sizes x 3 cool-downs = 9 points: the fewest that identify the 5-parameter law
         wsd_span=2.5,  # sizes near the optimum (wider, the largest sits in the slow early phase at small D)
         n_bootstrap=200,
-        # the smallest budget's 5 runs twice more (+10 short runs, 6% of the study's planned FLOPs)
+        # the smallest budget's 5 runs and the held-out run twice more: noise at both ends of the sweep
         replicate_seeds=(1, 2),
-        replicate_budgets=(3e10,),
+        replicate_budgets=(3e10, 1e12),
     )
 
 
