@@ -27,7 +27,7 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
     ``downstream``: {tasks: name -> {chance, fit_compute, two_step, heldout [...]}, mean_abs_error},
     ``seed_noise``: {rows [{name, N, D, budget, losses (the run, then its seed replicates), mean, sd}],
     pooled_sd, dof, budgets, fit_residual_rms, fit_residual_rms_over_sd, heldout_error_in_sd [{name, error,
-    in_sd}]}
+    in_sd, own_sd, in_own_sd}]}
   } (any block may instead be {"error": str})
 - ``pareto``: {loss_vs_training_flops: [{name, group, flops, loss}], accuracy_vs_inference_flops:
   [{name, group, inference_flops_per_token, accuracy}], accuracy_task}
@@ -557,11 +557,15 @@ def _seed_noise_block(rr: Sequence[dict], group: str, block: dict) -> dict:
         out["fit_residual_rms"] = rms
         out["fit_residual_rms_over_sd"] = rms / sd if sd > 0 else None
     if isinstance(block.get("heldout"), list):
-        out["heldout_error_in_sd"] = [
-            {"name": h["name"], "error": h["actual"] - h["predicted"],
-             "in_sd": (h["actual"] - h["predicted"]) / sd if sd > 0 else None}
-            for h in block["heldout"]
-        ]
+        own = {r["name"]: r["sd"] for r in rows}
+        out["heldout_error_in_sd"] = []
+        for h in block["heldout"]:
+            err, own_sd = h["actual"] - h["predicted"], own.get(h["name"])
+            out["heldout_error_in_sd"].append({
+                "name": h["name"], "error": err, "in_sd": err / sd if sd > 0 else None,
+                # the held-out run's own seed spread, where it was replicated: noise shrinks with budget
+                "own_sd": own_sd, "in_own_sd": err / own_sd if own_sd else None,
+            })
     return out
 
 
@@ -982,8 +986,10 @@ def _seed_noise_markdown(sn: dict) -> list[str]:
                  f"{_fmt(sn['fit_residual_rms_over_sd'], '.2f')} × the seed sd (≈ 1 would mean the law fits "
                  "to the noise; much more means the law form, not the noise, limits the fit).")
     for h in sn.get("heldout_error_in_sd", []):
+        own = "" if h.get("in_own_sd") is None else (
+            f"; against its own seeds' sd {_fmt(h['own_sd'])}: {_fmt(h['in_own_sd'], '+.1f')} sd")
         L.append(f"- Held-out {h['name']}: actual − predicted = {h['error']:+.4f} nats = "
-                 f"{_fmt(h['in_sd'], '+.1f')} seed sd.")
+                 f"{_fmt(h['in_sd'], '+.1f')} pooled seed sd{own}.")
     return L
 
 
@@ -1250,8 +1256,10 @@ def print_summary(report: dict, out: Path) -> None:
             )
         sn = b.get("seed_noise", {})
         if sn and "error" not in sn:
-            held = "; ".join(f"held-out error {h['in_sd']:+.1f} sd" for h in sn.get("heldout_error_in_sd", [])
-                             if h["in_sd"] is not None)
+            held = "; ".join(
+                f"held-out error {h['in_sd']:+.1f} sd" + (f" ({h['in_own_sd']:+.1f} sd of its own seeds)"
+                                                         if h.get("in_own_sd") is not None else "")
+                for h in sn.get("heldout_error_in_sd", []) if h["in_sd"] is not None)
             print(f"[{g}] seed noise: sd {sn['pooled_sd']:.4f} nats ({sn['dof']} dof); fit residual RMS "
                   f"{_fmt(sn.get('fit_residual_rms_over_sd'), '.2f')} sd" + (f"; {held}" if held else ""))
         for x in b["extrapolation"] if isinstance(b["extrapolation"], list) else []:

@@ -26,7 +26,7 @@ def _micro_spec():
         heldout_budgets=(6e9,),
         n_bootstrap=8,
         replicate_seeds=(1,),
-        replicate_budgets=(1e9,),
+        replicate_budgets=(1e9, 6e9),
     )
 
 
@@ -39,7 +39,7 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     validate_report(on_disk)
     assert on_disk["schema_version"] == REPORT_SCHEMA_VERSION
     runs = on_disk["runs"]
-    assert len(runs) == 10 and all(r["status"] == "done" for r in runs)
+    assert len(runs) == 11 and all(r["status"] == "done" for r in runs)
     assert {r["kind"] for r in runs} == {"isoflop", "heldout", "seed_replicate"}
     for r in runs:  # each run directory is its config hash and holds the trainer's summary
         s = json.loads((out / "runs" / r["run_id"] / "summary.json").read_text())
@@ -57,10 +57,10 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert h["relative_error"] == pytest.approx((h["predicted"] - h["actual"]) / h["actual"])
     held_run = next(r for r in runs if r["kind"] == "heldout")
     assert h["actual"] == held_run["final_eval_loss"] and held_run["fit"] is False
-    # seed replicates: the smallest budget's three runs again with seed 1, not fitted; the noise block's
-    # pooled sd is the hand-computed one from the runs' own final losses
+    # seed replicates: the smallest budget's three runs and the held-out run again with seed 1, not fitted;
+    # the noise block's pooled sd is the hand-computed one from the runs' own final losses
     reps = [r for r in runs if r["kind"] == "seed_replicate"]
-    assert len(reps) == 3 and not any(r["fit"] for r in reps)
+    assert len(reps) == 4 and not any(r["fit"] for r in reps)
     by_name = {r["name"]: r for r in runs}
     pairs = [(by_name[r["name"].removesuffix("-seed1")]["final_eval_loss"], r["final_eval_loss"])
              for r in reps]
@@ -69,10 +69,13 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert "error" not in sn, sn
     assert sorted(tuple(r["losses"]) for r in sn["rows"]) == sorted(pairs)
     # two seeds: each configuration's variance is (a - b)^2 / 2, with one degree of freedom
-    assert sn["dof"] == 3
-    assert sn["pooled_sd"] == pytest.approx((sum((a - b) ** 2 / 2 for a, b in pairs) / 3) ** 0.5)
+    assert sn["dof"] == 4
+    assert sn["pooled_sd"] == pytest.approx((sum((a - b) ** 2 / 2 for a, b in pairs) / 4) ** 0.5)
     (he,) = sn["heldout_error_in_sd"]
     assert he["in_sd"] == pytest.approx((h["actual"] - h["predicted"]) / sn["pooled_sd"])
+    (a, b) = next(p for p, r in zip(pairs, reps, strict=True) if r["name"].startswith(h["name"]))
+    assert he["own_sd"] == pytest.approx(abs(a - b) / 2**0.5)  # its own two seeds
+    assert he["in_own_sd"] == pytest.approx((h["actual"] - h["predicted"]) / he["own_sd"])
     assert sn["fit_residual_rms"] > 0
     ex = g["extrapolation"]
     assert [x["multiple"] for x in ex] == [10.0, 100.0]
@@ -84,7 +87,9 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert losses == sorted(losses, reverse=True)  # more compute on the frontier -> lower loss
     md = (out / "report.md").read_text()
     assert "Held-out runs" in md and f"{h['relative_error']:+.2%}" in md
-    assert "Run-to-run noise" in md and f"{he['in_sd']:+.1f} seed sd" in md
+    assert "Run-to-run noise" in md
+    assert f"{he['in_sd']:+.1f} pooled seed sd; against its own seeds' sd" in md
+    assert f"{he['in_own_sd']:+.1f} sd." in md
     for f in on_disk["figures"]:
         assert (out / f).stat().st_size > 1000
     assert any("isoflop" in f for f in on_disk["figures"])
@@ -97,9 +102,9 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(trainer, "train", no_training)
     again = study.run_study(spec, out, workers=1, executor="sequential")
-    assert [r["status"] for r in again["runs"]] == ["done"] * 10
+    assert [r["status"] for r in again["runs"]] == ["done"] * 11
     assert again["groups"]["dense-adamw"]["chinchilla"]["params"] == pytest.approx(ch["params"])
-    assert "10/10 done (10 reused)" in capsys.readouterr().out
+    assert "11/11 done (11 reused)" in capsys.readouterr().out
 
 
 def test_validate_report_names_problems():
