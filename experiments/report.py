@@ -27,7 +27,7 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
     ``downstream``: {tasks: name -> {chance, fit_compute, two_step, heldout [...]}, mean_abs_error},
     ``seed_noise``: {rows [{name, N, D, budget, losses (the run, then its seed replicates), mean, sd}],
     pooled_sd, dof, budgets, fit_residual_rms, fit_residual_rms_over_sd, heldout_error_in_sd [{name, error,
-    in_sd, own_sd, in_own_sd}]}
+    in_sd, own_sd, in_own_sd}], by_budget [{budget, sd, dof, fit_residual_rms}]}
   } (any block may instead be {"error": str})
 - ``pareto``: {loss_vs_training_flops: [{name, group, flops, loss}], accuracy_vs_inference_flops:
   [{name, group, inference_flops_per_token, accuracy}], accuracy_task}
@@ -550,12 +550,24 @@ def _seed_noise_block(rr: Sequence[dict], group: str, block: dict) -> dict:
     sd, dof = seed_noise([r["losses"] for r in rows])
     out: dict[str, Any] = {"rows": rows, "pooled_sd": sd, "dof": dof,
                            "budgets": sorted({r["budget"] for r in rows if r["budget"] is not None})}
+    resid = None
     if "_fit" in block:
         res, _, data = block["_fit"]
         resid = data["loss"] - np.asarray(res.predict(N=data["N"], D=data["D"]), np.float64).ravel()
         rms = float(np.sqrt(np.mean(resid**2)))
         out["fit_residual_rms"] = rms
         out["fit_residual_rms_over_sd"] = rms / sd if sd > 0 else None
+    # Noise shrinks with training length, so compare like with like: per budget, the seed sd and the fit's
+    # residual RMS over that budget's fitted points (their FLOPs are within 1% of the budget).
+    out["by_budget"] = []
+    for c in out["budgets"]:
+        sd_c, dof_c = seed_noise([r["losses"] for r in rows if r["budget"] == c])
+        entry = {"budget": c, "sd": sd_c, "dof": dof_c, "fit_residual_rms": None}
+        if resid is not None:
+            at = np.isclose(data["C"], c, rtol=0.05)
+            if at.any():
+                entry["fit_residual_rms"] = float(np.sqrt(np.mean(resid[at] ** 2)))
+        out["by_budget"].append(entry)
     if isinstance(block.get("heldout"), list):
         own = {r["name"]: r["sd"] for r in rows}
         out["heldout_error_in_sd"] = []
@@ -980,6 +992,10 @@ def _seed_noise_markdown(sn: dict) -> list[str]:
     for r in sn["rows"]:
         L.append(f"| {r['name']} | {r['N']:,} | {r['D']:,} | {', '.join(f'{x:.4f}' for x in r['losses'])} | "
                  f"{_fmt(r['sd'])} |")
+    if sn.get("by_budget"):
+        L += ["", "| budget | seed sd (dof) | fit residual RMS there |", "|---|---|---|"]
+        L += [f"| {b['budget']:.3g} | {_fmt(b['sd'])} ({b['dof']}) | {_fmt(b['fit_residual_rms'])} |"
+              for b in sn["by_budget"]]
     L.append("")
     if sn.get("fit_residual_rms") is not None:
         L.append(f"- Chinchilla fit residual RMS = {_fmt(sn['fit_residual_rms'])} nats = "

@@ -77,6 +77,13 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert he["own_sd"] == pytest.approx(abs(a - b) / 2**0.5)  # its own two seeds
     assert he["in_own_sd"] == pytest.approx((h["actual"] - h["predicted"]) / he["own_sd"])
     assert sn["fit_residual_rms"] > 0
+    # per budget: the smallest budget's three pairs (fitted there) and the held-out pair (no fitted points)
+    small, held = sn["by_budget"]
+    assert (small["budget"], small["dof"], held["budget"], held["dof"]) == (1e9, 3, 6e9, 1)
+    assert held["sd"] == pytest.approx(he["own_sd"]) and held["fit_residual_rms"] is None
+    small_pairs = [p for p, r in zip(pairs, reps, strict=True) if r["budget"] == 1e9]
+    assert small["sd"] == pytest.approx((sum((a - b) ** 2 / 2 for a, b in small_pairs) / 3) ** 0.5)
+    assert small["fit_residual_rms"] > 0
     ex = g["extrapolation"]
     assert [x["multiple"] for x in ex] == [10.0, 100.0]
     assert ex[1]["C"] == pytest.approx(100 * max(spec.budgets))
