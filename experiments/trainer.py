@@ -496,8 +496,6 @@ def train(
             arrays = {k: np.asarray(v).tolist() for k, v in family_metrics.items() if np.ndim(v) > 0}
             if arrays and ((t.eval_every and step % t.eval_every == 0) or step == total):
                 writer.write(step, arrays)
-            if on_step is not None:
-                on_step(step)
 
         def needs_state(step: int) -> bool:  # eval or checkpoint after this step: the state must be its own
             return (step == total or bool(t.eval_every and step % t.eval_every == 0)
@@ -513,8 +511,10 @@ def train(
             state, m = prog.step(state, batch)
             if s + 1 < total:
                 batch = train_batch(ds, cfg, prog, s + 1)  # host work overlaps the device step
-            if pending is not None:
+            if pending is not None:  # a step with no eval or checkpoint: it is complete once logged
                 finish(*pending)
+                if on_step is not None:
+                    on_step(pending[0] + 1)
                 pending = None
             step = s + 1
             if lag and not needs_state(step):
@@ -527,6 +527,8 @@ def train(
                 emit(f"step {step}: eval_loss {ev:.4f}")
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == total:
                 save(step)
+            if on_step is not None:
+                on_step(step)
             tick = time.perf_counter()
         bar.close()
 
