@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from experiments import executors
-from experiments.sweep import PlannedRun
+from experiments.sweep import PlannedRun, replicated_name
 
 REPORT_SCHEMA_VERSION = 1
 CI_LEVEL = 0.95
@@ -513,9 +513,6 @@ def _group_block(
     return block
 
 
-SEED_SUFFIX = "-seed"
-
-
 def seed_noise(groups_of_losses: Sequence[Sequence[float]]) -> tuple[float, int]:
     """Pooled within-configuration standard deviation of final losses and its degrees of freedom:
     sqrt(sum_i sum_j (L_ij - mean_i)^2 / sum_i (n_i - 1)) over configurations i with n_i >= 2 seeds."""
@@ -536,11 +533,12 @@ def _seed_noise_block(rr: Sequence[dict], group: str, block: dict) -> dict:
     if not reps:
         raise ValueError("no finished seed replicates (StudySpec.replicate_seeds / replicate_budgets)")
     by_name = {r["name"]: r for r in _rows(rr, group, ("isoflop", "heldout"))}
+    copies_of: dict[str, list[dict]] = {}
+    for r in reps:
+        copies_of.setdefault(replicated_name(r["name"]), []).append(r)
     rows = []
-    for name in sorted({r["name"].rsplit(SEED_SUFFIX, 1)[0] for r in reps},
-                       key=lambda n: (by_name[n]["params"], n) if n in by_name else (0, n)):
-        copies = [r for r in reps if r["name"].rsplit(SEED_SUFFIX, 1)[0] == name]
-        members = ([by_name[name]] if name in by_name else []) + copies
+    for name in sorted(copies_of, key=lambda n: (by_name[n]["params"], n) if n in by_name else (0, n)):
+        members = ([by_name[name]] if name in by_name else []) + copies_of[name]
         losses = [m["final_eval_loss"] for m in members]
         if len(losses) < 2:
             continue
@@ -767,10 +765,8 @@ def _comparisons(groups: dict, spec, rr: Sequence[dict] = ()) -> dict:
     target = spec.target_loss
     if target is None:  # what the reference reaches at the largest budget of the sweep
         target = float(np.interp(np.log(max(spec.budgets)), np.log(grid), curves[ref]))
-    need = {}
-    for g, L in curves.items():
-        below = np.flatnonzero(L <= target)
-        need[g] = float(np.exp(np.interp(target, L[::-1], np.log(grid)[::-1]))) if below.size else None
+    need = {g: compute_to_target(L, grid, target) for g, L in curves.items()}
+    need = {g: None if math.isnan(c) else c for g, c in need.items()}
     mult = {g: (None if need[g] is None or need[ref] is None else need[g] / need[ref]) for g in need}
     out = {
         "target_loss": target,
@@ -972,6 +968,16 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
         return format(float(x), spec)
     except (TypeError, ValueError):
         return str(x)
+
+
+def _gap_text(r: dict) -> str:
+    """One matched-budget gap: nats, and seed sd where known."""
+    return f"{r['gap']:+.3f}" + (f" ({r['gap_in_sd']:+.1f} sd)" if r["gap_in_sd"] is not None else "")
+
+
+def _multiplier_ci_of(cmp_: dict, group: str) -> list | None:
+    mci = cmp_.get("multiplier_ci") or {}
+    return None if "error" in mci else mci.get("ci", {}).get(group)
 
 
 def _seed_noise_markdown(sn: dict) -> list[str]:
@@ -1209,9 +1215,8 @@ def render_markdown(report: dict) -> str:
         ]
         mci = cmp_.get("multiplier_ci") or {}
         for g, cc in cmp_["compute_to_target"].items():
-            ci = mci.get("ci", {}).get(g) if "error" not in mci else None
-            mult = _fmt(cmp_["multipliers"][g], ".3f")
-            L.append(f"| {g} | {_fmt(cc, '.3g')} | {mult} | {_fmt(ci, '.3g')} |")
+            mult, ci = _fmt(cmp_["multipliers"][g], ".3f"), _fmt(_multiplier_ci_of(cmp_, g), ".3g")
+            L.append(f"| {g} | {_fmt(cc, '.3g')} | {mult} | {ci} |")
         if "error" in mci:
             L.append(f"\nMultiplier CIs not computed: {mci['error']}")
         elif mci:
@@ -1226,9 +1231,7 @@ def render_markdown(report: dict) -> str:
                   "| group | " + " | ".join(f"C = {c:.3g}" for c in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
             for g, rows in gaps.items():
-                cells = [f"{r['gap']:+.3f}" + (f" ({r['gap_in_sd']:+.1f} sd)" if r["gap_in_sd"] is not None
-                                               else "") for r in rows]
-                L.append(f"| {g} | " + " | ".join(cells) + " |")
+                L.append(f"| {g} | " + " | ".join(_gap_text(r) for r in rows) + " |")
         L.append(f"\nLaw frontier: {cmp_.get('law_frontier')}")
     if report["figures"]:
         L += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]
@@ -1295,16 +1298,13 @@ def print_summary(report: dict, out: Path) -> None:
             print(f"[{g}] downstream held-out accuracy MAE {ds['mean_abs_error']:.3f}")
     cmp_ = report.get("comparisons") or {}
     if cmp_ and "error" not in cmp_:
-        mci = cmp_.get("multiplier_ci") or {}
         gaps = cmp_.get("matched_budget_gaps") or {}
         for g, m in cmp_["multipliers"].items():
             if g == cmp_["reference_group"]:
                 continue
-            ci = mci.get("ci", {}).get(g) if "error" not in mci else None
             gap = "" if "error" in gaps or g not in gaps else "; best run minus reference's: " + ", ".join(
-                f"{r['gap']:+.3f}" + (f" ({r['gap_in_sd']:+.1f} sd)" if r["gap_in_sd"] is not None else "")
-                for r in gaps[g])
+                _gap_text(r) for r in gaps[g])
             print(f"[compare] {g} vs {cmp_['reference_group']}: compute multiplier {_fmt(m, '.3f')} "
-                  f"(95% CI {_fmt(ci, '.3g')}){gap}")
+                  f"(95% CI {_fmt(_multiplier_ci_of(cmp_, g), '.3g')}){gap}")
     t = report.get("timing", {})
     print(f"wall time {t.get('total_wall_seconds', t.get('train_wall_seconds', 0)):.0f} s")

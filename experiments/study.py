@@ -122,11 +122,14 @@ def _clamped(g: GroupSpec, fitted: dict | None) -> LRRule:
     return LRRule.from_dict(fitted["rule"])
 
 
+def _among(budget: float, budgets: Sequence[float]) -> bool:
+    return any(math.isclose(budget, b, rel_tol=1e-9) for b in budgets)
+
+
 def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> list[PlannedRun]:
     """Stage 2: isoFLOP + held-out (+ WSD) runs of every group with its (fitted) LR rule."""
     runs: list[PlannedRun] = []
-    unknown = [b for b in spec.replicate_budgets
-               if not any(math.isclose(b, c, rel_tol=1e-9) for c in (*spec.budgets, *spec.heldout_budgets))]
+    unknown = [b for b in spec.replicate_budgets if not _among(b, (*spec.budgets, *spec.heldout_budgets))]
     if unknown:
         raise ConfigError(f"study {spec.name!r}: replicate_budgets {unknown} are not among its budgets "
                           f"{spec.budgets} or held-out budgets {spec.heldout_budgets}")
@@ -175,7 +178,7 @@ def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> li
         if lo is not None and hi is not None:
             group_runs = [_clamp_lr(r, lo, hi) for r in group_runs]
         replicated = [r for r in group_runs if r.kind in ("isoflop", "heldout") and r.budget is not None
-                      and any(math.isclose(r.budget, b, rel_tol=1e-9) for b in spec.replicate_budgets)]
+                      and _among(r.budget, spec.replicate_budgets)]
         if spec.replicate_seeds and replicated:
             group_runs += plan_seed_replicates(replicated, spec.replicate_seeds)
         runs += group_runs

@@ -423,6 +423,15 @@ def plan_lr_sweep(runs: Iterable[PlannedRun], lr_factors: Sequence[float]) -> li
     return resolve(out)
 
 
+_SEED_SUFFIX = "-seed"
+
+
+def replicated_name(name: str) -> str:
+    """The name of the run a seed replicate (``plan_seed_replicates``) copies; other names are unchanged."""
+    base, sep, seed = name.rpartition(_SEED_SUFFIX)
+    return base if sep and seed.isdigit() else name
+
+
 def plan_seed_replicates(runs: Iterable[PlannedRun], seeds: Sequence[int]) -> list[PlannedRun]:
     """Copies of ``runs`` with another ``seed`` each (kind "seed_replicate", not fitted): the same model,
     data and schedule with a different initialisation and data order. The spread of their final losses is the
@@ -436,8 +445,8 @@ def plan_seed_replicates(runs: Iterable[PlannedRun], seeds: Sequence[int]) -> li
             if seed == cfg.seed:
                 raise ConfigError(f"run {r.name!r} already has seed {seed}; replicate with other seeds")
             c2 = dataclasses.replace(cfg, seed=int(seed))
-            out.append(dataclasses.replace(r, name=f"{r.name}-seed{seed}", kind="seed_replicate", fit=False,
-                                           config=c2.to_dict()))
+            out.append(dataclasses.replace(r, name=f"{r.name}{_SEED_SUFFIX}{seed}", kind="seed_replicate",
+                                           fit=False, config=c2.to_dict()))
     return resolve(out)
 
 
