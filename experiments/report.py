@@ -27,7 +27,10 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
     ``downstream``: {tasks: name -> {chance, fit_compute, two_step, heldout [...]}, mean_abs_error},
     ``seed_noise``: {rows [{name, N, D, budget, losses (the run, then its seed replicates), mean, sd}],
     pooled_sd, dof, budgets, fit_residual_rms, fit_residual_rms_over_sd, heldout_error_in_sd [{name, error,
-    in_sd, own_sd, in_own_sd}], by_budget [{budget, sd, dof, fit_residual_rms}]}
+    in_sd, own_sd, in_own_sd}], by_budget [{budget, sd, dof, fit_residual_rms}]},
+    ``law_forms``: rolling-origin backtest of ``spec.law_forms`` (``scaling.backtest.BacktestResult.to_dict``:
+    key "budget", keys, common_test_keys, ranking, forms -> {n_params, in_sample_rms, mean_are_common,
+    mean_bias_common, folds [{test_key, train_keys, n_train, n_test, mean_are, mean_bias, skipped}]})
   } (any block may instead be {"error": str})
 - ``pareto``: {loss_vs_training_flops: [{name, group, flops, loss}], accuracy_vs_inference_flops:
   [{name, group, inference_flops_per_token, accuracy}], accuracy_task}
@@ -96,6 +99,7 @@ GROUP_KEYS = (
     "wsd",
     "downstream",
     "seed_noise",
+    "law_forms",
 )
 
 
@@ -507,6 +511,7 @@ def _group_block(
     block["approach2"] = _guard(lambda: _approach2(fit_rows, fpt, spec.n_bootstrap))
     block["wsd"] = _guard(lambda: _wsd_block(spec, rr, group, held_rows, block))
     block["seed_noise"] = _guard(lambda: _seed_noise_block(rr, group, block))
+    block["law_forms"] = _guard(lambda: _law_forms_block(spec, fit_rows, held_rows))
     block["downstream"] = _guard(
         lambda: _downstream_block(fit_rows, held_rows, runs_dir, min(spec.n_bootstrap, 100))
     )
@@ -577,6 +582,18 @@ def _seed_noise_block(rr: Sequence[dict], group: str, block: dict) -> dict:
                 "own_sd": own_sd, "in_own_sd": err / own_sd if own_sd else None,
             })
     return out
+
+
+def _law_forms_block(spec, fit_rows: Sequence[dict], held_rows: Sequence[dict]) -> dict:
+    """Which law form extrapolates on these runs: fit each of ``spec.law_forms`` on the smaller budgets and
+    score it on the next (held-out budgets last, so the final fold is the headline held-out prediction)."""
+    from scaling.backtest import backtest
+
+    if not spec.law_forms:
+        return {"error": "no law forms to compare (spec.law_forms is empty)"}
+    rows = list(fit_rows) + list(held_rows)
+    budgets = np.array([r["budget"] for r in rows], np.float64)
+    return backtest(spec.law_forms, _data(rows), by=budgets, key_name="budget").to_dict()
 
 
 def _wsd_block(spec, rr, group: str, held_rows, cos_block: dict) -> dict:
@@ -1015,6 +1032,36 @@ def _seed_noise_markdown(sn: dict) -> list[str]:
     return L
 
 
+def _law_forms_markdown(lf: dict) -> list[str]:
+    if not lf:
+        return []
+    if "error" in lf:
+        return ["", f"**Which law form extrapolates**: not compared ({lf['error']})."]
+    forms = lf["forms"]
+    tests = [f["test_key"] for f in next(iter(forms.values()))["folds"]]
+    L = [
+        "",
+        "**Which law form extrapolates** (rolling-origin backtest, `scaling.backtest`: each form fitted on "
+        "the budgets below the column's and scored on it, so a held-out budget's column is the held-out "
+        "prediction of that form; mean absolute relative error, signed bias in brackets):",
+        "",
+        "| form | params | in-sample RMS (log) | " + " | ".join(f"→ {t:.3g}" for t in tests) + " | mean |",
+        "|---|---|---|" + "---|" * len(tests) + "---|",
+    ]
+    for name in lf["ranking"] + [n for n in forms if n not in lf["ranking"]]:
+        f = forms[name]
+        cells = [f"skipped ({x['skipped']})" if x["mean_are"] is None
+                 else f"{x['mean_are']:.2%} ({x['mean_bias']:+.2%})" for x in f["folds"]]
+        L.append(f"| {name} | {f['n_params']} | {_fmt(f['in_sample_rms'])} | " + " | ".join(cells)
+                 + f" | {_fmt(f['mean_are_common'], '.2%')} |")
+    if lf["ranking"]:
+        common = ", ".join(f"{k:.3g}" for k in lf["common_test_keys"])
+        L.append(f"\nRanked by the mean over the budgets every ranked form was scored on ({common}): "
+                 f"**{lf['ranking'][0]}** extrapolated best here. The fits above use Chinchilla's form; "
+                 "with this few folds a ranking is a hint, not a verdict.")
+    return L
+
+
 def render_markdown(report: dict) -> str:
     L = [f"# Scaling study `{report['preset']}`", "", report["description"], ""]
     for n in report["notes"]:
@@ -1086,6 +1133,7 @@ def render_markdown(report: dict) -> str:
                     f"{_fmt(h['interval'])} | {h['relative_error']:+.2%} |"
                 )
         L += _seed_noise_markdown(b.get("seed_noise", {}))
+        L += _law_forms_markdown(b.get("law_forms", {}))
         a2, a3 = b["approach2"], b["approach3"]
         L += [
             "",
@@ -1281,6 +1329,10 @@ def print_summary(report: dict, out: Path) -> None:
                 for h in sn.get("heldout_error_in_sd", []) if h["in_sd"] is not None)
             print(f"[{g}] seed noise: sd {sn['pooled_sd']:.4f} nats ({sn['dof']} dof); fit residual RMS "
                   f"{_fmt(sn.get('fit_residual_rms_over_sd'), '.2f')} sd" + (f"; {held}" if held else ""))
+        lf = b.get("law_forms", {})
+        if lf and "error" not in lf and lf["ranking"]:
+            print(f"[{g}] law forms, fit on smaller budgets -> next budget, mean |rel. error|: " + ", ".join(
+                f"{n} {lf['forms'][n]['mean_are_common']:.2%}" for n in lf["ranking"]))
         for x in b["extrapolation"] if isinstance(b["extrapolation"], list) else []:
             print(
                 f"[{g}] {x['multiple']:g}x budget ({x['C']:.3g} FLOPs): "

@@ -62,6 +62,9 @@ class StudySpec:
     # seeds (not fitted); the report compares their spread with the fit residuals and the held-out errors.
     replicate_seeds: tuple[int, ...] = ()
     replicate_budgets: tuple[float, ...] = ()
+    # Law forms compared by a rolling-origin backtest (scaling.backtest): each is fitted on the smaller
+    # budgets and scored on the next one, the held-out budgets included; () turns the comparison off.
+    law_forms: tuple[str, ...] = ("chinchilla", "kaplan", "farseer")
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 

@@ -3,6 +3,7 @@
 Imports only numpy/scipy/jax/stdlib (never models/optim/experiments), so it can be used on its own.
 """
 
+from scaling.backtest import BacktestResult, backtest
 from scaling.bootstrap import Bootstrap, Samples, bootstrap, chinchilla_derived
 from scaling.fit import FitOptions, FitResult, fit, fit_huber_likelihood, prepare_data
 from scaling.heldout import HeldoutReport, drop_first_fraction, heldout_eval, largest_mask
@@ -10,12 +11,14 @@ from scaling.laws import LAWS, Law, data_constrained, get_law, power_law, regist
 
 __all__ = [
     "LAWS",
+    "BacktestResult",
     "Bootstrap",
     "FitOptions",
     "FitResult",
     "HeldoutReport",
     "Law",
     "Samples",
+    "backtest",
     "bootstrap",
     "chinchilla_derived",
     "data_constrained",

@@ -7,6 +7,9 @@
 - ``isoflop DATA --columns C=COL,N=COL,loss=COL --out DIR``: Hoffmann Approach 2 -> isoflop.json/.png.
 - ``pareto DATA --objectives loss:min,flops:min --out DIR``: non-dominated set (+ membership probability with
   --sigma) -> pareto.json/.png.
+- ``backtest DATA --laws chinchilla,kaplan,farseer --by C --bin-decades 0.5``: which law form extrapolates
+  (rolling-origin backtest: fit on the smaller values of --by, score the next) -> backtest.json; table on
+  stderr.
 - ``downstream DATA --columns C=COL,accuracy=COL --chance 0.25 --cutoff 8.4e22``: sigmoid of accuracy in log
   compute, held-out error above the cutoff -> downstream.json/.png.
 DATA is a CSV, JSON lines or JSON file, or a directory of trainer runs (every summary.json below it). When a
@@ -167,6 +170,39 @@ def cmd_fit(args) -> dict:
         plot_law_fit(result, data, samples=samples or None).savefig(outdir / "fit.png", dpi=120)
         _note(f"wrote {outdir / 'fit.json'} and {outdir / 'fit.png'}")
     return {k: v for k, v in out.items() if k not in ("samples", "result")}
+
+
+# --- backtest ------------------------------------------------------------------------------------------
+def cmd_backtest(args) -> dict:
+    from scaling.backtest import backtest
+    from scaling.laws import get_law
+
+    try:
+        laws = [get_law(name.strip()) for name in args.laws.split(",") if name.strip()]
+    except KeyError as e:
+        raise CLIError(str(e).strip("'\"")) from e
+    table = _load(args.data, args.where)
+    needed = list(dict.fromkeys([v for law in laws for v in law.inputs] + ["loss", args.by]))
+    cols = _columns(args.columns, table, needed)
+    data = law_data(table, needed, cols, flops_per_token=_flops_per_token(args.flops_per_token, table),
+                    dropna=args.dropna, positive=True, log=_note)
+    data.pop("row")
+    key, key_name = data[args.by], args.by
+    if args.bin_decades:
+        if args.bin_decades <= 0:
+            raise CLIError(f"--bin-decades must be > 0, got {args.bin_decades}")
+        # exact FLOPs scatter around a nominal budget (whole steps): binning log10 keeps a budget in one fold
+        key = np.round(np.log10(key) / args.bin_decades) * args.bin_decades
+        key_name = f"log10({args.by}) in {args.bin_decades:g}-decade bins"
+    result = backtest(laws, data, by=key, key_name=key_name, min_train=args.min_train)
+    print(result.summary(), file=sys.stderr)
+    out = {"data": str(args.data), "columns": cols, "rows_used": int(len(key)), **result.to_dict()}
+    if args.out:
+        outdir = Path(args.out)
+        outdir.mkdir(parents=True, exist_ok=True)
+        (outdir / "backtest.json").write_text(_dump(out))
+        _note(f"wrote {outdir / 'backtest.json'}")
+    return out
 
 
 # --- optimum -------------------------------------------------------------------------------------------
@@ -371,6 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_pareto)
+    b = sub.add_parser("backtest", help="which law form extrapolates: rolling-origin backtest")
+    data_args(b)
+    b.add_argument("--laws", default="chinchilla,kaplan,farseer", help="comma-separated registered law names")
+    b.add_argument("--by", default="C", help="variable whose distinct values order the folds (default C)")
+    b.add_argument("--bin-decades", type=float, default=None,
+                   help="round log10 of --by to bins this wide (e.g. 0.5): near-equal budgets share a fold")
+    b.add_argument("--min-train", type=int, default=2, help="distinct --by values in the first fold's fit")
+    b.set_defaults(func=cmd_backtest)
     s = sub.add_parser("downstream", help="sigmoid of accuracy vs log compute (+ held-out check)")
     data_args(s)
     s.add_argument("--chance", type=float, default=0.0, help="accuracy floor (e.g. 0.25 for 4 choices)")

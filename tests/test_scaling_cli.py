@@ -259,6 +259,33 @@ def test_cli_fit_then_optimum(tmp_path, capsys):
     assert opt["N_ci"][0] <= opt["N"] <= opt["N_ci"][1]
 
 
+def test_cli_backtest_ranks_the_generating_form_and_writes_json(tmp_path, capsys):
+    # exact FLOPs scatter within 0.5% of five budgets: 0.25-decade bins put each budget in one fold
+    data = _isoflop_csv(tmp_path / "iso.csv", noise=0.002)
+    text = (tmp_path / "iso.csv").read_text().splitlines()
+    rng = np.random.default_rng(3)
+    rows = [line.split(",") for line in text[1:]]
+    text = [text[0]] + [f"{float(c) * (1 + 0.005 * rng.uniform(-1, 1)):.6e},{n},{y}" for c, n, y in rows]
+    (tmp_path / "iso.csv").write_text("\n".join(text) + "\n")
+    argv = ["backtest", data, "--laws", "kaplan,chinchilla", "--columns", "C=flops,N=params,loss=loss",
+            "--bin-decades", "0.25", "--min-train", "3", "--out", tmp_path / "o"]
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0, err
+    assert len(out["keys"]) == 5 and out["rows_used"] == 45 and out["common_test_keys"] == out["keys"][3:]
+    assert out["ranking"] == ["chinchilla", "kaplan"]
+    assert out["forms"]["chinchilla"]["mean_are_common"] < 0.005
+    assert "rolling-origin backtest" in err and "derived D = C / (6 N)" in err
+    assert json.loads((tmp_path / "o" / "backtest.json").read_text())["ranking"] == out["ranking"]
+    # without binning every point is its own fold key: 45 keys
+    rc, out, _ = _run([*argv[:-6], "--min-train", "40"], capsys)
+    assert rc == 0 and len(out["keys"]) == 45
+    cols = ["--columns", "C=flops,N=params"]
+    rc, _, err = _run(["backtest", data, "--laws", "chinchilla,nope", *cols], capsys)
+    assert rc == 2 and "unknown law 'nope'" in err
+    rc, _, err = _run(["backtest", data, *cols, "--bin-decades", "1", "--min-train", "5"], capsys)
+    assert rc == 2 and "need at least 6" in err
+
+
 def test_cli_fit_errors(tmp_path, capsys):
     data = _chinchilla_csv(tmp_path / "runs.csv", n_points=10)
     cols = "N=model_size,loss=final_loss"

@@ -84,6 +84,16 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     small_pairs = [p for p, r in zip(pairs, reps, strict=True) if r["budget"] == 1e9]
     assert small["sd"] == pytest.approx((sum((a - b) ** 2 / 2 for a, b in small_pairs) / 3) ** 0.5)
     assert small["fit_residual_rms"] > 0
+    # law-form backtest: one fold (fit 1e9 + 3e9, predict the held-out 6e9); Chinchilla's fold is the
+    # headline fit, so its error is the held-out row's; Farseer (9 parameters, 6 points) is skipped, unranked
+    lf = g["law_forms"]
+    assert "error" not in lf, lf
+    assert lf["key"] == "budget" and lf["keys"] == [1e9, 3e9, 6e9] and lf["common_test_keys"] == [6e9]
+    (cf,) = lf["forms"]["chinchilla"]["folds"]
+    assert (cf["train_keys"], cf["n_train"], cf["n_test"]) == ([1e9, 3e9], 6, 1)
+    assert cf["mean_bias"] == pytest.approx(h["relative_error"], rel=1e-6)
+    assert lf["forms"]["farseer"]["folds"][0]["skipped"] == "6 training points for 9 parameters"
+    assert sorted(lf["ranking"]) == ["chinchilla", "kaplan"]
     ex = g["extrapolation"]
     assert [x["multiple"] for x in ex] == [10.0, 100.0]
     assert ex[1]["C"] == pytest.approx(100 * max(spec.budgets))
@@ -95,6 +105,8 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     md = (out / "report.md").read_text()
     assert "Held-out runs" in md and f"{h['relative_error']:+.2%}" in md
     assert "Run-to-run noise" in md
+    assert "Which law form extrapolates" in md
+    assert f"{abs(cf['mean_bias']):.2%} ({cf['mean_bias']:+.2%})" in md
     assert f"{he['in_sd']:+.1f} pooled seed sd; against its own seeds' sd" in md
     assert f"{he['in_own_sd']:+.1f} sd." in md
     for f in on_disk["figures"]:
