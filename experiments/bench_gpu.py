@@ -422,9 +422,15 @@ def row_names(dry: bool = True) -> list[str]:
 
 
 def run_suite(dry: bool, only: Sequence[str] | None = None, log: Callable[[str], None] = print,
-              on_row: Callable[[dict], None] | None = None) -> dict:
+              on_row: Callable[[dict], None] | None = None, deadline_s: float | None = None,
+              clock: Callable[[], float] = time.perf_counter) -> dict:
     """Every selected row in this process; returns the results. ``on_row`` gets the results so far after
-    each row (``main`` rewrites ``--json`` with them: a run cut short by a time limit keeps its rows)."""
+    each row (``main`` rewrites ``--json`` with them: a run cut short by a time limit keeps its rows).
+
+    ``only`` also sets the order (most important rows first). ``deadline_s``: no row starts once that many
+    seconds have passed since the suite began; the rows left are reported as skipped, by name, so a device
+    session with a fixed time budget (this project's: 15 minutes in all, 10 a command) ends with a complete
+    table instead of a killed process. Each row records its wall time (compile + measure) to plan the next."""
     s = DRY if dry else FULL
     device = jax.devices()[0]
     platform = device.platform
@@ -432,7 +438,8 @@ def run_suite(dry: bool, only: Sequence[str] | None = None, log: Callable[[str],
     unknown = [r for r in (only or ()) if r not in known]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; rows: {known}")
-    selected = set(only or known)
+    order = list(dict.fromkeys(only)) if only else known
+    t_start = clock()
     n = s.matmul_n if (platform == "gpu" or dry) else min(s.matmul_n, 2048)
     log(f"measuring the bf16 {n}^3 matmul peak on {device.device_kind} ...")
     peaks = {"measured": matmul_peak(n, device, min_seconds=0.1 if dry else 1.0),
@@ -457,12 +464,20 @@ def run_suite(dry: bool, only: Sequence[str] | None = None, log: Callable[[str],
             for row in train_rows(s, platform)]
     jobs += [(name, "decode", functools.partial(run_decode_row, name, mcfg, b, device, s, skip))
              for name, mcfg, b, skip in decode_rows(s, platform)]
-    for name, kind, fn in jobs:
-        if name in selected:
+    by_name = {name: (kind, fn) for name, kind, fn in jobs}
+    for name in order:
+        kind, fn = by_name[name]
+        elapsed = clock() - t_start
+        if deadline_s is not None and elapsed >= deadline_s:
+            log(f"row {name}: skipped (deadline)")
+            rows.append({"name": name, "kind": kind, "status": f"skipped: not started, {elapsed:.0f} s had "
+                         f"passed of the suite's {deadline_s:g} s deadline"})
+        else:
             log(f"row {name} ...")
-            rows.append(_guard(name, kind, fn))
-            if on_row is not None:
-                on_row(results())
+            t0 = clock()
+            rows.append({**_guard(name, kind, fn), "wall_s": clock() - t0})
+        if on_row is not None:
+            on_row(results())
     return results()
 
 
@@ -511,18 +526,18 @@ def format_table(res: dict) -> str:
         f"bf16 matmul {m['n']}^3: {m['measured_flops_per_s'] / 1e12:.2f} TFLOP/s measured; vendor peak "
         f"{_fmt(m['vendor_peak_flops_per_s'], 1e-12, '.0f', ' TFLOP/s')}",
         "",
-        f"{'row':<22} {'status':<8} {'tok/s':>12} {'step ms':>9} {'MFU meas':>8} {'MFU vend':>8} "
-        f"{'mem GiB':>8} {'FLOPs/tok':>10} {'KV B/tok':>9}",
+        f"{'row':<28} {'status':<8} {'tok/s':>12} {'step ms':>9} {'MFU meas':>8} {'MFU vend':>8} "
+        f"{'mem GiB':>8} {'FLOPs/tok':>10} {'KV B/tok':>9} {'wall s':>7}",
     ]
     for r in res["rows"]:
         st = r["status"].split(":")[0]
         lines.append(
-            f"{r['name']:<22} {st:<8} {_fmt(r.get('tokens_per_second')):>12} "
+            f"{r['name']:<28} {st:<8} {_fmt(r.get('tokens_per_second')):>12} "
             f"{_fmt(r.get('step_time_s'), 1e3, '.2f'):>9} {_fmt(r.get('mfu_measured'), 100, '.1f', '%'):>8} "
             f"{_fmt(r.get('mfu_vendor'), 100, '.1f', '%'):>8} "
             f"{_fmt(r.get('peak_memory_bytes'), 2**-30, '.2f'):>8} "
             f"{_fmt(r.get('flops_per_token'), 1e-6, '.1f', 'M'):>10} "
-            f"{_fmt(r.get('kv_bytes_per_token'), 1, ',.0f'):>9}"
+            f"{_fmt(r.get('kv_bytes_per_token'), 1, ',.0f'):>9} {_fmt(r.get('wall_s'), 1, '.0f'):>7}"
         )
     lines.append("")
     for r in res["rows"]:
@@ -553,7 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="gpu", choices=["gpu"])
     p.add_argument("--dry", action="store_true", help="tiny shapes through the same code path (CPU check)")
-    p.add_argument("--rows", default=None, help=f"comma-separated subset of: {','.join(row_names())}")
+    p.add_argument("--rows", default=None,
+                   help=f"comma-separated subset, run in this order: {','.join(row_names())}")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no row after this many seconds; the rest are reported as skipped")
     p.add_argument("--json", default=None, help="write the results as JSON to this path")
     p.add_argument("--memory", action="store_true",
                    help="instead: CPU memory_analysis of the full-size dense train rows (no device)")
@@ -577,7 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 json.dump(res, f, indent=2)
             os.replace(tmp, args.json)
 
-    res = run_suite(args.dry, only, log=lambda msg: print(msg, file=sys.stderr, flush=True), on_row=save)
+    res = run_suite(args.dry, only, log=lambda msg: print(msg, file=sys.stderr, flush=True), on_row=save,
+                    deadline_s=args.deadline_s)
     print(format_table(res))
     save(res)
     failed = [r["name"] for r in res["rows"] if r["status"].startswith("error")]

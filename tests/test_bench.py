@@ -103,6 +103,33 @@ def test_gpu_suite_reports_results_after_every_row():
                               on_row=lambda r: seen.append([row["name"] for row in r["rows"]]))
     assert seen == [["decode-dense-b1"], ["decode-dense-b1", "decode-mla-b1"]]
     assert [r["name"] for r in res["rows"]] == seen[-1] and res["comparisons"]["muon_overhead_pct"] is None
+    assert all(r["wall_s"] > 0 for r in res["rows"])
+
+
+def test_gpu_suite_deadline_skips_the_rest_by_name_in_the_given_order():
+    """--rows sets the order; --deadline-s starts no row after the deadline and names the rows it skipped
+    (the clock is a counter here: each call advances it 10 s, so the deadline falls after the first row)."""
+    ticks = iter(range(0, 10_000, 10))
+    rows = ["decode-mla-b1", "decode-dense-b1", "decode-mla-b64"]
+    res = bench_gpu.run_suite(dry=True, only=rows, log=lambda m: None, deadline_s=15.0,
+                              clock=lambda: float(next(ticks)))
+    assert [r["name"] for r in res["rows"]] == rows
+    first, *rest = res["rows"]
+    assert first["status"] == "ok" and first["wall_s"] == 10.0
+    for r in rest:
+        assert r["status"].startswith("skipped: not started") and "15 s deadline" in r["status"], r
+    table = bench_gpu.format_table(res)
+    assert "decode-mla-b64" in table and "skipped" in table
+
+
+def test_gpu_session_script_runs_every_row_once():
+    """experiments/gpu_session.sh (the prepared device command) lists each row of the suite exactly once, so a
+    row added to the suite cannot silently miss the GPU session."""
+    text = (REPO / "experiments" / "gpu_session.sh").read_text()
+    body = text.split("rows=(", 1)[1].split(")", 1)[0]
+    listed = body.split()
+    assert len(listed) == len(set(listed)) and set(listed) == set(bench_gpu.row_names(dry=False))
+    assert listed[:3] == ["dense-124m-adamw", "dense-354m-adamw", "dense-354m-muon"]  # the targets first
 
 
 def test_metrics_fetch_bench_reports_both_modes(capsys):

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU bench as one prepared command for a device session with a fixed budget (this project's device tool:
+# 15 minutes of device time in all, machine start included, 10 minutes a command). Rows run most important
+# first (the issue's targets: dense 124M / 354M, Muon vs AdamW, MoE, MoR, decode; then the extra comparisons);
+# no row starts after DEADLINE_S seconds, and the rows left are listed as skipped, so the command ends with a
+# complete table well inside its limit. The JSON is rewritten after every row.
+#
+#   bash experiments/gpu_session.sh                # on the GPU machine: writes $OUT/gpu.json, $OUT/bench.log
+#   DRY=1 OUT=/tmp/g bash experiments/gpu_session.sh   # the same rows at tiny shapes on the CPU (rehearsal)
+#
+# It needs no install: the GPU image has jax (CUDA), flax, optax, orbax-checkpoint, scipy, matplotlib and
+# tensorboard, and the repository root goes on PYTHONPATH. A row that takes longer than the deadline's slack
+# (compile + measure; each row reports its wall_s) can still be cut by the command's own limit: give the
+# device call a timeout_s of at least DEADLINE_S + 150.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-runs/gpu_session}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+rows=(
+  dense-124m-adamw dense-354m-adamw dense-354m-muon moe-124m-adamw mor-124m-ec mor-124m-looped-eq
+  decode-dense-b1 decode-dense-b64 decode-mla-b1 decode-mla-b64 decode-mor-kvshare-b1 decode-mor-kvshare-b64
+  dense-354m-muon-nsfp32 dense-354m-adamw-acc8 dense-354m-muon-acc8 mor-124m-looped-full
+  decode-mor-kvshare-noskip-b1 dense-354m-adamw-noremat
+)
+dry=()
+[ -n "${DRY:-}" ] && dry=(--dry)
+{ "$py" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax",
+optax.__version__, jax.devices())'; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null
+} 2>&1 | tee "$out/env.log"
+"$py" -m experiments.bench --suite gpu "${dry[@]}" --deadline-s "${DEADLINE_S:-420}" \
+  --rows "$(IFS=,; echo "${rows[*]}")" --json "$out/gpu.json" 2>&1 | tee "$out/bench.log"
