@@ -354,6 +354,18 @@ def critical_path_order(runs: Sequence[PlannedRun]) -> list[PlannedRun]:
     return sorted(runs, key=lambda r: -chain(r))  # stable: equal costs keep plan order
 
 
+def _terminate_children(ctx: Any, timeout_s: float = 10.0) -> None:
+    """Terminate this process's multiprocessing children (workers, the queue's manager) and wait until they
+    are gone, so nothing writes into a run directory after we return. Repeated: the pool's management
+    thread may still be starting a worker while the first ones are terminated."""
+    deadline = time.monotonic() + timeout_s
+    while (children := ctx.active_children()) and time.monotonic() < deadline:
+        for proc in children:
+            proc.terminate()
+        for proc in children:
+            proc.join(timeout=1.0)
+
+
 def run_parallel(
     runs: Sequence[PlannedRun],
     runs_dir: str | Path,
@@ -381,9 +393,10 @@ def run_parallel(
     pending = critical_path_order(runs)
     results: dict[str, dict[str, Any]] = {}
     finished_ok: set[str] = set()
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue, flags)
-    ) as pool:
+    )
+    try:
         futures: dict[Future, PlannedRun] = {}
         while pending or futures:
             for r in list(pending):
@@ -427,6 +440,13 @@ def run_parallel(
                 if res["status"] != "failed":
                     finished_ok.add(r.name)
                 progress.finish(res)
+    except BaseException:
+        # Ctrl-C, a time limit's SIGINT or an error here: stop now. The pool's context manager would wait for
+        # the running runs to finish first (minutes); killed, they resume from their last checkpoint later.
+        pool.shutdown(wait=False, cancel_futures=True)
+        _terminate_children(ctx)
+        raise
+    pool.shutdown(wait=True)
     return [results[r.name] for r in runs]
 
 

@@ -7,6 +7,10 @@
 #
 #   bash experiments/gpu_session.sh                # on the GPU machine: writes $OUT/gpu.json, $OUT/bench.log
 #   DRY=1 OUT=/tmp/g bash experiments/gpu_session.sh   # the same rows at tiny shapes on the CPU (rehearsal)
+#   MODE=study bash experiments/gpu_session.sh     # the gpu-quick study instead (issue: < 8 min on one H100):
+#       stopped at STUDY_LIMIT_S (default 540) if it runs over; copies report.json, report.md and the log to
+#       $OUT (the device returns only files two folders deep, so the run directories stay behind). With DRY=1
+#       it rehearses the preset (every run a few steps; experiments/rehearsal.py).
 #
 # It needs no install: the GPU image has jax (CUDA), flax, optax, orbax-checkpoint, scipy, matplotlib and
 # tensorboard, and the repository root goes on PYTHONPATH. A row that takes longer than the deadline's slack
@@ -26,6 +30,14 @@ rows=(
 )
 dry=()
 [ -n "${DRY:-}" ] && dry=(--dry)
+if [ "${MODE:-bench}" = study ]; then
+  study="$out/gq${DRY:+-dry}"
+  timeout -s INT "${STUDY_LIMIT_S:-540}" "$py" -m experiments.study --preset gpu-quick --out "$study" "${dry[@]}" \
+    2>&1 | tee "$out/study.log"
+  rc=${PIPESTATUS[0]}
+  cp "$study"/report.json "$study"/report.md "$out"/ 2>/dev/null
+  exit "$rc"
+fi
 { "$py" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax",
 optax.__version__, jax.devices())'; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null
 } 2>&1 | tee "$out/env.log"

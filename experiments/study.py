@@ -422,19 +422,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--slurm sets submitit parameters of --executor slurm (--export-slurm: edit the sbatch lines)"
         )
     spec = get_study_preset(a.preset)
-    run_study(
-        spec,
-        a.out,
-        workers=a.workers,
-        executor=a.executor,
-        fit_only=a.fit_only,
-        retry=a.retry,
-        downstream=not a.no_downstream,
-        export_slurm=a.export_slurm,
-        dry=a.dry,
-        dry_steps=a.dry_steps,
-        slurm_params=slurm_params,
-    )
+    try:
+        run_study(
+            spec,
+            a.out,
+            workers=a.workers,
+            executor=a.executor,
+            fit_only=a.fit_only,
+            retry=a.retry,
+            downstream=not a.no_downstream,
+            export_slurm=a.export_slurm,
+            dry=a.dry,
+            dry_steps=a.dry_steps,
+            slurm_params=slurm_params,
+        )
+    except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT (experiments/gpu_session.sh)
+        print(f"\n[study] interrupted: the finished runs in {a.out} are kept; run the same command again to "
+              "go on (finished runs are skipped, interrupted ones resume from their last checkpoint)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -281,3 +281,17 @@ def test_matched_budget_gaps_compare_best_runs_in_seed_sd():
     assert [(g["budget"], round(g["gap"], 6)) for g in gaps["b"]] == [(1e10, -0.1), (1e11, 0.1)]
     assert gaps["b"][0]["gap_in_sd"] == pytest.approx(-0.1 / 0.05)
     assert gaps["c"] == []  # no runs of its own; and without seed noise no sd units
+
+
+def test_cli_interrupt_names_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """Ctrl-C or a time limit's SIGINT (experiments/gpu_session.sh) ends the command with status 130 and a
+    message naming the study directory, not a traceback."""
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "run_study", interrupted)
+    assert study.main(["--preset", "cpu-micro", "--out", str(tmp_path / "s")]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: the finished runs in {tmp_path / 's'} are kept" in err
+    assert "run the same command again" in err

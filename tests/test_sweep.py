@@ -505,3 +505,26 @@ if __name__ == "__main__":
         time.sleep(0.05)
     os.kill(worker, signal.SIGKILL)
     pytest.fail("the worker outlived the study process")
+
+
+def test_parallel_executor_stops_at_once_when_interrupted(tmp_path, monkeypatch, micro_runs):
+    """A Ctrl-C (or a time limit's SIGINT) while workers train must end the study now, not after the running
+    runs finish: the KeyboardInterrupt propagates at once and no worker process is left behind; the runs it
+    cut short are picked up again by the next invocation (tested above for the sequential path)."""
+    import multiprocessing as mp
+    import time
+
+    calls = []
+
+    def interrupt_once_runs_started(fs, return_when):
+        calls.append(len(fs))
+        time.sleep(1.0)  # the workers are now training (spawned, importing jax, compiling)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executors, "wait", interrupt_once_runs_started)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        executors.run_parallel(micro_runs, tmp_path, workers=2)
+    assert calls == [2] and time.perf_counter() - t0 < 30
+    assert mp.get_context("spawn").active_children() == [] and mp.active_children() == []
+    assert not any(executors.run_status(tmp_path, r) == "done" for r in micro_runs)
