@@ -30,7 +30,9 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
     in_sd, own_sd, in_own_sd}], by_budget [{budget, sd, dof, fit_residual_rms}]},
     ``law_forms``: rolling-origin backtest of ``spec.law_forms`` (``scaling.backtest.BacktestResult.to_dict``:
     key "budget", keys, common_test_keys, ranking, forms -> {n_params, in_sample_rms, mean_are_common,
-    mean_bias_common, folds [{test_key, train_keys, n_train, n_test, mean_are, mean_bias, skipped}]})
+    mean_bias_common, folds [{test_key, train_keys, n_train, n_test, mean_are, mean_bias, skipped}]},
+    extrapolation: form -> [{multiple, C, N, D, loss, below_entropy}] or {error}: each form fitted on the
+    isoFLOP runs, its compute-optimal point at ``spec.extrapolate`` multiples of the largest budget)
   } (any block may instead be {"error": str})
 - ``pareto``: {loss_vs_training_flops: [{name, group, flops, loss}], accuracy_vs_inference_flops:
   [{name, group, inference_flops_per_token, accuracy}], accuracy_task}
@@ -511,7 +513,9 @@ def _group_block(
     block["approach2"] = _guard(lambda: _approach2(fit_rows, fpt, spec.n_bootstrap))
     block["wsd"] = _guard(lambda: _wsd_block(spec, rr, group, held_rows, block))
     block["seed_noise"] = _guard(lambda: _seed_noise_block(rr, group, block))
-    block["law_forms"] = _guard(lambda: _law_forms_block(spec, fit_rows, held_rows))
+    block["law_forms"] = _guard(
+        lambda: _law_forms_block(spec, fit_rows, held_rows, fpt, block.get("_fit", (None,))[0], entropy)
+    )
     block["downstream"] = _guard(
         lambda: _downstream_block(fit_rows, held_rows, runs_dir, min(spec.n_bootstrap, 100))
     )
@@ -584,16 +588,45 @@ def _seed_noise_block(rr: Sequence[dict], group: str, block: dict) -> dict:
     return out
 
 
-def _law_forms_block(spec, fit_rows: Sequence[dict], held_rows: Sequence[dict]) -> dict:
+def _law_forms_block(
+    spec, fit_rows: Sequence[dict], held_rows: Sequence[dict], fpt, chinchilla_fit, entropy: float | None
+) -> dict:
     """Which law form extrapolates on these runs: fit each of ``spec.law_forms`` on the smaller budgets and
-    score it on the next (held-out budgets last, so the final fold is the headline held-out prediction)."""
+    score it on the next (held-out budgets last, so the final fold is the headline held-out prediction).
+    ``extrapolation``: what each form, fitted on the isoFLOP runs like the headline fit, says at the
+    report's multiples of the largest budget -- the spread between forms is model uncertainty, which no
+    bootstrap of one form shows; a loss below the corpus's entropy rate is flagged as impossible."""
     from scaling.backtest import backtest
 
     if not spec.law_forms:
         return {"error": "no law forms to compare (spec.law_forms is empty)"}
     rows = list(fit_rows) + list(held_rows)
     budgets = np.array([r["budget"] for r in rows], np.float64)
-    return backtest(spec.law_forms, _data(rows), by=budgets, key_name="budget").to_dict()
+    out = backtest(spec.law_forms, _data(rows), by=budgets, key_name="budget").to_dict()
+    out["extrapolation"] = {
+        name: _guard(lambda n=name: _form_extrapolation(n, fit_rows, spec, fpt, chinchilla_fit, entropy))
+        for name in spec.law_forms
+    }
+    return out
+
+
+def _form_extrapolation(name: str, fit_rows, spec, fpt, chinchilla_fit, entropy: float | None) -> list[dict]:
+    from scaling.fit import fit
+    from scaling.laws import get_law
+    from scaling.optimal import compute_optimal
+
+    law = get_law(name)
+    if len(fit_rows) <= len(law.params):
+        raise ValueError(f"{len(fit_rows)} isoFLOP points for {len(law.params)} parameters")
+    res = chinchilla_fit if name == "chinchilla" and chinchilla_fit is not None else fit(
+        law, _data(fit_rows), warn=False)
+    C = np.array([max(spec.budgets) * m for m in spec.extrapolate])
+    al = compute_optimal(res, C, flops_per_token=fpt)
+    return [
+        {"multiple": m, "C": float(C[i]), "N": float(al.N[i]), "D": float(al.D[i]), "loss": float(al.loss[i]),
+         "below_entropy": None if entropy is None else bool(al.loss[i] < entropy)}
+        for i, m in enumerate(spec.extrapolate)
+    ]
 
 
 def _wsd_block(spec, rr, group: str, held_rows, cos_block: dict) -> dict:
@@ -1032,6 +1065,24 @@ def _seed_noise_markdown(sn: dict) -> list[str]:
     return L
 
 
+def _form_extrapolation_markdown(ext: dict) -> list[str]:
+    mults = [x["multiple"] for x in next((e for e in ext.values() if isinstance(e, list)), [])]
+    if not mults:
+        return []
+    L = ["", "What each form, fitted on the isoFLOP runs as above, says beyond the sweep: compute-optimal N* "
+         "and loss. The spread between forms is model uncertainty, which a bootstrap of one form does not "
+         "show († = below the corpus's entropy rate: impossible).", "",
+         "| form | " + " | ".join(f"N* at {m:g}x | loss at {m:g}x" for m in mults) + " |",
+         "|---|" + "---|---|" * len(mults)]
+    for name, e in ext.items():
+        if isinstance(e, dict):
+            L.append(f"| {name} | not available ({e['error']}) |")
+            continue
+        cells = [f"{_fmt(x['N'], '.3g')} | {_fmt(x['loss'])}{' †' if x['below_entropy'] else ''}" for x in e]
+        L.append(f"| {name} | " + " | ".join(cells) + " |")
+    return L
+
+
 def _law_forms_markdown(lf: dict) -> list[str]:
     if not lf:
         return []
@@ -1059,7 +1110,7 @@ def _law_forms_markdown(lf: dict) -> list[str]:
         L.append(f"\nRanked by the mean over the budgets every ranked form was scored on ({common}): "
                  f"**{lf['ranking'][0]}** extrapolated best here. The fits above use Chinchilla's form; "
                  "with this few folds a ranking is a hint, not a verdict.")
-    return L
+    return L + _form_extrapolation_markdown(lf.get("extrapolation") or {})
 
 
 def render_markdown(report: dict) -> str:
@@ -1333,6 +1384,14 @@ def print_summary(report: dict, out: Path) -> None:
         if lf and "error" not in lf and lf["ranking"]:
             print(f"[{g}] law forms, fit on smaller budgets -> next budget, mean |rel. error|: " + ", ".join(
                 f"{n} {lf['forms'][n]['mean_are_common']:.2%}" for n in lf["ranking"]))
+        for x0 in (lf.get("extrapolation") or {}).get("chinchilla") or []:
+            if not isinstance(x0, dict) or "multiple" not in x0:
+                continue
+            by_form = [(n, e[[x["multiple"] for x in e].index(x0["multiple"])])
+                       for n, e in lf["extrapolation"].items() if isinstance(e, list)]
+            print(f"[{g}] loss at {x0['multiple']:g}x by form: " + ", ".join(
+                f"{n} {x['loss']:.3f}" + (" (below the entropy rate)" if x["below_entropy"] else "")
+                for n, x in by_form))
         for x in b["extrapolation"] if isinstance(b["extrapolation"], list) else []:
             print(
                 f"[{g}] {x['multiple']:g}x budget ({x['C']:.3g} FLOPs): "

@@ -95,6 +95,13 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert lf["forms"]["farseer"]["folds"][0]["skipped"] == "6 training points for 9 parameters"
     assert sorted(lf["ranking"]) == ["chinchilla", "kaplan"]
     ex = g["extrapolation"]
+    # each form's extrapolation: Chinchilla's is the headline one; Farseer cannot be fitted on 6 points
+    fx = lf["extrapolation"]
+    assert [(x["multiple"], x["N"], x["loss"]) for x in fx["chinchilla"]] == [
+        (x["multiple"], x["N"], x["loss"]) for x in ex]
+    assert [x["multiple"] for x in fx["kaplan"]] == [10.0, 100.0]
+    assert all(x["below_entropy"] == (x["loss"] < ent) for x in fx["kaplan"] + fx["chinchilla"])
+    assert fx["farseer"] == {"error": "ValueError: 6 isoFLOP points for 9 parameters"}
     assert [x["multiple"] for x in ex] == [10.0, 100.0]
     assert ex[1]["C"] == pytest.approx(100 * max(spec.budgets))
     assert all(x["N"] > 0 and x["D"] > 0 for x in ex)
@@ -105,7 +112,7 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     md = (out / "report.md").read_text()
     assert "Held-out runs" in md and f"{h['relative_error']:+.2%}" in md
     assert "Run-to-run noise" in md
-    assert "Which law form extrapolates" in md
+    assert "Which law form extrapolates" in md and "What each form, fitted on the isoFLOP runs" in md
     assert f"{abs(cf['mean_bias']):.2%} ({cf['mean_bias']:+.2%})" in md
     assert f"{he['in_sd']:+.1f} pooled seed sd; against its own seeds' sd" in md
     assert f"{he['in_own_sd']:+.1f} sd." in md
