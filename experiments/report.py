@@ -1070,8 +1070,8 @@ def _form_extrapolation_markdown(ext: dict) -> list[str]:
     if not mults:
         return []
     L = ["", "What each form, fitted on the isoFLOP runs as above, says beyond the sweep: compute-optimal N* "
-         "and loss. The spread between forms is model uncertainty, which a bootstrap of one form does not "
-         "show († = below the corpus's entropy rate: impossible).", "",
+         "and loss. The spread between forms is model uncertainty, which is not part of a bootstrap of one "
+         "form († = below the corpus's entropy rate: impossible).", "",
          "| form | " + " | ".join(f"N* at {m:g}x | loss at {m:g}x" for m in mults) + " |",
          "|---|" + "---|---|" * len(mults)]
     for name, e in ext.items():
