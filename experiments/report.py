@@ -38,7 +38,7 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
   [{name, group, inference_flops_per_token, accuracy}], accuracy_task}
 - ``comparisons``: {target_loss, compute_to_target (group -> C), multipliers (group -> C / C_ref),
   multiplier_ci {level, n_replicates, ci (group -> [lo, hi] or null)}, matched_budget_gaps (group ->
-  [{budget, best_loss, reference_best_loss, gap, combined_seed_sd, gap_in_sd}]),
+  [{budget, best_loss, reference_best_loss, gap, combined_seed_sd, sd_source, gap_in_sd}]),
   reference_group, law_frontier} (several groups only)
 - ``figures``: list of PNG paths relative to the study directory; ``timing``: wall seconds
 """
@@ -772,16 +772,27 @@ def _multiplier_ci(groups: dict, fits: dict, ref: str, target: float, grid: np.n
 def _matched_budget_gaps(rr: Sequence[dict], groups: dict, ref: str) -> dict:
     """Law-free comparison: at each isoFLOP budget, each group's best run minus the reference's best run,
     and that gap in units of their combined seed noise sqrt(sd_g^2 + sd_ref^2) (where both groups have seed
-    replicates)."""
+    replicates). Noise shrinks with training length (tenfold over cpu-tiny's budgets), so each group's sd is
+    its seed sd at that budget where replicates exist there (``sd_source`` "budget"), else its pooled sd
+    ("pooled": at a budget larger than the replicated ones, an overestimate)."""
     def best(g: str) -> dict[float, float]:
         out: dict[float, float] = {}
         for r in _rows(rr, g, ("isoflop",), fit=True):
             out[r["budget"]] = min(out.get(r["budget"], math.inf), r["final_eval_loss"])
         return out
 
-    def sd(g: str) -> float | None:
+    def sd(g: str, c: float) -> tuple[float | None, str | None]:
         sn = groups[g].get("seed_noise", {})
-        return None if "error" in sn or not sn else sn["pooled_sd"]
+        if "error" in sn or not sn:
+            return None, None
+        at = [b for b in sn.get("by_budget", []) if math.isclose(b["budget"], c, rel_tol=1e-9) and b["dof"]]
+        return (at[0]["sd"], "budget") if at else (sn["pooled_sd"], "pooled")
+
+    def noise(g: str, c: float) -> tuple[float | None, str | None]:
+        (s_g, src_g), (s_ref, src_ref) = sd(g, c), sd(ref, c)
+        if s_g is None or s_ref is None:
+            return None, None
+        return math.hypot(s_g, s_ref), ("budget" if src_g == src_ref == "budget" else "pooled")
 
     ref_best = best(ref)
     out = {}
@@ -789,11 +800,12 @@ def _matched_budget_gaps(rr: Sequence[dict], groups: dict, ref: str) -> dict:
         if g == ref:
             continue
         mine = best(g)
-        noise = None if sd(g) is None or sd(ref) is None else math.hypot(sd(g), sd(ref))
-        out[g] = [{"budget": c, "best_loss": mine[c], "reference_best_loss": ref_best[c],
-                   "gap": mine[c] - ref_best[c], "combined_seed_sd": noise,
-                   "gap_in_sd": None if not noise else (mine[c] - ref_best[c]) / noise}
-                  for c in sorted(set(mine) & set(ref_best))]
+        out[g] = []
+        for c in sorted(set(mine) & set(ref_best)):
+            n_c, src = noise(g, c)
+            out[g].append({"budget": c, "best_loss": mine[c], "reference_best_loss": ref_best[c],
+                           "gap": mine[c] - ref_best[c], "combined_seed_sd": n_c, "sd_source": src,
+                           "gap_in_sd": None if not n_c else (mine[c] - ref_best[c]) / n_c})
     return out
 
 
@@ -1022,7 +1034,9 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 
 def _gap_text(r: dict) -> str:
     """One matched-budget gap: nats, and seed sd where known."""
-    return f"{r['gap']:+.3f}" + (f" ({r['gap_in_sd']:+.1f} sd)" if r["gap_in_sd"] is not None else "")
+    if r["gap_in_sd"] is None:
+        return f"{r['gap']:+.3f}"
+    return f"{r['gap']:+.3f} ({r['gap_in_sd']:+.1f} sd{'' if r.get('sd_source') == 'budget' else '*'})"
 
 
 def _multiplier_ci_of(cmp_: dict, group: str) -> list | None:
@@ -1326,7 +1340,8 @@ def render_markdown(report: dict) -> str:
         if gaps and "error" not in gaps:
             budgets = [r["budget"] for r in next(iter(gaps.values()))]
             L += ["", f"Law-free check, best run per budget minus `{cmp_['reference_group']}`'s (in units of "
-                      "the two groups' combined seed sd):", "",
+                      "the two groups' combined seed sd at that budget; * = no replicates there, pooled sd "
+                      "of the replicated budgets instead):", "",
                   "| group | " + " | ".join(f"C = {c:.3g}" for c in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
             for g, rows in gaps.items():

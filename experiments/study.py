@@ -129,10 +129,12 @@ def _among(budget: float, budgets: Sequence[float]) -> bool:
 def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> list[PlannedRun]:
     """Stage 2: isoFLOP + held-out (+ WSD) runs of every group with its (fitted) LR rule."""
     runs: list[PlannedRun] = []
-    unknown = [b for b in spec.replicate_budgets if not _among(b, (*spec.budgets, *spec.heldout_budgets))]
-    if unknown:
-        raise ConfigError(f"study {spec.name!r}: replicate_budgets {unknown} are not among its budgets "
-                          f"{spec.budgets} or held-out budgets {spec.heldout_budgets}")
+    for field_name in ("replicate_budgets", "replicate_middle_budgets"):
+        unknown = [b for b in getattr(spec, field_name)
+                   if not _among(b, (*spec.budgets, *spec.heldout_budgets))]
+        if unknown:
+            raise ConfigError(f"study {spec.name!r}: {field_name} {unknown} are not among its budgets "
+                              f"{spec.budgets} or held-out budgets {spec.heldout_budgets}")
     for g in spec.groups:
         base = _with_data_dir(g.base, out)
         lr = _clamped(g, lr_rules.get(g.name))
@@ -179,10 +181,24 @@ def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> li
             group_runs = [_clamp_lr(r, lo, hi) for r in group_runs]
         replicated = [r for r in group_runs if r.kind in ("isoflop", "heldout") and r.budget is not None
                       and _among(r.budget, spec.replicate_budgets)]
+        middle = _middle_sizes(group_runs, spec.replicate_middle_budgets)
+        replicated += [r for r in middle if r not in replicated]
         if spec.replicate_seeds and replicated:
             group_runs += plan_seed_replicates(replicated, spec.replicate_seeds)
         runs += group_runs
     return resolve(runs)
+
+
+def _middle_sizes(runs: Sequence[PlannedRun], budgets: Sequence[float]) -> list[PlannedRun]:
+    """Per budget in ``budgets``: the isoFLOP (or held-out) run nearest the curve's middle in log N."""
+    out = []
+    for c in budgets:
+        curve = sorted((r for r in runs if r.kind in ("isoflop", "heldout") and r.budget is not None
+                        and _among(r.budget, (c,))), key=lambda r: r.params)
+        if curve:
+            mid = sum(math.log(r.params) for r in curve) / len(curve)
+            out.append(min(curve, key=lambda r: abs(math.log(r.params) - mid)))
+    return out
 
 
 def _clamp_lr(r: PlannedRun, lo: float, hi: float) -> PlannedRun:

@@ -62,6 +62,10 @@ class StudySpec:
     # seeds (not fitted); the report compares their spread with the fit residuals and the held-out errors.
     replicate_seeds: tuple[int, ...] = ()
     replicate_budgets: tuple[float, ...] = ()
+    # ... and at these budgets only the middle size of each group's curve: noise shrinks with budget, so a
+    # comparison at a large budget needs that budget's noise, which one run per curve measures at a tenth of
+    # the cost of replicating them all.
+    replicate_middle_budgets: tuple[float, ...] = ()
     # Law forms compared by a rolling-origin backtest (scaling.backtest): each is fitted on the smaller
     # budgets and scored on the next one, the held-out budgets included; () turns the comparison off.
     law_forms: tuple[str, ...] = ("chinchilla", "kaplan", "farseer")
@@ -194,6 +198,7 @@ def cpu_families() -> StudySpec:
         notes=("moe-adamw and mor-adamw use the dense AdamW lr rule (not swept)",),
         replicate_seeds=(1, 2),  # every group's smallest-budget runs: the noise behind the multipliers
         replicate_budgets=(3e10,),
+        replicate_middle_budgets=(1e11, 3e11),  # and each larger budget's noise, for the matched-budget gaps
     )
 
 

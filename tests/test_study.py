@@ -224,6 +224,27 @@ def test_replicate_budgets_must_be_study_budgets(tmp_path):
     spec = dataclasses.replace(_micro_spec(), replicate_budgets=(5e9,))
     with pytest.raises(ConfigError, match=r"replicate_budgets \[5000000000.0\]"):
         study.plan_main_stage(spec, tmp_path, {})
+    spec = dataclasses.replace(_micro_spec(), replicate_middle_budgets=(7e9,))
+    with pytest.raises(ConfigError, match=r"replicate_middle_budgets \[7000000000.0\]"):
+        study.plan_main_stage(spec, tmp_path, {})
+
+
+def test_replicate_middle_budgets_replicate_one_run_per_curve(tmp_path):
+    """At a "middle" budget only the curve's middle size (in log N) is replicated, once per seed."""
+    import math
+
+    spec = dataclasses.replace(_micro_spec(), replicate_budgets=(1e9,), replicate_middle_budgets=(3e9,),
+                               replicate_seeds=(1, 2))
+    runs = study.plan_main_stage(spec, tmp_path, {})
+    reps = [r for r in runs if r.kind == "seed_replicate"]
+    curve = sorted((r for r in runs if r.kind == "isoflop" and r.budget == 3e9), key=lambda r: r.params)
+    assert len(curve) == 3
+    at_3e9 = [r for r in reps if r.budget == 3e9]
+    assert sorted(r.name for r in at_3e9) == [f"{curve[1].name}-seed1", f"{curve[1].name}-seed2"]
+    logs = [math.log(r.params) for r in curve]
+    assert abs(logs[1] - sum(logs) / 3) == min(abs(x - sum(logs) / 3) for x in logs)
+    assert len([r for r in reps if r.budget == 1e9]) == 3 * 2  # "all sizes" where replicate_budgets says so
+    assert all(not r.fit for r in reps) and {r.experiment.seed for r in at_3e9} == {1, 2}
 
 
 def _law_rows(E, A, B, alpha, beta, seed):
@@ -274,7 +295,9 @@ def test_compute_multiplier_has_a_bootstrap_ci_that_separates_a_better_group(cap
 
 
 def test_matched_budget_gaps_compare_best_runs_in_seed_sd():
-    from experiments.report import _matched_budget_gaps
+    import numpy as np
+
+    from experiments.report import _gap_text, _matched_budget_gaps
 
     def run(g, c, loss, kind="isoflop", fit=True):
         return {"group": g, "kind": kind, "budget": c, "final_eval_loss": loss, "status": "done", "fit": fit}
@@ -287,7 +310,16 @@ def test_matched_budget_gaps_compare_best_runs_in_seed_sd():
     gaps = _matched_budget_gaps(rr, groups, "a")
     assert [(g["budget"], round(g["gap"], 6)) for g in gaps["b"]] == [(1e10, -0.1), (1e11, 0.1)]
     assert gaps["b"][0]["gap_in_sd"] == pytest.approx(-0.1 / 0.05)
+    assert gaps["b"][0]["sd_source"] == "pooled"
     assert gaps["c"] == []  # no runs of its own; and without seed noise no sd units
+    # where both groups have replicates at a budget, that budget's sd is used (noise shrinks with budget)
+    groups["a"]["seed_noise"]["by_budget"] = [{"budget": 1e10, "sd": 0.03, "dof": 3},
+                                              {"budget": 1e11, "sd": 0.003, "dof": 2}]
+    groups["b"]["seed_noise"]["by_budget"] = [{"budget": 1e11, "sd": 0.004, "dof": 2}]
+    g10, g11 = _matched_budget_gaps(rr, groups, "a")["b"]
+    assert g11["sd_source"] == "budget" and g11["gap_in_sd"] == pytest.approx(0.1 / 0.005)
+    assert g10["sd_source"] == "pooled" and g10["gap_in_sd"] == pytest.approx(-0.1 / np.hypot(0.03, 0.04))
+    assert _gap_text(g11) == "+0.100 (+20.0 sd)" and _gap_text(g10).endswith("sd*)")
 
 
 def test_cli_interrupt_names_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys):
