@@ -282,11 +282,13 @@ def gpu_full() -> StudySpec:
         wsd_sizes=3,
         n_bootstrap=1000,
         workers=1,
-        # run-to-run noise per group at the smallest budget (0.8% of the planned FLOPs): the groups' law-free
-        # comparison is in its units (cpu-families could not resolve Muon's multiplier at CPU scale). Adding
-        # the held-out budget measures the noise where the prediction is checked, for ~29% more compute.
+        # run-to-run noise per group: every run at the smallest budget (0.8% of the planned FLOPs) and the
+        # middle size at each larger one (19% more: cpu-families' seed sd fell tenfold over its budgets, so a
+        # comparison at a large budget needs that budget's noise). Adding the held-out budget's runs would
+        # measure it where the prediction is checked, for about 29% more.
         replicate_seeds=(1, 2),
         replicate_budgets=(1e17,),
+        replicate_middle_budgets=(3e17, 1e18, 3e18, 1e19),
     )
 
 
