@@ -39,6 +39,8 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
 - ``comparisons``: {target_loss, compute_to_target (group -> C), multipliers (group -> C / C_ref),
   multiplier_ci {level, n_replicates, ci (group -> [lo, hi] or null)}, matched_budget_gaps (group ->
   [{budget, best_loss, reference_best_loss, gap, combined_seed_sd, sd_source, gap_in_sd}]),
+  empirical_multipliers (group -> {budget, target_loss, budgets, multiplier, kind interpolated|at_most|
+  not_reached, ci, ci_level, n_draws, p_reached}: law-free, from best runs and seed noise),
   reference_group, law_frontier} (several groups only)
 - ``figures``: list of PNG paths relative to the study directory; ``timing``: wall seconds
 """
@@ -769,43 +771,86 @@ def _multiplier_ci(groups: dict, fits: dict, ref: str, target: float, grid: np.n
     return out
 
 
+def _best_by_budget(rr: Sequence[dict], g: str) -> dict[float, float]:
+    """A group's best (lowest) final loss per isoFLOP budget: its measured compute-optimal frontier."""
+    out: dict[float, float] = {}
+    for r in _rows(rr, g, ("isoflop",), fit=True):
+        out[r["budget"]] = min(out.get(r["budget"], math.inf), r["final_eval_loss"])
+    return out
+
+
+def _seed_sd_at(groups: dict, g: str, c: float) -> tuple[float | None, str | None]:
+    """A group's seed sd at budget ``c`` where it has replicates there ("budget"), else its pooled sd."""
+    sn = groups[g].get("seed_noise", {})
+    if "error" in sn or not sn:
+        return None, None
+    at = [b for b in sn.get("by_budget", []) if math.isclose(b["budget"], c, rel_tol=1e-9) and b["dof"]]
+    return (at[0]["sd"], "budget") if at else (sn["pooled_sd"], "pooled")
+
+
 def _matched_budget_gaps(rr: Sequence[dict], groups: dict, ref: str) -> dict:
     """Law-free comparison: at each isoFLOP budget, each group's best run minus the reference's best run,
     and that gap in units of their combined seed noise sqrt(sd_g^2 + sd_ref^2) (where both groups have seed
     replicates). Noise shrinks with training length (tenfold over cpu-tiny's budgets), so each group's sd is
     its seed sd at that budget where replicates exist there (``sd_source`` "budget"), else its pooled sd
     ("pooled": at a budget larger than the replicated ones, an overestimate)."""
-    def best(g: str) -> dict[float, float]:
-        out: dict[float, float] = {}
-        for r in _rows(rr, g, ("isoflop",), fit=True):
-            out[r["budget"]] = min(out.get(r["budget"], math.inf), r["final_eval_loss"])
-        return out
-
-    def sd(g: str, c: float) -> tuple[float | None, str | None]:
-        sn = groups[g].get("seed_noise", {})
-        if "error" in sn or not sn:
-            return None, None
-        at = [b for b in sn.get("by_budget", []) if math.isclose(b["budget"], c, rel_tol=1e-9) and b["dof"]]
-        return (at[0]["sd"], "budget") if at else (sn["pooled_sd"], "pooled")
 
     def noise(g: str, c: float) -> tuple[float | None, str | None]:
-        (s_g, src_g), (s_ref, src_ref) = sd(g, c), sd(ref, c)
+        (s_g, src_g), (s_ref, src_ref) = _seed_sd_at(groups, g, c), _seed_sd_at(groups, ref, c)
         if s_g is None or s_ref is None:
             return None, None
         return math.hypot(s_g, s_ref), ("budget" if src_g == src_ref == "budget" else "pooled")
 
-    ref_best = best(ref)
+    ref_best = _best_by_budget(rr, ref)
     out = {}
     for g in groups:
         if g == ref:
             continue
-        mine = best(g)
+        mine = _best_by_budget(rr, g)
         out[g] = []
         for c in sorted(set(mine) & set(ref_best)):
             n_c, src = noise(g, c)
             out[g].append({"budget": c, "best_loss": mine[c], "reference_best_loss": ref_best[c],
                            "gap": mine[c] - ref_best[c], "combined_seed_sd": n_c, "sd_source": src,
                            "gap_in_sd": None if not n_c else (mine[c] - ref_best[c]) / n_c})
+    return out
+
+
+def _empirical_multipliers(rr: Sequence[dict], groups: dict, ref: str, n_draws: int = 2000,
+                           seed: int = 0) -> dict:
+    """Law-free compute multipliers: the compute at which a group's best runs reach the reference's best
+    loss at the largest shared budget, over that budget, with the group's frontier interpolated linearly in
+    log C between measured budgets (no extrapolation: a target reached already at the smallest budget gives
+    an upper bound, one never reached a lower bound, > 1). The CI redraws every best loss with its group's
+    seed sd at that budget (``_seed_sd_at``; seeded, so reproducible): the noise a law's bootstrap misses."""
+    ref_best = _best_by_budget(rr, ref)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for g in groups:
+        if g == ref:
+            continue
+        mine = _best_by_budget(rr, g)
+        budgets = np.array(sorted(set(mine) & set(ref_best)))
+        if budgets.size < 2:
+            out[g] = {"error": f"{budgets.size} budget(s) shared with {ref!r}; need 2"}
+            continue
+        L_g = np.array([mine[c] for c in budgets])
+        c_max, target = float(budgets[-1]), float(ref_best[budgets[-1]])
+        c = compute_to_target(L_g, budgets, target)
+        kind = "not_reached" if math.isnan(c) else ("at_most" if c == budgets[0] else "interpolated")
+        entry: dict[str, Any] = {"budget": c_max, "target_loss": target, "budgets": budgets.tolist(),
+                                 "multiplier": None if math.isnan(c) else c / c_max, "kind": kind}
+        sd_g = [_seed_sd_at(groups, g, float(b))[0] for b in budgets]
+        sd_ref = _seed_sd_at(groups, ref, c_max)[0]
+        if all(s is not None for s in sd_g) and sd_ref is not None:
+            draws_g = L_g + rng.standard_normal((n_draws, budgets.size)) * np.array(sd_g)
+            draws_t = target + rng.standard_normal(n_draws) * sd_ref
+            m = np.array([compute_to_target(dg, budgets, t) for dg, t in zip(draws_g, draws_t, strict=True)])
+            m = np.where(np.isnan(m), math.inf, m) / c_max
+            lo, hi = np.quantile(m, [(1 - CI_LEVEL) / 2, (1 + CI_LEVEL) / 2], method="inverted_cdf")
+            entry.update(ci=[float(x) if np.isfinite(x) else None for x in (lo, hi)], ci_level=CI_LEVEL,
+                         n_draws=n_draws, p_reached=float(np.mean(np.isfinite(m))))
+        out[g] = entry
     return out
 
 
@@ -841,6 +886,7 @@ def _comparisons(groups: dict, spec, rr: Sequence[dict] = ()) -> dict:
     ci = _guard(lambda: _multiplier_ci(groups, fits, ref, target, grid))
     out["multiplier_ci"] = ci
     out["matched_budget_gaps"] = _guard(lambda: _matched_budget_gaps(rr, groups, ref))
+    out["empirical_multipliers"] = _guard(lambda: _empirical_multipliers(rr, groups, ref))
     fr = _guard(lambda: law_frontier(predictors, grid, sense="min").to_dict())
     out["law_frontier"] = (
         fr if "error" in fr else {"crossovers": fr["crossovers"], "best_at_max_budget": fr["best"][-1]}
@@ -1037,6 +1083,18 @@ def _gap_text(r: dict) -> str:
     if r["gap_in_sd"] is None:
         return f"{r['gap']:+.3f}"
     return f"{r['gap']:+.3f} ({r['gap_in_sd']:+.1f} sd{'' if r.get('sd_source') == 'budget' else '*'})"
+
+
+def _empirical_text(e: dict) -> str:
+    """A law-free multiplier: its value (or bound) and seed-noise CI, e.g. '0.77 (95% CI [0.6, 1.1])'."""
+    value = {"not_reached": "> 1 (target not reached in the sweep)",
+             "at_most": f"<= {_fmt(e['multiplier'], '.3g')}"}.get(e["kind"], _fmt(e["multiplier"], ".3g"))
+    if e.get("ci") is None:
+        return value
+    if e["p_reached"] == 0:
+        return f"{value}, nor in any of {e['n_draws']} seed-noise draws"
+    ci = _fmt(e["ci"], ".3g")
+    return f"{value} ({e['ci_level']:.0%} CI {ci}, target reached in {e['p_reached']:.0%} of the noise draws)"
 
 
 def _multiplier_ci_of(cmp_: dict, group: str) -> list | None:
@@ -1346,6 +1404,14 @@ def render_markdown(report: dict) -> str:
                   "|---|" + "---|" * len(budgets)]
             for g, rows in gaps.items():
                 L.append(f"| {g} | " + " | ".join(_gap_text(r) for r in rows) + " |")
+        emp = cmp_.get("empirical_multipliers") or {}
+        if emp and "error" not in emp:
+            L += ["", f"Law-free compute multipliers: the compute at which each group's best runs reach "
+                      f"`{cmp_['reference_group']}`'s best loss at the largest budget, over that budget "
+                      "(interpolated in log C between measured budgets, never extrapolated; the CI redraws "
+                      "every best loss with its group's seed sd at that budget, an infinite upper end shows "
+                      "as –):", "", "| group | multiplier |", "|---|---|"]
+            L += [f"| {g} | {e['error'] if 'error' in e else _empirical_text(e)} |" for g, e in emp.items()]
         L.append(f"\nLaw frontier: {cmp_.get('law_frontier')}")
     if report["figures"]:
         L += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]
@@ -1430,7 +1496,9 @@ def print_summary(report: dict, out: Path) -> None:
                 continue
             gap = "" if "error" in gaps or g not in gaps else "; best run minus reference's: " + ", ".join(
                 _gap_text(r) for r in gaps[g])
+            emp = (cmp_.get("empirical_multipliers") or {}).get(g, {})
+            emp_text = "" if not emp or "error" in emp else f"; law-free: {_empirical_text(emp)}"
             print(f"[compare] {g} vs {cmp_['reference_group']}: compute multiplier {_fmt(m, '.3f')} "
-                  f"(95% CI {_fmt(_multiplier_ci_of(cmp_, g), '.3g')}){gap}")
+                  f"(95% CI {_fmt(_multiplier_ci_of(cmp_, g), '.3g')}){emp_text}{gap}")
     t = report.get("timing", {})
     print(f"wall time {t.get('total_wall_seconds', t.get('train_wall_seconds', 0)):.0f} s")

@@ -322,6 +322,39 @@ def test_matched_budget_gaps_compare_best_runs_in_seed_sd():
     assert _gap_text(g11) == "+0.100 (+20.0 sd)" and _gap_text(g10).endswith("sd*)")
 
 
+def test_empirical_multipliers_interpolate_best_runs_with_seed_noise_cis():
+    from experiments.report import _empirical_multipliers, _empirical_text
+
+    def run(g, c, loss):
+        return {"group": g, "kind": "isoflop", "budget": c, "final_eval_loss": loss, "status": "done",
+                "fit": True}
+
+    rr = [run("ref", 1e10, 3.0), run("ref", 1e10, 3.1), run("ref", 1e11, 2.5),
+          run("b", 1e10, 2.8), run("b", 1e11, 2.2),   # reaches 2.5 halfway (in log C) from 1e10 to 1e11
+          run("c", 1e10, 2.9), run("c", 1e11, 2.6),   # never reaches 2.5 within the sweep
+          run("d", 1e10, 2.4), run("d", 1e11, 2.3)]   # already below 2.5 at the smallest budget
+    quiet = {"seed_noise": {"pooled_sd": 1e-9}}
+    groups = {g: quiet for g in ("ref", "b", "c", "d")}
+    e = _empirical_multipliers(rr, groups, "ref")
+    assert e["b"]["kind"] == "interpolated" and e["b"]["multiplier"] == pytest.approx(10 ** -0.5)
+    assert e["b"]["target_loss"] == 2.5 and e["b"]["budget"] == 1e11
+    assert e["b"]["ci"] == pytest.approx([10 ** -0.5] * 2, rel=1e-6) and e["b"]["p_reached"] == 1.0
+    assert e["c"]["kind"] == "not_reached" and e["c"]["multiplier"] is None and e["c"]["p_reached"] == 0.0
+    assert e["d"]["kind"] == "at_most" and e["d"]["multiplier"] == pytest.approx(0.1)
+    assert _empirical_text(e["d"]).startswith("<= 0.1") and "nor in any" in _empirical_text(e["c"])
+    # noise widens the interval around the point; each budget's own sd is used where replicated; reproducible
+    noisy = {"seed_noise": {"pooled_sd": 0.5, "by_budget": [{"budget": 1e11, "sd": 0.05, "dof": 2}]}}
+    groups = {"ref": noisy, "b": noisy, "c": quiet, "d": quiet}
+    e1, e2 = _empirical_multipliers(rr, groups, "ref"), _empirical_multipliers(rr, groups, "ref")
+    lo, hi = e1["b"]["ci"]
+    assert lo < 10 ** -0.5 < hi and e1["b"]["ci"] == e2["b"]["ci"] and e1["b"]["p_reached"] == 1.0
+    # with sd 0.5 at 1e10 about a quarter of the draws are below the target there: the lower end is that
+    # budget over the largest, a bound (the interpolation never extrapolates)
+    assert lo == pytest.approx(0.1)
+    no_noise = {**groups, "b": {"seed_noise": {"error": "no replicates"}}}
+    assert "ci" not in _empirical_multipliers(rr, no_noise, "ref")["b"]
+
+
 def test_cli_interrupt_names_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys):
     """Ctrl-C or a time limit's SIGINT (experiments/gpu_session.sh) ends the command with status 130 and a
     message naming the study directory, not a traceback."""
