@@ -264,7 +264,8 @@ def _law_rows(E, A, B, alpha, beta, seed):
 def test_compute_multiplier_has_a_bootstrap_ci_that_separates_a_better_group(capsys, tmp_path):
     import numpy as np
 
-    from experiments.report import _comparisons, compute_to_target, fit_chinchilla, print_summary
+    from experiments.compare import comparisons, compute_to_target
+    from experiments.report import fit_chinchilla, print_summary
 
     true = dict(E=1.8, A=400.0, B=2000.0, alpha=0.34, beta=0.36)
     groups = {}
@@ -273,7 +274,7 @@ def test_compute_multiplier_has_a_bootstrap_ci_that_separates_a_better_group(cap
         res, boot = fit_chinchilla(_law_rows(**(true | over), seed=i), n_bootstrap=60, seed=i)
         groups[g] = {"_fit": (res, boot, None), "_fpt": lambda n: 6.0 * np.asarray(n, np.float64)}
     spec = dataclasses.replace(_micro_spec(), budgets=(1e15, 3e16), target_loss=None)
-    cmp_ = _comparisons(groups, spec)
+    cmp_ = comparisons(groups, spec)
     ci, mult = cmp_["multiplier_ci"]["ci"], cmp_["multipliers"]
     assert cmp_["reference_group"] == "dense-adamw" and ci["dense-adamw"] == [1.0, 1.0]
     # halving B (each token worth more) reaches the target with less compute, clearly beyond the noise
@@ -297,7 +298,8 @@ def test_compute_multiplier_has_a_bootstrap_ci_that_separates_a_better_group(cap
 def test_matched_budget_gaps_compare_best_runs_in_seed_sd():
     import numpy as np
 
-    from experiments.report import _gap_text, _matched_budget_gaps
+    from experiments.compare import matched_budget_gaps
+    from experiments.report import _gap_text
 
     def run(g, c, loss, kind="isoflop", fit=True):
         return {"group": g, "kind": kind, "budget": c, "final_eval_loss": loss, "status": "done", "fit": fit}
@@ -307,7 +309,7 @@ def test_matched_budget_gaps_compare_best_runs_in_seed_sd():
           run("b", 1e11, 2.0, kind="seed_replicate", fit=False)]  # not an isoFLOP point: ignored
     groups = {"a": {"seed_noise": {"pooled_sd": 0.03}}, "b": {"seed_noise": {"pooled_sd": 0.04}},
               "c": {"seed_noise": {"error": "no replicates"}}}
-    gaps = _matched_budget_gaps(rr, groups, "a")
+    gaps = matched_budget_gaps(rr, groups, "a")
     assert [(g["budget"], round(g["gap"], 6)) for g in gaps["b"]] == [(1e10, -0.1), (1e11, 0.1)]
     assert gaps["b"][0]["gap_in_sd"] == pytest.approx(-0.1 / 0.05)
     assert gaps["b"][0]["sd_source"] == "pooled"
@@ -316,14 +318,15 @@ def test_matched_budget_gaps_compare_best_runs_in_seed_sd():
     groups["a"]["seed_noise"]["by_budget"] = [{"budget": 1e10, "sd": 0.03, "dof": 3},
                                               {"budget": 1e11, "sd": 0.003, "dof": 2}]
     groups["b"]["seed_noise"]["by_budget"] = [{"budget": 1e11, "sd": 0.004, "dof": 2}]
-    g10, g11 = _matched_budget_gaps(rr, groups, "a")["b"]
+    g10, g11 = matched_budget_gaps(rr, groups, "a")["b"]
     assert g11["sd_source"] == "budget" and g11["gap_in_sd"] == pytest.approx(0.1 / 0.005)
     assert g10["sd_source"] == "pooled" and g10["gap_in_sd"] == pytest.approx(-0.1 / np.hypot(0.03, 0.04))
     assert _gap_text(g11) == "+0.100 (+20.0 sd)" and _gap_text(g10).endswith("sd*)")
 
 
 def test_empirical_multipliers_interpolate_best_runs_with_seed_noise_cis():
-    from experiments.report import _empirical_multipliers, _empirical_text
+    from experiments.compare import empirical_multipliers
+    from experiments.report import _empirical_text
 
     def run(g, c, loss):
         return {"group": g, "kind": "isoflop", "budget": c, "final_eval_loss": loss, "status": "done",
@@ -335,7 +338,7 @@ def test_empirical_multipliers_interpolate_best_runs_with_seed_noise_cis():
           run("d", 1e10, 2.4), run("d", 1e11, 2.3)]   # already below 2.5 at the smallest budget
     quiet = {"seed_noise": {"pooled_sd": 1e-9}}
     groups = {g: quiet for g in ("ref", "b", "c", "d")}
-    e = _empirical_multipliers(rr, groups, "ref")
+    e = empirical_multipliers(rr, groups, "ref")
     assert e["b"]["kind"] == "interpolated" and e["b"]["multiplier"] == pytest.approx(10 ** -0.5)
     assert e["b"]["target_loss"] == 2.5 and e["b"]["budget"] == 1e11
     assert e["b"]["ci"] == pytest.approx([10 ** -0.5] * 2, rel=1e-6) and e["b"]["p_reached"] == 1.0
@@ -345,14 +348,14 @@ def test_empirical_multipliers_interpolate_best_runs_with_seed_noise_cis():
     # noise widens the interval around the point; each budget's own sd is used where replicated; reproducible
     noisy = {"seed_noise": {"pooled_sd": 0.5, "by_budget": [{"budget": 1e11, "sd": 0.05, "dof": 2}]}}
     groups = {"ref": noisy, "b": noisy, "c": quiet, "d": quiet}
-    e1, e2 = _empirical_multipliers(rr, groups, "ref"), _empirical_multipliers(rr, groups, "ref")
+    e1, e2 = empirical_multipliers(rr, groups, "ref"), empirical_multipliers(rr, groups, "ref")
     lo, hi = e1["b"]["ci"]
     assert lo < 10 ** -0.5 < hi and e1["b"]["ci"] == e2["b"]["ci"] and e1["b"]["p_reached"] == 1.0
     # with sd 0.5 at 1e10 about a quarter of the draws are below the target there: the lower end is that
     # budget over the largest, a bound (the interpolation never extrapolates)
     assert lo == pytest.approx(0.1)
     no_noise = {**groups, "b": {"seed_noise": {"error": "no replicates"}}}
-    assert "ci" not in _empirical_multipliers(rr, no_noise, "ref")["b"]
+    assert "ci" not in empirical_multipliers(rr, no_noise, "ref")["b"]
 
 
 def test_cli_interrupt_names_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys):
