@@ -613,20 +613,21 @@ def _law_forms_block(
 
 
 def _form_extrapolation(name: str, fit_rows, spec, fpt, chinchilla_fit, entropy: float | None) -> list[dict]:
-    from scaling.fit import fit
+    from scaling.backtest import fit_until_converged
     from scaling.laws import get_law
     from scaling.optimal import compute_optimal
 
     law = get_law(name)
     if len(fit_rows) <= len(law.params):
         raise ValueError(f"{len(fit_rows)} isoFLOP points for {len(law.params)} parameters")
-    res = chinchilla_fit if name == "chinchilla" and chinchilla_fit is not None else fit(
+    res = chinchilla_fit if name == "chinchilla" and chinchilla_fit is not None else fit_until_converged(
         law, _data(fit_rows), warn=False)
     C = np.array([max(spec.budgets) * m for m in spec.extrapolate])
     al = compute_optimal(res, C, flops_per_token=fpt)
     return [
         {"multiple": m, "C": float(C[i]), "N": float(al.N[i]), "D": float(al.D[i]), "loss": float(al.loss[i]),
-         "below_entropy": None if entropy is None else bool(al.loss[i] < entropy)}
+         "below_entropy": None if entropy is None else bool(al.loss[i] < entropy),
+         "converged": bool(res.converged)}
         for i, m in enumerate(spec.extrapolate)
     ]
 

@@ -70,7 +70,8 @@ def test_folds_fit_only_the_smaller_budgets():
 def test_a_form_with_too_few_points_is_skipped_not_ranked():
     data = isoflop_sweep("chinchilla", HOFFMANN)
     # Farseer has 9 parameters: with 2 budgets x 7 = 14 points it can be fitted, with 1 budget (7) it cannot.
-    bt = backtest(("chinchilla", "farseer"), data, by="C", min_train=1)
+    # (retry_max_iter=0: this test is about skipping and ranking, not Farseer's convergence, which is slow)
+    bt = backtest(("chinchilla", "farseer"), data, by="C", min_train=1, retry_max_iter=0)
     fs = bt.forms["farseer"].folds
     assert fs[0].prediction is None and fs[0].skipped == "7 training points for 9 parameters"
     assert all(f.prediction is not None for f in fs[1:])
@@ -78,7 +79,7 @@ def test_a_form_with_too_few_points_is_skipped_not_ranked():
     assert set(bt.ranking) == {"chinchilla", "farseer"}
     # a form never scored anywhere is listed but does not block the others' ranking
     few = {k: v[data["C"] <= 1e19] for k, v in data.items()}
-    bt2 = backtest(("chinchilla", "farseer"), few, by="C", min_train=1)
+    bt2 = backtest(("chinchilla", "farseer"), few, by="C", min_train=1, retry_max_iter=0)
     assert bt2.ranking == ["chinchilla"] and bt2.forms["farseer"].folds[0].skipped
     d = bt2.to_dict()
     json.dumps(d)  # JSON-serialisable as it is
@@ -132,3 +133,23 @@ def test_hoffmann_data_prefers_chinchilla_over_kaplan():
     assert len(bt.common_keys) == 6
     assert bt.ranking == ["chinchilla", "kaplan"]
     assert bt.forms["chinchilla"].mean_are(bt.common_keys) < 0.015
+
+
+def test_an_unconverged_fit_is_redone_with_more_iterations():
+    """A backtest of early-stopped fits would score the optimiser, not the law form: a fit that stops at its
+    iteration limit is redone with retry_max_iter, and a fold that still did not converge is marked."""
+    from scaling.backtest import fit_until_converged
+
+    data = isoflop_sweep("kaplan", KAPLAN)  # Kaplan's form has no linear structure: plain batched L-BFGS
+    short = fit("kaplan", data, warn=False, max_iter=3)
+    assert not short.converged
+    res = fit_until_converged("kaplan", data, warn=False, max_iter=3, retry_max_iter=400)
+    assert res.converged and res.objective < short.objective
+    same = fit_until_converged("kaplan", data, warn=False, max_iter=3, retry_max_iter=3)  # no retry possible
+    assert same.objective == short.objective
+    bt = backtest(("kaplan",), data, by="C", max_iter=3, retry_max_iter=0)  # no retry: marked, still scored
+    assert all(f.converged is False and f.mean_are is not None for f in bt.forms["kaplan"].folds)
+    assert "did not converge" in bt.summary()
+    assert bt.to_dict()["forms"]["kaplan"]["folds"][0]["converged"] is False
+    bt = backtest(("kaplan",), data, by="C", max_iter=3)  # default retry
+    assert all(f.converged for f in bt.forms["kaplan"].folds)
