@@ -604,15 +604,21 @@ def _law_forms_block(
         return {"error": "no law forms to compare (spec.law_forms is empty)"}
     rows = list(fit_rows) + list(held_rows)
     budgets = np.array([r["budget"] for r in rows], np.float64)
-    out = backtest(spec.law_forms, _data(rows), by=budgets, key_name="budget").to_dict()
+    bt = backtest(spec.law_forms, _data(rows), by=budgets, key_name="budget")
+    out = bt.to_dict()
+    fit_budgets = sorted({r["budget"] for r in fit_rows})
     out["extrapolation"] = {
-        name: _guard(lambda n=name: _form_extrapolation(n, fit_rows, spec, fpt, chinchilla_fit, entropy))
-        for name in spec.law_forms
+        name: _guard(lambda n=name, fb=fb: _form_extrapolation(
+            n, fit_rows, spec, fpt, chinchilla_fit if n == "chinchilla" else fb.fit_on(fit_budgets), entropy))
+        for name, fb in bt.forms.items()
     }
     return out
 
 
-def _form_extrapolation(name: str, fit_rows, spec, fpt, chinchilla_fit, entropy: float | None) -> list[dict]:
+def _form_extrapolation(name: str, fit_rows, spec, fpt, fitted, entropy: float | None) -> list[dict]:
+    """``fitted``: the form's fit on the isoFLOP runs -- the headline fit for Chinchilla, the backtest's own
+    fit on those budgets for the others (its last held-out fold, or its full fit without held-out runs);
+    fitted here only if neither exists."""
     from scaling.backtest import fit_until_converged
     from scaling.laws import get_law
     from scaling.optimal import compute_optimal
@@ -620,8 +626,7 @@ def _form_extrapolation(name: str, fit_rows, spec, fpt, chinchilla_fit, entropy:
     law = get_law(name)
     if len(fit_rows) <= len(law.params):
         raise ValueError(f"{len(fit_rows)} isoFLOP points for {len(law.params)} parameters")
-    res = chinchilla_fit if name == "chinchilla" and chinchilla_fit is not None else fit_until_converged(
-        law, _data(fit_rows), warn=False)
+    res = fitted if fitted is not None else fit_until_converged(law, _data(fit_rows), warn=False)
     C = np.array([max(spec.budgets) * m for m in spec.extrapolate])
     al = compute_optimal(res, C, flops_per_token=fpt)
     return [

@@ -179,8 +179,7 @@ def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> li
         group_runs = iso + held + wsd
         if lo is not None and hi is not None:
             group_runs = [_clamp_lr(r, lo, hi) for r in group_runs]
-        replicated = [r for r in group_runs if r.kind in ("isoflop", "heldout") and r.budget is not None
-                      and _among(r.budget, spec.replicate_budgets)]
+        replicated = _curve_runs(group_runs, spec.replicate_budgets)
         middle = _middle_sizes(group_runs, spec.replicate_middle_budgets)
         replicated += [r for r in middle if r not in replicated]
         if spec.replicate_seeds and replicated:
@@ -189,12 +188,17 @@ def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> li
     return resolve(runs)
 
 
+def _curve_runs(runs: Sequence[PlannedRun], budgets: Sequence[float]) -> list[PlannedRun]:
+    """The isoFLOP and held-out runs at ``budgets`` (the runs seed replicates may copy)."""
+    return [r for r in runs if r.kind in ("isoflop", "heldout") and r.budget is not None
+            and _among(r.budget, budgets)]
+
+
 def _middle_sizes(runs: Sequence[PlannedRun], budgets: Sequence[float]) -> list[PlannedRun]:
     """Per budget in ``budgets``: the isoFLOP (or held-out) run nearest the curve's middle in log N."""
     out = []
     for c in budgets:
-        curve = sorted((r for r in runs if r.kind in ("isoflop", "heldout") and r.budget is not None
-                        and _among(r.budget, (c,))), key=lambda r: r.params)
+        curve = sorted(_curve_runs(runs, (c,)), key=lambda r: r.params)
         if curve:
             mid = sum(math.log(r.params) for r in curve) / len(curve)
             out.append(min(curve, key=lambda r: abs(math.log(r.params) - mid)))

@@ -113,7 +113,7 @@ _CPU_BATCH = BatchRule(coef=16 * 64 / 1e11**0.33, exp=0.33, min_batch=4, max_bat
 def cpu_tiny() -> StudySpec:
     return StudySpec(
         name="cpu-tiny",
-        description="dense AdamW isoFLOP study on the synthetic Markov corpus (2 CPU cores, ~6 min)",
+        description="dense AdamW isoFLOP study on the synthetic Markov corpus (2 CPU cores, ~7 min)",
         groups=(
             GroupSpec(
                 "dense-adamw", _cpu_base(), _CPU_LR, _CPU_SHAPES, lr_sweep_factors=(0.5, 1.0, 2.0, 4.0)

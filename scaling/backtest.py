@@ -36,6 +36,7 @@ class Fold:
     prediction: np.ndarray | None  # None when the form was skipped in this fold
     skipped: str | None = None
     converged: bool | None = None  # the fold's fit met its tolerance (False: scored, but read with care)
+    fit: FitResult | None = None  # the fold's fit (None when skipped)
 
     @property
     def relative_error(self) -> np.ndarray | None:
@@ -63,6 +64,7 @@ class FormBacktest:
     folds: list[Fold]
     full_fit: FitResult | None
     full_fit_error: str | None = None
+    all_keys: tuple[float, ...] = ()  # the keys of every point: what the full fit was fitted on
 
     @property
     def n_params(self) -> int:
@@ -74,6 +76,14 @@ class FormBacktest:
         if self.full_fit is None:
             return None
         return float(np.sqrt(np.mean(self.full_fit.residuals**2)))
+
+    def fit_on(self, train_keys: Sequence[float]) -> FitResult | None:
+        """This form's fit on exactly the points keyed ``train_keys`` (a fold's training set, or every point
+        for the full fit), so a caller needing that fit does not fit it again; None if there is none."""
+        keys = tuple(sorted(train_keys))
+        if self.full_fit is not None and keys == self.all_keys:
+            return self.full_fit
+        return next((f.fit for f in self.folds if f.train_keys == keys and f.fit is not None), None)
 
     def scored(self, keys: Sequence[float] | None = None) -> list[Fold]:
         return [f for f in self.folds if f.prediction is not None and (keys is None or f.test_key in keys)]
@@ -189,7 +199,7 @@ def fit_until_converged(law, data: Mapping, *, retry_max_iter: int = 8000, **fit
     *better* (Farseer 2.6% / 1.2% per fold) than the converged optimum (3.8% / 5.7%): a backtest of
     unconverged fits scores the optimiser's early stopping, not the law form."""
     res = fit(law, data, **fit_kw)
-    if res.converged or retry_max_iter <= fit_kw.get("max_iter", 400):
+    if res.converged or retry_max_iter <= res.options.max_iter:
         return res
     again = fit(law, data, **{**fit_kw, "max_iter": retry_max_iter})
     return again if again.objective <= res.objective else res
@@ -277,7 +287,7 @@ def backtest(
             if not np.all(np.isfinite(pred)):
                 folds.append(Fold(**common, prediction=None, skipped="non-finite prediction"))
                 continue
-            folds.append(Fold(**common, prediction=pred, converged=bool(res.converged)))
+            folds.append(Fold(**common, prediction=pred, converged=bool(res.converged), fit=res))
         full, err = None, None
         if n > len(law.params):
             try:
@@ -287,5 +297,6 @@ def backtest(
                 err = str(e)
         else:
             err = f"{n} points for {len(law.params)} parameters"
-        result.forms[law.name] = FormBacktest(law=law, folds=folds, full_fit=full, full_fit_error=err)
+        result.forms[law.name] = FormBacktest(law=law, folds=folds, full_fit=full, full_fit_error=err,
+                                              all_keys=keys)
     return result

@@ -188,7 +188,7 @@ def cmd_backtest(args) -> dict:
                     dropna=args.dropna, positive=True, log=_note)
     data.pop("row")
     key, key_name = data[args.by], args.by
-    if args.bin_decades:
+    if args.bin_decades is not None:
         if args.bin_decades <= 0:
             raise CLIError(f"--bin-decades must be > 0, got {args.bin_decades}")
         # exact FLOPs scatter around a nominal budget (whole steps): binning log10 keeps a budget in one fold

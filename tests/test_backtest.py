@@ -65,6 +65,10 @@ def test_folds_fit_only_the_smaller_budgets():
     ref = fit("chinchilla", {k: v[~largest] for k, v in data.items()}, warn=False)
     pred = ref.predict(N=data["N"][largest], D=data["D"][largest])
     np.testing.assert_allclose(folds[1].prediction, pred, rtol=1e-6)
+    # each fold keeps its fit, so a caller wanting the fit on those budgets need not fit again
+    fb = bt.forms["chinchilla"]
+    assert fb.fit_on(BUDGETS[:3]) is folds[1].fit and fb.fit_on(BUDGETS[2::-1]) is folds[1].fit
+    assert fb.fit_on(BUDGETS) is fb.full_fit and fb.fit_on(BUDGETS[:1]) is None
 
 
 def test_a_form_with_too_few_points_is_skipped_not_ranked():

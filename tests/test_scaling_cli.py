@@ -282,6 +282,8 @@ def test_cli_backtest_ranks_the_generating_form_and_writes_json(tmp_path, capsys
     cols = ["--columns", "C=flops,N=params"]
     rc, _, err = _run(["backtest", data, "--laws", "chinchilla,nope", *cols], capsys)
     assert rc == 2 and "unknown law 'nope'" in err
+    rc, _, err = _run(["backtest", data, *cols, "--bin-decades", "0"], capsys)
+    assert rc == 2 and "--bin-decades must be > 0, got 0.0" in err
     rc, _, err = _run(["backtest", data, *cols, "--bin-decades", "1", "--min-train", "5"], capsys)
     assert rc == 2 and "need at least 6" in err
 
