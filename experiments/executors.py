@@ -443,8 +443,11 @@ def run_parallel(
     except BaseException:
         # Ctrl-C, a time limit's SIGINT or an error here: stop now. The pool's context manager would wait for
         # the running runs to finish first (minutes); killed, they resume from their last checkpoint later.
-        pool.shutdown(wait=False, cancel_futures=True)
         _terminate_children(ctx)
+        # With its workers gone the pool's manager thread sees a broken pool and exits at once; joining it
+        # (wait=True) lets it close the call queue, whose semaphores are otherwise reported as leaked at exit.
+        # Not shutdown(wait=False) first: that drops the thread's handle, and a later wait=True joins nothing.
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
     return [results[r.name] for r in runs]

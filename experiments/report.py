@@ -987,7 +987,8 @@ def _form_extrapolation_markdown(ext: dict) -> list[str]:
             L.append(f"| {name} | not available ({e['error']}) |")
             continue
         cells = [f"{_fmt(x['N'], '.3g')} | {_fmt(x['loss'])}{' †' if x['below_entropy'] else ''}" for x in e]
-        L.append(f"| {name} | " + " | ".join(cells) + " |")
+        unconverged = " (fit did not converge)" if any(x.get("converged") is False for x in e) else ""
+        L.append(f"| {name}{unconverged} | " + " | ".join(cells) + " |")
     return L
 
 
@@ -1010,9 +1011,13 @@ def _law_forms_markdown(lf: dict) -> list[str]:
     for name in lf["ranking"] + [n for n in forms if n not in lf["ranking"]]:
         f = forms[name]
         cells = [f"skipped ({x['skipped']})" if x["mean_are"] is None
-                 else f"{x['mean_are']:.2%} ({x['mean_bias']:+.2%})" for x in f["folds"]]
+                 else f"{x['mean_are']:.2%} ({x['mean_bias']:+.2%}){'' if x.get('converged', True) else ' !'}"
+                 for x in f["folds"]]
         L.append(f"| {name} | {f['n_params']} | {_fmt(f['in_sample_rms'])} | " + " | ".join(cells)
                  + f" | {_fmt(f['mean_are_common'], '.2%')} |")
+    if any(x.get("converged") is False for f in forms.values() for x in f["folds"]):
+        L.append("\n! = that fold's fit did not converge even after the retry with more iterations: its "
+                 "error scores where the optimiser stopped, not the form; read it with care.")
     if lf["ranking"]:
         common = ", ".join(f"{k:.3g}" for k in lf["common_test_keys"])
         L.append(f"\nRanked by the mean over the budgets every ranked form was scored on ({common}): "
@@ -1109,6 +1114,8 @@ def render_markdown(report: dict) -> str:
                     f"| {name} | {_fmt(blk['a'])} | {_fmt(blk['a_ci'])} | {_fmt(blk['b'])} | "
                     f"{_fmt(blk['b_ci'])} |"
                 )
+        for r in a2.get("rejected", []):
+            L.append(f"\nApproach 2 left out budget {_fmt(r['C'], '.3g')}: {r['reason']}.")
         if isinstance(b["extrapolation"], list):
             L += [
                 "",

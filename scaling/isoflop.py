@@ -44,7 +44,13 @@ FlopsPerToken = Callable[[np.ndarray], np.ndarray]
 
 
 class EdgeOfGridError(ValueError):
-    """The minimum of an isoFLOP profile lies at the edge of its sampled size grid (N* not bracketed)."""
+    """The minimum of an isoFLOP profile is not bracketed by its sampled sizes; ``reason`` says why, without
+    the budget and the remedy that the message adds."""
+
+    def __init__(self, C: float | None, reason: str, remedy: str):
+        where = "isoFLOP profile" if C is None else f"budget C={C:.4g}"
+        super().__init__(f"{where}: {reason}{remedy}")
+        self.C, self.reason = C, reason
 
 
 def porian_seed_noise(
@@ -140,6 +146,26 @@ def _parabola_min(logn: np.ndarray, loss_kxr: np.ndarray, w_kxr: np.ndarray | No
     lowest = np.argmin(np.where(W > 0, loss_kxr, np.inf), axis=0)
     valid &= (logn[lowest] > logn.min()) & (logn[lowest] < logn.max())
     return x0 + scale * xs, c0 + c1 * xs + c2 * xs * xs, valid
+
+
+def _why_not_bracketed(logn: np.ndarray, loss: np.ndarray, method: str, log_vertex: float) -> str:
+    """Why a profile's minimum was refused, in words: the remedy differs (a wider grid for an end-point
+    minimum; more sizes or seeds for a profile that is not U-shaped)."""
+    j = int(np.argmin(loss))
+    if logn[j] <= logn.min() or logn[j] >= logn.max():
+        end = "smallest" if logn[j] <= logn.min() else "largest"
+        return f"the lowest observed loss is at the edge of the grid, the {end} size N={np.exp(logn[j]):.4g}"
+    if method == "parabola":
+        x = (logn - logn.mean()) / max(np.ptp(logn), 1e-12)
+        if np.polyfit(x, loss, 2)[0] <= 0:
+            return (
+                "the fitted parabola opens downward: the losses are not U-shaped in log N (noise, or a "
+                "profile with more than one dip), though the lowest observed loss is interior at "
+                f"N={np.exp(logn[j]):.4g}"
+            )
+        vertex = f"N={np.exp(log_vertex):.4g}" if abs(log_vertex) < 700 else f"log N={log_vertex:.4g}"
+        return f"the fitted parabola's vertex {vertex} lies outside the sampled sizes"
+    return "the interpolated minimum lies at the edge of the grid"
 
 
 def _akima_min(logn_sorted: np.ndarray, logloss_kxr: np.ndarray, grid_factor: int):
@@ -247,9 +273,10 @@ def _budget(
         ls, lstar, ok, step = _akima_min(logn, np.log(loss)[:, None], grid_factor)
     if not ok[0]:
         raise EdgeOfGridError(
-            f"budget C={C:.4g}: the loss minimum lies at the edge of the sampled sizes "
-            f"[{N.min():.4g}, {N.max():.4g}] (lowest observed loss at N={N[np.argmin(loss)]:.4g}); N* is not "
-            "bracketed — add larger/smaller models for this budget or drop it (on_edge='drop')"
+            C,
+            f"N* is not bracketed by the sampled sizes [{N.min():.4g}, {N.max():.4g}]: "
+            f"{_why_not_bracketed(logn, loss, method, float(ls[0]))}",
+            " — add larger/smaller models for this budget or drop it (on_edge='drop')",
         )
     n_point = float(np.exp(ls[0]))
     samples = None
@@ -277,8 +304,9 @@ def _budget(
         n_valid = int(bok.sum())
         if n_valid < min_valid_fraction * n_bootstrap:
             raise EdgeOfGridError(
-                f"budget C={C:.4g}: only {n_valid}/{n_bootstrap} bootstrap minima are interior; "
-                "the optimum is not reliably bracketed by the sampled sizes"
+                C,
+                f"only {n_valid}/{n_bootstrap} bootstrap minima are interior",
+                "; the optimum is not reliably bracketed by the sampled sizes",
             )
         samples = bs[bok]
         floor = min_std_grid_steps * (step if step is not None else 0.0)
@@ -455,7 +483,7 @@ def approach2(
         except EdgeOfGridError as err:
             if on_edge == "raise":
                 raise
-            rejected.append((float(c), str(err)))
+            rejected.append((float(c), err.reason))
             continue
         if n_bootstrap:
             optima.append(out[0])
@@ -464,10 +492,9 @@ def approach2(
         else:
             optima.append(out)
     if len(optima) < 2:
-        raise ValueError(
-            f"Approach 2 needs at least 2 usable budgets, got {len(optima)} "
-            f"({len(rejected)} rejected at the edge of their size grid)"
-        )
+        why = "".join(f"; C={c:.4g}: {r}" for c, r in rejected)
+        raise ValueError(f"Approach 2 needs at least 2 usable budgets, got {len(optima)} ({len(rejected)} "
+                         f"rejected{why})")
     cs = np.array([o.C for o in optima])
     wn = wd = None
     if weighting == "inverse_variance":

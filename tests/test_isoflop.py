@@ -269,3 +269,24 @@ def test_approach3_accepts_bootstrap_objects_and_drops_failed_replicates():
     np.testing.assert_allclose(res.a_ci, np.quantile(a_s, [0.025, 0.975]), atol=1e-9)
     with pytest.raises(ValueError, match="FitResult"):
         approach3((LAW, P), BUDGETS, n_bootstrap=10)
+
+
+def test_unbracketed_profiles_say_why():
+    """The refusal names the cause -- an end-point minimum, a parabola that opens downward, a vertex outside
+    the grid -- and approach2's 'too few budgets' error lists every rejected budget with its cause."""
+    n = np.array([1e6, 2e6, 4e6, 8e6])
+    with pytest.raises(EdgeOfGridError, match="lowest observed loss is at the edge of the grid, the largest"):
+        isoflop_minimum(n, [3.0, 2.9, 2.8, 2.7], C=1e18)
+    with pytest.raises(EdgeOfGridError, match="isoFLOP profile: .*smallest size N=1e\\+06"):
+        isoflop_minimum(n, [2.7, 2.8, 2.9, 3.0], D=1e18 / (6 * n))
+    # W-shaped: interior lowest point, but the least-squares parabola is concave.
+    with pytest.raises(EdgeOfGridError, match="opens downward.*interior at N=2e\\+06"):
+        isoflop_minimum(n, [2.60, 2.50, 2.70, 2.52], C=1e18)
+    # Convex, interior lowest point, but the vertex of the fitted parabola lies beyond the largest size.
+    with pytest.raises(EdgeOfGridError, match=r"vertex N=.* lies outside the sampled sizes"):
+        isoflop_minimum(np.array([1e6, 2e6, 4e6, 8e6, 1.6e7]), [3.0, 2.9, 2.8, 2.69, 2.70], C=1e18)
+    C = np.repeat([1e18, 1e19], 4)
+    N = np.tile(n, 2)
+    loss = np.array([3.0, 2.9, 2.8, 2.7, 2.60, 2.50, 2.70, 2.52])
+    with pytest.raises(ValueError, match=r"got 0 \(2 rejected; C=1e\+18: .*largest.*; C=1e\+19: .*downward"):
+        approach2(C, N, loss, on_edge="drop")

@@ -370,3 +370,34 @@ def test_cli_interrupt_names_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert f"interrupted: the finished runs in {tmp_path / 's'} are kept" in err
     assert "run the same command again" in err
+
+
+def test_report_marks_unconverged_backtest_folds_and_extrapolations():
+    from experiments.report import _law_forms_markdown
+
+    def fold(are, converged):
+        return {"test_key": 1e11, "mean_are": are, "mean_bias": -are, "skipped": None, "converged": converged}
+
+    lf = {
+        "forms": {
+            "chinchilla": {"n_params": 5, "in_sample_rms": 0.01, "mean_are_common": 0.02,
+                           "folds": [fold(0.02, True)]},
+            "farseer": {"n_params": 9, "in_sample_rms": 0.01, "mean_are_common": 0.01,
+                        "folds": [fold(0.01, False)]},
+        },
+        "ranking": ["farseer", "chinchilla"],
+        "common_test_keys": [1e11],
+        "extrapolation": {
+            "chinchilla": [{"multiple": 10.0, "N": 1e5, "loss": 2.2, "below_entropy": False,
+                            "converged": True}],
+            "farseer": [{"multiple": 10.0, "N": 2e5, "loss": 1.9, "below_entropy": True,
+                         "converged": False}],
+        },
+    }
+    md = "\n".join(_law_forms_markdown(lf))
+    assert "| farseer | 9 | 0.01 | 1.00% (-1.00%) ! |" in md
+    assert "| chinchilla | 5 | 0.01 | 2.00% (-2.00%) |" in md
+    assert "! = that fold's fit did not converge" in md
+    assert "| farseer (fit did not converge) | 2e+05 | 1.9 † |" in md and "| chinchilla | 1e+05 | 2.2 |" in md
+    lf["forms"]["farseer"]["folds"] = [fold(0.01, True)]
+    assert "did not converge even" not in "\n".join(_law_forms_markdown(lf))

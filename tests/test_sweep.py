@@ -527,4 +527,8 @@ def test_parallel_executor_stops_at_once_when_interrupted(tmp_path, monkeypatch,
         executors.run_parallel(micro_runs, tmp_path, workers=2)
     assert calls == [2] and time.perf_counter() - t0 < 30
     assert mp.get_context("spawn").active_children() == [] and mp.active_children() == []
+    # the pool's manager thread was joined, so it closed the call queue (else: "leaked semaphore" at exit)
+    import threading
+
+    assert not [t for t in threading.enumerate() if type(t).__name__ == "_ExecutorManagerThread"]
     assert not any(executors.run_status(tmp_path, r) == "done" for r in micro_runs)
