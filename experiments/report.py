@@ -19,7 +19,9 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
     ``chinchilla``: {params, ci (name -> [lo, hi]), ci_level, n_bootstrap, converged, objective},
     ``entropy``: {E, E_ci, entropy_rate, E_minus_entropy, relative},
     ``heldout``: [{name, N, D, C, actual, predicted, interval [lo, hi] (90% prediction), relative_error}],
-    ``approach2``: {a, b, a_ci, b_ci, optima [{C, N, D, loss}], rejected},
+    ``approach2``: {a, b, a_ci, b_ci, optima [{C, N, D, loss}], rejected [{C, reason}], bootstrap
+    ("seed_noise" with seed replicates, else "points"), noise_sd [{budget, sd, source ("budget" or "pooled")}]
+    or None},
     ``approach3``: {a, b, a_ci, b_ci},
     ``extrapolation``: [{multiple, C, N, N_ci, D, D_ci, tokens_per_param, loss, loss_ci}],
     ``wsd``: {n_points, chinchilla params + ci, approach3 a/b, heldout (same rows as above), compare,
@@ -291,11 +293,31 @@ def _extrapolation(res, boot, cmax: float, multiples: Sequence[float], fpt) -> l
     return out
 
 
-def _approach2(rows: Sequence[dict], fpt, n_bootstrap: int) -> dict:
+def _noise_by_budget(seed_noise: dict, rows: Sequence[dict]) -> dict[float, tuple[float, str]] | None:
+    """Per fitted budget: the seed sd measured at that budget, else the pooled sd -> {budget: (sd, source)};
+    None without seed replicates."""
+    if "error" in seed_noise or not seed_noise.get("pooled_sd"):
+        return None
+    own = {e["budget"]: e["sd"] for e in seed_noise["by_budget"] if e["dof"] >= 1}
+    out = {}
+    for c in sorted({r["budget"] for r in rows}):
+        hit = next((sd for b, sd in own.items() if math.isclose(b, c, rel_tol=1e-6)), None)
+        out[c] = (hit, "budget") if hit is not None else (seed_noise["pooled_sd"], "pooled")
+    return out
+
+
+def _approach2(rows: Sequence[dict], fpt, n_bootstrap: int, noise: dict | None = None) -> dict:
+    """Approach 2 with a bootstrap CI. With seed replicates (``noise``: {budget: (sd, source)}) each
+    replicate redraws every point with its budget's measured seed sd (Porian et al. 2024's seed-noise
+    bootstrap); without, it resamples points -- with 4 sizes a budget a third of those resamples keep fewer
+    than 3 distinct sizes, so clean profiles can be rejected for too few interior replicates."""
     from scaling.isoflop import approach2
 
     d = _data(rows)
     budgets = np.array([r["budget"] for r in rows], np.float64)
+    boot: dict[str, Any] = {"bootstrap": "points"}
+    if noise is not None:
+        boot = {"bootstrap": "seed_noise", "noise_std": {c: sd for c, (sd, _) in noise.items()}}
     # Group by the planned budget (the realised FLOPs differ from it by the rounding to whole steps).
     a2 = approach2(
         budgets,
@@ -306,8 +328,12 @@ def _approach2(rows: Sequence[dict], fpt, n_bootstrap: int) -> dict:
         n_bootstrap=n_bootstrap,
         flops_per_token=fpt,
         ci_level=CI_LEVEL,
+        **boot,
     )
     return {
+        "bootstrap": boot["bootstrap"],
+        "noise_sd": None if noise is None else [
+            {"budget": c, "sd": sd, "source": src} for c, (sd, src) in noise.items()],
         "a": a2.a,
         "b": a2.b,
         "a_ci": list(a2.a_ci),
@@ -512,9 +538,11 @@ def _group_block(
         block["extrapolation"] = _guard(
             lambda: _extrapolation(res, boot, max(spec.budgets), spec.extrapolate, fpt)
         )
-    block["approach2"] = _guard(lambda: _approach2(fit_rows, fpt, spec.n_bootstrap))
-    block["wsd"] = _guard(lambda: _wsd_block(spec, rr, group, held_rows, block))
     block["seed_noise"] = _guard(lambda: _seed_noise_block(rr, group, block))
+    block["approach2"] = _guard(
+        lambda: _approach2(fit_rows, fpt, spec.n_bootstrap, _noise_by_budget(block["seed_noise"], fit_rows))
+    )
+    block["wsd"] = _guard(lambda: _wsd_block(spec, rr, group, held_rows, block))
     block["law_forms"] = _guard(
         lambda: _law_forms_block(spec, fit_rows, held_rows, fpt, block.get("_fit", (None,))[0], entropy)
     )
@@ -1114,6 +1142,15 @@ def render_markdown(report: dict) -> str:
                     f"| {name} | {_fmt(blk['a'])} | {_fmt(blk['a_ci'])} | {_fmt(blk['b'])} | "
                     f"{_fmt(blk['b_ci'])} |"
                 )
+        if a2.get("noise_sd"):
+            sds = ", ".join(f"{_fmt(x['budget'], '.3g')}: {_fmt(x['sd'], '.3g')}"
+                            + ("*" if x["source"] == "pooled" else "") for x in a2["noise_sd"])
+            pooled = "; * = pooled over budgets, none measured there" if "*" in sds else ""
+            L.append(f"\nApproach 2's interval: seed-noise bootstrap, every isoFLOP loss redrawn with its "
+                     f"budget's measured seed sd ({sds}{pooled}). It counts noise only, not the parabola's "
+                     "misfit.")
+        elif a2.get("bootstrap") == "points":
+            L.append("\nApproach 2's interval: points resampled within each budget (no seed replicates).")
         for r in a2.get("rejected", []):
             L.append(f"\nApproach 2 left out budget {_fmt(r['C'], '.3g')}: {r['reason']}.")
         if isinstance(b["extrapolation"], list):

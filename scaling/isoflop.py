@@ -18,7 +18,7 @@ Approach 3, the cross-check of all three and the parabola-bias study live in sca
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +146,18 @@ def _parabola_min(logn: np.ndarray, loss_kxr: np.ndarray, w_kxr: np.ndarray | No
     lowest = np.argmin(np.where(W > 0, loss_kxr, np.inf), axis=0)
     valid &= (logn[lowest] > logn.min()) & (logn[lowest] < logn.max())
     return x0 + scale * xs, c0 + c1 * xs + c2 * xs * xs, valid
+
+
+def _noise_at(noise_std, C: float, rtol: float):
+    """The seed-noise sd for budget C: ``noise_std`` itself, or its entry for C when it is a mapping."""
+    if not isinstance(noise_std, Mapping):
+        return noise_std
+    for c, sd in noise_std.items():
+        if abs(float(c) - C) <= rtol * max(abs(C), abs(float(c))):
+            if not (np.isfinite(sd) and sd >= 0):
+                raise ValueError(f"noise_std for budget C={C:.4g} must be finite and >= 0, got {sd}")
+            return float(sd)
+    raise ValueError(f"noise_std has no entry for budget C={C:.4g} (it has {sorted(map(float, noise_std))})")
 
 
 def _why_not_bracketed(logn: np.ndarray, loss: np.ndarray, method: str, log_vertex: float) -> str:
@@ -372,9 +384,12 @@ class Approach2Result(AllocationLaws):
         return np.array([o.loss for o in self.optima])
 
     def to_dict(self) -> dict:
-        settings = {
-            k: (getattr(v, "__name__", repr(v)) if callable(v) else v) for k, v in self.settings.items()
-        }
+        def plain(v):
+            if callable(v):
+                return getattr(v, "__name__", repr(v))
+            return [{"C": float(c), "sd": float(sd)} for c, sd in v.items()] if isinstance(v, Mapping) else v
+
+        settings = {k: plain(v) for k, v in self.settings.items()}
         return {
             "a": self.a,
             "b": self.b,
@@ -418,7 +433,7 @@ def approach2(
     on_edge: str = "raise",
     n_bootstrap: int = 0,
     bootstrap: str = "points",
-    noise_std: float | Callable | None = None,
+    noise_std: float | Callable | Mapping[float, float] | None = None,
     estimate: str = "point",
     weighting: str = "none",
     min_std_grid_steps: float = 0.0,
@@ -436,7 +451,10 @@ def approach2(
     method: "parabola" (Hoffmann) or "akima" (Porian et al. 2024); window: parabola on only that many sizes
     around the lowest observed loss. on_edge: "raise" (default) or "drop" budgets whose minimum is not
     bracketed. n_bootstrap / bootstrap: "points" (resample points within each budget) or "seed_noise" (add
-    Gaussian noise of std `noise_std`, a float or a function of the loss) -> percentile CIs for a and b.
+    Gaussian noise of std `noise_std`: a float, a function of the loss, or a mapping budget -> sd, e.g. the
+    measured seed-to-seed sd at each budget) -> percentile CIs for a and b. With few sizes per budget prefer
+    "seed_noise": a resample of k points has fewer than 3 distinct sizes with probability 34% at k = 4, so a
+    third of the "points" replicates have no parabola and a clean profile can fail `min_valid_fraction`.
     estimate: "point" or "bootstrap_median" (per-budget median of bootstrap minima, Porian et al.).
     weighting: "none" (OLS) or "inverse_variance" (WLS with 1/std(log N*)^2; needs the bootstrap).
     budget_rtol: C values within this relative distance form one budget (logged FLOPs are rarely exact).
@@ -458,7 +476,8 @@ def approach2(
     if weighting == "inverse_variance" and not n_bootstrap:
         raise ValueError("weighting='inverse_variance' needs n_bootstrap > 0 (weights are bootstrap stds)")
     if n_bootstrap and bootstrap == "seed_noise" and noise_std is None:
-        raise ValueError("bootstrap='seed_noise' needs noise_std (a float or a function of the loss)")
+        raise ValueError("bootstrap='seed_noise' needs noise_std (a float, a function of the loss, or a "
+                         "mapping budget -> sd)")
     rng = np.random.default_rng(seed)
     optima, samples, points, rejected = [], [], [], []
     for c, idx in _budget_groups(C, budget_rtol):
@@ -474,7 +493,7 @@ def approach2(
                 bootstrap,
                 n_bootstrap,
                 rng,
-                noise_std,
+                _noise_at(noise_std, float(c), budget_rtol),
                 estimate,
                 min_std_grid_steps,
                 min_valid_fraction,

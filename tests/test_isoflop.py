@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -290,3 +292,25 @@ def test_unbracketed_profiles_say_why():
     loss = np.array([3.0, 2.9, 2.8, 2.7, 2.60, 2.50, 2.70, 2.52])
     with pytest.raises(ValueError, match=r"got 0 \(2 rejected; C=1e\+18: .*largest.*; C=1e\+19: .*downward"):
         approach2(C, N, loss, on_edge="drop")
+
+
+def test_seed_noise_bootstrap_takes_a_per_budget_sd():
+    """noise_std as a mapping budget -> sd: each budget's replicates get its own noise (a budget with sd 0
+    gives the same minimum in every replicate), a missing budget or a bad sd is named, and the settings
+    serialise. The point estimates do not depend on the noise."""
+    C, N, L = _isoflop_grid(noise=0.0)
+    sds = {float(c): 0.0 for c in BUDGETS}
+    sds[float(BUDGETS[0])] = 0.02
+    res = approach2(C, N, L, n_bootstrap=50, bootstrap="seed_noise", noise_std=sds)
+    plain = approach2(C, N, L)
+    assert res.a == pytest.approx(plain.a) and res.b == pytest.approx(plain.b)
+    stds = [o.log_n_std for o in res.optima]
+    assert stds[0] > 0.01 and all(s < 1e-12 for s in stds[1:])
+    assert res.to_dict()["settings"]["noise_std"][0] == {"C": float(BUDGETS[0]), "sd": 0.02}
+    json.dumps(res.to_dict())
+    del sds[float(BUDGETS[2])]
+    with pytest.raises(ValueError, match=r"no entry for budget C=1e\+18"):
+        approach2(C, N, L, n_bootstrap=10, bootstrap="seed_noise", noise_std=sds)
+    sds[float(BUDGETS[2])] = float("nan")
+    with pytest.raises(ValueError, match="must be finite and >= 0, got nan"):
+        approach2(C, N, L, n_bootstrap=10, bootstrap="seed_noise", noise_std=sds)

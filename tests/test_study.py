@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
+from experiments import report as report_mod
 from experiments import study
 from experiments.report import REPORT_SCHEMA_VERSION, validate_report
 from experiments.study_presets import get_study_preset
@@ -84,6 +86,9 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     small_pairs = [p for p, r in zip(pairs, reps, strict=True) if r["budget"] == 1e9]
     assert small["sd"] == pytest.approx((sum((a - b) ** 2 / 2 for a, b in small_pairs) / 3) ** 0.5)
     assert small["fit_residual_rms"] > 0
+    # Approach 2's bootstrap would redraw each budget's losses with its seed sd: 1e9 its own, 3e9 the pooled
+    assert report_mod._noise_by_budget(sn, _rows_of(runs, "isoflop")) == {
+        1e9: (small["sd"], "budget"), 3e9: (sn["pooled_sd"], "pooled")}
     # law-form backtest: one fold (fit 1e9 + 3e9, predict the held-out 6e9); Chinchilla's fold is the
     # headline fit, so its error is the held-out row's; Farseer (9 parameters, 6 points) is skipped, unranked
     lf = g["law_forms"]
@@ -401,3 +406,33 @@ def test_report_marks_unconverged_backtest_folds_and_extrapolations():
     assert "| farseer (fit did not converge) | 2e+05 | 1.9 † |" in md and "| chinchilla | 1e+05 | 2.2 |" in md
     lf["forms"]["farseer"]["folds"] = [fold(0.01, True)]
     assert "did not converge even" not in "\n".join(_law_forms_markdown(lf))
+
+
+def _rows_of(runs: list[dict], kind: str) -> list[dict]:
+    return [r for r in runs if r["kind"] == kind and r["fit"]]
+
+
+def test_approach2_in_the_report_uses_the_measured_seed_noise():
+    """With seed replicates the report's Approach 2 interval redraws every loss with its budget's measured
+    seed sd (a budget's own, else the pooled one): same point estimates as without, an interval that covers
+    the true exponent, and none at all when the measured noise is zero."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in (1e17, 1e18, 1e19):
+        # the exact optimum of this law under C = 6ND (Hoffmann et al. eq. 4)
+        n_star = (0.34 * 400 / (0.28 * 410)) ** (1 / 0.62) * (c / 6) ** (0.28 / 0.62)
+        for n in n_star * np.array([0.3, 0.7, 1.6, 3.5]):
+            d = c / (6 * n)
+            loss = 1.7 + 400 / n**0.34 + 410 / d**0.28 + 0.003 * rng.standard_normal()
+            rows.append({"budget": c, "params": n, "tokens": d, "flops": c, "final_eval_loss": loss})
+    a_true = 0.28 / (0.34 + 0.28)  # Chinchilla: N* ~ C^(beta / (alpha + beta))
+    fpt = lambda n: 6.0 * np.asarray(n)  # noqa: E731
+    points = report_mod._approach2(rows, fpt, 200)
+    noise = {1e17: (0.003, "budget"), 1e18: (0.003, "pooled"), 1e19: (0.003, "budget")}
+    seeded = report_mod._approach2(rows, fpt, 200, noise)
+    assert (points["bootstrap"], points["noise_sd"], seeded["bootstrap"]) == ("points", None, "seed_noise")
+    assert seeded["a"] == points["a"] and seeded["rejected"] == []
+    assert seeded["a_ci"][0] < a_true < seeded["a_ci"][1]
+    assert seeded["noise_sd"][1] == {"budget": 1e18, "sd": 0.003, "source": "pooled"}
+    silent = report_mod._approach2(rows, fpt, 50, {c: (0.0, "budget") for c in noise})
+    assert silent["a_ci"] == pytest.approx([silent["a"]] * 2, abs=1e-12)
