@@ -404,7 +404,7 @@ def run_study(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(STUDY_PRESETS)}")
+    p.add_argument("--preset", default="cpu-tiny", choices=sorted(STUDY_PRESETS))
     p.add_argument("--out", required=True, help="study directory (re-use it to resume / refit)")
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: auto)")
     p.add_argument("--executor", default="auto", choices=("auto", "sequential", "parallel", "slurm"))
@@ -441,6 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(
             "--slurm sets submitit parameters of --executor slurm (--export-slurm: edit the sbatch lines)"
         )
+    if a.workers is not None and a.workers < 1:
+        p.error(f"--workers must be >= 1, got {a.workers}")
+    if a.dry_steps < 1:
+        p.error(f"--dry-steps must be >= 1, got {a.dry_steps}")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        p.error(f"--out {a.out} exists and is not a directory")
     spec = get_study_preset(a.preset)
     try:
         run_study(

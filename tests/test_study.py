@@ -436,3 +436,28 @@ def test_approach2_in_the_report_uses_the_measured_seed_noise():
     assert seeded["noise_sd"][1] == {"budget": 1e18, "sd": 0.003, "source": "pooled"}
     silent = report_mod._approach2(rows, fpt, 50, {c: (0.0, "budget") for c in noise})
     assert silent["a_ci"] == pytest.approx([silent["a"]] * 2, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "nope"], "invalid choice: 'nope'"),
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
+        (["--dry", "--dry-steps", "0"], "--dry-steps must be >= 1, got 0"),
+        (["--slurm", "mem_gb=8"], "--slurm sets submitit parameters of --executor slurm"),
+    ],
+)
+def test_cli_refuses_bad_arguments_before_doing_anything(tmp_path, capsys, args, message):
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as e:
+        study.main(["--out", str(out), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "report.md"
+    f.write_text("keep me")
+    with pytest.raises(SystemExit):
+        study.main(["--out", str(f)])
+    assert "exists and is not a directory" in capsys.readouterr().err and f.read_text() == "keep me"
