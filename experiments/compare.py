@@ -78,13 +78,24 @@ def best_by_budget(rr: Sequence[dict], g: str) -> dict[float, float]:
     return out
 
 
-def seed_sd_at(groups: dict, g: str, c: float) -> tuple[float | None, str | None]:
-    """A group's seed sd at budget ``c`` where it has replicates there ("budget"), else its pooled sd."""
+def seed_sd_at(groups: dict, g: str, c: float) -> tuple[float | None, str | None, int | None]:
+    """A group's seed sd at budget ``c`` where it has replicates there ("budget"), else its pooled sd, with
+    its degrees of freedom (None where unknown) -> (sd, source, dof)."""
     sn = groups[g].get("seed_noise", {})
     if "error" in sn or not sn:
-        return None, None
+        return None, None, None
     at = [b for b in sn.get("by_budget", []) if math.isclose(b["budget"], c, rel_tol=1e-9) and b["dof"]]
-    return (at[0]["sd"], "budget") if at else (sn["pooled_sd"], "pooled")
+    return (at[0]["sd"], "budget", at[0]["dof"]) if at else (sn["pooled_sd"], "pooled", sn.get("dof"))
+
+
+def sd_draws(rng: np.random.Generator, sd: float, dof: int | None, n: int) -> np.ndarray:
+    """``n`` plausible values of a noise sd estimated as ``sd`` on ``dof`` degrees of freedom: sigma^2 ~
+    dof sd^2 / chi2(dof) (the scaled-inverse-chi2 posterior under the usual 1/sigma prior). Why: one run
+    and two more seeds give 2 dof, and such an sd is uncertain by a factor of about 6 at 95% -- treating it
+    as known makes a noise-redraw interval too narrow. Unknown dof: the sd as given."""
+    if not dof:
+        return np.full(n, float(sd))
+    return float(sd) * np.sqrt(dof / rng.chisquare(dof, n))
 
 
 def matched_budget_gaps(rr: Sequence[dict], groups: dict, ref: str) -> dict:
@@ -95,7 +106,7 @@ def matched_budget_gaps(rr: Sequence[dict], groups: dict, ref: str) -> dict:
     ("pooled": at a budget larger than the replicated ones, an overestimate)."""
 
     def noise(g: str, c: float) -> tuple[float | None, str | None]:
-        (s_g, src_g), (s_ref, src_ref) = seed_sd_at(groups, g, c), seed_sd_at(groups, ref, c)
+        (s_g, src_g, _), (s_ref, src_ref, _) = seed_sd_at(groups, g, c), seed_sd_at(groups, ref, c)
         if s_g is None or s_ref is None:
             return None, None
         return math.hypot(s_g, s_ref), ("budget" if src_g == src_ref == "budget" else "pooled")
@@ -121,9 +132,20 @@ def empirical_multipliers(rr: Sequence[dict], groups: dict, ref: str, n_draws: i
     loss at the largest shared budget, over that budget, with the group's frontier interpolated linearly in
     log C between measured budgets (no extrapolation: a target reached already at the smallest budget gives
     an upper bound, one never reached a lower bound, > 1). The CI redraws every best loss with its group's
-    seed sd at that budget (``seed_sd_at``; seeded, so reproducible): the noise a law's bootstrap misses."""
+    seed sd at that budget (``seed_sd_at``; seeded, so reproducible): the noise a law's bootstrap misses.
+    Each draw first redraws each sd from its degrees of freedom (:func:`sd_draws`; a pooled sd once per
+    group and draw), so an sd from three seeds widens the interval as much as its own uncertainty says.
+    Not counted: the error of interpolating linearly in log C between budgets."""
     ref_best = best_by_budget(rr, ref)
     rng = np.random.default_rng(seed)
+    sigma: dict[tuple, np.ndarray] = {}
+
+    def sigma_of(who: str, b: float, sd: float, src: str, dof: int | None) -> np.ndarray:
+        key = (who, b if src == "budget" else "pooled")  # a pooled sd: one draw for all budgets
+        if key not in sigma:
+            sigma[key] = sd_draws(rng, sd, dof, n_draws)
+        return sigma[key]
+
     out = {}
     for g in groups:
         if g == ref:
@@ -139,10 +161,12 @@ def empirical_multipliers(rr: Sequence[dict], groups: dict, ref: str, n_draws: i
         kind = "not_reached" if math.isnan(c) else ("at_most" if c == budgets[0] else "interpolated")
         entry: dict[str, Any] = {"budget": c_max, "target_loss": target, "budgets": budgets.tolist(),
                                  "multiplier": None if math.isnan(c) else c / c_max, "kind": kind}
-        sd_g = [seed_sd_at(groups, g, float(b))[0] for b in budgets]
-        sd_ref = seed_sd_at(groups, ref, c_max)[0]
-        if all(s is not None for s in sd_g) and sd_ref is not None:
-            draws_g = L_g + rng.standard_normal((n_draws, budgets.size)) * np.array(sd_g)
+        at_g = [seed_sd_at(groups, g, float(b)) for b in budgets]
+        at_ref = seed_sd_at(groups, ref, c_max)
+        if all(a[0] is not None for a in at_g) and at_ref[0] is not None:
+            sd_g = np.stack([sigma_of(g, float(b), *a) for b, a in zip(budgets, at_g, strict=True)], axis=1)
+            sd_ref = sigma_of(ref, c_max, *at_ref)
+            draws_g = L_g + rng.standard_normal((n_draws, budgets.size)) * sd_g
             draws_t = target + rng.standard_normal(n_draws) * sd_ref
             m = np.array([compute_to_target(dg, budgets, t) for dg, t in zip(draws_g, draws_t, strict=True)])
             m = np.where(np.isnan(m), math.inf, m) / c_max

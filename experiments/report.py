@@ -1289,8 +1289,9 @@ def render_markdown(report: dict) -> str:
             L += ["", f"Law-free compute multipliers: the compute at which each group's best runs reach "
                       f"`{cmp_['reference_group']}`'s best loss at the largest budget, over that budget "
                       "(interpolated in log C between measured budgets, never extrapolated; the CI redraws "
-                      "every best loss with its group's seed sd at that budget, an infinite upper end shows "
-                      "as –):", "", "| group | multiplier |", "|---|---|"]
+                      "every best loss with its group's seed sd at that budget, itself redrawn from its "
+                      "degrees of freedom; an infinite upper end shows as –):", "", "| group | multiplier |",
+                  "|---|---|"]
             L += [f"| {g} | {e['error'] if 'error' in e else _empirical_text(e)} |" for g, e in emp.items()]
         L.append(f"\nLaw frontier: {cmp_.get('law_frontier')}")
     if report["figures"]:
