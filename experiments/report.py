@@ -1015,8 +1015,10 @@ def _form_extrapolation_markdown(ext: dict) -> list[str]:
             L.append(f"| {name} | not available ({e['error']}) |")
             continue
         cells = [f"{_fmt(x['N'], '.3g')} | {_fmt(x['loss'])}{' †' if x['below_entropy'] else ''}" for x in e]
-        unconverged = " (fit did not converge)" if any(x.get("converged") is False for x in e) else ""
-        L.append(f"| {name}{unconverged} | " + " | ".join(cells) + " |")
+        notes = [n for n, bad in (("fit did not converge", any(x.get("converged") is False for x in e)),
+                                  ("degenerate fit: its loss vanishes", any(not x["loss"] > 1e-6 for x in e)))
+                 if bad]
+        L.append(f"| {name}{' (' + '; '.join(notes) + ')' if notes else ''} | " + " | ".join(cells) + " |")
     return L
 
 

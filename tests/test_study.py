@@ -405,6 +405,9 @@ def test_report_marks_unconverged_backtest_folds_and_extrapolations():
     assert "| chinchilla | 5 | 0.01 | 2.00% (-2.00%) |" in md
     assert "! = that fold's fit did not converge" in md
     assert "| farseer (fit did not converge) | 2e+05 | 1.9 † |" in md and "| chinchilla | 1e+05 | 2.2 |" in md
+    lf["extrapolation"]["farseer"][0].update(loss=0.0, converged=True)
+    md = "\n".join(_law_forms_markdown(lf))
+    assert "| farseer (degenerate fit: its loss vanishes) | 2e+05 | 0 † |" in md
     lf["forms"]["farseer"]["folds"] = [fold(0.01, True)]
     assert "did not converge even" not in "\n".join(_law_forms_markdown(lf))
 
