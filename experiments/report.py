@@ -957,6 +957,8 @@ def _empirical_text(e: dict) -> str:
         return value
     if e["p_reached"] == 0:
         return f"{value}, nor in any of {e['n_draws']} seed-noise draws"
+    if e["ci"][0] is None:  # reached in too few draws for the interval to have a finite end
+        return f"{value}; reached in only {e['p_reached']:.0%} of {e['n_draws']} seed-noise draws"
     ci = _fmt(e["ci"], ".3g")
     return f"{value} ({e['ci_level']:.0%} CI {ci}, target reached in {e['p_reached']:.0%} of the noise draws)"
 

@@ -350,6 +350,9 @@ def test_empirical_multipliers_interpolate_best_runs_with_seed_noise_cis():
     assert e["c"]["kind"] == "not_reached" and e["c"]["multiplier"] is None and e["c"]["p_reached"] == 0.0
     assert e["d"]["kind"] == "at_most" and e["d"]["multiplier"] == pytest.approx(0.1)
     assert _empirical_text(e["d"]).startswith("<= 0.1") and "nor in any" in _empirical_text(e["c"])
+    rare = {**e["c"], "ci": [None, None], "p_reached": 0.02}
+    assert _empirical_text(rare) == (
+        "> 1 (target not reached in the sweep); reached in only 2% of 2000 seed-noise draws")
     # noise widens the interval around the point; each budget's own sd is used where replicated; reproducible
     noisy = {"seed_noise": {"pooled_sd": 0.5, "by_budget": [{"budget": 1e11, "sd": 0.05, "dof": 2}]}}
     groups = {"ref": noisy, "b": noisy, "c": quiet, "d": quiet}
