@@ -11,6 +11,8 @@ executables shared by runs of one shape), ``report.md``, ``report.json``, ``figu
 Run ids hash the resolved config (execution-only fields excluded), so a code version that adds a config field
 gives new ids: start a new DIR after upgrading.
 
+After training, an isoFLOP curve whose lowest loss is at an edge of its size grid gets one more size beyond
+that edge (``StudySpec.extend_edges`` rounds, appended to ``plan.jsonl`` as ``...-ext`` runs).
 Re-running the same command reuses finished runs, resumes interrupted ones, retries failed ones, and refits.
 ``--retry NAME`` reruns just that run (its error and partial state are cleared); ``--fit-only`` skips
 training; ``--export-slurm FILE`` writes a job-array script instead of training; ``--executor slurm`` submits
@@ -35,13 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from experiments import executors, slurm
-from experiments.config import ConfigError
+from experiments.config import ConfigError, ExperimentConfig
 from experiments.hparam_rules import LRRule, fit_lr_rule
 from experiments.study_presets import STUDY_PRESETS, GroupSpec, StudySpec, get_study_preset
 from experiments.sweep import (
     PLAN_FILE,
     PlannedRun,
     Rules,
+    budget_run,
+    edge_extension,
     pick_sizes,
     plan_heldout,
     plan_isoflop,
@@ -55,6 +59,7 @@ from experiments.sweep import (
 )
 
 LR_RULES_FILE = "lr_rules.json"
+EXTENSION_SUFFIX = "-ext"  # isoFLOP runs added beyond a curve's edge (plan_edge_extensions)
 REHEARSAL_FILE = "rehearsal.json"
 REHEARSAL_NOTE = (
     "REHEARSAL (--dry): every run was cut to a few steps on a tiny batch to check the pipeline; "
@@ -136,13 +141,7 @@ def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> li
             raise ConfigError(f"study {spec.name!r}: {field_name} {unknown} are not among its budgets "
                               f"{spec.budgets} or held-out budgets {spec.heldout_budgets}")
     for g in spec.groups:
-        base = _with_data_dir(g.base, out)
-        lr = _clamped(g, lr_rules.get(g.name))
-        lo = hi = None
-        swept = [c["lr"] for c in (lr_rules.get(g.name) or {}).get("cells", [])]
-        if swept:  # keep the fitted rule inside the swept lr range (a rule from 2 cells extrapolates wildly)
-            lo, hi = min(swept), max(swept)
-        rules = _rules(spec, lr)
+        base, rules, lr_range = _group_setup(spec, g, out, lr_rules)
         iso = plan_isoflop(
             base,
             spec.budgets,
@@ -177,8 +176,8 @@ def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> li
                 base, models, spec.budgets, rules, decay_fraction=spec.wsd_decay_fraction, group=g.name
             )
         group_runs = iso + held + wsd
-        if lo is not None and hi is not None:
-            group_runs = [_clamp_lr(r, lo, hi) for r in group_runs]
+        if lr_range is not None:
+            group_runs = [_clamp_lr(r, *lr_range) for r in group_runs]
         replicated = _curve_runs(group_runs, spec.replicate_budgets)
         middle = _middle_sizes(group_runs, spec.replicate_middle_budgets)
         replicated += [r for r in middle if r not in replicated]
@@ -186,6 +185,62 @@ def plan_main_stage(spec: StudySpec, out: Path, lr_rules: dict[str, dict]) -> li
             group_runs += plan_seed_replicates(replicated, spec.replicate_seeds)
         runs += group_runs
     return resolve(runs)
+
+
+def _group_setup(
+    spec: StudySpec, g: GroupSpec, out: Path, lr_rules: dict[str, dict]
+) -> tuple[ExperimentConfig, Rules, tuple[float, float] | None]:
+    """A group's base config (data under ``out``), its hyperparameter rules (the fitted LR rule where it
+    swept LR) and the swept LR range its runs are clamped to (None without a sweep)."""
+    base = _with_data_dir(g.base, out)
+    rules = _rules(spec, _clamped(g, lr_rules.get(g.name)))
+    swept = [c["lr"] for c in (lr_rules.get(g.name) or {}).get("cells", [])]
+    # keep the fitted rule inside the swept lr range (a rule from 2 cells extrapolates wildly)
+    return base, rules, ((min(swept), max(swept)) if swept else None)
+
+
+def plan_edge_extensions(
+    spec: StudySpec,
+    out: Path,
+    runs: Sequence[PlannedRun],
+    lr_rules: dict[str, dict],
+    loss_of: Callable[[PlannedRun], float | None],
+) -> list[PlannedRun]:
+    """One more isoFLOP run per curve whose lowest loss sits at an edge of its size grid: the shape one grid
+    step beyond that edge (:func:`experiments.sweep.edge_extension`), fitted like the others and named
+    ``...-ext``; at most ``spec.extend_edges`` per curve. ``loss_of``: a run's final loss, None if not
+    finished -- a curve with an unfinished run is left alone. A pure function of the plan and the losses, so
+    a re-run after an interruption plans the same runs again and finds them finished."""
+    if spec.extend_edges <= 0:
+        return []
+    step = math.log(spec.span) / max(spec.sizes_per_budget - 1, 1)
+    names = {r.name for r in runs}
+    new: list[PlannedRun] = []
+    for g in spec.groups:
+        base, rules, lr_range = _group_setup(spec, g, out, lr_rules)
+        cands = g.shape.candidates(base.model)
+        for c in spec.budgets:
+            curve = [r for r in runs if r.group == g.name and r.kind == "isoflop" and r.budget is not None
+                     and _among(r.budget, (c,))]
+            losses = [loss_of(r) for r in curve]
+            if not curve or any(x is None for x in losses):
+                continue
+            if sum(r.name.endswith(EXTENSION_SUFFIX) for r in curve) >= spec.extend_edges:
+                continue
+            try:
+                m = edge_extension([r.params for r in curve], losses, cands, step=step,
+                                   aspect_ratio=g.shape.aspect_ratio)
+                if m is None:
+                    continue
+                name = f"{g.name}/isoflop-C{c:.2e}-L{m.n_layers}d{m.d_model}{EXTENSION_SUFFIX}"
+                if name in names:
+                    continue
+                run = budget_run(base, m, c, rules, name=name, kind="isoflop", group=g.name, fit=True)
+            except ConfigError as e:
+                print(f"[study] cannot extend {g.name}'s isoFLOP curve at C={c:.3g}: {e}")
+                continue
+            new.append(_clamp_lr(run, *lr_range) if lr_range is not None else run)
+    return resolve(new)
 
 
 def _curve_runs(runs: Sequence[PlannedRun], budgets: Sequence[float]) -> list[PlannedRun]:
@@ -268,6 +323,11 @@ def execute(
             runs, runs_dir, folder=runs_dir.parent / "slurm", post_run=post_run, **(slurm_params or {})
         )
     raise ValueError(f"unknown executor {executor!r}; choose auto, sequential, parallel or slurm")
+
+
+def _final_loss(runs_dir: Path, r: PlannedRun) -> float | None:
+    s = executors.finished_summary(executors.run_dir(runs_dir, r), r)
+    return None if s is None else float(s["final_eval_loss"])
 
 
 def _prepare_corpus(runs: Sequence[PlannedRun], out: Path) -> None:
@@ -384,6 +444,18 @@ def run_study(
         results = execute(
             runs, runs_dir, workers=workers, post_run=post_run, executor=executor, slurm_params=slurm_params
         )
+        for _ in range(spec.extend_edges):
+            extra = plan_edge_extensions(spec, out, runs, lr_rules, lambda r: _final_loss(runs_dir, r))
+            if cut is not None and extra:
+                extra = cut(extra)
+            if not extra:
+                break
+            print(f"[study] {len(extra)} isoFLOP curve(s) had their lowest loss at an edge of the size grid; "
+                  f"adding one size beyond it: {', '.join(r.name for r in extra)}")
+            runs = resolve(list(runs) + extra)
+            write_plan(runs, plan_path)
+            results += execute(extra, runs_dir, workers=workers, post_run=post_run, executor=executor,
+                               slurm_params=slurm_params)
         failed = [r for r in results if r["status"] == "failed"]
         if failed:
             print(

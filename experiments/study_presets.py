@@ -69,6 +69,9 @@ class StudySpec:
     # Law forms compared by a rolling-origin backtest (scaling.backtest): each is fitted on the smaller
     # budgets and scored on the next one, the held-out budgets included; () turns the comparison off.
     law_forms: tuple[str, ...] = ("chinchilla", "kaplan", "farseer")
+    # After training, an isoFLOP curve whose lowest loss is its smallest (largest) size gets one more size
+    # beyond that edge, up to this many per curve (study.plan_edge_extensions): N* must be bracketed.
+    extend_edges: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -133,6 +136,7 @@ def cpu_tiny() -> StudySpec:
         # the smallest budget's 5 runs and the held-out run twice more: noise at both ends of the sweep
         replicate_seeds=(1, 2),
         replicate_budgets=(3e10, 1e12),
+        extend_edges=1,  # no curve of this sweep has an edge minimum (measured), so no run is added
     )
 
 
@@ -199,6 +203,9 @@ def cpu_families() -> StudySpec:
         replicate_seeds=(1, 2),  # every group's smallest-budget runs: the noise behind the multipliers
         replicate_budgets=(3e10,),
         replicate_middle_budgets=(1e11, 3e11),  # and each larger budget's noise, for the matched-budget gaps
+        # MoR's smallest budget has its lowest loss at its smallest size, but its shape rule has no smaller
+        # one: the study says so and Approach 2 drops that budget
+        extend_edges=1,
     )
 
 
@@ -251,6 +258,7 @@ def gpu_quick() -> StudySpec:
         tokens_per_param=20.0,
         wsd_sizes=2,
         workers=1,
+        extend_edges=0,  # a second training phase would risk the 8-minute target; the report flags edges
     )
 
 
@@ -289,6 +297,7 @@ def gpu_full() -> StudySpec:
         replicate_seeds=(1, 2),
         replicate_budgets=(1e17,),
         replicate_middle_budgets=(3e17, 1e18, 3e18, 1e19),
+        extend_edges=2,  # up to two sizes beyond a curve's edge: N* must be bracketed for Approach 2
     )
 
 

@@ -281,6 +281,37 @@ def pick_sizes(
     return sorted(picked, key=lambda m: accounting.param_counts(m)["total"])
 
 
+def edge_extension(
+    params: Sequence[float],
+    losses: Sequence[float],
+    candidates: Sequence[ModelConfig],
+    *,
+    step: float,
+    aspect_ratio: float,
+) -> ModelConfig | None:
+    """The shape one grid ``step`` (in log N) beyond the edge of an isoFLOP curve whose lowest loss sits at
+    that edge; None when the lowest loss is interior; ConfigError when the shape rule has no size beyond.
+
+    Why: a curve whose lowest point is its smallest (largest) size does not bracket N*, and Approach 2 drops
+    such a budget; the remedy is the next size out, not a hand-tuned ``tokens_per_param``. Ties on distance
+    go to the shape nearest the rule's aspect ratio, as in :func:`pick_sizes`."""
+    if len(params) != len(losses) or len(params) < 2:
+        return None
+    logn = np.log(np.asarray(params, np.float64))
+    j = int(np.argmin(losses))
+    if logn[j] not in (logn.min(), logn.max()):
+        return None
+    direction = -1.0 if logn[j] == logn.min() else 1.0
+    cand_logn = np.log([accounting.param_counts(m)["total"] for m in candidates])
+    beyond = direction * (cand_logn - logn[j]) > 0.05
+    if not beyond.any():
+        side = "smaller" if direction < 0 else "larger"
+        raise ConfigError(f"the lowest loss is at N={params[j]:,.0f}, and the shape rule has no {side} size")
+    aspect = np.array([abs(math.log(m.d_model / m.n_layers / aspect_ratio)) for m in candidates])
+    score = np.where(beyond, np.abs(cand_logn - (logn[j] + direction * step)) + 0.05 * aspect, np.inf)
+    return candidates[int(np.argmin(score))]
+
+
 # ----- building runs ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Rules:

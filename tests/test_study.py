@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -494,3 +495,70 @@ def test_empirical_multiplier_intervals_carry_the_uncertainty_of_few_seed_sd():
     assert np.mean(s > 0.04) == pytest.approx(1 - np.exp(-1), abs=0.005)
     assert np.median(s) == pytest.approx(0.04 * np.sqrt(2 / np.log(4)), rel=0.01)
     assert np.all(sd_draws(rng, 0.04, None, 5) == 0.04)
+
+
+def _edge_spec(extend_edges: int):
+    """cpu-tiny's shapes (a ladder with sizes beyond each curve's edges), no LR sweep / WSD / replicates."""
+    spec = get_study_preset("cpu-tiny")
+    g = dataclasses.replace(spec.groups[0], lr_sweep_factors=())
+    return dataclasses.replace(spec, groups=(g,), wsd_sizes=0, replicate_seeds=(), replicate_budgets=(),
+                               extend_edges=extend_edges, downstream=False)
+
+
+def _falling_at_smallest_budget(r):
+    """Loss falls with N on the smallest budget's curve (N* beyond its largest size); U-shaped elsewhere."""
+    if math.isclose(r.budget, 3e10):
+        return 3.0 - 0.1 * math.log(r.params)
+    return 2.5 + (math.log(r.params) - math.log(2e4)) ** 2
+
+
+def test_plan_edge_extensions_extends_only_curves_with_an_edge_minimum(tmp_path):
+    spec = _edge_spec(extend_edges=1)
+    runs = study.plan_main_stage(spec, tmp_path, {})
+    curve = [r for r in runs if r.kind == "isoflop" and r.budget == 3e10]
+    extra = study.plan_edge_extensions(spec, tmp_path, runs, {}, _falling_at_smallest_budget)
+    (ext,) = extra
+    assert ext.name.endswith(study.EXTENSION_SUFFIX) and ext.kind == "isoflop" and ext.fit
+    assert ext.budget == 3e10 and ext.params > max(r.params for r in curve)
+    assert abs(ext.predicted_flops / 3e10 - 1) < 0.01  # an isoFLOP run like the others
+    # at most extend_edges per curve; a second round may add one more beyond the first
+    assert study.plan_edge_extensions(spec, tmp_path, runs + extra, {}, _falling_at_smallest_budget) == []
+    two = _edge_spec(extend_edges=2)
+    (ext2,) = study.plan_edge_extensions(two, tmp_path, runs + extra, {}, _falling_at_smallest_budget)
+    assert ext2.params > ext.params
+    # a curve with an unfinished (or failed) run is left alone; extend_edges=0 plans nothing
+    unfinished = lambda r: None if r is curve[0] else _falling_at_smallest_budget(r)  # noqa: E731
+    assert study.plan_edge_extensions(spec, tmp_path, runs, {}, unfinished) == []
+    assert study.plan_edge_extensions(_edge_spec(0), tmp_path, runs, {}, _falling_at_smallest_budget) == []
+
+
+def test_run_study_trains_edge_extensions_and_a_rerun_plans_none(tmp_path, monkeypatch):
+    """The study loop: after the main stage, the extension is planned, appended to plan.jsonl and trained;
+    the same command again finds it finished and adds nothing (training and the report are faked)."""
+    from experiments import executors
+    from experiments import report as report_mod
+
+    trained: list[list[str]] = []
+
+    def fake_execute(runs, runs_dir, **kw):
+        trained.append([r.name for r in runs])
+        for r in runs:
+            d = executors.run_dir(runs_dir, r)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / executors.SUMMARY_FILE).write_text(json.dumps({
+                "config": r.config, "steps": r.steps, "final_eval_loss": _falling_at_smallest_budget(r)}))
+        return [{"name": r.name, "status": "done"} for r in runs]
+
+    monkeypatch.setattr(study, "execute", fake_execute)
+    monkeypatch.setattr(study, "_prepare_corpus", lambda runs, out: None)
+    monkeypatch.setattr(report_mod, "build_report", lambda spec, runs, runs_dir, **kw: {"n_runs": len(runs)})
+    monkeypatch.setattr(report_mod, "write_report", lambda *a, **kw: None)
+    monkeypatch.setattr(report_mod, "print_summary", lambda *a, **kw: None)
+    spec = _edge_spec(extend_edges=1)
+    study.run_study(spec, tmp_path, workers=1)
+    assert len(trained) == 2 and len(trained[1]) == 1 and trained[1][0].endswith(study.EXTENSION_SUFFIX)
+    plan = study.read_plan(tmp_path / study.PLAN_FILE)
+    assert [r.name for r in plan][-1] == trained[1][0]
+    trained.clear()
+    study.run_study(spec, tmp_path, workers=1)
+    assert len(trained) == 1 and len(trained[0]) == len(plan)  # all runs offered again (all finished)

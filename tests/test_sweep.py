@@ -532,3 +532,28 @@ def test_parallel_executor_stops_at_once_when_interrupted(tmp_path, monkeypatch,
 
     assert not [t for t in threading.enumerate() if type(t).__name__ == "_ExecutorManagerThread"]
     assert not any(executors.run_status(tmp_path, r) == "done" for r in micro_runs)
+
+
+def test_edge_extension_adds_the_size_one_step_beyond_an_edge_minimum():
+    from experiments.sweep import edge_extension
+
+    rule = get_study_preset("cpu-tiny").groups[0].shape
+    cands = rule.candidates(get_study_preset("cpu-tiny").groups[0].base.model)
+    n_of = {id(m): accounting.param_counts(m)["total"] for m in cands}
+    ladder = sorted(cands, key=lambda m: n_of[id(m)])
+    curve = [ladder[3], ladder[6], ladder[9]]
+    params = [n_of[id(m)] for m in curve]
+    step = math.log(params[1] / params[0])
+    kw = dict(step=step, aspect_ratio=rule.aspect_ratio)
+    assert edge_extension(params, [2.6, 2.5, 2.7], cands, **kw) is None  # bracketed
+    below = edge_extension(params, [2.5, 2.6, 2.7], cands, **kw)
+    above = edge_extension(params, [2.7, 2.6, 2.5], cands, **kw)
+    n_below, n_above = accounting.param_counts(below)["total"], accounting.param_counts(above)["total"]
+    assert n_below < params[0] and n_above > params[-1]
+    # the nearest candidate to one grid step out (aspect ties aside): no candidate is much closer
+    for n_new, target in ((n_below, math.log(params[0]) - step), (n_above, math.log(params[-1]) + step)):
+        best = min(abs(math.log(n_of[id(m)]) - target) for m in cands)
+        assert abs(math.log(n_new) - target) <= best + 0.1
+    smallest = [n_of[id(m)] for m in ladder[:3]]
+    with pytest.raises(ConfigError, match=r"lowest loss is at N=.*no smaller size"):
+        edge_extension(smallest, [2.5, 2.6, 2.7], cands, **kw)
