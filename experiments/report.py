@@ -937,9 +937,12 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     if isinstance(x, (list, tuple)) and len(x) == 2:
         return f"[{_fmt(x[0], spec)}, {_fmt(x[1], spec)}]"
     try:
-        return format(float(x), spec)
+        v = float(x)
     except (TypeError, ValueError):
         return str(x)
+    # A positive parameter at its lower bound is stored as a floor like 1e-300 (its log must stay finite):
+    # that is 0, and printing "1e-300" reads as a measurement.
+    return "0" if v != 0 and abs(v) < 1e-100 else format(v, spec)
 
 
 def _gap_text(r: dict) -> str:
@@ -1106,10 +1109,14 @@ def render_markdown(report: dict) -> str:
                 L.append(f"| {k} | {_fmt(v)} | {_fmt(ch['ci'].get(k))} |")
             if ch.get("at_bounds"):
                 L.append(f"\nOn a bound (the fit is degenerate there): {', '.join(ch['at_bounds'])}.")
+            at_floor = " (at its lower bound: the fit puts no loss beyond the power laws)" if "E" in (
+                ch.get("at_bounds") or []) else ""
             e = b["entropy"]
             L += [
                 "",
-                f"**Irreducible loss vs the corpus**: fitted E = {_fmt(e['E'])} (CI {_fmt(e['E_ci'])}), "
+                f"**Irreducible loss vs the corpus**: fitted E = {_fmt(e['E'])}"
+                f"{at_floor}"
+                f" (CI {_fmt(e['E_ci'])}), "
                 f"exact entropy rate = {_fmt(e['entropy_rate'])} nats/token; "
                 f"E - H = {_fmt(e['E_minus_entropy'])}"
                 f" ({_fmt(e['relative'], '+.1%') if e['relative'] is not None else '–'}).",

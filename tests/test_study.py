@@ -116,6 +116,9 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     losses = [p["loss"] for p in front]
     assert losses == sorted(losses, reverse=True)  # more compute on the frontier -> lower loss
     md = (out / "report.md").read_text()
+    # this toy fit puts E on its floor (stored as 1e-300): the report prints 0 and says why
+    assert ch["at_bounds"] == ["E"] and ch["params"]["E"] < 1e-100
+    assert "fitted E = 0 (at its lower bound" in md and "1e-300" not in md
     assert "Held-out runs" in md and f"{h['relative_error']:+.2%}" in md
     assert "Run-to-run noise" in md
     assert "Which law form extrapolates" in md and "What each form, fitted on the isoFLOP runs" in md
