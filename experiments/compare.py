@@ -201,6 +201,7 @@ def comparisons(groups: dict, spec, rr: Sequence[dict] = ()) -> dict:
     out = {
         "target_loss": target,
         "reference_group": ref,
+        "budget_range": [min(spec.budgets), max(spec.budgets)],
         "compute_to_target": need,
         "multipliers": mult,
         "muon_paper_reference": "Muon is Scalable for LLM Training (Liu et al. 2025): ~0.48-0.52 of "

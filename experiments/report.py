@@ -36,9 +36,11 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
     extrapolation: form -> [{multiple, C, N, D, loss, below_entropy}] or {error}: each form fitted on the
     isoFLOP runs, its compute-optimal point at ``spec.extrapolate`` multiples of the largest budget)
   } (any block may instead be {"error": str})
-- ``pareto``: {loss_vs_training_flops: [{name, group, flops, loss}], accuracy_vs_inference_flops:
+- ``pareto``: {loss_vs_training_flops: [{name, group, budget, flops, loss}] (the frontier over the planned
+  budgets; ``flops`` is what the run spent), accuracy_vs_inference_flops:
   [{name, group, inference_flops_per_token, accuracy}], accuracy_task}
-- ``comparisons``: {target_loss, compute_to_target (group -> C), multipliers (group -> C / C_ref),
+- ``comparisons``: {target_loss, budget_range [min, max], compute_to_target (group -> C), multipliers
+  (group -> C / C_ref),
   multiplier_ci {level, n_replicates, ci (group -> [lo, hi] or null)}, matched_budget_gaps (group ->
   [{budget, best_loss, reference_best_loss, gap, combined_seed_sd, sd_source, gap_in_sd}]),
   empirical_multipliers (group -> {budget, target_loss, budgets, multiplier, kind interpolated|at_most|
@@ -728,12 +730,15 @@ def _pareto(rr: list[dict], task: str | None) -> dict:
     ]
     out: dict[str, Any] = {"accuracy_task": task}
     if done:
-        pts = np.array([[r["flops"], r["final_eval_loss"]] for r in done])
+        # Compute = the planned budget: runs of one budget spend it to within 1% (whole steps), and on their
+        # realised FLOPs a run 0.5% cheaper but 0.3 nats worse would join the frontier.
+        pts = np.array([[r["budget"] or r["flops"], r["final_eval_loss"]] for r in done])
         idx = pareto_front(pts, "min")
         out["loss_vs_training_flops"] = [
             {
                 "name": done[i]["name"],
                 "group": done[i]["group"],
+                "budget": done[i]["budget"],
                 "flops": done[i]["flops"],
                 "loss": done[i]["final_eval_loss"],
             }
@@ -950,6 +955,26 @@ def _gap_text(r: dict) -> str:
     if r["gap_in_sd"] is None:
         return f"{r['gap']:+.3f}"
     return f"{r['gap']:+.3f} ({r['gap_in_sd']:+.1f} sd{'' if r.get('sd_source') == 'budget' else '*'})"
+
+
+def _law_frontier_text(fr: dict, budget_range: Sequence[float] | None) -> str:
+    """Which group's law gives the lowest compute-optimal loss over which compute range, in words; crossovers
+    outside the sweep's budgets are marked as extrapolations."""
+    if "error" in fr or "crossovers" not in fr:
+        return f"\nLaw frontier: not available ({fr.get('error', 'no laws')})."
+    xs = fr["crossovers"]
+    if not xs:
+        return f"\nLaw frontier: **{fr['best_at_max_budget']}**'s law is lowest over the whole compute grid."
+    parts = [f"{xs[0]['from']} below {_fmt(xs[0]['compute'], '.2g')} FLOPs"]
+    parts += [f"{a['to']} from {_fmt(a['compute'], '.2g')} to {_fmt(b['compute'], '.2g')}"
+              for a, b in zip(xs, xs[1:], strict=False)]
+    parts.append(f"{xs[-1]['to']} above {_fmt(xs[-1]['compute'], '.2g')}")
+    lo, hi = budget_range or (0.0, math.inf)
+    outside = [x for x in xs if not lo <= x["compute"] <= hi]
+    note = (f" ({len(outside)} of the {len(xs)} crossovers lie outside the sweep's budgets, "
+            f"{_fmt(lo, '.2g')} to {_fmt(hi, '.2g')}: extrapolations of the laws)") if outside else ""
+    head = "\nLaw frontier (the group whose law reaches the lowest compute-optimal loss at each compute): "
+    return head + "; ".join(parts) + note + "."
 
 
 def _empirical_text(e: dict) -> str:
@@ -1248,9 +1273,10 @@ def render_markdown(report: dict) -> str:
             "",
             "## Pareto frontiers",
             "",
-            "Loss vs training FLOPs: "
+            "Loss vs training compute (each run at its planned budget; the best run per budget, when it "
+            "beats every smaller budget): "
             + ", ".join(
-                f"{x['name']} ({_fmt(x['flops'], '.3g')}, {_fmt(x['loss'])})"
+                f"{x['name']} ({_fmt(x.get('budget') or x['flops'], '.3g')}, {_fmt(x['loss'])})"
                 for x in p["loss_vs_training_flops"]
             ),
         ]
@@ -1304,7 +1330,7 @@ def render_markdown(report: dict) -> str:
                       "degrees of freedom; an infinite upper end shows as –):", "", "| group | multiplier |",
                   "|---|---|"]
             L += [f"| {g} | {e['error'] if 'error' in e else _empirical_text(e)} |" for g, e in emp.items()]
-        L.append(f"\nLaw frontier: {cmp_.get('law_frontier')}")
+        L.append(_law_frontier_text(cmp_.get("law_frontier") or {}, cmp_.get("budget_range")))
     if report["figures"]:
         L += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]
     t = report.get("timing", {})

@@ -565,3 +565,27 @@ def test_run_study_trains_edge_extensions_and_a_rerun_plans_none(tmp_path, monke
     trained.clear()
     study.run_study(spec, tmp_path, workers=1)
     assert len(trained) == 1 and len(trained[0]) == len(plan)  # all runs offered again (all finished)
+
+
+def test_loss_frontier_compares_runs_at_their_planned_budget():
+    """Runs of one budget spend it to within 1%; a run 1% cheaper but far worse must not join the frontier."""
+    def run(name, budget, flops, loss):
+        return {"name": name, "group": "g", "kind": "isoflop", "status": "done", "budget": budget,
+                "flops": flops, "final_eval_loss": loss, "downstream": None, "flops_per_token": 1.0}
+
+    rr = [run("a", 1e10, 0.99e10, 3.0), run("b", 1e10, 1.0e10, 2.5), run("c", 3e10, 2.98e10, 2.2),
+          run("d", 3e10, 3.01e10, 2.6)]
+    front = report_mod._pareto(rr, None)["loss_vs_training_flops"]
+    assert [(p["name"], p["budget"]) for p in front] == [("b", 1e10), ("c", 3e10)]
+
+
+def test_law_frontier_is_written_as_ranges_with_extrapolations_marked():
+    from experiments.report import _law_frontier_text
+
+    fr = {"crossovers": [{"compute": 1.8e10, "from": "muon", "to": "moe"},
+                         {"compute": 1.4e11, "from": "moe", "to": "muon"}], "best_at_max_budget": "muon"}
+    text = _law_frontier_text(fr, [3e10, 3e11])
+    assert "muon below 1.8e+10 FLOPs; moe from 1.8e+10 to 1.4e+11; muon above 1.4e+11" in text
+    assert "1 of the 2 crossovers lie outside the sweep's budgets" in text
+    assert "outside" not in _law_frontier_text(fr, [1e10, 3e11])
+    assert "lowest over the whole" in _law_frontier_text({"crossovers": [], "best_at_max_budget": "x"}, None)
