@@ -732,13 +732,20 @@ def _pareto(rr: list[dict], task: str | None) -> dict:
     if done:
         # Compute = the planned budget: runs of one budget spend it to within 1% (whole steps), and on their
         # realised FLOPs a run 0.5% cheaper but 0.3 nats worse would join the frontier.
-        pts = np.array([[r["budget"] or r["flops"], r["final_eval_loss"]] for r in done])
+        # WSD branches carry their realised FLOPs as budget: snap those to the planned budget within 1%.
+        planned = sorted({r["budget"] for r in done if r["kind"] in ("isoflop", "heldout") and r["budget"]})
+
+        def budget_of(r: dict) -> float:
+            x = r["budget"] or r["flops"]
+            return next((b for b in planned if abs(x / b - 1) <= 0.01), x)
+
+        pts = np.array([[budget_of(r), r["final_eval_loss"]] for r in done])
         idx = pareto_front(pts, "min")
         out["loss_vs_training_flops"] = [
             {
                 "name": done[i]["name"],
                 "group": done[i]["group"],
-                "budget": done[i]["budget"],
+                "budget": float(pts[i, 0]),
                 "flops": done[i]["flops"],
                 "loss": done[i]["final_eval_loss"],
             }
@@ -957,6 +964,14 @@ def _gap_text(r: dict) -> str:
     return f"{r['gap']:+.3f} ({r['gap_in_sd']:+.1f} sd{'' if r.get('sd_source') == 'budget' else '*'})"
 
 
+def _lr_rule_text(rule: dict) -> str:
+    """An LR rule as a formula, e.g. 'lr = 0.733 · C^-0.125 (coefficient fitted from 2 cells ...)'."""
+    factors = [f"{v}^{rule[k]:.3g}" for k, v in (("c_exp", "C"), ("n_exp", "N"), ("d_exp", "D"))
+               if rule.get(k)]
+    text = f"lr = {rule['coef']:.4g}" + "".join(f" · {f}" for f in factors)
+    return text + (f" ({rule['source']})" if rule.get("source") else "")
+
+
 def _law_frontier_text(fr: dict, budget_range: Sequence[float] | None) -> str:
     """Which group's law gives the lowest compute-optimal loss over which compute range, in words; crossovers
     outside the sweep's budgets are marked as extrapolations."""
@@ -1114,7 +1129,7 @@ def render_markdown(report: dict) -> str:
         L += ["", "## Learning-rate rules (fitted on the LR sweep)", ""]
         for g, v in report["lr_rules"].items():
             L.append(
-                f"- {g}: {v['rule']}"
+                f"- {g}: {_lr_rule_text(v['rule'])}"
                 + (f" (fit failed: {v['error']}; the manual rule was used)" if v.get("error") else "")
             )
     for g, b in report["groups"].items():

@@ -574,9 +574,14 @@ def test_loss_frontier_compares_runs_at_their_planned_budget():
                 "flops": flops, "final_eval_loss": loss, "downstream": None, "flops_per_token": 1.0}
 
     rr = [run("a", 1e10, 0.99e10, 3.0), run("b", 1e10, 1.0e10, 2.5), run("c", 3e10, 2.98e10, 2.2),
-          run("d", 3e10, 3.01e10, 2.6)]
+          run("d", 3e10, 3.01e10, 2.6),
+          # a WSD branch's budget is its realised FLOPs: it counts at the planned budget within 1%
+          {**run("w", 2.995e10, 2.995e10, 2.3), "kind": "wsd_branch"}]
     front = report_mod._pareto(rr, None)["loss_vs_training_flops"]
     assert [(p["name"], p["budget"]) for p in front] == [("b", 1e10), ("c", 3e10)]
+    rr[-1]["final_eval_loss"] = 2.1
+    front = report_mod._pareto(rr, None)["loss_vs_training_flops"]
+    assert [(p["name"], p["budget"]) for p in front] == [("b", 1e10), ("w", 3e10)]
 
 
 def test_law_frontier_is_written_as_ranges_with_extrapolations_marked():
@@ -589,3 +594,11 @@ def test_law_frontier_is_written_as_ranges_with_extrapolations_marked():
     assert "1 of the 2 crossovers lie outside the sweep's budgets" in text
     assert "outside" not in _law_frontier_text(fr, [1e10, 3e11])
     assert "lowest over the whole" in _law_frontier_text({"crossovers": [], "best_at_max_budget": "x"}, None)
+
+
+def test_lr_rules_are_written_as_formulas():
+    from experiments.report import _lr_rule_text
+
+    rule = {"coef": 0.7328, "c_exp": -0.125, "n_exp": 0.0, "d_exp": 0.0, "source": "fitted from 2 cells"}
+    assert _lr_rule_text(rule) == "lr = 0.7328 · C^-0.125 (fitted from 2 cells)"
+    assert _lr_rule_text({"coef": 0.01, "n_exp": -0.2, "d_exp": 0.3}) == "lr = 0.01 · N^-0.2 · D^0.3"
