@@ -718,6 +718,18 @@ def _wsd_cosine_pairs(branches: Sequence[dict], cosine: Sequence[dict], rtol: fl
     }
 
 
+def _planned_budgets(runs: Sequence[dict]) -> list[float]:
+    """Each run's compute for the loss frontier: its planned budget (runs of one budget spend it to within 1%:
+    on realised FLOPs a run 0.5% cheaper but 0.3 nats worse would join the frontier). WSD branches carry
+    their realised FLOPs as budget: those within 1% of a planned isoFLOP budget count at it."""
+    planned = sorted({r["budget"] for r in runs if r["kind"] in ("isoflop", "heldout") and r["budget"]})
+    out = []
+    for r in runs:
+        x = r["budget"] or r["flops"]
+        out.append(next((b for b in planned if abs(x / b - 1) <= 0.01), x))
+    return out
+
+
 def _pareto(rr: list[dict], task: str | None) -> dict:
     from scaling.pareto import pareto_front
 
@@ -730,16 +742,7 @@ def _pareto(rr: list[dict], task: str | None) -> dict:
     ]
     out: dict[str, Any] = {"accuracy_task": task}
     if done:
-        # Compute = the planned budget: runs of one budget spend it to within 1% (whole steps), and on their
-        # realised FLOPs a run 0.5% cheaper but 0.3 nats worse would join the frontier.
-        # WSD branches carry their realised FLOPs as budget: snap those to the planned budget within 1%.
-        planned = sorted({r["budget"] for r in done if r["kind"] in ("isoflop", "heldout") and r["budget"]})
-
-        def budget_of(r: dict) -> float:
-            x = r["budget"] or r["flops"]
-            return next((b for b in planned if abs(x / b - 1) <= 0.01), x)
-
-        pts = np.array([[budget_of(r), r["final_eval_loss"]] for r in done])
+        pts = np.array([[b, r["final_eval_loss"]] for b, r in zip(_planned_budgets(done), done, strict=True)])
         idx = pareto_front(pts, "min")
         out["loss_vs_training_flops"] = [
             {
@@ -901,13 +904,13 @@ def _figures(report: dict, out: Path) -> list[str]:
         and r["kind"] in ("isoflop", "heldout", "wsd_branch")
     ]
     if done:
-        pts = np.array([[r["flops"], r["final_eval_loss"]] for r in done])
+        pts = np.array([[b, r["final_eval_loss"]] for b, r in zip(_planned_budgets(done), done, strict=True)])
         _guard(
             lambda: save(
                 plots.plot_pareto(
                     pts,
                     "min",
-                    names=("training FLOPs", "eval loss"),
+                    names=("training FLOPs (planned budget)", "eval loss"),
                     logx=True,
                     title="loss vs training compute (Pareto frontier)",
                 ),
