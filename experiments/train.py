@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import json
 
     from experiments.config import ConfigError
+    from experiments.data import DataError
     from experiments.presets import get_preset
     from experiments.trainer import NonFiniteLossError, train
 
@@ -57,9 +58,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:  # missing or malformed token files: say which, without a traceback
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteLossError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: re-run the same command (same --workdir {args.workdir}) to resume from the "
+              "last checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -138,3 +138,19 @@ def test_overriding_steps_or_tokens_clears_the_other():
     both = by_tokens.override(["trainer.steps=7", "trainer.tokens=1000"])
     with pytest.raises(ConfigError, match="exactly one of trainer.steps / trainer.tokens"):
         both.validate()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "model.d_modl=64"], "config error: unknown field 'd_modl'"),
+        (["--set", "optimizer.name=sgd"], "optimizer.name='sgd' is unknown"),
+        (["--set", "data.path=/nonexistent-tokens"], "data error: missing metadata file"),
+    ],
+)
+def test_train_cli_names_bad_input_without_a_traceback(tmp_path, capsys, args, message):
+    from experiments.train import main
+
+    assert main(["--workdir", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
