@@ -588,6 +588,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 json.dump(est, f, indent=2)
         return 0
     only = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    # Refused before any device work: on a lent GPU a typo would otherwise cost the peak measurement first.
+    unknown = [r for r in only or () if r not in row_names(args.dry)]
+    if unknown:
+        p.error(f"--rows: unknown {unknown}; rows: {','.join(row_names(args.dry))}")
+    if args.deadline_s is not None and args.deadline_s <= 0:
+        p.error(f"--deadline-s must be > 0, got {args.deadline_s:g}")
+
     def save(res: dict) -> None:  # after every row: a run cut short keeps what it measured
         if args.json:
             tmp = f"{args.json}.tmp"

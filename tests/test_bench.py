@@ -95,6 +95,17 @@ def test_gpu_suite_rejects_unknown_rows():
         bench_gpu.run_suite(dry=True, only=["dense-7b"])
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--rows", "dense-124m-adamw,dense-7b"], "--rows: unknown ['dense-7b']"),
+    (["--deadline-s", "0"], "--deadline-s must be > 0"),
+])
+def test_gpu_suite_cli_refuses_bad_arguments_before_measuring(monkeypatch, capsys, args, message):
+    monkeypatch.setattr(bench_gpu, "run_suite", lambda *a, **k: pytest.fail("measured despite bad arguments"))
+    with pytest.raises(SystemExit) as e:
+        bench_gpu.main(["--dry", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_gpu_suite_reports_results_after_every_row():
     """A suite cut short (the device tool's 10-minute limit) keeps the rows it finished: on_row gets the
     results so far after each row, and main writes them to --json."""
