@@ -28,7 +28,8 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
     pairs: each branch vs the cosine run of the same model and token count, with mean/sd/max difference},
     ``downstream``: {tasks: name -> {chance, fit_compute, two_step, heldout [...]}, mean_abs_error},
     ``seed_noise``: {rows [{name, N, D, budget, losses (the run, then its seed replicates), mean, sd}],
-    pooled_sd, dof, budgets, fit_residual_rms, fit_residual_rms_over_sd, heldout_error_in_sd [{name, error,
+    pooled_sd, dof, budgets, fit_residual_rms, fit_residual_rms_over_sd, lack_of_fit {F, dof [fit, noise],
+    p_value} or None, heldout_error_in_sd [{name, error,
     in_sd, own_sd, in_own_sd}], by_budget [{budget, sd, dof, fit_residual_rms}]},
     ``law_forms``: rolling-origin backtest of ``spec.law_forms`` (``scaling.backtest.BacktestResult.to_dict``:
     key "budget", keys, common_test_keys, ranking, forms -> {n_params, in_sample_rms, mean_are_common,
@@ -554,6 +555,21 @@ def _group_block(
     return block
 
 
+def lack_of_fit_test(resid: np.ndarray, n_params: int, sd: float, dof: int) -> dict | None:
+    """Pure-error lack-of-fit F test (Draper & Smith, Applied Regression Analysis, ch. 2): the fit's residual
+    mean square on n - p degrees of freedom over the seed replicates' pooled variance on ``dof``. A small
+    p-value says the law form, not run-to-run noise, limits the fit. The pooled sd comes mostly from the
+    replicated (smallest) budgets, where noise is largest, so at larger budgets the test is conservative."""
+    resid = np.asarray(resid, np.float64)
+    df_fit = resid.size - n_params
+    if df_fit < 1 or dof < 1 or not sd > 0:
+        return None
+    from scipy import stats
+
+    F = float(np.sum(resid**2) / df_fit / sd**2)
+    return {"F": F, "dof": [int(df_fit), int(dof)], "p_value": float(stats.f.sf(F, df_fit, dof))}
+
+
 def seed_noise(groups_of_losses: Sequence[Sequence[float]]) -> tuple[float, int]:
     """Pooled within-configuration standard deviation of final losses and its degrees of freedom:
     sqrt(sum_i sum_j (L_ij - mean_i)^2 / sum_i (n_i - 1)) over configurations i with n_i >= 2 seeds."""
@@ -596,6 +612,7 @@ def _seed_noise_block(rr: Sequence[dict], group: str, block: dict) -> dict:
         rms = float(np.sqrt(np.mean(resid**2)))
         out["fit_residual_rms"] = rms
         out["fit_residual_rms_over_sd"] = rms / sd if sd > 0 else None
+        out["lack_of_fit"] = lack_of_fit_test(resid, len(res.params), sd, dof)
     # Noise shrinks with training length, so compare like with like: per budget, the seed sd and the fit's
     # residual RMS over that budget's fitted points (their FLOPs are within 1% of the budget).
     out["by_budget"] = []
@@ -1041,6 +1058,13 @@ def _seed_noise_markdown(sn: dict) -> list[str]:
         L.append(f"- Chinchilla fit residual RMS = {_fmt(sn['fit_residual_rms'])} nats = "
                  f"{_fmt(sn['fit_residual_rms_over_sd'], '.2f')} × the seed sd (≈ 1 would mean the law fits "
                  "to the noise; much more means the law form, not the noise, limits the fit).")
+    lof = sn.get("lack_of_fit")
+    if lof:
+        verdict = ("the law form does not fit within the run-to-run noise" if lof["p_value"] < 0.01 else
+                   "not distinguishable from run-to-run noise")
+        L.append(f"- Lack-of-fit F test (residual mean square over the pooled seed variance): F = "
+                 f"{_fmt(lof['F'], '.3g')} on ({lof['dof'][0]}, {lof['dof'][1]}) dof, p = "
+                 f"{_fmt(lof['p_value'], '.2g')}: {verdict}.")
     for h in sn.get("heldout_error_in_sd", []):
         own = "" if h.get("in_own_sd") is None else (
             f"; against its own seeds' sd {_fmt(h['own_sd'])}: {_fmt(h['in_own_sd'], '+.1f')} sd")
@@ -1395,8 +1419,11 @@ def print_summary(report: dict, out: Path) -> None:
                 f"held-out error {h['in_sd']:+.1f} sd" + (f" ({h['in_own_sd']:+.1f} sd of its own seeds)"
                                                          if h.get("in_own_sd") is not None else "")
                 for h in sn.get("heldout_error_in_sd", []) if h["in_sd"] is not None)
+            lof = sn.get("lack_of_fit")
+            lof_text = f" (lack-of-fit p = {lof['p_value']:.2g})" if lof else ""
             print(f"[{g}] seed noise: sd {sn['pooled_sd']:.4f} nats ({sn['dof']} dof); fit residual RMS "
-                  f"{_fmt(sn.get('fit_residual_rms_over_sd'), '.2f')} sd" + (f"; {held}" if held else ""))
+                  f"{_fmt(sn.get('fit_residual_rms_over_sd'), '.2f')} sd{lof_text}"
+                  + (f"; {held}" if held else ""))
         lf = b.get("law_forms", {})
         if lf and "error" not in lf and lf["ranking"]:
             print(f"[{g}] law forms, fit on smaller budgets -> next budget, mean |rel. error|: " + ", ".join(

@@ -80,6 +80,8 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert he["own_sd"] == pytest.approx(abs(a - b) / 2**0.5)  # its own two seeds
     assert he["in_own_sd"] == pytest.approx((h["actual"] - h["predicted"]) / he["own_sd"])
     assert sn["fit_residual_rms"] > 0
+    lof = sn["lack_of_fit"]  # 6 points, 5 parameters; 4 dof of seed noise
+    assert lof["dof"] == [1, 4] and lof["F"] > 0 and 0 <= lof["p_value"] <= 1
     # per budget: the smallest budget's three pairs (fitted there) and the held-out pair (no fitted points)
     small, held = sn["by_budget"]
     assert (small["budget"], small["dof"], held["budget"], held["dof"]) == (1e9, 3, 6e9, 1)
@@ -120,7 +122,7 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert ch["at_bounds"] == ["E"] and ch["params"]["E"] < 1e-100
     assert "fitted E = 0 (at its lower bound" in md and "1e-300" not in md
     assert "Held-out runs" in md and f"{h['relative_error']:+.2%}" in md
-    assert "Run-to-run noise" in md
+    assert "Run-to-run noise" in md and "Lack-of-fit F test" in md
     assert "Which law form extrapolates" in md and "What each form, fitted on the isoFLOP runs" in md
     assert f"{abs(cf['mean_bias']):.2%} ({cf['mean_bias']:+.2%})" in md
     assert f"{he['in_sd']:+.1f} pooled seed sd; against its own seeds' sd" in md
@@ -602,3 +604,21 @@ def test_lr_rules_are_written_as_formulas():
     rule = {"coef": 0.7328, "c_exp": -0.125, "n_exp": 0.0, "d_exp": 0.0, "source": "fitted from 2 cells"}
     assert _lr_rule_text(rule) == "lr = 0.7328 · C^-0.125 (fitted from 2 cells)"
     assert _lr_rule_text({"coef": 0.01, "n_exp": -0.2, "d_exp": 0.3}) == "lr = 0.01 · N^-0.2 · D^0.3"
+
+
+def test_lack_of_fit_test_separates_misfit_from_noise():
+    """F = residual mean square / pooled seed variance on (n - p, dof): residuals the size of the noise give
+    a large p-value; residuals four times the noise (cpu-tiny's case) a tiny one; the F tail is scipy's."""
+    from scipy import stats
+
+    from experiments.report import lack_of_fit_test
+
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(15) * 0.03
+    ok = lack_of_fit_test(noise, 5, 0.03, 12)
+    assert ok["dof"] == [10, 12] and ok["p_value"] > 0.05
+    assert ok["F"] == pytest.approx(np.sum(noise**2) / 10 / 0.03**2)
+    bad = lack_of_fit_test(4 * noise, 5, 0.03, 12)
+    assert bad["F"] == pytest.approx(16 * ok["F"]) and bad["p_value"] < 1e-3
+    assert bad["p_value"] == pytest.approx(stats.f.sf(bad["F"], 10, 12))
+    assert lack_of_fit_test(noise[:5], 5, 0.03, 12) is None and lack_of_fit_test(noise, 5, 0.0, 12) is None
