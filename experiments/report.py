@@ -1060,8 +1060,9 @@ def _seed_noise_markdown(sn: dict) -> list[str]:
                  "to the noise; much more means the law form, not the noise, limits the fit).")
     lof = sn.get("lack_of_fit")
     if lof:
-        verdict = ("the law form does not fit within the run-to-run noise" if lof["p_value"] < 0.01 else
-                   "not distinguishable from run-to-run noise")
+        pv = lof["p_value"]
+        verdict = ("the law form does not fit within the run-to-run noise" if pv < 0.01 else
+                   "a marginal misfit (0.01 < p < 0.05)" if pv < 0.05 else "consistent with run-to-run noise")
         L.append(f"- Lack-of-fit F test (residual mean square over the pooled seed variance): F = "
                  f"{_fmt(lof['F'], '.3g')} on ({lof['dof'][0]}, {lof['dof'][1]}) dof, p = "
                  f"{_fmt(lof['p_value'], '.2g')}: {verdict}.")
