@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -234,6 +235,16 @@ def cmd_optimum(args) -> dict:
 
 
 # --- isoflop -------------------------------------------------------------------------------------------
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise CLIError(f"--noise-sd must be a positive number or 'porian', got {text!r}")
+    return v
+
+
 def cmd_isoflop(args) -> dict:
     from scaling.isoflop import approach2
 
@@ -243,8 +254,16 @@ def cmd_isoflop(args) -> dict:
     need = ["C", "N", "loss", *(["D"] if has_d else [])]
     data = law_data(table, need, cols, flops_per_token=_flops_per_token(args.flops_per_token, table),
                     dropna=args.dropna, log=_note)
+    boot: dict = {}
+    if args.noise_sd is not None:
+        from scaling.isoflop import porian_seed_noise
+
+        if not args.n_boot:
+            raise CLIError("--noise-sd sets the bootstrap's noise; give --n-boot N too")
+        sd = porian_seed_noise if args.noise_sd == "porian" else _positive_float(args.noise_sd)
+        boot = {"bootstrap": "seed_noise", "noise_std": sd}
     res = approach2(data["C"], data["N"], data["loss"], data.get("D"), method=args.method,
-                    on_edge=args.on_edge, n_bootstrap=args.n_boot, seed=args.seed)
+                    on_edge=args.on_edge, n_bootstrap=args.n_boot, seed=args.seed, **boot)
     out = res.to_dict()
     if args.out:
         outdir = Path(args.out)
@@ -393,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--on-edge", choices=("raise", "drop"), default="raise",
                    help="budgets whose minimum is at the edge of their size grid")
     i.add_argument("--n-boot", type=int, default=0)
+    i.add_argument("--noise-sd", default=None, metavar="SD|porian",
+                   help="bootstrap by redrawing every loss with this seed-noise sd (nats; measure it with "
+                        "seed replicates), or 'porian' for Porian et al. 2024's loss-dependent noise, "
+                        "instead of resampling points (with few sizes a budget, a resample often keeps < 3)")
     i.set_defaults(func=cmd_isoflop)
 
     q = sub.add_parser("pareto", help="Pareto frontier of a table")

@@ -328,3 +328,21 @@ def test_cli_downstream_on_obsscaling(tmp_path, capsys):
     ref = heldout_error(t["FLOPs (1E21)"][ok], t["ARC-C"][ok], cutoff=84, chance=0.25)
     assert out["heldout"] == pytest.approx(ref) and out["n_points"] == ok.sum()
     assert (tmp_path / "downstream.png").is_file()
+
+
+def test_cli_isoflop_seed_noise_bootstrap(tmp_path, capsys):
+    """--noise-sd: the interval comes from redrawing the losses with that sd (wider with more noise; the
+    point estimate unchanged); a bad value or a missing --n-boot is a one-line error."""
+    data = _isoflop_csv(tmp_path / "iso.csv")
+    cols = ["--columns", "C=flops,N=params,loss=loss"]
+    outs = {}
+    for sd in ("0.002", "0.02", "porian"):
+        rc, outs[sd], err = _run(["isoflop", data, *cols, "--n-boot", "200", "--noise-sd", sd], capsys)
+        assert rc == 0, err
+    width = {k: o["a_ci"][1] - o["a_ci"][0] for k, o in outs.items()}
+    assert outs["0.002"]["a"] == outs["0.02"]["a"] and width["0.02"] > 3 * width["0.002"] > 0
+    assert outs["porian"]["a_ci"][0] < outs["porian"]["a"] < outs["porian"]["a_ci"][1]
+    rc, _, err = _run(["isoflop", data, *cols, "--n-boot", "10", "--noise-sd", "-1"], capsys)
+    assert rc == 2 and "--noise-sd must be a positive number or 'porian', got '-1'" in err
+    rc, _, err = _run(["isoflop", data, *cols, "--noise-sd", "0.01"], capsys)
+    assert rc == 2 and "give --n-boot N too" in err
