@@ -32,6 +32,7 @@ __all__ = [
     "Approach1Result",
     "Approach2Result",
     "EdgeOfGridError",
+    "TooFewSizesError",
     "PORIAN2024",
     "porian_seed_noise",
     "isoflop_minimum",
@@ -51,6 +52,11 @@ class EdgeOfGridError(ValueError):
         where = "isoFLOP profile" if C is None else f"budget C={C:.4g}"
         super().__init__(f"{where}: {reason}{remedy}")
         self.C, self.reason = C, reason
+
+
+class TooFewSizesError(EdgeOfGridError):
+    """A budget has fewer than 3 distinct model sizes: no parabola (or spline) minimum to find. Dropped with
+    the budgets whose minimum is not bracketed when ``on_edge="drop"``."""
 
 
 def porian_seed_noise(
@@ -276,7 +282,7 @@ def _budget(
         N, loss, D = N[sel], loss[sel], None if D is None else D[sel]
     k = np.unique(N).size
     if k < 3:
-        raise ValueError(f"budget C={C}: need at least 3 distinct model sizes, got {k}")
+        raise TooFewSizesError(C, f"need at least 3 distinct model sizes, got {k}", "")
     logn = np.log(N)
     step = None
     if method == "parabola":
@@ -450,11 +456,12 @@ def approach2(
     C, N, loss (, D): equal-length arrays; points sharing a C value form one isoFLOP profile.
     method: "parabola" (Hoffmann) or "akima" (Porian et al. 2024); window: parabola on only that many sizes
     around the lowest observed loss. on_edge: "raise" (default) or "drop" budgets whose minimum is not
-    bracketed. n_bootstrap / bootstrap: "points" (resample points within each budget) or "seed_noise" (add
-    Gaussian noise of std `noise_std`: a float, a function of the loss, or a mapping budget -> sd, e.g. the
-    measured seed-to-seed sd at each budget) -> percentile CIs for a and b. With few sizes per budget prefer
-    "seed_noise": a resample of k points has fewer than 3 distinct sizes with probability 34% at k = 4, so a
-    third of the "points" replicates have no parabola and a clean profile can fail `min_valid_fraction`.
+    bracketed (or that have fewer than 3 distinct sizes). n_bootstrap / bootstrap: "points" (resample points
+    within each budget) or "seed_noise" (add Gaussian noise of std `noise_std`: a float, a function of the
+    loss, or a mapping budget -> sd, e.g. the measured seed-to-seed sd at each budget) -> percentile CIs for
+    a and b. With few sizes per budget prefer "seed_noise": a resample of k points has fewer than 3 distinct
+    sizes with probability 34% at k = 4, so a third of the "points" replicates have no parabola, and a noisy
+    profile easily falls below `min_valid_fraction` (cpu-families: 5 of 9 Muon/MoE/MoR budgets).
     estimate: "point" or "bootstrap_median" (per-budget median of bootstrap minima, Porian et al.).
     weighting: "none" (OLS) or "inverse_variance" (WLS with 1/std(log N*)^2; needs the bootstrap).
     budget_rtol: C values within this relative distance form one budget (logged FLOPs are rarely exact).
@@ -499,7 +506,7 @@ def approach2(
                 min_valid_fraction,
                 window,
             )
-        except EdgeOfGridError as err:
+        except EdgeOfGridError as err:  # TooFewSizesError included
             if on_edge == "raise":
                 raise
             rejected.append((float(c), err.reason))
