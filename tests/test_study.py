@@ -310,7 +310,7 @@ def test_matched_budget_gaps_compare_best_runs_in_seed_sd():
     import numpy as np
 
     from experiments.compare import matched_budget_gaps
-    from experiments.report import _gap_text
+    from experiments.report_text import _gap_text
 
     def run(g, c, loss, kind="isoflop", fit=True):
         return {"group": g, "kind": kind, "budget": c, "final_eval_loss": loss, "status": "done", "fit": fit}
@@ -337,7 +337,7 @@ def test_matched_budget_gaps_compare_best_runs_in_seed_sd():
 
 def test_empirical_multipliers_interpolate_best_runs_with_seed_noise_cis():
     from experiments.compare import empirical_multipliers
-    from experiments.report import _empirical_text
+    from experiments.report_text import _empirical_text
 
     def run(g, c, loss):
         return {"group": g, "kind": "isoflop", "budget": c, "final_eval_loss": loss, "status": "done",
@@ -388,7 +388,7 @@ def test_cli_interrupt_names_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch
 
 
 def test_report_marks_unconverged_backtest_folds_and_extrapolations():
-    from experiments.report import _law_forms_markdown
+    from experiments.report_text import _law_forms_markdown
 
     def fold(are, converged):
         return {"test_key": 1e11, "mean_are": are, "mean_bias": -are, "skipped": None, "converged": converged}
@@ -587,7 +587,7 @@ def test_loss_frontier_compares_runs_at_their_planned_budget():
 
 
 def test_law_frontier_is_written_as_ranges_with_extrapolations_marked():
-    from experiments.report import _law_frontier_text
+    from experiments.report_text import _law_frontier_text
 
     fr = {"crossovers": [{"compute": 1.8e10, "from": "muon", "to": "moe"},
                          {"compute": 1.4e11, "from": "moe", "to": "muon"}], "best_at_max_budget": "muon"}
@@ -599,7 +599,7 @@ def test_law_frontier_is_written_as_ranges_with_extrapolations_marked():
 
 
 def test_lr_rules_are_written_as_formulas():
-    from experiments.report import _lr_rule_text
+    from experiments.report_text import _lr_rule_text
 
     rule = {"coef": 0.7328, "c_exp": -0.125, "n_exp": 0.0, "d_exp": 0.0, "source": "fitted from 2 cells"}
     assert _lr_rule_text(rule) == "lr = 0.7328 · C^-0.125 (fitted from 2 cells)"
