@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.report import CI_LEVEL, _guard, _rows
+from experiments.report import CI_LEVEL, _guard, _rows, budget_seed_sd
 
 
 def compute_to_target(loss_C: np.ndarray, C: np.ndarray, target: float) -> float:
@@ -79,13 +79,8 @@ def best_by_budget(rr: Sequence[dict], g: str) -> dict[float, float]:
 
 
 def seed_sd_at(groups: dict, g: str, c: float) -> tuple[float | None, str | None, int | None]:
-    """A group's seed sd at budget ``c`` where it has replicates there ("budget"), else its pooled sd, with
-    its degrees of freedom (None where unknown) -> (sd, source, dof)."""
-    sn = groups[g].get("seed_noise", {})
-    if "error" in sn or not sn:
-        return None, None, None
-    at = [b for b in sn.get("by_budget", []) if math.isclose(b["budget"], c, rel_tol=1e-9) and b["dof"]]
-    return (at[0]["sd"], "budget", at[0]["dof"]) if at else (sn["pooled_sd"], "pooled", sn.get("dof"))
+    """Group ``g``'s seed sd at budget ``c`` -> (sd, source, dof), as ``report.budget_seed_sd``."""
+    return budget_seed_sd(groups[g].get("seed_noise", {}), c)
 
 
 def sd_draws(rng: np.random.Generator, sd: float, dof: int | None, n: int) -> np.ndarray:

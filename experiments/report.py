@@ -298,24 +298,30 @@ def _extrapolation(res, boot, cmax: float, multiples: Sequence[float], fpt) -> l
     return out
 
 
+def budget_seed_sd(seed_noise: dict, c: float) -> tuple[float | None, str | None, int | None]:
+    """A seed-noise block's sd at budget ``c``: measured there ("budget") where that budget has replicates,
+    else the pooled sd ("pooled"), with its degrees of freedom -> (sd, source, dof); Nones without one."""
+    if not seed_noise or "error" in seed_noise:
+        return None, None, None
+    for b in seed_noise.get("by_budget", []):
+        if b["dof"] and math.isclose(b["budget"], c, rel_tol=1e-9):
+            return b["sd"], "budget", b["dof"]
+    return seed_noise["pooled_sd"], "pooled", seed_noise.get("dof")
+
+
 def _noise_by_budget(seed_noise: dict, rows: Sequence[dict]) -> dict[float, tuple[float, str]] | None:
-    """Per fitted budget: the seed sd measured at that budget, else the pooled sd -> {budget: (sd, source)};
-    None without seed replicates."""
+    """Per fitted budget: its seed sd (:func:`budget_seed_sd`) -> {budget: (sd, source)}; None without seed
+    replicates."""
     if "error" in seed_noise or not seed_noise.get("pooled_sd"):
         return None
-    own = {e["budget"]: e["sd"] for e in seed_noise["by_budget"] if e["dof"] >= 1}
-    out = {}
-    for c in sorted({r["budget"] for r in rows}):
-        hit = next((sd for b, sd in own.items() if math.isclose(b, c, rel_tol=1e-6)), None)
-        out[c] = (hit, "budget") if hit is not None else (seed_noise["pooled_sd"], "pooled")
-    return out
+    return {c: budget_seed_sd(seed_noise, c)[:2] for c in sorted({r["budget"] for r in rows})}
 
 
 def _approach2(rows: Sequence[dict], fpt, n_bootstrap: int, noise: dict | None = None) -> dict:
     """Approach 2 with a bootstrap CI. With seed replicates (``noise``: {budget: (sd, source)}) each
     replicate redraws every point with its budget's measured seed sd (Porian et al. 2024's seed-noise
     bootstrap); without, it resamples points -- with 4 sizes a budget a third of those resamples keep fewer
-    than 3 distinct sizes, so clean profiles can be rejected for too few interior replicates."""
+    than 3 distinct sizes, so noisy profiles are easily rejected for too few interior replicates."""
     from scaling.isoflop import approach2
 
     d = _data(rows)

@@ -273,7 +273,8 @@ def render_markdown(report: dict) -> str:
         if a2.get("noise_sd"):
             sds = ", ".join(f"{_fmt(x['budget'], '.3g')}: {_fmt(x['sd'], '.3g')}"
                             + ("*" if x["source"] == "pooled" else "") for x in a2["noise_sd"])
-            pooled = "; * = pooled over budgets, none measured there" if "*" in sds else ""
+            pooled = ("; * = pooled over budgets, none measured there"
+                      if any(x["source"] == "pooled" for x in a2["noise_sd"]) else "")
             L.append(f"\nApproach 2's interval: seed-noise bootstrap, every isoFLOP loss redrawn with its "
                      f"budget's measured seed sd ({sds}{pooled}). It counts noise only, not the parabola's "
                      "misfit.")
