@@ -46,6 +46,7 @@ from experiments.sweep import (
     Rules,
     budget_run,
     edge_extension,
+    isoflop_run_name,
     pick_sizes,
     plan_heldout,
     plan_isoflop,
@@ -220,8 +221,7 @@ def plan_edge_extensions(
         base, rules, lr_range = _group_setup(spec, g, out, lr_rules)
         cands = g.shape.candidates(base.model)
         for c in spec.budgets:
-            curve = [r for r in runs if r.group == g.name and r.kind == "isoflop" and r.budget is not None
-                     and _among(r.budget, (c,))]
+            curve = [r for r in _curve_runs(runs, (c,)) if r.group == g.name and r.kind == "isoflop"]
             losses = [loss_of(r) for r in curve]
             if not curve or any(x is None for x in losses):
                 continue
@@ -232,7 +232,7 @@ def plan_edge_extensions(
                                    aspect_ratio=g.shape.aspect_ratio)
                 if m is None:
                     continue
-                name = f"{g.name}/isoflop-C{c:.2e}-L{m.n_layers}d{m.d_model}{EXTENSION_SUFFIX}"
+                name = isoflop_run_name(g.name, "isoflop", c, m) + EXTENSION_SUFFIX
                 if name in names:
                     continue
                 run = budget_run(base, m, c, rules, name=name, kind="isoflop", group=g.name, fit=True)

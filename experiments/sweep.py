@@ -247,6 +247,19 @@ class ShapeRule:
         return sorted(out, key=lambda m: accounting.param_counts(m)["total"])
 
 
+def _ladder(candidates: Sequence[ModelConfig], aspect_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each candidate shape's log parameter count and its distance |log(d / L / aspect_ratio)| from the
+    rule's aspect ratio: what :func:`pick_sizes` and :func:`edge_extension` choose sizes by."""
+    logn = np.log([accounting.param_counts(m)["total"] for m in candidates])
+    aspect = np.array([abs(math.log(m.d_model / m.n_layers / aspect_ratio)) for m in candidates])
+    return logn, aspect
+
+
+def _distance(logn: np.ndarray, aspect: np.ndarray, target_logn: float) -> np.ndarray:
+    """How far each candidate is from a target size; the aspect term breaks near-ties."""
+    return np.abs(logn - target_logn) + 0.05 * aspect
+
+
 def pick_sizes(
     candidates: Sequence[ModelConfig],
     budget: float,
@@ -261,16 +274,15 @@ def pick_sizes(
     D / N = C / (F N) is closest to ``tokens_per_param`` (documented in the module docstring)."""
     if n < 1 or len(candidates) < n:
         raise ConfigError(f"need {n} sizes but the shape rule gives only {len(candidates)} candidates")
-    logn = np.log([accounting.param_counts(m)["total"] for m in candidates])
+    logn, aspect = _ladder(candidates, aspect_ratio)
     fpt = np.array([accounting.training_flops_per_token(m, seq_len) for m in candidates])
     ratio = budget / fpt / np.exp(logn)  # D / N at this budget
     center = logn[int(np.argmin(np.abs(np.log(ratio) - math.log(tokens_per_param))))]
     targets = center + np.log(span) * (np.linspace(-0.5, 0.5, n) if n > 1 else np.zeros(1))
-    aspect = np.array([abs(math.log(m.d_model / m.n_layers / aspect_ratio)) for m in candidates])
     used: set[int] = set()
     picked = []
     for t in targets:
-        score = np.abs(logn - t) + 0.05 * aspect
+        score = _distance(logn, aspect, t)
         for i in np.argsort(score):
             if int(i) not in used and all(abs(logn[i] - logn[j]) > 0.05 for j in used):
                 used.add(int(i))
@@ -302,13 +314,12 @@ def edge_extension(
     if logn[j] not in (logn.min(), logn.max()):
         return None
     direction = -1.0 if logn[j] == logn.min() else 1.0
-    cand_logn = np.log([accounting.param_counts(m)["total"] for m in candidates])
+    cand_logn, aspect = _ladder(candidates, aspect_ratio)
     beyond = direction * (cand_logn - logn[j]) > 0.05
     if not beyond.any():
         side = "smaller" if direction < 0 else "larger"
         raise ConfigError(f"the lowest loss is at N={params[j]:,.0f}, and the shape rule has no {side} size")
-    aspect = np.array([abs(math.log(m.d_model / m.n_layers / aspect_ratio)) for m in candidates])
-    score = np.where(beyond, np.abs(cand_logn - (logn[j] + direction * step)) + 0.05 * aspect, np.inf)
+    score = np.where(beyond, _distance(cand_logn, aspect, logn[j] + direction * step), np.inf)
     return candidates[int(np.argmin(score))]
 
 
@@ -371,6 +382,11 @@ def _size_tag(model: ModelConfig) -> str:
     return f"L{model.n_layers}d{model.d_model}"
 
 
+def isoflop_run_name(group: str, kind: str, budget: float, model: ModelConfig) -> str:
+    """``GROUP/KIND-C<budget>-L<layers>d<width>``: the name of a run of ``model`` on ``budget``'s curve."""
+    return f"{group}/{kind}-C{budget:.2e}-{_size_tag(model)}"
+
+
 def plan_isoflop(
     base: ExperimentConfig,
     budgets: Sequence[float],
@@ -403,7 +419,7 @@ def plan_isoflop(
                     m,
                     c,
                     rules,
-                    name=f"{group}/{kind}-C{c:.2e}-{_size_tag(m)}",
+                    name=isoflop_run_name(group, kind, c, m),
                     kind=kind,
                     group=group,
                     fit=fit,
