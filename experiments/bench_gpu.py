@@ -421,6 +421,12 @@ def row_names(dry: bool = True) -> list[str]:
     return [r.name for r in train_rows(s, "cpu")] + [r[0] for r in decode_rows(s, "cpu")]
 
 
+def unknown_rows(only: Sequence[str] | None, dry: bool) -> list[str]:
+    """The names in ``only`` that are not rows of the suite."""
+    known = row_names(dry)
+    return [r for r in (only or ()) if r not in known]
+
+
 def run_suite(dry: bool, only: Sequence[str] | None = None, log: Callable[[str], None] = print,
               on_row: Callable[[dict], None] | None = None, deadline_s: float | None = None,
               clock: Callable[[], float] = time.perf_counter) -> dict:
@@ -435,7 +441,7 @@ def run_suite(dry: bool, only: Sequence[str] | None = None, log: Callable[[str],
     device = jax.devices()[0]
     platform = device.platform
     known = row_names(dry)
-    unknown = [r for r in (only or ()) if r not in known]
+    unknown = unknown_rows(only, dry)
     if unknown:
         raise ValueError(f"unknown rows {unknown}; rows: {known}")
     order = list(dict.fromkeys(only)) if only else known
@@ -588,8 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 json.dump(est, f, indent=2)
         return 0
     only = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
-    # Refused before any device work: on a lent GPU a typo would otherwise cost the peak measurement first.
-    unknown = [r for r in only or () if r not in row_names(args.dry)]
+    # Refused as a usage error, before JAX starts a device (run_suite would raise the same as a traceback).
+    unknown = unknown_rows(only, args.dry)
     if unknown:
         p.error(f"--rows: unknown {unknown}; rows: {','.join(row_names(args.dry))}")
     if args.deadline_s is not None and args.deadline_s <= 0:
