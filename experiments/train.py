@@ -66,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: re-run the same command (same --workdir {args.workdir}) to resume from the "
-              "last checkpoint", file=sys.stderr)
+              "last checkpoint (every trainer.checkpoint_every steps; with 0 only the final step is saved, "
+              "so the run starts over)", file=sys.stderr)
         return 130
     return 0
 
