@@ -755,16 +755,23 @@ def _planned_budgets(runs: Sequence[dict]) -> list[float]:
     return out
 
 
-def _pareto(rr: list[dict], task: str | None) -> dict:
-    from scaling.pareto import pareto_front
-
-    done = [
+def _frontier_runs(rr: Sequence[dict]) -> list[dict]:
+    """The finished runs the Pareto frontiers (table and figures alike) are drawn from: every run trained to
+    its own budget; not LR-sweep probes, seed replicates or WSD stable runs (a replicate is the same point
+    again; a stable run is only a prefix of its branches)."""
+    return [
         r
         for r in rr
         if r["status"] == "done"
         and r["final_eval_loss"] is not None
         and r["kind"] in ("isoflop", "heldout", "wsd_branch", "grid", "user")
     ]
+
+
+def _pareto(rr: list[dict], task: str | None) -> dict:
+    from scaling.pareto import pareto_front
+
+    done = _frontier_runs(rr)
     out: dict[str, Any] = {"accuracy_task": task}
     if done:
         pts = np.array([[b, r["final_eval_loss"]] for b, r in zip(_planned_budgets(done), done, strict=True)])
@@ -921,13 +928,7 @@ def _figures(report: dict, out: Path) -> list[str]:
                     f"downstream_{tag}.png",
                 )
             )
-    done = [
-        r
-        for r in rr
-        if r["status"] == "done"
-        and r["final_eval_loss"] is not None
-        and r["kind"] in ("isoflop", "heldout", "wsd_branch")
-    ]
+    done = _frontier_runs(rr)
     if done:
         pts = np.array([[b, r["final_eval_loss"]] for b, r in zip(_planned_budgets(done), done, strict=True)])
         _guard(

@@ -586,6 +586,32 @@ def test_loss_frontier_compares_runs_at_their_planned_budget():
     assert [(p["name"], p["budget"]) for p in front] == [("b", 1e10), ("w", 3e10)]
 
 
+def test_frontier_table_and_figure_draw_the_same_runs(tmp_path, monkeypatch):
+    """Probes (LR sweep), replicates and WSD stable prefixes never join the frontier; grid and user runs do,
+    in the report's table and in its figure alike."""
+    def run(name, kind, loss):
+        return {"name": name, "group": "g", "kind": kind, "status": "done", "budget": 1e10, "flops": 1e10,
+                "final_eval_loss": loss, "downstream": None, "flops_per_token": 1.0}
+
+    rr = [run("iso", "isoflop", 3.0), run("probe", "lr_sweep", 2.0), run("rep", "seed_replicate", 2.1),
+          run("stable", "wsd_stable", 1.9), run("grid", "grid", 2.9), run("user", "user", 2.8)]
+    assert [r["name"] for r in report_mod._frontier_runs(rr)] == ["iso", "grid", "user"]
+    assert [p["name"] for p in report_mod._pareto(rr, None)["loss_vs_training_flops"]] == ["user"]
+    import matplotlib.pyplot as plt
+
+    from scaling import plots
+
+    drawn = []
+
+    def record(pts, *a, **kw):
+        drawn.append([float(x) for x in np.asarray(pts)[:, 1]])
+        return plt.figure()
+
+    monkeypatch.setattr(plots, "plot_pareto", record)
+    report_mod._figures({"runs": rr, "groups": {}, "pareto": report_mod._pareto(rr, None)}, tmp_path)
+    assert drawn == [[3.0, 2.9, 2.8]]  # losses of iso, grid, user
+
+
 def test_law_frontier_is_written_as_ranges_with_extrapolations_marked():
     from experiments.report_text import _law_frontier_text
 
