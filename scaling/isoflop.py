@@ -486,6 +486,7 @@ def approach2(
         raise ValueError("bootstrap='seed_noise' needs noise_std (a float, a function of the loss, or a "
                          "mapping budget -> sd)")
     rng = np.random.default_rng(seed)
+    seed_noise = bool(n_bootstrap) and bootstrap == "seed_noise"
     optima, samples, points, rejected = [], [], [], []
     for c, idx in _budget_groups(C, budget_rtol):
         try:
@@ -500,7 +501,8 @@ def approach2(
                 bootstrap,
                 n_bootstrap,
                 rng,
-                _noise_at(noise_std, float(c), budget_rtol),
+                # only seed-noise replicates read the sd: a mapping need not cover budgets otherwise
+                _noise_at(noise_std, float(c), budget_rtol) if seed_noise else None,
                 estimate,
                 min_std_grid_steps,
                 min_valid_fraction,

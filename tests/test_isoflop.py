@@ -311,6 +311,9 @@ def test_seed_noise_bootstrap_takes_a_per_budget_sd():
     del sds[float(BUDGETS[2])]
     with pytest.raises(ValueError, match=r"no entry for budget C=1e\+18"):
         approach2(C, N, L, n_bootstrap=10, bootstrap="seed_noise", noise_std=sds)
+    # the points bootstrap (and no bootstrap) ignores the sd: an incomplete mapping is no error there
+    assert approach2(C, N, L, n_bootstrap=10, bootstrap="points", noise_std=sds).a == pytest.approx(plain.a)
+    assert approach2(C, N, L, noise_std=sds).a == pytest.approx(plain.a)
     sds[float(BUDGETS[2])] = float("nan")
     with pytest.raises(ValueError, match="must be finite and >= 0, got nan"):
         approach2(C, N, L, n_bootstrap=10, bootstrap="seed_noise", noise_std=sds)
