@@ -78,7 +78,9 @@ def _mask_2d_batched(x_BxN: np.ndarray, y_BxN: np.ndarray) -> np.ndarray:
     group_min = np.take_along_axis(ys, start, 1)  # ys ascend within a group, so its first y is its minimum
     # p is dominated by a point with smaller x iff that point's y <= p's y, and by a point with equal x iff
     # that point's y is strictly smaller. Equal points (same x and y) survive together.
-    keep_sorted = (ys < prev_min) & (ys == group_min)
+    # The first x-group has no predecessor (prev_min is a stand-in +inf): its minimum is kept even when that
+    # is +inf itself, e.g. a diverged run with the fewest FLOPs, which nothing dominates.
+    keep_sorted = ((start == 0) | (ys < prev_min)) & (ys == group_min)
     mask = np.empty_like(keep_sorted)
     np.put_along_axis(mask, order, keep_sorted, 1)
     return mask

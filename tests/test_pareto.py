@@ -53,6 +53,15 @@ def test_two_objective_example_and_order():
 def test_infinite_values_and_errors():
     pts = np.array([[np.inf, 0.0], [1.0, np.inf], [2.0, 1.0], [1.0, 3.0]])
     np.testing.assert_array_equal(pareto_mask(pts, "min"), brute_force_mask(pts, ("min", "min")))
+    # +inf at the smallest x (a diverged run with the fewest FLOPs): nothing dominates it; tied copies stay
+    for pts_inf in ([[1.0, np.inf], [2.0, 3.0], [3.0, 2.0]], [[1.0, np.inf], [1.0, np.inf], [2.0, 0.0]]):
+        pts_inf = np.array(pts_inf)
+        np.testing.assert_array_equal(pareto_mask(pts_inf, "min"), [True, True, True])
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # small integer grids with +-inf: many ties, every path against brute force
+        q = rng.choice([-np.inf, 0.0, 1.0, 2.0, np.inf], size=(rng.integers(1, 7), 2))
+        want = brute_force_mask(q, ("min", "min"))
+        np.testing.assert_array_equal(pareto_mask(q, "min"), want, err_msg=str(q))
     pts3 = np.c_[pts, [1.0, -np.inf, 0.0, 0.0]]
     np.testing.assert_array_equal(pareto_mask(pts3, "min"), brute_force_mask(pts3, ("min",) * 3))
     with pytest.raises(ValueError, match="NaN in rows \\[1\\]"):
