@@ -154,6 +154,11 @@ def _parabola_min(logn: np.ndarray, loss_kxr: np.ndarray, w_kxr: np.ndarray | No
     return x0 + scale * xs, c0 + c1 * xs + c2 * xs * xs, valid
 
 
+# Bootstrap spread of log N* below which a budget counts as having none (rounding, not noise): 1e-9 in
+# log N is a relative change of 1e-9 in N*, far below any seed noise.
+_MIN_LOG_STD = 1e-9
+
+
 def _noise_at(noise_std, C: float, rtol: float):
     """The seed-noise sd for budget C: ``noise_std`` itself, or its entry for C when it is a mapping."""
     if not isinstance(noise_std, Mapping):
@@ -526,6 +531,15 @@ def approach2(
     cs = np.array([o.C for o in optima])
     wn = wd = None
     if weighting == "inverse_variance":
+        # A spread of ~0 (noise sd 0: every replicate finds the same minimum, up to rounding) would give that
+        # budget an infinite or astronomically large weight: it alone would set the power law, silently.
+        flat = [f"{o.C:.4g}" for o in optima if min(o.log_n_std, o.log_d_std) <= _MIN_LOG_STD]
+        if flat:
+            raise ValueError(
+                f"weighting='inverse_variance' needs a positive bootstrap spread of log N* and log D* at "
+                f"every budget; none at C={', '.join(flat)} (a seed-noise sd of 0 there?): use "
+                f"weighting='none' or give those budgets a positive noise_std"
+            )
         wn = 1.0 / np.array([o.log_n_std for o in optima]) ** 2
         wd = 1.0 / np.array([o.log_d_std for o in optima]) ** 2
     n_fit = fit_power_law(cs, [o.N for o in optima], wn, ci_level)

@@ -83,6 +83,11 @@ def fit_power_law(x, y, weights=None, ci_level: float = 0.95) -> PowerLawFit:
     w = None if weights is None else np.asarray(weights, dtype=np.float64).ravel()
     if w is not None and w.shape != x.shape:
         raise ValueError(f"fit_power_law: weights has length {w.size}, expected {x.size}")
+    if w is not None and np.any(np.isinf(w)):
+        raise ValueError(
+            f"fit_power_law: weights are infinite in rows {np.flatnonzero(np.isinf(w)).tolist()} (an "
+            f"inverse variance from a zero standard deviation?); NaN weights drop their rows, inf are errors"
+        )
     keep = np.isfinite(x) & np.isfinite(y) & (True if w is None else np.isfinite(w))
     x, y = x[keep], y[keep]
     w = None if w is None else w[keep]

@@ -311,6 +311,12 @@ def test_seed_noise_bootstrap_takes_a_per_budget_sd():
     del sds[float(BUDGETS[2])]
     with pytest.raises(ValueError, match=r"no entry for budget C=1e\+18"):
         approach2(C, N, L, n_bootstrap=10, bootstrap="seed_noise", noise_std=sds)
+    # inverse-variance weights from a budget whose sd is 0 would be infinite: refused, naming the budgets
+    with pytest.raises(ValueError, match=r"spread.*none at C=3.162e\+17, 1e\+18, .*1e\+20 \("):
+        approach2(C, N, L, n_bootstrap=20, bootstrap="seed_noise", noise_std={**sds, float(BUDGETS[2]): 0.0},
+                  weighting="inverse_variance")
+    with pytest.raises(ValueError, match=r"weights are infinite in rows \[1\]"):
+        fit_power_law([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, np.inf, 1.0])
     # the points bootstrap (and no bootstrap) ignores the sd: an incomplete mapping is no error there
     assert approach2(C, N, L, n_bootstrap=10, bootstrap="points", noise_std=sds).a == pytest.approx(plain.a)
     assert approach2(C, N, L, noise_std=sds).a == pytest.approx(plain.a)
