@@ -54,6 +54,17 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
 
 
+def _per_param(spec: str) -> float | None:
+    """k of a ``kN`` FLOP model (``6N`` -> 6.0), or None when ``spec`` is not of that form (a column name)."""
+    s = spec.strip()
+    if not s.upper().endswith("N"):
+        return None
+    try:
+        return float(s[:-1] or 1.0)
+    except ValueError:
+        return None
+
+
 def _flops_per_token(
     spec: str | None, table: dict | None = None
 ) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -61,13 +72,9 @@ def _flops_per_token(
     if spec is None:
         return None
     s = spec.strip()
-    if s.upper().endswith("N"):
-        try:
-            k = float(s[:-1] or 1.0)
-        except ValueError:
-            k = None
-        if k is not None:
-            return lambda n: k * np.asarray(n, dtype=np.float64)
+    k = _per_param(s)
+    if k is not None:
+        return lambda n: k * np.asarray(n, dtype=np.float64)
     if table is not None and s in table:
         col = np.asarray(table[s], dtype=np.float64)
         return lambda n: col  # per-row FLOPs per token (e.g. the trainer's exact accounting)
@@ -157,6 +164,8 @@ def cmd_fit(args) -> dict:
         "derived": _derived(law.name, params),
         "data": str(args.data),
         "columns": cols,
+        # the FLOP model D was derived with (None: 6N where derived); `optimum` uses it unless told otherwise
+        "flops_per_token": args.flops_per_token,
         "rows_used": int(rows.size),
         "n_boot": int(args.n_boot),
         "samples": samples,
@@ -220,8 +229,15 @@ def cmd_optimum(args) -> dict:
     except (json.JSONDecodeError, KeyError) as e:
         raise CLIError(f"{path} is not a fit.json written by `python -m scaling fit` ({e})") from e
     compute = [float(c) for c in args.compute]
-    alloc = compute_optimal((law, params), np.asarray(compute), flops_per_token=_flops_per_token(
-        args.flops_per_token), param_samples=saved.get("samples") or None)
+    spec, fitted_with = args.flops_per_token, saved.get("flops_per_token")
+    if spec is None and fitted_with is not None:
+        if _per_param(fitted_with) is None:
+            raise CLIError(f"{path} was fitted with D from the per-row FLOPs column {fitted_with!r}; the "
+                           f"allocation needs a formula: give --flops-per-token kN (e.g. 6N)")
+        spec = fitted_with
+        _note(f"FLOP model {spec} (the one {path.name}'s fit derived D with)")
+    alloc = compute_optimal((law, params), np.asarray(compute), flops_per_token=_flops_per_token(spec),
+                            param_samples=saved.get("samples") or None)
     rows = []
     for i, c in enumerate(compute):
         row = {"C": c, "N": float(alloc.N[i]), "D": float(alloc.D[i]), "loss": float(alloc.loss[i]),
@@ -250,7 +266,8 @@ def cmd_isoflop(args) -> dict:
 
     table = _load(args.data, args.where)
     cols = _columns(args.columns, table, ["C", "N", "D", "loss"])
-    has_d = "D" in cols or "D" in table
+    # D from the table, or derived from C with --flops-per-token: else Approach 2 assumes C = 6 N D
+    has_d = "D" in cols or "D" in table or args.flops_per_token is not None
     need = ["C", "N", "loss", *(["D"] if has_d else [])]
     data = law_data(table, need, cols, flops_per_token=_flops_per_token(args.flops_per_token, table),
                     dropna=args.dropna, log=_note)

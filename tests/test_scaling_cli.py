@@ -146,6 +146,12 @@ def test_cli_isoflop_recovers_exponent_and_writes_files(tmp_path, capsys):
     assert out["a"] == pytest.approx(a_true, abs=0.01) and out["a"] + out["b"] == pytest.approx(1.0, abs=1e-6)
     assert len(out["optima"]) == 5 and "derived D = C / (6 N)" not in err
     assert (tmp_path / "o" / "isoflop.json").is_file() and (tmp_path / "o" / "isoflop.png").stat().st_size > 0
+    # --flops-per-token without a D column: D* = C / (k N*), so N* D* / C = 1/k (it was 1/6 whatever k)
+    for k in (6, 8):
+        rc, out, err = _run(["isoflop", data, "--columns", "C=flops,N=params,loss=loss", "--flops-per-token",
+                             f"{k}N"], capsys)
+        assert rc == 0, err
+        assert [o["N"] * o["D"] / o["C"] for o in out["optima"]] == pytest.approx([1 / k] * 5, rel=1e-9)
 
 
 def test_cli_pareto_matches_definition(tmp_path, capsys):
@@ -264,6 +270,19 @@ def test_cli_fit_then_optimum(tmp_path, capsys):
     assert opt["tokens_per_param"] == pytest.approx(d_star / n_star)
     assert 6 * opt["N"] * opt["D"] == pytest.approx(1e24)
     assert opt["N_ci"][0] <= opt["N"] <= opt["N_ci"][1]
+
+    # a fit whose D was derived with 8N: optimum uses that FLOP model unless told otherwise
+    rc, _, err = _run([*argv[:-1], tmp_path / "fit8", "--flops-per-token", "8N"], capsys)
+    assert rc == 0, err
+    rc, opt8, err = _run(["optimum", "--fit", tmp_path / "fit8" / "fit.json", "--compute", "1e24"], capsys)
+    assert rc == 0 and "FLOP model 8N" in err and 8 * opt8["N"] * opt8["D"] == pytest.approx(1e24)
+    rc, opt6, _ = _run(["optimum", "--fit", tmp_path / "fit8" / "fit.json", "--compute", "1e24",
+                        "--flops-per-token", "6N"], capsys)
+    assert rc == 0 and 6 * opt6["N"] * opt6["D"] == pytest.approx(1e24)
+    saved8 = json.loads((tmp_path / "fit8" / "fit.json").read_text())
+    (tmp_path / "fit8" / "fit.json").write_text(json.dumps({**saved8, "flops_per_token": "fpt_column"}))
+    rc, _, err = _run(["optimum", "--fit", tmp_path / "fit8" / "fit.json", "--compute", "1e24"], capsys)
+    assert rc == 2 and "per-row FLOPs column 'fpt_column'" in err and "--flops-per-token kN" in err
 
 
 def test_cli_backtest_ranks_the_generating_form_and_writes_json(tmp_path, capsys):
