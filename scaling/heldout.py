@@ -108,8 +108,13 @@ def heldout_eval(
         if groups is None or order is None:
             raise ValueError("drop_first needs groups= (run ids) and order= (field, e.g. 'D' or 'step')")
         train &= drop_first_fraction(np.asarray(groups), data[order], drop_first)
+    if fit_kw.get("weights") is not None:  # per-point weights follow their points into the training set
+        w = np.asarray(fit_kw["weights"], np.float64)
+        if w.shape != (n,):
+            raise ValueError(f"weights has shape {w.shape}, expected ({n},): one per point of data")
+        fit_kw = {**fit_kw, "weights": w[train]}
     res = fit(law, {k: v[train] for k, v in data.items()}, **fit_kw)
-    tgt = res.law.target if res.law.target in data else "loss"
+    tgt = fit_kw.get("target") or res.law.target  # the column the fit used (fit's own default: law.target)
     X_te = {k: data[k][heldout] for k in res.law.inputs}
     y_te = data[tgt][heldout].astype(np.float64)
     pred = res.predict(**X_te)

@@ -302,6 +302,18 @@ def test_heldout_helpers():
     assert rep.heldout_mask.sum() == 5 and rep.fit.n_points == 28
     assert rep.mean_are < 0.01 and 0.0 <= rep.coverage <= 1.0
     assert "mean ARE" in rep.summary()
+    # target= scores the column the fit used; weights= follow their points (here: 0 on a 1.5x-off copy)
+    data = dict(N=n_run, D=d_run, loss_ema=y, loss=1.5 * y)
+    rep = heldout_eval("chinchilla", data, by="N", level=None, target="loss_ema", warn=False)
+    assert rep.mean_are < 0.01 and np.array_equal(rep.y, y[rep.heldout_mask])
+    doubled = {k: np.concatenate([v, v]) for k, v in dict(N=n_run, D=d_run, loss=y).items()}
+    doubled["loss"][40:] *= 1.5
+    w = np.r_[np.ones(40), np.zeros(40)]
+    rep = heldout_eval("chinchilla", doubled, heldout=np.tile(n_run == n_run.max(), 2) & (w > 0), level=None,
+                       weights=w, warn=False)
+    assert rep.fit.n_points == 75 and rep.mean_are < 0.01  # n_points counts zero-weight rows too
+    with pytest.raises(ValueError, match=r"weights has shape \(3,\), expected \(80,\)"):
+        heldout_eval("chinchilla", doubled, by="N", level=None, weights=[1.0, 1.0, 1.0])
 
 
 def test_exponent_bounded_at_zero_and_flagged():
