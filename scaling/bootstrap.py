@@ -103,7 +103,8 @@ class Bootstrap(Samples):
                 )
             )
         pred_BxM = pred_BxM[np.asarray(self.converged, bool)]
-        res = fit.residuals
+        # the fitted points' residuals: a zero-weight row (an outlier left out) is not noise
+        res = fit.residuals[np.asarray(fit.data["weights"]) > 0]
         rng = np.random.default_rng(self.seed + 1)
         eps_BxR = rng.choice(res, size=(pred_BxM.shape[0], n_resid))
         if fit.options.space == "log":
@@ -153,8 +154,12 @@ def chinchilla_derived(C=None, N=None, D=None, flops_per_param_token: float = 6.
 
 
 def _replicate_weights(kind, n, B, w, groups, rng):
+    # Points (or groups) of zero weight are not in the fit: resampling them would only shrink the effective
+    # sample and widen the intervals, so the draws are among the weighted ones (all of them, usually: then
+    # the draws are the same as drawing among all n).
+    live = np.flatnonzero(w > 0)
     if kind == "points":
-        idx = rng.integers(0, n, size=(B, n))
+        idx = live[rng.integers(0, live.size, size=(B, live.size))]
         counts = np.zeros((B, n))
         np.add.at(counts, (np.arange(B)[:, None], idx), 1.0)
         return counts * w[None, :]
@@ -165,11 +170,12 @@ def _replicate_weights(kind, n, B, w, groups, rng):
         if len(groups) != n:
             raise ValueError(f"groups has length {len(groups)} but the fit has {n} points")
         uniq, inv = np.unique(groups, return_inverse=True)
-        G = len(uniq)
+        live_g = np.unique(inv[live])  # groups with at least one weighted point
+        G = live_g.size
         if G < 2:
-            raise ValueError("kind='groups' needs at least 2 distinct groups")
-        draw = rng.integers(0, G, size=(B, G))
-        gcounts = np.zeros((B, G))
+            raise ValueError(f"kind='groups' needs at least 2 distinct groups with weighted points, got {G}")
+        draw = live_g[rng.integers(0, G, size=(B, G))]
+        gcounts = np.zeros((B, len(uniq)))
         np.add.at(gcounts, (np.arange(B)[:, None], draw), 1.0)
         return gcounts[:, inv] * w[None, :]
     raise ValueError(f"unknown bootstrap kind {kind!r}; use 'points', 'groups' or 'parametric'")
@@ -266,8 +272,8 @@ def bootstrap(
     rng = np.random.default_rng(seed)
     if kind == "parametric":
         yhat = fit.predict(**X)
-        if noise is None:
-            r = fit.residuals
+        if noise is None:  # robust scale (MAD) of the fitted points' residuals (zero weight: not fitted)
+            r = fit.residuals[w > 0]
             sigma = 1.4826 * np.median(np.abs(r - np.median(r)))
         else:
             sigma = noise(yhat) if callable(noise) else noise

@@ -280,6 +280,35 @@ def test_bootstrap_variants_and_prediction_interval_coverage():
     assert 0.75 <= cover <= 0.99, cover
 
 
+def test_bootstrap_ignores_zero_weight_rows():
+    """Rows of weight 0 (outliers left out) are not in the fit, so not in its bootstrap: the same draws as
+    without them (points, groups), and no part in the noise scale (parametric) or the residual pool
+    (prediction intervals). Before, they were resampled and their residuals counted as noise."""
+    n_run = np.repeat(np.geomspace(5e7, 5e9, 8), 5)
+    d_run = np.tile(np.geomspace(2e9, 2e11, 5), 8)
+    y = _noisy("chinchilla", CHIN, dict(N=n_run, D=d_run), sigma=0.01, seed=2)
+    k = 12  # outliers: 30% high, weight 0, in groups of their own
+    data = dict(N=n_run, D=d_run, loss=y)
+    padded = {key: np.r_[v, v[:k] * (1.3 if key == "loss" else 1.0)] for key, v in data.items()}
+    w = np.r_[np.ones(40), np.zeros(k)]
+    groups = np.repeat(np.arange(8), 5)
+    clean = fit("chinchilla", data, warn=False)
+    dirty = fit("chinchilla", padded, weights=w, warn=False)
+    assert dirty.params["alpha"] == pytest.approx(clean.params["alpha"], rel=1e-6)
+    for kind, kw, kw_pad in (("points", {}, {}),
+                             ("groups", {"groups": groups}, {"groups": np.r_[groups, 100 + np.arange(k)]})):
+        a = clean.bootstrap(100, kind=kind, seed=0, **kw).ci(0.9)["alpha"]
+        b = dirty.bootstrap(100, kind=kind, seed=0, **kw_pad).ci(0.9)["alpha"]
+        np.testing.assert_allclose(b, a, rtol=1e-6, err_msg=kind)
+    width = {}
+    for name, r in (("clean", clean), ("dirty", dirty)):
+        lo, hi = r.bootstrap(300, kind="parametric", seed=0).ci(0.9)["alpha"]
+        pi = r.bootstrap(100, seed=0).prediction_interval(0.9, N=[1e10], D=[4e11])
+        width[name] = (hi - lo, float(pi["upper"][0] - pi["lower"][0]))
+    # other random draws (more rows), same noise scale: widths agree to Monte Carlo error, not 2x
+    np.testing.assert_allclose(width["dirty"], width["clean"], rtol=0.2)
+
+
 def test_heldout_helpers():
     assert largest_mask([1, 5, 3, 5, 2], 1).tolist() == [False, True, False, True, False]
     keep = drop_first_fraction([0, 0, 0, 0, 1, 1], [4, 1, 2, 3, 2, 1], 0.5)
