@@ -363,6 +363,8 @@ class FitResult:
     def to_dict(self, include_data: bool = True) -> dict:
         d = {
             "law": self.law.name,
+            **({"law_variant": {"factory": self.law.variant[0], "options": dict(self.law.variant[1])}}
+               if self.law.variant else {}),
             "params": {k: float(v) for k, v in self.params.items()},
             "objective": float(self.objective),
             "n_points": int(self.n_points),
@@ -391,10 +393,16 @@ class FitResult:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> FitResult:
-        """Inverse of :meth:`to_dict` (the law must be registered under ``d['law']``)."""
+        """Inverse of :meth:`to_dict` (the law must be registered under ``d['law']``, or its variant's
+        factory under ``d['law_variant']['factory']``)."""
         data = d.get("data")
+        law = _saved_law(d)
+        if data is not None and set(data) != {*law.inputs, "target", "weights"}:
+            # e.g. a variant's fit saved without law_variant: predictions would silently be of another law
+            raise ValueError(f"saved fit of law {law.name!r}: its data has fields {sorted(data)}, but the "
+                             f"law takes inputs {list(law.inputs)} (plus target, weights)")
         return cls(
-            law=get_law(d["law"]),
+            law=law,
             params={k: float(v) for k, v in d["params"].items()},
             objective=float(d["objective"]),
             n_points=int(d["n_points"]),
@@ -446,6 +454,17 @@ class FitResult:
     def __repr__(self) -> str:
         ps = ", ".join(f"{k}={v:.5g}" for k, v in self.params.items())
         return f"FitResult({self.law.name}: {ps}; objective={self.objective:.6g}, converged={self.converged})"
+
+
+def _saved_law(d: Mapping) -> Law:
+    """The law of a saved fit: rebuilt from its factory options when it was a variant."""
+    v = d.get("law_variant")
+    if not v:
+        return get_law(d["law"])
+    law = get_law(v["factory"], **v.get("options", {}))
+    if law.name != d["law"]:
+        raise ValueError(f"saved fit: law_variant {v} builds {law.name!r}, but the fit is of {d['law']!r}")
+    return law
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +79,9 @@ class Law:
     space: str = "log"
     citation: str = ""
     doc: str = ""
+    # (factory name, options) for a law built by a registered factory: get_law(factory, **options) rebuilds
+    # it, so a saved fit of a variant (e.g. data_constrained with U_N as an input) reloads as that variant.
+    variant: tuple[str, Mapping[str, Any]] | None = None
 
     def __post_init__(self):
         unknown = set(self.transforms) - set(self.params)
@@ -331,6 +335,7 @@ def power_law(var: str = "X") -> Law:
         },
         citation="Kaplan et al. 2020 (arXiv:2001.08361); Hestness et al. 2017 (arXiv:1712.00409)",
         doc=f"L({var}) = E + A * {var}^-alpha. E: irreducible loss, A: scale, alpha: exponent.",
+        variant=("power_law", {"var": var}),
     )
 
 
@@ -403,6 +408,7 @@ def data_constrained(tokens_per_param: float | None = 20.0) -> Law:
         citation="Muennighoff et al. 2023, 'Scaling Data-Constrained Language Models', arXiv:2305.16264",
         doc="L = E + A/N'^alpha + B/D'^beta with effective N', D' (repeated data decays with R*_D, excess "
         "parameters with R*_N). Published: R*_D = 15.4, R*_N = 5.3.",
+        variant=("data_constrained", {"tokens_per_param": tokens_per_param}),
     )
 
 

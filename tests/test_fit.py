@@ -239,6 +239,35 @@ def test_json_round_trip_and_summary():
     assert "alpha" in text and f"{r.n_best} of {r.n_starts}" in text and "condition number" in text
 
 
+def test_saved_fit_of_a_law_variant_reloads_as_that_variant():
+    """A law built by a factory (data_constrained with U_N as a data input; a power law in a new variable)
+    is saved with its options and rebuilt from them; a saved fit whose data does not match its law's inputs
+    is refused instead of predicting with another law."""
+    from scaling.laws import data_constrained, power_law
+
+    rng = np.random.default_rng(0)
+    N = np.geomspace(1e7, 1e9, 30)
+    U_D = np.geomspace(1e9, 1e10, 30)[rng.permutation(30)]
+    D, U_N = U_D * rng.uniform(1, 8, 30), N / rng.uniform(1, 4, 30)
+    law = data_constrained(tokens_per_param=None)
+    p = dict(E=1.8, A=480.0, B=2100.0, alpha=0.34, beta=0.37, R_star_N=5.3, R_star_D=15.4)
+    y = np.asarray(law.predict(p, N=N, D=D, U_D=U_D, U_N=U_N))
+    r = fit(law, dict(N=N, D=D, U_D=U_D, U_N=U_N, loss=y), warn=False)
+    back = FitResult.from_json(r.to_json())
+    assert back.law.inputs == ("N", "D", "U_D", "U_N") and back.law.variant == law.variant
+    X = dict(N=N, D=D, U_D=U_D, U_N=U_N)
+    np.testing.assert_allclose(back.predict(**X), r.predict(**X))
+    np.testing.assert_allclose(back.residuals, r.residuals)
+    d = r.to_dict()
+    del d["law_variant"]  # as saved before variants were recorded: the default law takes no U_N
+    with pytest.raises(ValueError, match=r"data has fields .*'U_N'.* law takes inputs \['N', 'D', 'U_D'\]"):
+        FitResult.from_dict(d)
+    T = np.geomspace(1.0, 1e4, 12)
+    r = fit(power_law("T"), dict(T=T, loss=2.0 + 3.0 * T**-0.5), warn=False)
+    back = FitResult.from_json(r.to_json())
+    assert back.law.name == "power_law_T" and back.predict(T=[7.0]) == pytest.approx(r.predict(T=[7.0]))
+
+
 def test_bootstrap_variants_and_prediction_interval_coverage():
     # Runs: 12 model sizes x 6 checkpoints each; held-out: the largest model.  The 90% prediction interval
     # should cover about 90% of fresh noisy observations drawn from the truth at held-out points.
