@@ -204,7 +204,7 @@ def cmd_backtest(args) -> dict:
         # exact FLOPs scatter around a nominal budget (whole steps): binning log10 keeps a budget in one fold
         key = np.round(np.log10(key) / args.bin_decades) * args.bin_decades
         key_name = f"log10({args.by}) in {args.bin_decades:g}-decade bins"
-    result = backtest(laws, data, by=key, key_name=key_name, min_train=args.min_train)
+    result = backtest(laws, data, by=key, key_name=key_name, min_train=args.min_train, seed=args.seed)
     print(result.summary(), file=sys.stderr)
     out = {"data": str(args.data), "columns": cols, "rows_used": int(len(key)), **result.to_dict()}
     if args.out:
@@ -379,6 +379,8 @@ def cmd_downstream(args) -> dict:
     fit = fit_accuracy_vs_compute(c, acc, chance=args.chance, ceiling=ceiling, n_boot=args.n_boot,
                                   seed=args.seed)
     out = {"fit": fit.to_dict(), "C_mid": float(np.exp(fit.mid)), "n_points": int(c.size)}
+    if "ci" in out["fit"]:
+        out["C_mid_ci"] = [float(np.exp(m)) for m in out["fit"]["ci"]["mid"]]
     if args.cutoff is not None:
         out["heldout"] = heldout_error(c, acc, cutoff=args.cutoff, chance=args.chance, ceiling=ceiling)
     if args.out:

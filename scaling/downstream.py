@@ -229,12 +229,19 @@ class SigmoidFit:
             raise ValueError("law_params needs an increasing fit against compute (transform='log')")
         return {"R0": self.floor, "A": self.ceiling, "C_mid": float(np.exp(self.mid)), "B": self.slope}
 
-    def to_dict(self) -> dict:
-        return {
+    def to_dict(self, level: float = 0.95) -> dict:
+        """Every fitted value and diagnostic; with bootstrap samples also ``n_boot`` and percentile ``ci``
+        (at ``level``) of floor, ceiling, mid and slope."""
+        out = {
             "floor": self.floor, "ceiling": self.ceiling, "mid": self.mid, "slope": self.slope,
             "transform": self.transform, "sse": self.sse, "n_points": self.n_points,
             "converged": self.converged, "n_starts_at_optimum": self.n_starts_at_optimum,
         }
+        if self.samples is not None and len(self.samples):
+            lo, hi = np.quantile(self.samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
+            out.update(n_boot=len(self.samples), ci_level=level, ci={
+                k: [float(lo[i]), float(hi[i])] for i, k in enumerate(("floor", "ceiling", "mid", "slope"))})
+        return out
 
 
 def fit_sigmoid(

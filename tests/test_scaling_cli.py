@@ -354,6 +354,12 @@ def test_cli_downstream_on_obsscaling(tmp_path, capsys):
     ref = heldout_error(t["FLOPs (1E21)"][ok], t["ARC-C"][ok], cutoff=84, chance=0.25)
     assert out["heldout"] == pytest.approx(ref) and out["n_points"] == ok.sum()
     assert (tmp_path / "downstream.png").is_file()
+    # --n-boot gives intervals in the JSON too (not only the figure's band)
+    f = out["fit"]
+    assert f["n_boot"] == 20 and f["ci_level"] == 0.95
+    for k in ("mid", "slope"):
+        assert f["ci"][k][0] < f["ci"][k][1]
+    assert out["C_mid_ci"] == pytest.approx(np.exp(f["ci"]["mid"]))
 
 
 def test_cli_isoflop_seed_noise_bootstrap(tmp_path, capsys):
