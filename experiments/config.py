@@ -136,7 +136,9 @@ class ExperimentConfig:
     # ----- validation ---------------------------------------------------------------------------------------
     def validate(self) -> ExperimentConfig:
         """Raise ConfigError listing every problem; return self."""
-        errors: list[str] = []
+        errors: list[str] = [f"{path}={v!r} must be finite" for path, v in _non_finite(self)]
+        if self.seed < 0:
+            errors.append(f"seed={self.seed} must be >= 0")
         for name, sub in (("model", self.model), ("optimizer", self.optimizer)):
             try:
                 sub.validate()
@@ -150,6 +152,11 @@ class ExperimentConfig:
         for name in ("n_train_tokens", "n_val_tokens", "seq_len", "batch_size"):
             if getattr(d, name) < 1:
                 errors.append(f"data.{name}={getattr(d, name)} must be >= 1")
+        if d.path == "synthetic":  # known now, so not found only when the trained run is first evaluated
+            for name in ("n_train_tokens", "n_val_tokens"):
+                if 1 <= getattr(d, name) < d.seq_len + 1:
+                    errors.append(f"data.{name}={getattr(d, name)} is shorter than one window "
+                                  f"(data.seq_len + 1 = {d.seq_len + 1} tokens)")
         if d.seq_len > self.model.max_seq_len:
             errors.append(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if d.path == "synthetic" and d.synthetic.vocab_size > self.model.vocab_size:
@@ -396,4 +403,19 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
             out += config_diff(va, vb, key + ".")
         elif va != vb:
             out.append(key)
+    return out
+
+
+def _non_finite(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted field path, value) of every NaN or infinite float in a config tree: overrides are parsed as
+    JSON, which accepts NaN and Infinity, and a check written ``v <= 0`` lets NaN through."""
+    out: list[tuple[str, float]] = []
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            out += _non_finite(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out += _non_finite(v, f"{prefix}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        out.append((prefix, obj))
     return out

@@ -65,7 +65,7 @@ class MarkovSourceConfig:
             )
         if len(self.weights) != k + 1:
             raise ValueError(f"weights needs order+1 = {k + 1} entries (lambda_0..k), got {self.weights}")
-        if any(w < 0 for w in self.weights) or self.weights[0] <= 0:
+        if not all(math.isfinite(w) and w >= 0 for w in self.weights) or not self.weights[0] > 0:
             raise ValueError(f"weights must be >= 0 with weights[0] > 0 (ergodicity), got {self.weights}")
         if len(self.successors) != k or len(self.buckets) != k:
             raise ValueError(
@@ -76,8 +76,11 @@ class MarkovSourceConfig:
                 raise ValueError(f"successors[{j - 1}] (order {j}) must be in [1, vocab_size], got {K}")
             if M is not None and not 1 <= M <= V**j:
                 raise ValueError(f"buckets[{j - 1}] (order {j}) must be in [1, {V**j}] or None, got {M}")
-        if self.zipf_exponent < 0 or self.dirichlet_alpha <= 0:
-            raise ValueError("zipf_exponent must be >= 0 and dirichlet_alpha > 0")
+        # written so that NaN fails too (a NaN exponent made successor sampling loop forever)
+        if not (math.isfinite(self.zipf_exponent) and self.zipf_exponent >= 0):
+            raise ValueError(f"zipf_exponent must be finite and >= 0, got {self.zipf_exponent}")
+        if not (math.isfinite(self.dirichlet_alpha) and self.dirichlet_alpha > 0):
+            raise ValueError(f"dirichlet_alpha must be finite and > 0, got {self.dirichlet_alpha}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 

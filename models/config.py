@@ -9,6 +9,7 @@ than in ``__post_init__``, so config-override code may pass through intermediate
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,8 +221,8 @@ def _validation_errors(c: ModelConfig) -> list[str]:
         errors.append(f"remat={c.remat!r} is not one of {REMAT_POLICIES}")
     for name in ("rope_theta", "norm_eps", "init_std"):
         v = getattr(c, name)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            errors.append(f"{name}={v!r} must be a positive number")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v > 0):
+            errors.append(f"{name}={v!r} must be a positive (finite) number")
     for name in ("tie_embeddings", "qk_norm", "use_bias", "scan_layers"):
         if not isinstance(getattr(c, name), bool):
             errors.append(f"{name}={getattr(c, name)!r} must be a bool")
@@ -257,12 +258,12 @@ def _moe_errors(c: ModelConfig) -> list[str]:
     if not isinstance(c.moe_renormalize, bool):
         errors.append(f"moe_renormalize={c.moe_renormalize!r} must be a bool")
     if not isinstance(c.moe_capacity_factor, (int, float)) or isinstance(c.moe_capacity_factor, bool) \
-            or c.moe_capacity_factor <= 0:
-        errors.append(f"moe_capacity_factor={c.moe_capacity_factor!r} must be a positive number")
+            or not (math.isfinite(c.moe_capacity_factor) and c.moe_capacity_factor > 0):
+        errors.append(f"moe_capacity_factor={c.moe_capacity_factor!r} must be a positive (finite) number")
     for name in ("moe_aux_loss_weight", "moe_z_loss_weight", "moe_bias_update_rate"):
         v = getattr(c, name)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            errors.append(f"{name}={v!r} must be a non-negative number")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v >= 0):
+            errors.append(f"{name}={v!r} must be a non-negative (finite) number")
     return errors
 
 
@@ -344,8 +345,8 @@ def _mor_errors(c: ModelConfig) -> list[str]:
     for name in ("mor_router_scale", "mor_aux_loss_weight", "mor_balance_loss_weight",
                  "mor_bias_update_rate"):
         v = getattr(c, name)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            errors.append(f"{name}={v!r} must be a non-negative number")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v >= 0):
+            errors.append(f"{name}={v!r} must be a non-negative (finite) number")
     if c.mor_capacity is not None:
         cap = c.mor_capacity
         if not isinstance(cap, (tuple, list)) or len(cap) != n_r or not all(

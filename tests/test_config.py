@@ -96,6 +96,16 @@ def test_from_dict_rejects_unknown_and_mistyped_fields():
         (["model.n_heads=3"], "model: invalid ModelConfig"),
         (["optimizer.warmup_steps=100000"], "warmup_steps=100000 exceeds the run length"),
         (["data.synthetic.vocab_size=1000"], "data.synthetic.vocab_size=1000 exceeds model.vocab_size"),
+        # NaN / inf (JSON overrides accept them; a NaN zipf exponent made data preparation loop forever)
+        (["data.synthetic.zipf_exponent=NaN"], r"zipf_exponent must be finite and >= 0, got nan"),
+        (["data.synthetic.dirichlet_alpha=NaN"], r"dirichlet_alpha must be finite and > 0, got nan"),
+        (["data.synthetic.weights=[NaN, 1.0]"], r"data.synthetic.weights\[0\]=nan must be finite"),
+        (["model.init_std=Infinity"], r"init_std=inf must be a positive \(finite\) number"),
+        (["model.rope_theta=NaN"], r"rope_theta=nan must be a positive \(finite\) number"),
+        (["trainer.peak_flops=NaN"], r"trainer.peak_flops=nan must be finite"),
+        (["seed=-1"], r"seed=-1 must be >= 0"),
+        # a validation split shorter than one window was found only after the whole run had trained
+        (["data.n_val_tokens=10"], r"data.n_val_tokens=10 is shorter than one window \(data.seq_len \+ 1"),
     ],
 )
 def test_validate_reports_problems(overrides, message):
