@@ -8,11 +8,17 @@ written on 8 devices restores onto 1 (or any other mesh) without a resharding st
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run could be restored (each step directory is named in the message)."""
 
 
 class Checkpointer:
@@ -49,6 +55,20 @@ class Checkpointer:
     def restore_meta(self, step: int) -> dict[str, Any]:
         out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
+
+    def set_aside(self, steps: list[int], dest: Path) -> list[Path]:
+        """Move the step directories ``steps`` (unreadable ones) to ``dest``, out of the manager's sight, so
+        the next save of those steps starts clean; returns the new paths. Moved, not deleted: a step that
+        failed to restore for a reason other than damage can still be inspected or put back."""
+        self._mngr.wait_until_finished()
+        dest.mkdir(parents=True, exist_ok=True)
+        moved = []
+        for step in steps:
+            target = dest / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            shutil.move(str(self.directory / str(step)), str(target))
+            moved.append(target)
+        self._mngr.reload()
+        return moved
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()

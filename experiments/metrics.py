@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,28 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 METRICS_FILE = "metrics.jsonl"
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+def read_metrics(workdir: str | Path, *, drop_torn_tail: bool = False) -> list[dict[str, Any]]:
+    """The records of WORKDIR/metrics.jsonl (none if it does not exist). A line that is not a JSON object
+    raises DataError naming the file and line -- except, with ``drop_torn_tail``, the last line: a process
+    killed mid-write leaves it cut short, and resuming drops it (its step is recomputed anyway)."""
+    from experiments.data import DataError
+
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    out = []
+    for j, (i, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+            if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)):
+                raise ValueError("not a JSON object with an integer 'step'")
+        except ValueError as e:  # json.JSONDecodeError included
+            if drop_torn_tail and j == len(lines) - 1:
+                break
+            raise DataError(f"{path}:{i}: unreadable metrics record ({e})") from e
+        out.append(rec)
+    return out
 
 
 class MetricsWriter:
@@ -34,8 +52,10 @@ class MetricsWriter:
         self._tb: EventFileWriter | None = None
         if not enabled:
             return
-        kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in read_metrics(workdir, drop_torn_tail=True) if r["step"] <= resume_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")  # replaced whole: a kill now loses no record
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
         self._file = self.path.open("a")
         self._tb = EventFileWriter(str(Path(workdir) / "tensorboard"))
         self._tb.add_event(

@@ -43,12 +43,21 @@ EXECUTION_ONLY_FIELDS = (
 )
 
 
+def has_progress(workdir: Path) -> bool:
+    """Whether a run in ``workdir`` has anything a changed config would contradict: a summary, or anything
+    in its checkpoint directory (a step being written included)."""
+    ckpt = workdir / CHECKPOINT_DIR
+    return (workdir / SUMMARY_FILE).exists() or (ckpt.is_dir() and any(ckpt.iterdir()))
+
+
 def check_and_save_config(cfg: ExperimentConfig, workdir: Path) -> None:
     """Write WORKDIR/config.json; refuse to continue a workdir that was started with a different
-    experiment."""
+    experiment. A workdir without progress (a run refused before its first checkpoint, e.g. for a dataset
+    without a val split) takes the new config: there is nothing to contradict, and the fix should not need a
+    new --workdir."""
     path = workdir / CONFIG_FILE
     new = cfg.to_dict()
-    if path.exists():
+    if path.exists() and has_progress(workdir):
         old = json.loads(path.read_text())
         diff = [
             k

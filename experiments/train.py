@@ -44,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import json
 
+    from experiments.checkpoint import CheckpointError
     from experiments.config import ConfigError
     from experiments.data import DataError
     from experiments.presets import get_preset
@@ -60,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except DataError as e:  # missing or malformed token files: say which, without a traceback
         print(f"data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"training stopped: {e}", file=sys.stderr)

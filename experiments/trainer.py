@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,9 +34,9 @@ from jax.sharding import Mesh, NamedSharding
 
 import optim
 from experiments import sharding as shd
-from experiments.checkpoint import Checkpointer, abstract_like
+from experiments.checkpoint import Checkpointer, CheckpointError, abstract_like
 from experiments.config import ConfigError, ExperimentConfig
-from experiments.data import TokenDataset, prepare_synthetic
+from experiments.data import DataError, TokenDataset, prepare_synthetic
 from experiments.metrics import MetricsWriter, read_metrics
 from experiments.run_record import (  # noqa: F401 -- re-exported: the run directory's names live there
     CHECKPOINT_DIR,
@@ -52,6 +53,8 @@ from models import moe as moe_lib
 from models import mor as mor_lib
 from models.loss import chunked_cross_entropy, output_head
 from optim.schedules import schedule_from_params
+
+UNREADABLE_CHECKPOINT_DIR = "checkpoints_unreadable"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -311,6 +314,75 @@ def open_dataset(cfg: ExperimentConfig, workdir: Path) -> TokenDataset:
     return TokenDataset.open(out, verify_tokens=False)  # prepare_synthetic validated the files
 
 
+def check_dataset(cfg: ExperimentConfig, ds: TokenDataset) -> None:
+    """Everything the run will need from the data, checked before it trains (not found at the final eval):
+    the vocabulary fits the model, a train and a val split of at least one window each, and a synthetic
+    source when the downstream battery is asked for."""
+    if ds.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"dataset vocab_size {ds.vocab_size} ({ds.directory}) exceeds model.vocab_size "
+            f"{cfg.model.vocab_size}"
+        )
+    for split in ("train", "val"):
+        if split not in ds.splits:
+            raise DataError(f"dataset {ds.directory} has no {split!r} split (it has {ds.splits}); training "
+                            f"needs 'train' and 'val' (python -m experiments.data text ... writes both)")
+        if ds.n_tokens(split) < cfg.data.seq_len + 1:
+            raise DataError(f"split {split!r} of {ds.directory} has {ds.n_tokens(split)} tokens, fewer than "
+                            f"one window (data.seq_len + 1 = {cfg.data.seq_len + 1})")
+    if cfg.trainer.eval_tasks and "generator" not in ds.metadata:
+        raise ConfigError(
+            f"trainer.eval_tasks: the built-in downstream battery needs a synthetic dataset (its exact "
+            f"source), and {ds.directory} is not one; set trainer.eval_tasks=false and score JSONL "
+            f"multiple-choice items with python -m experiments.evaluate after training"
+        )
+
+
+def read_summary(path: Path, emit: Callable[[str], None]) -> dict | None:
+    """A finished run's summary.json, or None when there is none or it is unreadable (torn by a kill while
+    it was written, before summaries were written atomically): the caller then rewrites it from the final
+    checkpoint instead of failing on every retry."""
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        emit(f"{path} is unreadable ({e}); re-evaluating the final checkpoint to rewrite it")
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def restore_newest_readable(
+    ckpt: Checkpointer, abstract_state: Any, workdir: Path, emit: Callable[[str], None]
+) -> tuple[int | None, Any, dict]:
+    """(step, state, meta) of the newest checkpoint that restores, or (None, None, {}) when there is none.
+
+    A newer step that fails (an empty or torn step directory, left by a crash mid-save) is moved to
+    WORKDIR/checkpoints_unreadable/ with a message naming it, and the run resumes from the last good step.
+    When no step restores, CheckpointError names the directory and the newest step's error, and nothing is
+    moved (the cause may be systematic rather than damage)."""
+    failed: list[tuple[int, Exception]] = []
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            state, meta = ckpt.restore(step, abstract_state)
+        except Exception as e:  # orbax and tensorstore raise many types for a damaged step
+            failed.append((step, e))
+            continue
+        if failed and jax.process_index() == 0:
+            moved = ckpt.set_aside([s for s, _ in failed], workdir / UNREADABLE_CHECKPOINT_DIR)
+            for (s, e), where in zip(failed, moved, strict=True):
+                emit(f"checkpoint step {s} is unreadable ({type(e).__name__}: {str(e)[:200]}); moved to "
+                     f"{where}; resuming from step {step}")
+        return step, state, meta
+    if failed:
+        s, e = failed[0]
+        raise CheckpointError(
+            f"no checkpoint in {ckpt.directory} could be restored (steps {[s for s, _ in failed]}); newest, "
+            f"step {s}: {type(e).__name__}: {str(e)[:500]}. To start the run over, move that directory away"
+        ) from e
+    return None, None, {}
+
+
 def async_metrics(setting: bool | None, mesh: Mesh) -> bool:
     """``trainer.async_metrics`` resolved: None -> on for accelerators, off for CPUs. On a CPU the device is
     the host's own cores, so a second step queued behind the first only competes with the loop for them:
@@ -397,18 +469,15 @@ def train(
     try:
         latest = ckpt.latest_step()
         summary_path = workdir / SUMMARY_FILE
-        if latest == total and summary_path.exists():
+        finished = read_summary(summary_path, emit) if latest == total else None
+        if finished is not None:
             emit(f"{workdir}: already finished ({total} steps); nothing to do")
             if cfg.trainer.eval_tasks and is_main and not (workdir / "downstream.json").exists():
                 run_downstream(cfg, workdir, None, emit)
-            return json.loads(summary_path.read_text())
+            return finished
 
         ds = open_dataset(cfg, workdir)
-        if ds.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"dataset vocab_size {ds.vocab_size} ({ds.directory}) exceeds model.vocab_size "
-                f"{cfg.model.vocab_size}"
-            )
+        check_dataset(cfg, ds)
         prog = build_program(cfg, mesh)
         emit(shd.describe_mesh(mesh))
         counts = accounting.param_counts(cfg.model)
@@ -419,8 +488,8 @@ def train(
         )
         emit("optimizer partition:\n" + optim.describe_partition(prog.partition))
 
+        latest, state, meta = restore_newest_readable(ckpt, prog.abstract_state, workdir, emit)
         if latest is not None:
-            state, meta = ckpt.restore(latest, prog.abstract_state)
             emit(f"resumed from checkpoint at step {latest}")
         else:
             state, meta = prog.init_state(), {}
@@ -542,8 +611,10 @@ def train(
         summary = build_summary(
             cfg, ds, final_loss=meta["last_loss"], final_eval_loss=final_eval, meta=meta, n_devices=n_devices
         )
-        if is_main:
-            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        if is_main:  # written whole or not at all: a kill mid-write must not leave a torn summary behind
+            tmp = summary_path.with_name(summary_path.name + ".tmp")
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, summary_path)
         floor = f" (entropy floor {ds.entropy_rate:.4f})" if ds.entropy_rate is not None else ""
         emit(
             f"done: final loss {summary['final_loss']:.4f}, eval loss {final_eval:.4f}{floor}; "

@@ -124,6 +124,10 @@ def test_workdir_refuses_a_different_config(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text()) == cfg.to_dict()
     # Execution-only settings (mesh, progress bar, checkpoint cadence) may change between sessions.
     check_and_save_config(cfg.override(["mesh.data=1", "trainer.progress=false"]), tmp_path)
+    # no progress yet (nothing checkpointed): a fixed config simply replaces the saved one
+    check_and_save_config(cfg.override(["optimizer.learning_rate=0.1"]), tmp_path)
+    check_and_save_config(cfg, tmp_path)
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
     with pytest.raises(
         ConfigError, match=r"(?s)different config.*optimizer.learning_rate: saved 0.003 != now 0.1"
     ):

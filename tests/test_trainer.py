@@ -171,6 +171,78 @@ def test_resume_is_exact(tmp_path, data_dir, one_device_run):
     assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
+def test_resume_survives_a_crash_mid_write(tmp_path, data_dir, one_device_run):
+    """What a kill mid-write leaves: a torn last metrics line and an empty (never completed) newer checkpoint
+    step. The resume drops the torn line, sets the broken step aside (named), resumes from the good step and
+    still reproduces the uninterrupted run exactly. A torn summary.json of a finished run is rewritten from
+    its final checkpoint instead of failing every retry."""
+    wd1, s1 = one_device_run
+    cfg = small_cfg(data_dir, *ONE)
+    with pytest.raises(Interrupt):
+        run(cfg, tmp_path, 1, on_step=interrupt_at(5))  # checkpoint at 3
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "loss": 3.5')
+    (tmp_path / "checkpoints" / "6").mkdir()  # orbax now reports step 6 as the latest
+    logs = []
+    s = train(cfg, tmp_path, devices=jax.devices()[:1], log=logs.append)
+    assert any(re.search(r"checkpoint step 6 is unreadable .*moved to .*checkpoints_unreadable/6-.*resuming "
+                         r"from step 3", m) for m in logs), logs
+    assert s["final_eval_loss"] == s1["final_eval_loss"]
+    jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path, 6), final_params(wd1, 6))
+    summary = (tmp_path / "summary.json").read_text()
+    (tmp_path / "summary.json").write_text(summary[: len(summary) // 2])
+    logs.clear()
+    again = train(cfg, tmp_path, devices=jax.devices()[:1], log=logs.append)
+    assert again["final_eval_loss"] == s["final_eval_loss"]
+    assert any("summary.json is unreadable" in m for m in logs)
+    assert json.loads((tmp_path / "summary.json").read_text())["final_eval_loss"] == s["final_eval_loss"]
+
+
+def test_read_metrics_names_a_bad_line_and_drops_only_a_torn_tail(tmp_path):
+    from experiments.data import DataError
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl:2: unreadable metrics record"):
+        read_metrics(tmp_path)
+    with pytest.raises(DataError, match=r"metrics.jsonl:2"):  # not the last line: not a torn write
+        read_metrics(tmp_path, drop_torn_tail=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path, drop_torn_tail=True) == [{"step": 1, "loss": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": "1"}\n')
+    with pytest.raises(DataError, match="not a JSON object with an integer 'step'"):
+        read_metrics(tmp_path)
+
+
+def test_unreadable_checkpoints_and_unusable_data_are_named_before_training(tmp_path, data_dir):
+    """No readable checkpoint: CheckpointError names the directory and moves nothing. A dataset without a
+    val split, or a text dataset with the synthetic task battery asked for, is refused before any step
+    (these were found only at the final evaluation, after all the training)."""
+    from experiments.checkpoint import CheckpointError
+    from experiments.data import DataError, _write_metadata, write_split
+
+    cfg = small_cfg(data_dir, *ONE)
+    (tmp_path / "run" / "checkpoints" / "3").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .*run/checkpoints could be restored \(steps "
+                       r"\[3\]\).*move that directory away"):
+        run(cfg, tmp_path / "run", 1)
+    assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+    text = tmp_path / "text"
+    text.mkdir()
+    rng = np.random.default_rng(0)
+    meta = {"vocab_size": 64, "dtype": "uint16", "n_tokens": {}}
+    for split in ("train", "val"):
+        meta["n_tokens"][split] = write_split(text, split, rng.integers(0, 64, 5000), 64)["n_tokens"]
+        if split == "train":
+            _write_metadata(text, meta)
+            with pytest.raises(DataError, match=r"has no 'val' split \(it has \['train'\]\)"):
+                run(small_cfg(data_dir, *ONE, f"data.path={text}"), tmp_path / "a", 1)
+    _write_metadata(text, meta)
+    with pytest.raises(ConfigError, match="eval_tasks: the built-in downstream battery needs a synthetic"):
+        run(small_cfg(data_dir, *ONE, f"data.path={text}", "trainer.eval_tasks=true"), tmp_path / "b", 1)
+    for d in ("a", "b"):
+        assert not any((tmp_path / d / "checkpoints").iterdir())
+
+
 def test_async_metrics_give_the_same_run_and_resume_exactly(tmp_path, data_dir, one_device_run):
     """trainer.async_metrics=true (fetch step s's metrics after dispatching s+1; the CPU default is off):
     the same metrics, checkpoints and parameters as the synchronous run, also across an interruption."""
