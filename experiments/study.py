@@ -534,6 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             dry_steps=a.dry_steps,
             slurm_params=slurm_params,
         )
+    except ConfigError as e:  # a hand-edited plan, a run config: named in the message, no traceback
+        print(f"[study] config error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT (experiments/gpu_session.sh)
         print(f"\n[study] interrupted: the finished runs in {a.out} are kept; run the same command again to "
               "go on (finished runs are skipped, interrupted ones resume from their last checkpoint)",

@@ -198,8 +198,38 @@ def read_plan(path: str | Path) -> list[PlannedRun]:
         unknown = sorted(set(d) - fields)
         if unknown:
             raise ConfigError(f"{path}:{i}: unknown plan fields {unknown}")
+        problems = _plan_entry_problems(d)
+        if problems:
+            raise ConfigError(f"{path}:{i}: " + "; ".join(problems))
         runs.append(PlannedRun(**d))
     return resolve(runs)
+
+
+def _plan_entry_problems(d: dict[str, Any]) -> list[str]:
+    """Type errors of one hand-edited plan line, in words: a wrong type would otherwise pass silently
+    ("fit": "false" drops the run from every report table) or fail later with an unrelated error."""
+    out = []
+    for key in ("name", "kind", "config"):
+        if key not in d:
+            out.append(f"missing field {key!r}")
+    for key in ("name", "kind", "group"):
+        if key in d and not (isinstance(d[key], str) and d[key]):
+            out.append(f"{key} must be a non-empty string, got {d[key]!r}")
+    if "config" in d and not isinstance(d["config"], dict):
+        out.append(f"config must be a JSON object, got {type(d['config']).__name__}")
+    if "fit" in d and not isinstance(d["fit"], bool):
+        out.append(f"fit must be true or false, got {d['fit']!r}")
+    b = d.get("budget")
+    number = isinstance(b, (int, float)) and not isinstance(b, bool)
+    if b is not None and not (number and math.isfinite(b) and b > 0):
+        out.append(f"budget must be a positive number or null, got {b!r}")
+    par = d.get("parent")
+    if par is not None and not (
+        isinstance(par, dict) and set(par) == {"run", "step"} and isinstance(par["run"], str)
+        and isinstance(par["step"], int) and not isinstance(par["step"], bool) and par["step"] >= 0
+    ):
+        out.append(f'parent must be null or {{"run": NAME, "step": STEP (an integer >= 0)}}, got {par!r}')
+    return out
 
 
 # ----- shapes -----------------------------------------------------------------------------------------------

@@ -468,6 +468,13 @@ def test_cli_refuses_bad_arguments_before_doing_anything(tmp_path, capsys, args,
     assert not out.exists()
 
 
+def test_cli_names_a_broken_hand_edited_plan(tmp_path, capsys):
+    (tmp_path / study.PLAN_FILE).write_text('{"name": "a", "kind": "isoflop", "config": {}, "fit": "no"}\n')
+    assert study.main(["--preset", "cpu-micro", "--out", str(tmp_path), "--fit-only"]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: {tmp_path / study.PLAN_FILE}:1: fit must be true or false, got 'no'" in err
+
+
 def test_cli_refuses_an_out_that_is_a_file(tmp_path, capsys):
     f = tmp_path / "report.md"
     f.write_text("keep me")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 
 import numpy as np
@@ -150,6 +151,21 @@ def test_plan_roundtrip_and_edit(tmp_path):
     path.write_text(json.dumps(d) + "\n")
     with pytest.raises(ConfigError, match="stepz"):
         read_plan(path)
+    # typos of a hand edit are named with their line, not accepted ("fit": "false" dropped the run from every
+    # report table) nor left to fail later with an unrelated error
+    good = json.loads(lines[1])
+    for edit, message in (
+        ({"fit": "false"}, "fit must be true or false, got 'false'"),
+        ({"budget": "1e9"}, "budget must be a positive number or null, got '1e9'"),
+        ({"budget": -5}, "budget must be a positive number or null, got -5"),
+        ({"parent": "run-a"}, "parent must be null or"),
+        ({"parent": {"run": "a", "stpe": 6}}, "parent must be null or"),
+        ({"name": None}, "missing field 'name'"),
+    ):
+        e = {k: v for k, v in {**good, **edit}.items() if v is not None}
+        path.write_text(json.dumps(good) + "\n" + json.dumps(e) + "\n")
+        with pytest.raises(ConfigError, match=rf"plan.jsonl:2: .*{re.escape(message)}"):
+            read_plan(path)
 
 
 def test_grid_user_and_lr_sweep_plans():
