@@ -111,6 +111,18 @@ def _edge_note(gaps: Sequence[float]) -> str:
     )
 
 
+def _weakest_span(logs_KxF: np.ndarray) -> float:
+    """Spread (max - min, in the logs' units) of K cells along their least-varied direction in F features:
+    the spread itself for one feature, the smallest principal-axis spread for several -- 0 when the cells
+    lie on a line (one budget; one tokens-per-parameter ratio), where the exponents are not identified."""
+    Z = logs_KxF - logs_KxF.mean(axis=0)
+    if Z.shape[1] == 1 or len(Z) < 2:
+        return float(np.ptp(Z[:, 0])) if len(Z) else 0.0
+    _, _, vt = np.linalg.svd(Z, full_matrices=False)
+    spreads = np.ptp(Z @ vt.T, axis=0)
+    return float(spreads.min()) if len(spreads) == Z.shape[1] else 0.0
+
+
 def fit_lr_rule(
     cells: Sequence[Mapping],
     form: str = "C",
@@ -124,18 +136,22 @@ def fit_lr_rule(
     (``best_lr``) is one data point. form: "C" (DeepSeek LLM: log lr = log coef + c_exp log C) or "ND"
     (StepLaw: + n_exp log N + d_exp log D). Needs at least 2 cells for "C" and 3 for "ND".
 
-    prior: when the cells span less than ``min_decades`` decades of C (form "C") or of N or D (form "ND"),
-    the exponents are not identified -- the best lr of one cell is only known to within a grid step, and
+    prior: when the cells span less than ``min_decades`` decades of C (form "C"), or of (N, D) along their
+    least-varied direction (form "ND": cells on one tokens-per-parameter ridge, as one size per budget
+    gives, determine only a combination of the two exponents), or are fewer than the form's parameters, the
+    exponents are not identified -- the best lr of one cell is only known to within a grid step, and
     measured on the cpu-tiny sweep two cells 3x apart in C gave c_exp = +0.96 from flat loss-vs-lr curves --
     so the exponents are taken from ``prior`` (e.g. DeepSeek LLM's -0.125, or 0) and only the coefficient
-    is fitted (the geometric mean of best_lr / prior-shape). Without a prior the full fit is returned.
+    is fitted (the geometric mean of best_lr / prior-shape). Without a prior such cells raise ValueError
+    (a least-squares fit would return its minimum-norm exponents, which look plausible and mean nothing).
     """
     if form not in ("C", "ND"):
         raise ValueError(f"form must be 'C' or 'ND', got {form!r}")
     groups: dict[tuple[float, float], list[Mapping]] = {}
     for c in cells:
         groups.setdefault((float(c["N"]), float(c["D"])), []).append(c)
-    need = (2 if form == "C" else 3) if prior is None else 1  # with a prior, one cell sets the coefficient
+    n_params = 2 if form == "C" else 3
+    need = n_params if prior is None else 1  # with a prior, one cell sets the coefficient
     if len(groups) < need:
         raise ValueError(
             f"fitting an lr rule of form {form!r} needs >= {need} (N, D) cells, got {len(groups)}"
@@ -151,12 +167,19 @@ def fit_lr_rule(
     edge = _edge_note(edge_gaps)
     arr = np.asarray(rows)
     y = np.log(arr[:, 3])
-    spans = [np.ptp(np.log10(arr[:, 2]))] if form == "C" else list(np.ptp(np.log10(arr[:, :2]), axis=0))
-    if prior is not None and min(spans) < min_decades:
+    span = _weakest_span(np.log10(arr[:, 2:3] if form == "C" else arr[:, :2]))
+    where = "" if form == "C" else " of (N, D) along their least-varied direction"
+    if len(arr) < n_params or span < min_decades:
+        if prior is None:
+            raise ValueError(
+                f"the lr-rule exponents of form {form!r} are not determined by {len(arr)} cell(s) spanning "
+                f"{span:.2g} decade(s){where} (need {n_params} cells and >= {min_decades:g} decade(s)); "
+                "give a prior rule to fit only its coefficient"
+            )
         shape = np.array([prior(N=n, D=d, C=c) / prior.coef for n, d, c, _ in rows])
         coef0 = float(np.exp(np.mean(y - np.log(shape))))
         src = (
-            f"coefficient fitted from {len(arr)} lr-sweep cells spanning {min(spans):.2g} decade(s) "
+            f"coefficient fitted from {len(arr)} lr-sweep cells spanning {span:.2g} decade(s){where} "
             f"(< {min_decades:g}: exponents kept from the prior rule)"
         )
         return dataclasses.replace(prior, coef=coef0, source=src + edge)

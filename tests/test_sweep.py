@@ -277,7 +277,30 @@ def test_fit_lr_rule_recovers_power_law():
     assert kept.c_exp == -0.2 and "kept from the prior" in kept.source
     assert kept.coef == pytest.approx(0.5, rel=1e-5)  # lr*(C) = 0.5 C^-0.2 recovered with the prior's shape
     assert fit_lr_rule(cells, prior=prior).c_exp == pytest.approx(-0.2, abs=1e-6)  # 2 decades: full fit
-    assert fit_lr_rule(near).source.startswith("fitted")  # no prior: the (unidentified) full fit
+    # no prior: unidentified exponents are an error, not the minimum-norm least-squares answer
+    with pytest.raises(ValueError, match=r"not determined by 2 cell\(s\) spanning 0.48 decade\(s\)"):
+        fit_lr_rule(near)
+    one_budget = [dict(c, N=c["N"] * k) for c in near[:5] for k in (1.0, 3.0)]  # 2 sizes, one C
+    with pytest.raises(ValueError, match=r"spanning 0 decade"):
+        fit_lr_rule(one_budget)
+    # ND cells on one tokens-per-parameter ridge (one size per budget, as the study's LR stage plans): N and D
+    # each span 2 decades, but only a combination of their exponents is determined -> the prior's are kept
+    rng = np.random.default_rng(0)
+    ridge = []
+    for n in (1e6, 1e7, 1e8):
+        n *= 1 + 0.1 * rng.uniform(-1, 1)
+        opt = 1.79 * n**-0.713 * (20 * n) ** 0.307 * (1 + 0.1 * rng.uniform(-1, 1))
+        for f in (0.25, 0.5, 1.0, 2.0, 4.0):
+            loss = 3 + 0.2 * math.log(f) ** 2
+            ridge.append({"N": n, "D": 20 * n, "C": 120 * n * n, "lr": opt * f, "loss": loss})
+    steplaw = LRRule(coef=1.79, n_exp=-0.713, d_exp=0.307)
+    kept = fit_lr_rule(ridge, form="ND", prior=steplaw)
+    assert (kept.n_exp, kept.d_exp) == (-0.713, 0.307) and "least-varied direction" in kept.source
+    with pytest.raises(ValueError, match="not determined"):
+        fit_lr_rule(ridge, form="ND")
+    grid = [dict(c, D=c["D"] * k, lr=c["lr"] * k**0.307) for c in ridge for k in (1.0, 100.0)]
+    full = fit_lr_rule(grid, form="ND", prior=steplaw)  # sizes x token counts: both exponents determined
+    assert full.source.startswith("fitted (ND)") and full.d_exp == pytest.approx(0.307, abs=0.05)
     # edge of grid -> the grid point; diverged runs ignored
     assert best_lr([1e-3, 1e-2, 1e-1], [2.0, 3.0, float("nan")]) == pytest.approx(1e-3)
 
