@@ -315,11 +315,16 @@ def kaplan_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     N is the non-embedding parameter count (exact here; Kaplan approximates it by 12*n*D^2), so the output
     head's 2*D*V is left out, and the context term is 2*n*T*d_attn per forward token (d_attn = H*K): half of
     the 4*n*T*d_attn that Q.K^T plus P.V cost with the full T, i.e. the causal average.
+
+    N is the parameters a token passes through, as the formula means: MoE's *active* ones; MoR's *applied*
+    ones (each shared layer counted once per application, at the full depth that the context term also
+    uses -- a routed MoR token that exits early costs less; ``training_flops_per_token`` counts that).
     """
     _check_seq_len(seq_len)
     d_attn = cfg.n_heads * cfg.resolved_head_dim
-    counts = param_counts(cfg)  # MoE: the *active* non-embedding parameters (= non_embedding when dense)
-    n_params = counts.get("active_non_embedding", counts["non_embedding"])
+    counts = param_counts(cfg)
+    per_token = counts.get("active_non_embedding", counts["non_embedding"])
+    n_params = counts.get("applied_non_embedding", per_token)
     return 6.0 * n_params + 6.0 * cfg.n_layers * seq_len * d_attn
 
 
@@ -328,9 +333,10 @@ def chinchilla_flops_per_token(cfg: ModelConfig) -> float:
 
     Kaplan's N excludes embeddings and Chinchilla's includes them; Pearce & Song 2024 ("Reconciling Kaplan and
     Chinchilla Scaling Laws") show this difference explains much of the two papers' disagreement.
+    MoE: the active parameters; MoR: the applied ones at full depth (as :func:`kaplan_flops_per_token`).
     """
-    counts = param_counts(cfg)  # MoE: active parameters (= total when dense)
-    return 6.0 * counts.get("active", counts["total"])
+    counts = param_counts(cfg)
+    return 6.0 * counts.get("applied", counts.get("active", counts["total"]))
 
 
 def describe(cfg: ModelConfig, seq_len: int) -> str:

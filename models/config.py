@@ -349,9 +349,11 @@ def _mor_errors(c: ModelConfig) -> list[str]:
             errors.append(f"{name}={v!r} must be a non-negative (finite) number")
     if c.mor_capacity is not None:
         cap = c.mor_capacity
-        if not isinstance(cap, (tuple, list)) or len(cap) != n_r or not all(
+        # a tuple, not a list: a list makes the frozen config unhashable (configs key jit and lru caches)
+        if not isinstance(cap, tuple) or len(cap) != n_r or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in cap):
-            errors.append(f"mor_capacity={cap!r} must be {n_r} (= mor_recursions) fractions in (0, 1]")
+            errors.append(f"mor_capacity={cap!r} must be a tuple of {n_r} (= mor_recursions) fractions in "
+                          "(0, 1]")
         elif any(cap[i + 1] > cap[i] for i in range(n_r - 1)):
             errors.append(f"mor_capacity={tuple(cap)} must be non-increasing (a step chooses among the "
                           "tokens still active after the previous one)")

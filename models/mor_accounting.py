@@ -93,6 +93,7 @@ def mor_param_counts(cfg: ModelConfig) -> dict[str, int]:
         "active": total,
         "active_non_embedding": dense["non_embedding"] + router,
         "applied": total + (cfg.n_layers - lay["unique"]) * per_layer,
+        "applied_non_embedding": dense["non_embedding"] + router + (cfg.n_layers - lay["unique"]) * per_layer,
         "unique_layers": lay["unique"],
     }
 

@@ -217,8 +217,17 @@ def test_param_counts_match_tree(overrides):
     assert counts["total"] == total and counts["embedding"] == embedding and counts["router"] == router
     assert counts["attention"] + counts["mlp"] + counts["norm"] + router + embedding == total
     # "applied": the looped model unrolled, i.e. a dense model of depth n_layers (+ the router).
-    dense = param_counts(cfg.replace(family="dense"))["total"]
+    dense_counts = param_counts(cfg.replace(family="dense"))
+    dense = dense_counts["total"]
     assert counts["applied"] == dense + router
+    assert counts["applied_non_embedding"] == dense_counts["non_embedding"] + router
+    # the 6N conventions use the applied parameters (what a token passes through at full depth), so a looped
+    # model and its unrolled dense twin get the same estimate, up to the router (they were 1/N_r apart)
+    from models.accounting import chinchilla_flops_per_token, kaplan_flops_per_token
+
+    dense_cfg = cfg.replace(family="dense")
+    assert chinchilla_flops_per_token(cfg) == chinchilla_flops_per_token(dense_cfg) + 6 * router
+    assert kaplan_flops_per_token(cfg, 16) == kaplan_flops_per_token(dense_cfg, 16) + 6 * router
 
 
 def _xla_train_flops(cfg, B, L):
@@ -327,7 +336,8 @@ def test_training_decreases_loss():
     (dict(n_layers=7, mor_sharing="cycle"), "must be a multiple of mor_recursions=3"),
     (dict(n_layers=6), "n_layers - 2 must be a positive multiple"),
     (dict(n_layers=8, mor_sharing="loop"), "mor_sharing='loop' is not one of"),
-    (dict(n_layers=8, mor_capacity=(1.0, 0.5)), r"must be 3 \(= mor_recursions\) fractions"),
+    (dict(n_layers=8, mor_capacity=(1.0, 0.5)), r"must be a tuple of 3 \(= mor_recursions\) fractions"),
+    (dict(n_layers=8, mor_capacity=[1.0, 0.5, 0.25]), r"must be a tuple"),  # a list: unhashable config
     (dict(n_layers=8, mor_capacity=(1.0, 0.5, 0.75)), "must be non-increasing"),
     (dict(n_layers=8, mor_router_activation="softmax"), "mor_router_activation='softmax' is not one of"),
     (dict(n_layers=6, mor_sharing="sequence", mor_kv_strategy="shared"), "needs the same weights"),
