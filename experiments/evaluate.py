@@ -232,11 +232,22 @@ def model_apply_fn(model_cfg: Any) -> Callable[..., jax.Array]:
     """``apply_fn(params, tokens) -> logits`` of ``models.build_model(model_cfg)``; one function object per
     (hashable, frozen) model config, so the scorer's compilation is shared by runs of the same shape.
     ``params`` may be the parameter tree or the variables ``{"params": ..., **model_state}``
-    (``as_variables``)."""
+    (``as_variables``).
+
+    The model runs in its inference mode, as models/decode.py decodes it: MoR expert choice with
+    ``causal_routing=True``, MoE with the dropless dispatch. Why: the training modes pick tokens over the
+    whole (padded) sequence -- expert choice's top-k per recursion, capacity dispatch's slots -- so a
+    token's log-prob would depend on later tokens and on padding, i.e. on which other tasks share the batch
+    (tests/test_evaluate_model_state.py::test_scoring_does_not_depend_on_padding)."""
     from models import build_model
 
+    kw = {}
+    if model_cfg.family == "moe" and model_cfg.moe_dispatch == "capacity":
+        model_cfg = model_cfg.replace(moe_dispatch="dropless")
+    if model_cfg.family == "mor":
+        kw["causal_routing"] = True
     model = build_model(model_cfg)
-    return lambda params, tokens_BxL: model.apply(as_variables(params), tokens_BxL)[0]
+    return lambda params, tokens_BxL: model.apply(as_variables(params), tokens_BxL, **kw)[0]
 
 
 # ---- metrics ---------------------------------------------------------------------------------------

@@ -60,3 +60,29 @@ def test_evaluate_run_restores_and_applies_router_bias(tmp_path):
 
     out = ev.evaluate_run(tmp_path, names=["mc-k4-perturb"], write=False)
     assert out["step"] == 3 and 0.0 <= out["tasks"]["mc-k4-perturb"]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("tiny-mor", ["model.mor_router=expert_choice"]),
+    ("tiny-moe", ["model.moe_dispatch=capacity", "model.moe_capacity_factor=1.0"]),
+])
+def test_scoring_does_not_depend_on_padding(preset, overrides):
+    """The evaluator pads every sequence of a battery to one length. In their training modes expert-choice
+    MoR (top-k over the sequence) and capacity-dispatch MoE (slots per sequence) let padding and later
+    tokens change a token's logits -- a task's score then depended on which other tasks shared its batch. The
+    evaluator applies the inference modes (causal routing, dropless dispatch), as the KV-cache decoder does:
+    a prefix's logits are the same whatever follows it."""
+    cfg = get_preset(preset).override([
+        "model.d_model=16", "model.n_heads=2", "model.max_seq_len=32", "model.vocab_size=16",
+        "data.synthetic.vocab_size=16", "data.seq_len=32", "mesh.data=1", *overrides]).model
+    model = build_model(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 16, (2, 32)), jnp.int32)
+    variables = model.init(jax.random.PRNGKey(0), tokens)
+    rng = np.random.default_rng(1)
+    variables = jax.tree.map(lambda x: jnp.asarray(0.5 * rng.standard_normal(x.shape), x.dtype)
+                             if jnp.issubdtype(x.dtype, jnp.floating) else x, nn.meta.unbox(variables))
+    apply = jax.jit(ev.model_apply_fn(cfg))
+    full = np.asarray(apply(variables, tokens))
+    padded = np.asarray(apply(variables, tokens.at[:, 12:].set(0)))  # same 12-token prefix, other tail
+    np.testing.assert_allclose(padded[:, :12], full[:, :12], rtol=1e-5, atol=1e-5)
+    assert np.abs(padded[:, 12:] - full[:, 12:]).max() > 1e-3  # the tails really differ
