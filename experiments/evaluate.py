@@ -325,8 +325,11 @@ def _pass_stream(lo_IxK, hi_IxK, n: int, rng: np.random.Generator) -> np.ndarray
 def gen_metrics(lo_IxK, hi_IxK, logp_IxK, cfg: EvalConfig, stream: int = 0) -> dict[str, Any]:
     """pass@k (Chen et al.), PassUntil (Hu et al.) and the exact pass probability from the target bounds.
 
-    The uniforms depend on (cfg.seed, stream) only, so every run sees the same ones (common random numbers:
-    differences between models are not blurred by sampling noise); ``stream`` separates tasks.
+    The uniforms depend on (cfg.seed, stream, item) only, so every run sees the same ones (common random
+    numbers: differences between models are not blurred by sampling noise); ``stream`` separates tasks.
+    PassUntil draws each item's samples from a generator of its own: with one shared generator, which
+    uniforms an item got after the first chunk depended on how many other items were still sampling, i.e.
+    on the model, exactly for the rare passes PassUntil is for.
     """
     I = lo_IxK.shape[0]
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, stream, 0x9A55]))
@@ -347,9 +350,11 @@ def gen_metrics(lo_IxK, hi_IxK, logp_IxK, cfg: EvalConfig, stream: int = 0) -> d
     trials = np.full(I, budget, np.int64)
     drawn, chunk = 0, 1024
     todo = np.arange(I)
+    item_rngs = [np.random.default_rng([cfg.seed, stream, 0x9A56, i]) for i in range(I)]
     while todo.size and drawn < budget:
         m = min(chunk, budget - drawn)
-        st = _pass_stream(lo_IxK[todo], hi_IxK[todo], m, rng)
+        u = np.stack([item_rngs[i].random((m, lo_IxK.shape[1])) for i in todo])
+        st = passes_from_uniforms(lo_IxK[todo], hi_IxK[todo], u)
         cum = successes[todo, None] + np.cumsum(st, 1)
         hit = cum[:, -1] >= K
         first = np.argmax(cum >= K, axis=1)
