@@ -63,7 +63,7 @@ import numpy as np
 
 from experiments import executors
 from experiments.report_text import print_summary, render_markdown  # noqa: F401 -- re-exported for callers
-from experiments.sweep import PlannedRun, replicated_name
+from experiments.sweep import PlannedRun, distinct_runs, replicated_name
 
 REPORT_SCHEMA_VERSION = 1
 CI_LEVEL = 0.95
@@ -812,6 +812,8 @@ def build_report(
     ent = next((r["entropy_floor"] for r in rr if r["entropy_floor"] is not None), None)
     uni = next((r["unigram_entropy"] for r in rr if r["unigram_entropy"] is not None), None)
     groups = {g.name: _group_block(spec, g.name, runs, rr, Path(runs_dir), ent) for g in spec.groups}
+    distinct = distinct_runs(runs)
+    distinct_names = {r.name for r in distinct}
     wsd_runs = [r for r in runs if r.kind in ("wsd_stable", "wsd_branch")]
     wsd_scratch = sum(r.predicted_flops for r in wsd_runs if r.kind == "wsd_branch")
     wsd_spent = sum(r.incremental_flops for r in wsd_runs)
@@ -823,9 +825,11 @@ def build_report(
         "notes": list(spec.notes),
         "corpus": {"entropy_rate": ent, "unigram_entropy": uni},
         "compute": {
-            "planned_flops": sum(r.incremental_flops for r in runs),
-            "flops_if_no_reuse": sum(r.predicted_flops for r in runs if r.kind != "wsd_stable"),
-            "spent_flops": sum(r["incremental_flops"] for r in rr if r["status"] == "done"),
+            # one experiment planned under two roles (same run_id) is trained, and counted, once
+            "planned_flops": sum(r.incremental_flops for r in distinct),
+            "flops_if_no_reuse": sum(r.predicted_flops for r in distinct if r.kind != "wsd_stable"),
+            "spent_flops": sum(r["incremental_flops"] for r in rr if r["status"] == "done"
+                               and r["name"] in distinct_names),
             "wsd_saving": (1 - wsd_spent / wsd_scratch) if wsd_scratch else None,
         },
         "runs": rr,

@@ -161,7 +161,10 @@ def export_job_array(
     nodes, not submitit. Returns ``out_path``."""
     import shlex
 
-    index = {r.name: i for i, r in enumerate(runs)}
+    from experiments.sweep import distinct_runs
+
+    index = {r.name: i for i, r in enumerate(runs)}  # task index = position in the plan file
+    runs = distinct_runs(runs)  # an experiment planned twice: one task, not two writing one directory
     level = _wsd_depths(runs)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

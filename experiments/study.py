@@ -45,6 +45,7 @@ from experiments.sweep import (
     PlannedRun,
     Rules,
     budget_run,
+    distinct_runs,
     edge_extension,
     isoflop_run_name,
     pick_sizes,
@@ -307,7 +308,9 @@ def execute(
     slurm_params: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``runs`` with the chosen executor; ``slurm_params`` go to ``slurm.run_slurm`` (submitit's
-    ``update_parameters``) for ``executor="slurm"``."""
+    ``update_parameters``) for ``executor="slurm"``. An experiment planned twice (same run_id) is trained
+    once (``sweep.distinct_runs``)."""
+    runs = distinct_runs(runs)
     progress = executors.Progress(runs, stream=sys.stdout)
     cache = str(runs_dir.parent / ".jax_cache")
     if executor == "sequential" or (executor == "auto" and workers <= 1):
@@ -426,8 +429,12 @@ def run_study(
     s = summarize(runs)
     print(
         f"[study] {spec.name}: {s.n_runs} runs {s.by_kind}; planned compute {s.study_flops:.3g} FLOPs "
-        f"(WSD prefixes counted once; {s.predicted_flops:.3g} if every run started from scratch)"
+        f"(WSD prefixes counted once; {s.predicted_flops:.3g} without reuse)"
     )
+    twice = len(runs) - len(distinct_runs(runs))
+    if twice:
+        print(f"[study] {twice} run(s) repeat an earlier run's config exactly (e.g. an LR-sweep run at the "
+              "prior rule's lr): each such experiment is trained once and read under both names")
     for name in retry:
         match = [r for r in runs if r.name == name or r.run_id == name]
         if not match:

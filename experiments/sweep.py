@@ -641,21 +641,43 @@ def plan_wsd(
     return resolve(runs)
 
 
+def distinct_runs(runs: Sequence[PlannedRun]) -> list[PlannedRun]:
+    """The runs to train and to count compute for: a root run whose config equals an earlier run's (same
+    run_id, so the same run directory) is dropped. Why: a plan may hold one experiment under two roles --
+    e.g. cpu-tiny's ``-lrx1`` LR-sweep run and the middle isoFLOP size of that budget when the LR rule is the
+    prior (stage 1 not trained yet, or failed) -- and training both would put two workers into one directory
+    at once and count that compute twice. Both names still read the one result. Runs that are a parent or
+    have one (WSD) are always kept: their links are by name."""
+    parents = {r.parent["run"] for r in runs if r.parent is not None}
+    seen: set[str] = set()
+    out = []
+    for r in runs:
+        if r.run_id in seen and r.parent is None and r.name not in parents:
+            continue
+        seen.add(r.run_id)
+        out.append(r)
+    return out
+
+
 @dataclass(frozen=True)
 class PlanSummary:
     n_runs: int
-    predicted_flops: float  # sum over runs of their own FLOPs (a branch counted with its prefix)
+    predicted_flops: float  # without reuse: each run from scratch (a branch with its prefix; no stable runs)
     study_flops: float  # compute actually spent: shared WSD prefixes counted once
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
 def summarize(runs: Sequence[PlannedRun]) -> PlanSummary:
+    """Counts by kind over the plan; compute over its distinct runs (:func:`distinct_runs`), with the WSD
+    stable runs left out of ``predicted_flops`` (they exist only to be reused: without reuse each branch is
+    a run from scratch), as the report's ``flops_if_no_reuse``."""
     kinds: dict[str, int] = {}
     for r in runs:
         kinds[r.kind] = kinds.get(r.kind, 0) + 1
+    distinct = distinct_runs(runs)
     return PlanSummary(
         len(runs),
-        float(sum(r.predicted_flops for r in runs)),
-        float(sum(r.incremental_flops for r in runs)),
+        float(sum(r.predicted_flops for r in distinct if r.kind != "wsd_stable")),
+        float(sum(r.incremental_flops for r in distinct)),
         kinds,
     )

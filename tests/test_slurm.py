@@ -414,3 +414,14 @@ def test_study_exports_with_its_post_run(tmp_path):
     assert f"--post-run {study.POST_RUN}" in (tmp_path / "submit_task.sh").read_text()
     study.run_study(spec, tmp_path / "s", export_slurm=str(tmp_path / "submit.sh"), downstream=False)
     assert "--post-run" not in (tmp_path / "submit_task.sh").read_text()
+    # Exported before stage 1 trained, the plan uses the prior LR rule: the middle isoFLOP size of an LR-swept
+    # budget then repeats that budget's -lrx1 sweep run exactly (one run_id, one directory). Each experiment
+    # is one array task, not two training into one directory at once.
+    from experiments.sweep import distinct_runs, read_plan
+
+    plan = read_plan(tmp_path / "s" / study.PLAN_FILE)
+    assert len(distinct_runs(plan)) < len(plan)
+    tasks = [int(i) for line in (tmp_path / "submit.sh").read_text().splitlines() if "--array=" in line
+             for i in line.split("--array=")[1].split("%")[0].split(",")]
+    ids = [plan[i].run_id for i in tasks]
+    assert len(ids) == len(set(ids)) == len({r.run_id for r in plan})

@@ -23,6 +23,7 @@ from experiments.sweep import (
     EXECUTION_ONLY_FIELDS,
     Rules,
     ShapeRule,
+    distinct_runs,
     plan_grid,
     plan_heldout,
     plan_isoflop,
@@ -166,6 +167,20 @@ def test_plan_roundtrip_and_edit(tmp_path):
         path.write_text(json.dumps(good) + "\n" + json.dumps(e) + "\n")
         with pytest.raises(ConfigError, match=rf"plan.jsonl:2: .*{re.escape(message)}"):
             read_plan(path)
+
+
+def test_an_experiment_planned_twice_is_trained_and_counted_once():
+    spec, g, rules = _spec_base()
+    runs = plan_isoflop(g.base, spec.budgets[:1], 3, rules, shape_rule=g.shape)
+    twin = dataclasses.replace(runs[1], name="same-config-other-role", kind="lr_sweep", fit=False)
+    plan = [*runs, twin]
+    assert twin.run_id == runs[1].run_id
+    assert distinct_runs(plan) == runs
+    s = summarize(plan)
+    assert s.n_runs == 4 and s.study_flops == pytest.approx(sum(r.incremental_flops for r in runs))
+    # a run linked by name (a WSD parent or branch) is never dropped
+    parented = dataclasses.replace(twin, parent={"run": runs[0].name, "step": 1})
+    assert distinct_runs([*runs, parented])[-1] is parented
 
 
 def test_grid_user_and_lr_sweep_plans():
