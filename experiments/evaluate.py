@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -121,7 +122,9 @@ class Scorer:
         if self.vocab_size is not None and rows_NxL.size and rows_NxL.max() >= self.vocab_size:
             raise TaskError(
                 f"token id {int(rows_NxL.max())} is outside the model's vocabulary ({self.vocab_size}): "
-                "the items were made for another tokenizer or corpus"
+                "the items were made for another tokenizer or corpus (text items are encoded with the byte "
+                "tokenizer: score them on a run trained on text, python -m experiments.data prepare; on a "
+                "synthetic-corpus run give token ids)"
             )
         B = self.batch_size
         for lo in range(0, len(rows_NxL), B):
@@ -500,6 +503,11 @@ def load_variables(workdir: str | Path, step: int | None = None) -> tuple[Any, d
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {workdir / CHECKPOINT_DIR}")
+        if step not in ckpt.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint at step {step} in {workdir / CHECKPOINT_DIR}; kept steps: "
+                f"{sorted(ckpt.all_steps())} (trainer.keep_checkpoints={cfg.trainer.keep_checkpoints})"
+            )
         state, _ = ckpt.restore(step, abstract)
     finally:
         ckpt.close()
@@ -648,8 +656,6 @@ def format_table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from experiments.tasks import jsonl_task
-
     p = argparse.ArgumentParser(
         prog="python -m experiments.evaluate",
         description="Evaluate a trained run on the downstream battery and/or multiple-choice JSONL files; "
@@ -662,22 +668,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-battery", action="store_true", help="only the --jsonl files")
     p.add_argument("--battery-seed", type=int, default=0)
     args = p.parse_args(argv)
+    try:
+        out, n_tasks = _evaluate_cli(args, p)
+    except (FileNotFoundError, TaskError, ValueError) as e:  # a bad file, item, step or task name: named
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(out["tasks"]))
+    written = DOWNSTREAM_FILE if args.step is None else f"downstream_step{out['step']}.json"
+    print(f"{n_tasks} tasks in {out['eval_seconds']:.1f}s -> {Path(args.workdir) / written}")
+    return 0
+
+
+def _evaluate_cli(args: Any, p: Any) -> tuple[dict[str, Any], int]:
+    from experiments.tasks import jsonl_task
+
     names = args.tasks.split(",") if args.tasks else None
     tasks: list[Task] = []
     if not args.no_battery:
         from experiments.config import ExperimentConfig
         from experiments.run_record import CONFIG_FILE
 
-        cfg = ExperimentConfig.from_dict(json.loads((Path(args.workdir) / CONFIG_FILE).read_text()))
+        cfg_path = Path(args.workdir) / CONFIG_FILE
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path} not found: is {args.workdir} a training work directory?")
+        cfg = ExperimentConfig.from_dict(json.loads(cfg_path.read_text()))
         tasks += battery_for(cfg, args.battery_seed, names)
     tasks += [jsonl_task(f) for f in args.jsonl]
     if not tasks:
         p.error("nothing to evaluate: give --jsonl files or drop --no-battery")
-    out = evaluate_run(args.workdir, tasks=tasks, step=args.step, battery_seed=args.battery_seed)
-    print(format_table(out["tasks"]))
-    written = DOWNSTREAM_FILE if args.step is None else f"downstream_step{out['step']}.json"
-    print(f"{len(tasks)} tasks in {out['eval_seconds']:.1f}s -> {Path(args.workdir) / written}")
-    return 0
+    return evaluate_run(args.workdir, tasks=tasks, step=args.step, battery_seed=args.battery_seed), len(tasks)
 
 
 if __name__ == "__main__":

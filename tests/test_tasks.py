@@ -371,7 +371,7 @@ def test_config_rejects_unknown_eval_tasks_before_training():
 
 
 # ---- end of training ----------------------------------------------------------------------------------
-def test_downstream_json_written_after_training(tmp_path):
+def test_downstream_json_written_after_training(tmp_path, capsys):
     from experiments.presets import get_preset
     from experiments.trainer import train
 
@@ -425,3 +425,12 @@ def test_downstream_json_written_after_training(tmp_path):
     mine = ev.read_downstream(tmp_path, "downstream_step2.json")["tasks"]["mine"]
     assert mine["n_items"] == 2 and np.array(mine["items"]["logprob_incorrect"]).shape == (2, 2)
     assert mine["items"]["logprob_incorrect"][1][1] is None  # NaN pad of the 2-choice item -> null
+    # a step that was not kept, text items on a synthetic-corpus run, no work directory: one-line errors
+    assert ev.main([str(tmp_path), "--no-battery", "--jsonl", str(user), "--step", "1"]) == 2
+    assert "no checkpoint at step 1" in capsys.readouterr().err
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"context": "The capital of France is", "choices": [" Paris", " Rome"], "answer": 0}\n')
+    assert ev.main([str(tmp_path), "--no-battery", "--jsonl", str(text)]) == 2
+    assert "outside the model's vocabulary" in capsys.readouterr().err
+    assert ev.main([str(tmp_path / "nowhere")]) == 2
+    assert "config.json not found: is" in capsys.readouterr().err
