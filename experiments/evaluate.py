@@ -102,6 +102,7 @@ class Scorer:
         max_len: int | None = None,
         batch_size: int = 256,
         vocab_size: int | None = None,
+        pad_to: int | None = None,
     ):
         if params is None:
             fn = _without_params(apply_fn)
@@ -111,6 +112,7 @@ class Scorer:
         params = None if params is None else jax.tree.map(jnp.asarray, params)
         self.params = params
         self.max_len = max_len
+        self.pad_to = pad_to  # every batch padded to this length, whatever the items need (eval_pad_length)
         self.batch_size = batch_size
         self.vocab_size = vocab_size
         score, logits = _compiled(fn)
@@ -143,7 +145,7 @@ class Scorer:
             raise TaskError("text items must be encoded first (experiments.tasks.encode_items)")
         C = max(len(it.choices) for it in items)
         need = max(len(it.context) + len(c) for it in items for c in it.choices)
-        L = length or need
+        L = self.pad_to or length or need
         if self.max_len is not None:
             L = min(L, self.max_len)
         rows, spans, truncated = [], [], 0
@@ -179,7 +181,7 @@ class Scorer:
         model's temperature-T next-token distribution given (context + target prefix); plus its log-prob."""
         ctx, tgt = np.asarray(contexts_NxL), np.asarray(targets_NxK)
         L0, k = ctx.shape[1], tgt.shape[1]
-        L = max(length or 0, L0 + k)
+        L = max(self.pad_to or length or 0, L0 + k)
         if L0 < 1 or (self.max_len is not None and k >= self.max_len):
             raise TaskError(f"gen task needs a context and k < the window (k={k}, window {self.max_len})")
         if self.max_len is not None and L > self.max_len:
@@ -228,6 +230,16 @@ def as_variables(params_or_variables: Any) -> dict[str, Any]:
     if isinstance(params_or_variables, dict) and "params" in params_or_variables:
         return params_or_variables
     return {"params": params_or_variables}
+
+
+def eval_pad_length(model_cfg: Any) -> int | None:
+    """The one length every scored sequence is padded to, for a model whose outputs depend on the padded
+    length itself: MoR token choice gives recursion step r floor(capacity_r * L) slots, so L -- otherwise the
+    longest item of the whole battery -- would make a task's score depend on the other tasks. Its window
+    (``max_seq_len``) then, for every task; None (pad to the batch's need) for every other model."""
+    if model_cfg.family == "mor" and model_cfg.mor_router == "token_choice":
+        return int(model_cfg.max_seq_len)
+    return None
 
 
 @functools.lru_cache(maxsize=32)
@@ -418,7 +430,7 @@ def evaluate_tasks(
     if len(set(names)) != len(names):
         raise TaskError(f"task names must be unique, got {names}")
     encoded = {t.name: encode_items(t.items, tokenizer) for t in tasks}
-    # One padded length for every multiple-choice task, so the model compiles once.
+    # One padded length for every task, so the model compiles once (a scorer's pad_to overrides it).
     lengths = [len(it.context) + len(c) for t in tasks for it in encoded[t.name] for c in it.choices]
     lengths += [t.contexts.shape[1] + t.targets.shape[1] for t in tasks if t.spec.kind == "gen"]
     length = max(lengths, default=None)
@@ -536,6 +548,7 @@ def evaluate_params(cfg: Any, params: Any, tasks: list[Task], eval_cfg: EvalConf
         max_len=cfg.model.max_seq_len,
         batch_size=(eval_cfg or EvalConfig()).batch_size,
         vocab_size=cfg.model.vocab_size,
+        pad_to=eval_pad_length(cfg.model),
     )
     return evaluate_tasks(scorer, tasks, eval_cfg, tokenizer=tokenizer_for(cfg))
 

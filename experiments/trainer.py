@@ -217,7 +217,11 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
         grads, (ce_M, extras_M) = jax.lax.scan(micro, zeros, tokens_MxBxL1)
         grads = jax.tree.map(lambda g, p: (g / M).astype(p.dtype), grads, params)
         loss = ce_M.mean()  # microbatches hold equal token counts, so this is the mean over all tokens
-        # Family statistics (MoE load, MoR depth, ...) as microbatch means: means over all tokens of the step.
+        # Family statistics as microbatch means. For those linear in the tokens (MoE expert load, MoR depth
+        # load: what the router-bias update reads) that is the mean over all the step's tokens. The balance
+        # losses (E * sum_i f_i P_i) multiply two batch means, so with microbatches > 1 they (and their
+        # gradient) are per-microbatch, as in Megatron-LM: a MoE / MoR-token-choice run then depends on
+        # trainer.microbatches slightly; without them the step does not (test_families_train.py).
         extras = jax.tree.map(lambda x: jnp.mean(x.astype(jnp.float32), axis=0), extras_M)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx_run.update(grads, state["opt_state"], params)

@@ -86,3 +86,25 @@ def test_scoring_does_not_depend_on_padding(preset, overrides):
     padded = np.asarray(apply(variables, tokens.at[:, 12:].set(0)))  # same 12-token prefix, other tail
     np.testing.assert_allclose(padded[:, :12], full[:, :12], rtol=1e-5, atol=1e-5)
     assert np.abs(padded[:, 12:] - full[:, 12:]).max() > 1e-3  # the tails really differ
+
+
+def test_token_choice_mor_scores_do_not_depend_on_the_other_tasks():
+    """MoR token choice gives step r floor(capacity_r * L) slots, L the padded length -- the longest item of
+    the battery. The evaluator pads such a model to its window for every task (eval_pad_length), so a task
+    scores the same alone and next to a longer one (padded to the battery instead, 190 of these 200 items'
+    log-probs move)."""
+    from experiments.tasks import default_battery
+
+    cfg = get_preset("tiny-mor").override([
+        "model.d_model=16", "model.n_heads=2", "model.max_seq_len=32", "model.vocab_size=16",
+        "model.mor_router=token_choice", "data.synthetic.vocab_size=16", "data.synthetic.successors=[4, 2]",
+        "data.seq_len=32", "mesh.data=1"])
+    assert ev.eval_pad_length(cfg.model) == 32
+    model = build_model(cfg.model)
+    variables = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32)))
+    variables = jax.tree.map(lambda x: x * 3.0 if jnp.issubdtype(x.dtype, jnp.floating) else x, variables)
+    short, long = default_battery(cfg.data.synthetic, 0, names=["mc-k1-unigram", "mc-k8-unigram"])
+    alone = ev.evaluate_params(cfg, variables, [short])["mc-k1-unigram"]
+    together = ev.evaluate_params(cfg, variables, [short, long])["mc-k1-unigram"]
+    np.testing.assert_array_equal(alone["items"]["logprob_correct"], together["items"]["logprob_correct"])
+    assert alone["accuracy"] == together["accuracy"]

@@ -151,3 +151,16 @@ def test_tiny_moe_on_eight_devices_matches_one(tmp_path, data_dir):
         saved_state(tmp_path / "one", 6)["params"]["blocks"]["mlp"]["gate"]["kernel"],
         rtol=1e-3, atol=1e-5,
     )
+
+
+def test_microbatching_is_exact_apart_from_the_balance_losses(tmp_path, data_dir):
+    """Gradient accumulation is a memory knob: with MoE's balance and z losses off, 2 microbatches give the
+    1-microbatch run to fp32 rounding. The balance losses multiply two batch means, so they are
+    per-microbatch (as in Megatron-LM; experiments/trainer.py) and do change the run slightly."""
+    off = ("trainer.steps=6", "model.moe_aux_loss_weight=0.0", "model.moe_z_loss_weight=0.0")
+    runs = {}
+    for m in (1, 2):
+        run(cfg_for("tiny-moe", data_dir, *ONE, *off, f"trainer.microbatches={m}"), tmp_path / f"m{m}")
+        runs[m] = losses(tmp_path / f"m{m}")
+    np.testing.assert_allclose([runs[2][k] for k in sorted(runs[2])], [runs[1][k] for k in sorted(runs[1])],
+                               rtol=1e-6)
