@@ -134,7 +134,11 @@ def _form_extrapolation_markdown(ext: dict) -> list[str]:
          "|---|" + "---|---|" * len(mults)]
     for name, e in ext.items():
         if isinstance(e, dict):
-            L.append(f"| {name} | not available ({e['error']}) |")
+            why = f"not available ({e['error']})"
+            if "no interior optimum" in e["error"]:
+                why = ("no compute-optimal allocation: along the isoFLOP curve this fit's loss keeps falling "
+                       "to an end of the range (all compute into N, or into D)")
+            L.append(f"| {name} | {why} |")
             continue
         cells = [f"{_fmt(x['N'], '.3g')} | {_fmt(x['loss'])}{' †' if x['below_entropy'] else ''}" for x in e]
         notes = [n for n, bad in (("fit did not converge", any(x.get("converged") is False for x in e)),
@@ -473,9 +477,10 @@ def print_summary(report: dict, out: Path) -> None:
                 continue
             by_form = [(n, e[[x["multiple"] for x in e].index(x0["multiple"])])
                        for n, e in lf["extrapolation"].items() if isinstance(e, list)]
+            no_optimum = [n for n, e in lf["extrapolation"].items() if not isinstance(e, list)]
             print(f"[{g}] loss at {x0['multiple']:g}x by form: " + ", ".join(
-                f"{n} {x['loss']:.3f}" + (" (below the entropy rate)" if x["below_entropy"] else "")
-                for n, x in by_form))
+                [f"{n} {x['loss']:.3f}" + (" (below the entropy rate)" if x["below_entropy"] else "")
+                 for n, x in by_form] + [f"{n} none (no compute-optimal allocation)" for n in no_optimum]))
         for x in b["extrapolation"] if isinstance(b["extrapolation"], list) else []:
             print(
                 f"[{g}] {x['multiple']:g}x budget ({x['C']:.3g} FLOPs): "

@@ -526,15 +526,16 @@ def per_item_analysis(
 
     Stage 1: mean negative log p_vocab(correct) vs C (power law with offset); stage 2: mean p_choice(correct)
     vs C (sigmoid, floor = chance); stage 3: accuracy vs C (sigmoid, floor = chance). ``chance`` defaults to
-    1 / (number of choices).
+    the mean over items of 1 / (number of choices), NaN-padded choices not counted.
     """
     c = np.asarray(compute_M, dtype=np.float64).ravel()
     sc = item_scores(logprob_correct_MxI, logprob_incorrect_MxIxK)
     if c.size != sc["correct"].shape[0]:
         raise ValueError(f"compute has {c.size} models but the log-probs have {sc['correct'].shape[0]}")
-    if chance is None:
-        li = np.asarray(logprob_incorrect_MxIxK)
-        chance = 1.0 / (1 + (li.shape[-1] if li.ndim == 3 else 1))
+    if chance is None:  # mean over items of 1 / (its number of choices): NaN-padded choices do not count
+        li = np.asarray(logprob_incorrect_MxIxK, dtype=np.float64)
+        li = li if li.ndim == 3 else li[..., None]
+        chance = float(np.mean(1.0 / (1 + np.isfinite(li[0]).sum(-1))))
     means = {
         "neg_logprob_correct": -sc["logprob_correct"].mean(1),
         "p_vocab_correct": sc["p_vocab_correct"].mean(1),

@@ -22,6 +22,7 @@ find N*(C) = argmin_N L(N, C / flops_per_token(N)), D*(C) and L*(C).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,8 +99,16 @@ def chinchilla_exponents(alpha: float, beta: float) -> tuple[float, float]:
 
 
 def chinchilla_closed_form(params: Mapping[str, float], C: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N*, D*, L*) for the Chinchilla law at budgets C (C = 6ND). Vectorised over C."""
+    """(N*, D*, L*) for the Chinchilla law at budgets C (C = 6ND). Vectorised over C.
+
+    Raises ValueError when A, B, alpha or beta is not finite and > 0: the law then does not trade N against
+    D (e.g. alpha = 0: loss falls with D alone, N* -> 0), and the formula would return 0, inf, NaN or a
+    complex number -- a bootstrap draw there must count as failed, not enter a CI."""
     E, A, B, al, be = (float(params[k]) for k in _CHINCHILLA_PARAMS)
+    terms = {"A": A, "B": B, "alpha": al, "beta": be}
+    bad = {k: v for k, v in terms.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"no interior optimum: Chinchilla parameters {bad} must be finite and > 0")
     a, b = chinchilla_exponents(al, be)
     G = (al * A / (be * B)) ** (1.0 / (al + be))
     c6 = _arr(C) / 6.0
@@ -111,6 +120,18 @@ def chinchilla_closed_form(params: Mapping[str, float], C: Any) -> tuple[np.ndar
 # ----------------------------------------------------------------------------------------------------------
 # vectorised 1-D minimiser over log N (one independent problem per row)
 # ----------------------------------------------------------------------------------------------------------
+def _falls_to_infeasible(objective, x_ok: np.ndarray, x_bad: np.ndarray, f_ok: np.ndarray) -> np.ndarray:
+    """Per row: whether the objective, feasible at x_ok (value f_ok), is lower still at the edge of the
+    feasible range between x_ok and x_bad (found by bisection; rows with x_bad == x_ok: False)."""
+    a, b = x_ok.copy(), x_bad.copy()
+    for _ in range(60):
+        mid = 0.5 * (a + b)
+        feasible = np.isfinite(objective(mid[:, None])[:, 0])
+        a, b = np.where(feasible, mid, a), np.where(feasible, b, mid)
+    f_edge = objective(a[:, None])[:, 0]
+    return np.isfinite(f_edge) & (f_edge < f_ok) & (x_bad != x_ok)
+
+
 def _minimise_rows(
     objective: Callable[[np.ndarray], np.ndarray],
     lo: np.ndarray,
@@ -132,8 +153,16 @@ def _minimise_rows(
         rows = np.flatnonzero(~np.isfinite(vals.min(axis=1))).tolist()
         raise ValueError(f"objective is infeasible everywhere in the search range for rows {rows}")
     i = np.argmin(vals, axis=1)
-    on_edge = (i == 0) | (i == n_grid - 1)
     rows = np.arange(grid.shape[0])
+    # On the edge: the grid minimum on the search boundary, or next to an infeasible point (e.g. D < 1 at
+    # large N) with the profile still falling up to where the feasible range ends -- no interior optimum.
+    # (A profile that rises steeply before that edge, as loss does when the tokens left run out, is fine.)
+    x_i, f_i = grid[rows, i], vals[rows, i]
+    on_edge = (i == 0) | (i == n_grid - 1)
+    for step in (-1, 1):
+        nb = np.clip(i + step, 0, n_grid - 1)
+        x_bad = np.where(np.isfinite(vals[rows, nb]), x_i, grid[rows, nb])
+        on_edge |= _falls_to_infeasible(objective, x_i, x_bad, f_i)
     a = grid[rows, np.clip(i - 1, 0, n_grid - 1)]
     b = grid[rows, np.clip(i + 1, 0, n_grid - 1)]
     c = b - _GOLDEN * (b - a)
@@ -310,15 +339,15 @@ def compute_optimal(
     ):
         raise ValueError("closed form exists only for the 'chinchilla' law with C = 6ND (no flops_per_token)")
 
-    def solve(p, cc):
+    def solve(p, cc, ex=extra):
         if method == "numeric":
-            n, loss, on_edge = _numeric_optimum(law, p, cc, flops_per_token, extra, n_bounds)
+            n, loss, on_edge = _numeric_optimum(law, p, cc, flops_per_token, ex, n_bounds)
             if np.any(on_edge):
                 raise ValueError(
                     f"no interior optimum over N in {n_bounds} for budgets {cc[on_edge].tolist()}"
                 )
             return n, cc / _fpt(flops_per_token, n), loss, "numeric"
-        return _solve(law, p, cc, flops_per_token, extra, n_bounds)
+        return _solve(law, p, cc, flops_per_token, ex, n_bounds)
 
     n, d, loss, used = solve(params, C)
     # Local exponents by re-solving at C * exp(+-h): exact for power laws, meaningful for any law.
@@ -347,10 +376,13 @@ def compute_optimal(
         q = (0.5 - ci_level / 2, 0.5 + ci_level / 2)
         C3 = np.concatenate([C, C * np.exp(h), C * np.exp(-h)])
         stacked = None
+        # per-budget extra inputs follow their budget into the three blocks of C3
+        extra3 = {k: np.tile(np.ravel(v), 3) if np.ndim(v) and np.size(v) == len(C) else v
+                  for k, v in extra.items()}
         if used == "numeric" and not extra:
             stacked = _solve_samples_stacked(law, params, samples, C3, flops_per_token, n_bounds)
         if stacked is None:
-            stacked = _solve_samples_loop(solve, params, samples, C3)
+            stacked = _solve_samples_loop(lambda p, cc: solve(p, cc, extra3), params, samples, C3)
         ok, n3, d3, l3 = stacked
         m = len(C)
         ns, ds, ls = n3[ok, :m], d3[ok, :m], l3[ok, :m]
@@ -600,7 +632,8 @@ def inference_optimal_at_budget(
         n = np.exp(logn)
         d = (total[:, None] - _arr(inf_fpt(n)) * dinf[:, None]) / _fpt(flops_per_token, n)
         dd = np.where(d >= 1.0, d, 1.0)
-        return np.where(d >= 1.0, evaluate(law, params, N=n, D=dd, **extra), np.nan)
+        ex = {k: _bcast(v, n.shape) for k, v in extra.items()}  # per-budget inputs: one row each
+        return np.where(d >= 1.0, evaluate(law, params, N=n, D=dd, **ex), np.nan)
 
     lo = np.full(total.shape, np.log(n_bounds[0]))
     hi = np.full(total.shape, np.log(n_bounds[1]))

@@ -176,3 +176,17 @@ def test_heldout_error_and_bad_input():
         fit_accuracy_vs_compute([1.0, np.nan, 3.0, 4.0, 5.0], [0.1, 0.2, 0.3, 0.4, 0.5])
     with pytest.raises(ValueError, match="too few"):
         fit_accuracy_vs_compute([1.0, 2.0], [0.1, 0.2])
+
+
+def test_per_item_default_chance_counts_only_real_choices():
+    """Items NaN-padded to a common width (2-choice next to 4-choice items): the default chance floor is the
+    mean of 1 / (each item's own number of choices) -- 0.375 here, not 1/4 -- so random guessers sit at it."""
+    rng = np.random.default_rng(0)
+    m, n_items = 10, 400
+    c = np.logspace(19, 23, m)
+    lpc = -5.0 + 0.001 * rng.standard_normal((m, n_items))
+    lpi = -5.0 + 0.001 * rng.standard_normal((m, n_items, 3))
+    lpi[:, : n_items // 2, 1:] = np.nan
+    pa = per_item_analysis(c, np.minimum(lpc, 0.0), lpi)
+    assert pa.fits["accuracy"].floor == pytest.approx(0.5 * 0.5 + 0.5 * 0.25)
+    assert abs(pa.means["accuracy"].mean() - 0.375) < 0.03

@@ -268,3 +268,62 @@ def test_stacked_sample_solve_equals_one_solve_per_draw():
     res = compute_optimal((law, base), C, flops_per_token=fpt, param_samples=draws)
     assert res.n_failed_samples == 1 and res.n_samples == 7 and res.sample_N.shape == (6, 3)
     assert res.N_ci[0][0] <= res.N[0] <= res.N_ci[1][0]
+
+
+def test_degenerate_draws_fail_instead_of_entering_the_ci():
+    """A Chinchilla draw with a zero or negative term has no interior optimum: the closed form refuses it
+    (it returned N* = 0, D* = inf, NaN or complex values), and a bootstrap counts such a draw as failed."""
+    chin = get_law("chinchilla")
+    p = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+    for bad in ({"alpha": 0.0}, {"A": 0.0}, {"alpha": -0.1}, {"beta": 0.0}, {"B": float("nan")}):
+        with pytest.raises(ValueError, match="no interior optimum: Chinchilla parameters"):
+            chinchilla_closed_form({**p, **bad}, [1e22])
+    rng = np.random.default_rng(0)
+    draws = [{"alpha": 0.34 + 0.01 * rng.standard_normal()} for _ in range(9)] + [{"A": 0.0}, {"beta": 0.0}]
+    r = compute_optimal((chin, p), [1e20, 1e22], param_samples=draws)
+    assert r.n_failed_samples == 2 and r.sample_N.min() > 1e7 and np.isfinite(r.loss_ci).all()
+
+
+def test_an_optimum_at_the_end_of_the_feasible_range_is_not_interior():
+    """With B = 0 the law only improves with N, so the minimum sits where D reaches 1. That end of the
+    feasible range lies inside the search range (a custom FLOP model; or the 6N path's last grid point
+    rounding to D < 1), and such a minimum was returned as if interior. A steep rise before it is interior."""
+    chin = get_law("chinchilla")
+    flat_d = {"E": 1.69, "A": 406.4, "B": 0.0, "alpha": 0.34, "beta": 0.28}
+    with pytest.raises(ValueError, match="no interior optimum"):
+        compute_optimal((chin, flat_d), [1e19], flops_per_token=lambda n: 6 * n + 2e4, n_bounds=(1e2, 1e20))
+    silent = 0
+    for c in np.geomspace(1e12, 5e16, 60):
+        try:
+            compute_optimal((chin, flat_d), [c], method="numeric")
+            silent += 1
+        except ValueError:
+            pass
+    assert silent == 0
+    # an interior optimum close to the feasible end (the loss rises steeply as D -> 1) is still found
+    p = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+    r = compute_optimal((chin, p), [1e21], flops_per_token=lambda n: 6 * n + 2e4, n_bounds=(1e2, 1e20))
+    assert 1e8 < r.N[0] < 1e11
+
+
+def test_per_budget_extra_inputs_carry_into_the_bootstrap():
+    """Per-budget law inputs (unique tokens U_D of data_constrained) go with their budget into the CI's
+    solves (every draw failed with a broadcast error before, and the CIs silently vanished), and into
+    inference_optimal_at_budget (it crashed)."""
+    law = get_law("data_constrained")
+    p = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28, "R_star_N": 5.3, "R_star_D": 15.4}
+    C, U = np.array([1e21, 1e23]), np.array([1e10, 3e10])
+    rng = np.random.default_rng(0)
+    draws = [{"alpha": 0.34 + 0.01 * rng.standard_normal(), "beta": 0.28 + 0.01 * rng.standard_normal()}
+             for _ in range(20)]
+    r = compute_optimal((law, p), C, extra_inputs={"U_D": U}, param_samples=draws)
+    assert r.n_failed_samples == 0 and r.N_ci[0][0] < r.N[0] < r.N_ci[1][0]
+    for i in range(2):  # each budget's point estimate and CI as when solved alone
+        one = compute_optimal((law, p), C[i : i + 1], extra_inputs={"U_D": U[i]}, param_samples=draws)
+        assert one.N[0] == pytest.approx(r.N[i], rel=1e-9)
+        np.testing.assert_allclose([one.N_ci[0][0], one.N_ci[1][0]], [r.N_ci[0][i], r.N_ci[1][i]], rtol=1e-9)
+    u_d = {"U_D": np.array([1e9, 3e9])}
+    a = inference_optimal_at_budget((law, p), [1e21, 1e22], [1e9, 2e9], extra_inputs=u_d)
+    b = [inference_optimal_at_budget((law, p), [c], [t], extra_inputs={"U_D": u}).N[0]
+         for c, t, u in ((1e21, 1e9, 1e9), (1e22, 2e9, 3e9))]
+    np.testing.assert_allclose(a.N, b, rtol=1e-9)

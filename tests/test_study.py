@@ -419,6 +419,10 @@ def test_report_marks_unconverged_backtest_folds_and_extrapolations():
     assert "| farseer (degenerate fit: its loss vanishes) | 2e+05 | 0 † |" in md
     lf["forms"]["farseer"]["folds"] = [fold(0.01, True)]
     assert "did not converge even" not in "\n".join(_law_forms_markdown(lf))
+    # a form whose fit has no compute-optimal allocation (its optimum runs to D -> 1) says so in words
+    lf["extrapolation"]["farseer"] = {"error": "ValueError: no interior optimum over N in (100.0, 1e+16) ..."}
+    md = "\n".join(_law_forms_markdown(lf))
+    assert "| farseer | no compute-optimal allocation: along the isoFLOP curve" in md
 
 
 def _rows_of(runs: list[dict], kind: str) -> list[dict]:
