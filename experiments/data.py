@@ -29,6 +29,7 @@ import json
 import math
 import os
 import sys
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ class TokenDataset:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{meta_path} is not valid JSON: {e}") from e
+        if not isinstance(meta, dict):
+            raise DataError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
         for key in ("vocab_size", "dtype", "n_tokens"):
             if key not in meta:
                 raise DataError(f"{meta_path} lacks required key {key!r}")
@@ -319,6 +322,8 @@ def prepare_synthetic(
             progress=progress,
             **config_dict(source),
         )
+    if order < 1:  # before the default weights divide by it
+        raise ValueError(f"order must be >= 1, got {order}")
     defaults = MarkovSourceConfig()
     if weights is None:
         weights = defaults.weights if order == defaults.order else (0.1,) + (0.9 / order,) * order
@@ -349,13 +354,19 @@ def prepare_synthetic(
             old = json.loads(meta_path.read_text())
         except json.JSONDecodeError:
             old = {}
-        if old.get("generator") == json.loads(json.dumps(generator)) and old.get("n_tokens") == sizes:
-            TokenDataset.open(out_dir)  # validates sizes and ids of the cached files
+        if not (old.get("generator") == json.loads(json.dumps(generator)) and old.get("n_tokens") == sizes):
+            raise DataError(
+                f"{out_dir} already holds a different dataset ({meta_path}); "
+                "pass overwrite=True or choose another out_dir"
+            )
+        TokenDataset.open(out_dir)  # validates sizes and ids of the cached files
+        # ... and their content: a file altered in place keeps its size and id range
+        hashes = old.get("sha256") or {}
+        changed = [sp for sp, h in hashes.items() if _sha256(out_dir / f"{sp}.bin") != h]
+        if not changed:
             return old
-        raise DataError(
-            f"{out_dir} already holds a different dataset ({meta_path}); "
-            "pass overwrite=True or choose another out_dir"
-        )
+        warnings.warn(f"{out_dir}: {changed} differ from the sha256 recorded in {meta_path}; regenerating",
+                      RuntimeWarning, stacklevel=2)
 
     _start_writing(out_dir)
     src = MarkovSource.create(cfg)
@@ -445,8 +456,12 @@ def prepare_text(
     val_fraction: float = 0.01,
     pad_vocab_to: int = 64,
     progress: bool | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Tokenise text files into ``out_dir`` (train.bin, val.bin, metadata.json); returns the metadata.
+
+    An ``out_dir`` that already holds a dataset is refused unless ``overwrite``; the inputs and the tokenizer
+    are checked before anything there is touched.
 
     Every document is followed by the end-of-text token. The validation split is the final ``val_fraction``
     of the concatenated token stream (contiguous, so train and val windows never overlap).
@@ -459,7 +474,11 @@ def prepare_text(
     out_dir = Path(out_dir)
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    _start_writing(out_dir)
+    if (out_dir / METADATA).is_file() and not overwrite:
+        raise DataError(f"{out_dir} already holds a dataset ({out_dir / METADATA}); choose another --out or "
+                        "pass --overwrite")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} exists and is not a directory")
     total_bytes = sum(p.stat().st_size for p in paths)
     if progress is None:
         progress = total_bytes > 16 << 20 and sys.stderr.isatty()
@@ -474,11 +493,13 @@ def prepare_text(
             tok = BPETokenizer.from_file(tokenizer_file)
         else:
             tok = BPETokenizer.train((text for _, text, _ in iter_pieces(paths)), vocab_size or 8192)
+        _start_writing(out_dir)
         tok.save(out_dir / "tokenizer.json")
         model_vocab = padded_vocab_size(tok.n_tokens, pad_vocab_to)
     else:
         raise ValueError(f"unknown tokenizer {tokenizer!r}; choose 'byte' or 'bpe'")
 
+    _start_writing(out_dir)  # (again for BPE: idempotent)
     dtype = token_dtype(model_vocab)
     all_path = out_dir / "train.bin"
     counts = np.zeros(model_vocab, dtype=np.int64)
@@ -540,8 +561,18 @@ def prepare_text(
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
-def _parse_buckets(s: str) -> tuple[int | None, ...]:
-    return tuple(None if b.lower() in ("none", "-") else int(b) for b in s.split(","))
+def _bucket(b: str) -> int | None:
+    return None if b.lower() in ("none", "-") else int(b)
+
+
+def _parse_list(flag: str, text: str | None, parse):
+    """A comma-separated flag value, each entry parsed; a bad entry is an error naming the flag."""
+    if text is None:
+        return None
+    try:
+        return [parse(x.strip()) for x in text.split(",")]
+    except ValueError as e:
+        raise ValueError(f"{flag} {text!r}: {e}") from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -556,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokenizer-file", default=None, help="load a BPE tokenizer.json instead of training")
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--pad-vocab-to", type=int, default=64, help="round the model vocab up to this multiple")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
 
     s = sub.add_parser("synthetic", help="generate the synthetic Markov corpus with exact entropy rate")
     s.add_argument("--out", required=True)
@@ -585,6 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tokenizer_file=args.tokenizer_file,
                 val_fraction=args.val_fraction,
                 pad_vocab_to=args.pad_vocab_to,
+                overwrite=args.overwrite,
             )
         elif args.cmd == "synthetic":
             meta = prepare_synthetic(
@@ -594,16 +627,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 n_val_tokens=args.val_tokens,
                 seed=args.seed,
                 order=args.order,
-                weights=None if args.weights is None else [float(w) for w in args.weights.split(",")],
-                successors=None if args.successors is None else [int(k) for k in args.successors.split(",")],
-                buckets=None if args.buckets is None else _parse_buckets(args.buckets),
+                weights=_parse_list("--weights", args.weights, float),
+                successors=_parse_list("--successors", args.successors, int),
+                buckets=_parse_list("--buckets", args.buckets, _bucket),
                 zipf_exponent=args.zipf_exponent,
                 dirichlet_alpha=args.dirichlet_alpha,
                 overwrite=args.overwrite,
             )
         else:
             meta = TokenDataset.open(args.dir).metadata
-    except (DataError, ImportError, FileNotFoundError, ValueError) as e:
+    except (DataError, ImportError, OSError, ValueError, RuntimeError) as e:  # named in the message
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(meta, indent=2))

@@ -81,8 +81,29 @@ class MarkovSourceConfig:
             raise ValueError(f"zipf_exponent must be finite and >= 0, got {self.zipf_exponent}")
         if not (math.isfinite(self.dirichlet_alpha) and self.dirichlet_alpha > 0):
             raise ValueError(f"dirichlet_alpha must be finite and > 0, got {self.dirichlet_alpha}")
+        # The Zipf unigram (by rank; which token gets which rank does not matter here) must keep every token
+        # reachable, and leave enough mass outside the top K-1 tokens for K distinct successors to be drawn:
+        # successive sampling needs ~1 / (that mass) draws for the last one (exponent 8 ran for minutes).
+        u = np.arange(1.0, V + 1) ** -self.zipf_exponent
+        u /= u.sum()
+        if not u[-1] > 0:
+            raise ValueError(f"zipf_exponent={self.zipf_exponent} is too steep for vocab_size={V}: the "
+                             "rarest token's probability underflows to 0 (the chain would not be ergodic)")
+        tail = 1.0 - u[: max(self.successors) - 1].sum()
+        if tail < _MIN_SUCCESSOR_TAIL:
+            raise ValueError(
+                f"zipf_exponent={self.zipf_exponent} is too steep for {max(self.successors)} successors: the "
+                f"tokens below the top {max(self.successors) - 1} hold only {tail:.2g} of the unigram mass "
+                f"(< {_MIN_SUCCESSOR_TAIL:g}), so drawing distinct successors would take ~{1 / tail:.2g} "
+                "tries each; lower the exponent or the successors"
+            )
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+
+# Least unigram mass outside the top K-1 tokens that MarkovSourceConfig.validate accepts (<= 1000 expected
+# redraws for a row's last successor).
+_MIN_SUCCESSOR_TAIL = 1e-3
 
 
 def _distinct_successors(rng: np.random.Generator, cdf_V: np.ndarray, M: int, K: int) -> np.ndarray:
@@ -194,10 +215,16 @@ class MarkovSource:
         rows = t.rows(np.arange(self.n_contexts))
         return t.succ_MxK[rows], self.lambdas[-1] * t.prob_MxK[rows]
 
-    def stationary(self, tol: float = 1e-13, max_iter: int = 10_000) -> StationaryInfo:
-        """Stationary distribution over contexts by power iteration; raises if it does not converge."""
+    def stationary(self, tol: float = 1e-13, max_iter: int | None = None) -> StationaryInfo:
+        """Stationary distribution over contexts by power iteration; raises if it does not converge.
+
+        ``max_iter`` default: max(10_000, 40 / lambda_0). The lambda_0 unigram part alone contracts the error
+        by (1 - lambda_0) a step, so a source with a small lambda_0 (weights 0.001, 0.999) needs about
+        30 / lambda_0 steps: it is slow to mix, not ill-posed."""
         if self._stationary is not None:
             return self._stationary
+        if max_iter is None:
+            max_iter = max(10_000, math.ceil(40.0 / float(self.lambdas[0])))
         V, C = self.config.vocab_size, self.n_contexts
         R = C // V
         # Context c = (a, r), index a * R + r, moves to (r, x), index r * V + x. Split p(x | c) into the
@@ -221,7 +248,8 @@ class MarkovSource:
                 self._stationary = StationaryInfo(pi, it, residual)
                 return self._stationary
         raise RuntimeError(
-            f"power iteration did not converge: L1 residual {residual:.3g} after {max_iter} steps"
+            f"power iteration did not converge: L1 residual {residual:.3g} after {max_iter} steps "
+            f"(lambda_0 = {self.lambdas[0]:.3g}: a larger weights[0] mixes faster)"
         )
 
     def entropies(self) -> dict:

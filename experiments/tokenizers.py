@@ -69,6 +69,9 @@ class BPETokenizer:
     kind = "bpe"
 
     def __init__(self, tok):
+        # Text that merely spells a special token ("<|endoftext|>" inside a document) is encoded as text:
+        # the preparer appends the end-of-text id itself, so a literal one must not become a false boundary.
+        tok.encode_special_tokens = True
         self._tok = tok
         eos = tok.token_to_id(EOS_TEXT)
         if eos is None:
@@ -97,7 +100,11 @@ class BPETokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        return cls(tk.Tokenizer.from_file(str(path)))
+        try:
+            tok = tk.Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception for a malformed file
+            raise ValueError(f"{path} is not a tokenizers JSON file: {e}") from e
+        return cls(tok)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text).ids, dtype=np.uint32)

@@ -129,6 +129,11 @@ def test_hashed_buckets_source_is_consistent():
         ({"weights": (0.5, 0.5)}, r"order\+1"),
         ({"successors": (4,)}, "successors"),
         ({"vocab_size": 4096, "order": 3}, "too many"),
+        # successive sampling of 8 distinct successors from 1e-7 of the mass (this ran for minutes)
+        ({"zipf_exponent": 8.0}, r"too steep for 8 successors: .* hold only 1e-07"),
+        # a unigram underflowing to 0: not ergodic (the entropy rate came out NaN)
+        ({"vocab_size": 16, "order": 1, "weights": (0.5, 0.5), "successors": (1,), "buckets": (None,),
+          "zipf_exponent": 800.0}, "underflows to 0"),
     ],
 )
 def test_bad_source_config(kw, msg):
@@ -176,6 +181,24 @@ def test_prepare_synthetic_is_deterministic_and_cached(tmp_path, synth_dir):
     )
     assert meta["generator"]["seed"] == 1
     assert (tmp_path / "b/train.bin").read_bytes() == (synth_dir / "train.bin").read_bytes()
+    # A cached file altered in place (same size and id range) is caught by its recorded sha256 and rebuilt.
+    raw = np.fromfile(tmp_path / "b/train.bin", dtype=np.uint16)
+    raw[:2500] = 0
+    raw.tofile(tmp_path / "b/train.bin")
+    with pytest.warns(RuntimeWarning, match=r"\['train'\] differ from the sha256"):
+        D.prepare_synthetic(tmp_path / "b", vocab_size=0, n_train_tokens=40_000, n_val_tokens=5_000, seed=0,
+                            source=cfg, chain_length=2048)
+    assert (tmp_path / "b/train.bin").read_bytes() == (synth_dir / "train.bin").read_bytes()
+
+
+def test_slow_mixing_source_converges():
+    """lambda_0 = 0.001: power iteration needs ~30 / lambda_0 steps (it gave up at 10,000 before); the
+    result satisfies the balance equations."""
+    src = MarkovSource.create(MarkovSourceConfig(vocab_size=64, order=1, weights=(0.001, 0.999),
+                                                 successors=(1,), buckets=(None,)))
+    st = src.stationary()
+    assert st.iterations > 10_000 and st.residual < 1e-13
+    assert np.isfinite(src.entropies()["entropy_rate"])
 
 
 # ---- batches -------------------------------------------------------------------------------------
@@ -287,6 +310,27 @@ def test_bpe_prepare_round_trip(tmp_path):
     for split in ("train", "val"):
         name = f"{split}.bin"
         assert (tmp_path / "o2" / name).read_bytes() == (tmp_path / "o" / name).read_bytes()
+    # A document that merely spells the end-of-text token keeps it as text: one boundary per document.
+    docs = ("plain one", "before <|endoftext|> after", "plain two")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    D.prepare_text([tmp_path / "d.jsonl"], tmp_path / "o3", tokenizer="bpe",
+                   tokenizer_file=tmp_path / "o" / "tokenizer.json")
+    ds3 = D.TokenDataset.open(tmp_path / "o3")
+    stream = np.concatenate([np.asarray(ds3.tokens(s)) for s in ("train", "val")])
+    assert int((stream == tok.eos_id).sum()) == 3
+    assert "before <|endoftext|> after" in tok.decode(stream)
+    # An existing dataset is not replaced unless asked (a failed prepare used to leave it destroyed), and a
+    # malformed tokenizer file is named.
+    with pytest.raises(D.DataError, match="already holds a dataset"):
+        D.prepare_text([tmp_path / "t.txt"], tmp_path / "o3")
+    D.TokenDataset.open(tmp_path / "o3")
+    (tmp_path / "bad.json").write_text('{"not": "a tokenizer"')
+    with pytest.raises(ValueError, match="bad.json is not a tokenizers JSON file"):
+        D.prepare_text([tmp_path / "t.txt"], tmp_path / "o4", tokenizer="bpe",
+                       tokenizer_file=tmp_path / "bad.json")
+    assert not (tmp_path / "o4").exists()
+    assert D.main(["prepare", "--input", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o3"),
+                   "--overwrite"]) == 0
 
 
 def test_bpe_without_library_is_a_clear_error(tmp_path, monkeypatch):
@@ -346,6 +390,9 @@ def test_missing_split_file_and_bad_metadata(tmp_path):
         D.TokenDataset.open(d)
     (d / "metadata.json").write_text("{not json")
     with pytest.raises(D.DataError, match="not valid JSON"):
+        D.TokenDataset.open(d)
+    (d / "metadata.json").write_text("5")
+    with pytest.raises(D.DataError, match="expected a JSON object, got int"):
         D.TokenDataset.open(d)
 
 
