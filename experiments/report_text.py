@@ -477,10 +477,12 @@ def print_summary(report: dict, out: Path) -> None:
                 continue
             by_form = [(n, e[[x["multiple"] for x in e].index(x0["multiple"])])
                        for n, e in lf["extrapolation"].items() if isinstance(e, list)]
-            no_optimum = [n for n, e in lf["extrapolation"].items() if not isinstance(e, list)]
+            failed = {n: str(e.get("error")) for n, e in lf["extrapolation"].items() if isinstance(e, dict)}
+            missing = [f"{n} none (no compute-optimal allocation)" if "no interior optimum" in err
+                       else f"{n} not available" for n, err in failed.items()]
             print(f"[{g}] loss at {x0['multiple']:g}x by form: " + ", ".join(
                 [f"{n} {x['loss']:.3f}" + (" (below the entropy rate)" if x["below_entropy"] else "")
-                 for n, x in by_form] + [f"{n} none (no compute-optimal allocation)" for n in no_optimum]))
+                 for n, x in by_form] + missing))
         for x in b["extrapolation"] if isinstance(b["extrapolation"], list) else []:
             print(
                 f"[{g}] {x['multiple']:g}x budget ({x['C']:.3g} FLOPs): "
