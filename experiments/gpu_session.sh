@@ -8,9 +8,14 @@
 #   bash experiments/gpu_session.sh                # on the GPU machine: writes $OUT/gpu.json, $OUT/bench.log
 #   DRY=1 OUT=/tmp/g bash experiments/gpu_session.sh   # the same rows at tiny shapes on the CPU (rehearsal)
 #   MODE=study bash experiments/gpu_session.sh     # the gpu-quick study instead (issue: < 8 min on one H100):
-#       stopped at STUDY_LIMIT_S (default 540) if it runs over; copies report.json, report.md and the log to
-#       $OUT (the device returns only files two folders deep, so the run directories stay behind). With DRY=1
-#       it rehearses the preset (every run a few steps; experiments/rehearsal.py).
+#       interrupted at STUDY_LIMIT_S (default 480 = the issue's 8 min) if it runs over, then refitted from the
+#       runs that finished (--fit-only, at most FIT_LIMIT_S = 90 s), so a report comes back either way; the
+#       study lives in runs/ (outside $OUT: the device returns at most 8 files, two folders deep) and only
+#       report.json, report.md and study.log are copied to $OUT. With DRY=1 it rehearses the preset (every
+#       run a few steps; experiments/rehearsal.py). Give the device call timeout_s 600.
+#
+# One mode per session: 15 minutes of device time hold a machine start (1-2 min) and one of the two
+# commands (bench: up to DEADLINE_S + 150 = 570 s; study: up to 480 + 90 + kill grace = 590 s), not both.
 #
 # It needs no install: the GPU image has jax (CUDA), flax, optax, orbax-checkpoint, scipy, matplotlib and
 # tensorboard, and the repository root goes on PYTHONPATH. A row that takes longer than the deadline's slack
@@ -31,10 +36,15 @@ rows=(
 dry=()
 [ -n "${DRY:-}" ] && dry=(--dry)
 if [ "${MODE:-bench}" = study ]; then
-  study="$out/gq${DRY:+-dry}"
-  timeout -s INT "${STUDY_LIMIT_S:-540}" "$py" -m experiments.study --preset gpu-quick --out "$study" "${dry[@]}" \
-    2>&1 | tee "$out/study.log"
+  study="runs/gq${DRY:+-dry}"
+  timeout -k 20 -s INT "${STUDY_LIMIT_S:-480}" "$py" -m experiments.study --preset gpu-quick --out "$study" \
+    "${dry[@]}" 2>&1 | tee "$out/study.log"
   rc=${PIPESTATUS[0]}
+  if [ ! -f "$study/report.json" ]; then  # interrupted before its report: fit what finished
+    echo "[gpu_session] study stopped (rc $rc) before its report; refitting the finished runs" | tee -a "$out/study.log"
+    timeout -k 10 "${FIT_LIMIT_S:-90}" "$py" -m experiments.study --preset gpu-quick --out "$study" "${dry[@]}" \
+      --fit-only 2>&1 | tee -a "$out/study.log"
+  fi
   cp "$study"/report.json "$study"/report.md "$out"/ 2>/dev/null
   exit "$rc"
 fi

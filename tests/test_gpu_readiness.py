@@ -163,3 +163,26 @@ def test_gpu_preset_train_step_fits_memory_budget(row):
     est = bench_gpu.estimate_train_memory(row)
     assert "ce_chunk=0" not in est["summary"]  # the GPU presets use the chunked loss
     assert 0 < est["total"] < MEMORY_BUDGET_GIB[row] * GiB, (row, est)
+
+
+def test_memory_column_is_per_row_and_the_device_mark_is_flagged():
+    """peak_bytes_in_use is a process high-water mark: a small row after a big one would report the big
+    one's peak. The column is the row's compiled estimate; the device mark is beside it, flagged when the
+    row raised it (exercised with a fake GPU device, as the CPU rehearsal never reads memory_stats)."""
+    class FakeGPU:
+        platform, id = "gpu", 12345
+        peak = 0
+
+        def memory_stats(self):
+            return {"peak_bytes_in_use": self.peak}
+
+    dev = FakeGPU()
+    small, big = {"total": 10}, {"total": 100}
+    dev.peak = 100
+    first = bench_gpu._memory(big, dev)
+    second = bench_gpu._memory(small, dev)  # mark unchanged at 100
+    dev.peak = 150
+    third = bench_gpu._memory(big, dev)
+    assert [r["peak_memory_bytes"] for r in (first, second, third)] == [100, 10, 100]
+    assert [r["device_peak_set_by_this_row"] for r in (first, second, third)] == [True, False, True]
+    assert second["device_peak_bytes_in_use"] == 100
