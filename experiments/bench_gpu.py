@@ -52,7 +52,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -65,6 +64,7 @@ import numpy as np
 
 from experiments import sharding as shd
 from experiments.config import ExperimentConfig
+from experiments.files import write_text_atomic
 from experiments.hlo_checks import full_logits_buffers, host_transfers
 from experiments.presets import get_preset
 from experiments.trainer import build_program
@@ -617,10 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def save(res: dict) -> None:  # after every row: a run cut short keeps what it measured
         if args.json:
-            tmp = f"{args.json}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(res, f, indent=2)
-            os.replace(tmp, args.json)
+            write_text_atomic(args.json, json.dumps(res, indent=2))
 
     res = run_suite(args.dry, only, log=lambda msg: print(msg, file=sys.stderr, flush=True), on_row=save,
                     deadline_s=args.deadline_s)

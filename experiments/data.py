@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.files import write_text_atomic
 from experiments.synthetic import MarkovSource, MarkovSourceConfig, config_dict, describe
 from experiments.tokenizers import BPETokenizer, ByteTokenizer, padded_vocab_size
 
@@ -259,9 +260,7 @@ def _start_writing(out_dir: Path) -> None:
 
 
 def _write_metadata(out_dir: Path, meta: dict) -> None:
-    tmp = out_dir / (METADATA + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, out_dir / METADATA)  # atomic: readers never see a half-written file
+    write_text_atomic(out_dir / METADATA, json.dumps(meta, indent=2, sort_keys=False) + "\n")
 
 
 def _sha256(path: Path) -> str:
@@ -493,13 +492,13 @@ def prepare_text(
             tok = BPETokenizer.from_file(tokenizer_file)
         else:
             tok = BPETokenizer.train((text for _, text, _ in iter_pieces(paths)), vocab_size or 8192)
-        _start_writing(out_dir)
-        tok.save(out_dir / "tokenizer.json")
         model_vocab = padded_vocab_size(tok.n_tokens, pad_vocab_to)
     else:
         raise ValueError(f"unknown tokenizer {tokenizer!r}; choose 'byte' or 'bpe'")
 
-    _start_writing(out_dir)  # (again for BPE: idempotent)
+    _start_writing(out_dir)  # only now: the inputs and the tokenizer are known to be good
+    if tokenizer == "bpe":
+        tok.save(out_dir / "tokenizer.json")
     dtype = token_dtype(model_vocab)
     all_path = out_dir / "train.bin"
     counts = np.zeros(model_vocab, dtype=np.int64)

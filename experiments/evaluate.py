@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.files import write_text_atomic
 from experiments.tasks import MCItem, Task, TaskError, default_battery, encode_items
 from scaling.downstream import passuntil_estimate
 
@@ -515,10 +516,11 @@ def load_variables(workdir: str | Path, step: int | None = None) -> tuple[Any, d
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {workdir / CHECKPOINT_DIR}")
-        if step not in ckpt.all_steps():
+        kept = sorted(ckpt.all_steps())
+        if step not in kept:
             raise FileNotFoundError(
-                f"no checkpoint at step {step} in {workdir / CHECKPOINT_DIR}; kept steps: "
-                f"{sorted(ckpt.all_steps())} (trainer.keep_checkpoints={cfg.trainer.keep_checkpoints})"
+                f"no checkpoint at step {step} in {workdir / CHECKPOINT_DIR}; kept steps: {kept} "
+                f"(trainer.keep_checkpoints={cfg.trainer.keep_checkpoints})"
             )
         state, _ = ckpt.restore(step, abstract)
     finally:
@@ -581,10 +583,7 @@ def evaluate_and_write(
         }
     )
     if workdir is not None:
-        path = Path(workdir) / filename
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out) + "\n")
-        tmp.replace(path)  # atomic: a reader never sees a half-written file
+        write_text_atomic(Path(workdir) / filename, json.dumps(out) + "\n")
     return out
 
 

@@ -116,11 +116,9 @@ def _weakest_span(logs_KxF: np.ndarray) -> float:
     the spread itself for one feature, the smallest principal-axis spread for several -- 0 when the cells
     lie on a line (one budget; one tokens-per-parameter ratio), where the exponents are not identified."""
     Z = logs_KxF - logs_KxF.mean(axis=0)
-    if Z.shape[1] == 1 or len(Z) < 2:
-        return float(np.ptp(Z[:, 0])) if len(Z) else 0.0
     _, _, vt = np.linalg.svd(Z, full_matrices=False)
     spreads = np.ptp(Z @ vt.T, axis=0)
-    return float(spreads.min()) if len(spreads) == Z.shape[1] else 0.0
+    return float(spreads.min()) if len(spreads) == Z.shape[1] else 0.0  # fewer cells than features: 0
 
 
 def fit_lr_rule(

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from experiments.files import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -53,9 +54,8 @@ class MetricsWriter:
         if not enabled:
             return
         kept = [r for r in read_metrics(workdir, drop_torn_tail=True) if r["step"] <= resume_step]
-        tmp = self.path.with_name(self.path.name + ".tmp")  # replaced whole: a kill now loses no record
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        # replaced whole: a kill now loses no record
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
         self._tb = EventFileWriter(str(Path(workdir) / "tensorboard"))
         self._tb.add_event(

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from experiments.config import ConfigError, ExperimentConfig, TrainerConfig
+from experiments.files import write_text_atomic
 from experiments.hparam_rules import BatchRule, LRRule
 
 # Settings that change how a run executes, not what it computes, are left out of the run hash.
@@ -183,10 +184,7 @@ def resolve(runs: Sequence[PlannedRun]) -> list[PlannedRun]:
 def write_plan(runs: Sequence[PlannedRun], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r.to_json() + "\n" for r in runs))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, "".join(r.to_json() + "\n" for r in runs))
 
 
 def read_plan(path: str | Path) -> list[PlannedRun]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from experiments import sharding as shd
 from experiments.checkpoint import Checkpointer, CheckpointError, abstract_like
 from experiments.config import ConfigError, ExperimentConfig
 from experiments.data import DataError, TokenDataset, prepare_synthetic
+from experiments.files import write_text_atomic
 from experiments.metrics import MetricsWriter, read_metrics
 from experiments.run_record import (  # noqa: F401 -- re-exported: the run directory's names live there
     CHECKPOINT_DIR,
@@ -616,9 +616,7 @@ def train(
             cfg, ds, final_loss=meta["last_loss"], final_eval_loss=final_eval, meta=meta, n_devices=n_devices
         )
         if is_main:  # written whole or not at all: a kill mid-write must not leave a torn summary behind
-            tmp = summary_path.with_name(summary_path.name + ".tmp")
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, summary_path)
+            write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
         floor = f" (entropy floor {ds.entropy_rate:.4f})" if ds.entropy_rate is not None else ""
         emit(
             f"done: final loss {summary['final_loss']:.4f}, eval loss {final_eval:.4f}{floor}; "

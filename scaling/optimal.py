@@ -161,8 +161,10 @@ def _minimise_rows(
     on_edge = (i == 0) | (i == n_grid - 1)
     for step in (-1, 1):
         nb = np.clip(i + step, 0, n_grid - 1)
-        x_bad = np.where(np.isfinite(vals[rows, nb]), x_i, grid[rows, nb])
-        on_edge |= _falls_to_infeasible(objective, x_i, x_bad, f_i)
+        infeasible = ~np.isfinite(vals[rows, nb])
+        if infeasible.any():  # the bisection's 61 objective calls only where a neighbour is infeasible
+            x_bad = np.where(infeasible, grid[rows, nb], x_i)
+            on_edge |= _falls_to_infeasible(objective, x_i, x_bad, f_i)
     a = grid[rows, np.clip(i - 1, 0, n_grid - 1)]
     b = grid[rows, np.clip(i + 1, 0, n_grid - 1)]
     c = b - _GOLDEN * (b - a)
