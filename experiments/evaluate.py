@@ -255,13 +255,9 @@ def model_apply_fn(model_cfg: Any) -> Callable[..., jax.Array]:
     whole (padded) sequence -- expert choice's top-k per recursion, capacity dispatch's slots -- so a
     token's log-prob would depend on later tokens and on padding, i.e. on which other tasks share the batch
     (tests/test_evaluate_model_state.py::test_scoring_does_not_depend_on_padding)."""
-    from models import build_model
+    from models import build_model, inference_mode
 
-    kw = {}
-    if model_cfg.family == "moe" and model_cfg.moe_dispatch == "capacity":
-        model_cfg = model_cfg.replace(moe_dispatch="dropless")
-    if model_cfg.family == "mor":
-        kw["causal_routing"] = True
+    model_cfg, kw = inference_mode(model_cfg)
     model = build_model(model_cfg)
     return lambda params, tokens_BxL: model.apply(as_variables(params), tokens_BxL, **kw)[0]
 

@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experiments.config import ExperimentConfig
+from experiments.files import read_json_object
+from experiments.run_record import eval_is_current
 from experiments.sweep import PlannedRun, run_id
 
 SUMMARY_FILE = "summary.json"
@@ -53,12 +56,8 @@ def run_dir(runs_dir: str | Path, record: PlannedRun) -> Path:
 
 def finished_summary(path: str | Path, record: PlannedRun) -> dict | None:
     """The run's summary if it is finished and valid for ``record``, else None."""
-    f = Path(path) / SUMMARY_FILE
-    if not f.exists():
-        return None
-    try:
-        s = json.loads(f.read_text())
-    except json.JSONDecodeError:
+    s = read_json_object(Path(path) / SUMMARY_FILE)
+    if s is None:
         return None
     loss = s.get("final_eval_loss")
     ok = (
@@ -68,7 +67,9 @@ def finished_summary(path: str | Path, record: PlannedRun) -> dict | None:
         and isinstance(loss, (int, float))
         and math.isfinite(loss)
     )
-    return s if ok else None
+    # A summary from before inference-mode validation (MoR expert choice, MoE capacity) is not finished:
+    # the trainer re-evaluates its final checkpoint.
+    return s if ok and eval_is_current(s, ExperimentConfig.from_dict(s["config"]).model) else None
 
 
 def run_status(runs_dir: str | Path, record: PlannedRun) -> str:

@@ -15,13 +15,15 @@ import jax
 
 from experiments.config import ConfigError, ExperimentConfig, config_diff
 from experiments.data import TokenDataset
-from models import accounting
-from models.config import mor_resolved
+from models import accounting, inference_mode
+from models.config import ModelConfig, mor_resolved
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY_SCHEMA_VERSION = 1
+# How final_eval_loss is computed: the model's inference mode (models.inference_mode; experiments/trainer.py).
+EVAL_MODE = "inference"
 
 # Settings that change how a run executes but not what it computes: they may differ when resuming a workdir
 # (e.g. a checkpoint written on 8 devices resumed on 1). Anything else differing is an error.
@@ -116,6 +118,7 @@ def build_summary(
         "seq_len": L,
         "final_loss": final_loss,
         "final_eval_loss": final_eval_loss,
+        "eval_mode": EVAL_MODE,
         "entropy_floor": ds.entropy_rate,
         "unigram_entropy": ds.unigram_entropy,
         "tokens_per_second": tps,
@@ -127,6 +130,15 @@ def build_summary(
         **family,
         "config": cfg.to_dict(),
     }
+
+
+def eval_is_current(summary: dict[str, Any], model: ModelConfig) -> bool:
+    """Whether ``summary``'s final_eval_loss is the inference-mode loss. Summaries written before validation
+    used the inference mode carry no ``eval_mode``; that matters only where the modes differ (MoR expert
+    choice, MoE capacity dispatch), and such a run is re-evaluated from its final checkpoint rather than
+    mixed into a study with its leaky (MoR) or batch-dependent (MoE) training-mode loss."""
+    inference_cfg, kwargs = inference_mode(model)
+    return summary.get("eval_mode") == EVAL_MODE or (inference_cfg == model and not kwargs)
 
 
 def family_fields(c: Any, seq_len: int) -> dict[str, Any]:

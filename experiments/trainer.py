@@ -36,7 +36,7 @@ from experiments import sharding as shd
 from experiments.checkpoint import Checkpointer, CheckpointError, abstract_like
 from experiments.config import ConfigError, ExperimentConfig
 from experiments.data import DataError, TokenDataset, prepare_synthetic
-from experiments.files import write_text_atomic
+from experiments.files import read_json_object, write_text_atomic
 from experiments.metrics import MetricsWriter, read_metrics
 from experiments.run_record import (  # noqa: F401 -- re-exported: the run directory's names live there
     CHECKPOINT_DIR,
@@ -46,9 +46,10 @@ from experiments.run_record import (  # noqa: F401 -- re-exported: the run direc
     SUMMARY_SCHEMA_VERSION,
     build_summary,
     check_and_save_config,
+    eval_is_current,
     family_fields,
 )
-from models import accounting, build_model
+from models import accounting, build_model, inference_mode
 from models import moe as moe_lib
 from models import mor as mor_lib
 from models.loss import chunked_cross_entropy, output_head
@@ -186,17 +187,28 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
 
     init_jit = jax.jit(init_fn, out_shardings=state_shardings)
 
-    def loss_fn(params, model_state, tokens_BxL1):
+    def forward_ce(module, apply_kw, params, model_state, tokens_BxL1):
         variables = {"params": params, **model_state}
         inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
         if cfg.trainer.loss_chunk_tokens:  # chunked head + loss: no full-batch fp32 logits (models/loss.py)
-            h_BxLxD, extras = model.apply(variables, inputs_BxL, return_hidden=True)
+            h_BxLxD, extras = module.apply(variables, inputs_BxL, return_hidden=True, **apply_kw)
             ce = chunked_cross_entropy(h_BxLxD, targets_BxL, chunk_tokens=cfg.trainer.loss_chunk_tokens,
                                        **output_head(params, c.tie_embeddings))
         else:
-            logits_BxLxV, extras = model.apply(variables, inputs_BxL)
+            logits_BxLxV, extras = module.apply(variables, inputs_BxL, **apply_kw)
             ce = cross_entropy(logits_BxLxV, targets_BxL)
+        return ce, extras
+
+    def loss_fn(params, model_state, tokens_BxL1):
+        ce, extras = forward_ce(model, {}, params, model_state, tokens_BxL1)
         return ce + _aux_loss(extras), (ce, extras)
+
+    # Validation scores the model as it runs at inference (models.inference_mode): the loss of MoR expert
+    # choice in its training mode ranks each token against later ones -- it sees the future -- and MoE
+    # capacity drops depend on the batch, so neither is the loss a user of the model gets. Every other
+    # family evaluates exactly the training forward.
+    eval_cfg, eval_kw = inference_mode(c)
+    eval_model = build_model(eval_cfg) if eval_cfg is not c else model
 
     def train_step(state, tokens_MxBxL1, hyper):
         params, model_state = state["params"], state.get("model_state", {})
@@ -234,7 +246,7 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
         return new_state, {**extras, "loss": loss, "grad_norm": grad_norm}
 
     def eval_step(params, model_state, tokens_BxL1):
-        _, (ce, _) = loss_fn(params, model_state, tokens_BxL1)  # the same loss path as training
+        ce, _ = forward_ce(eval_model, eval_kw, params, model_state, tokens_BxL1)
         return ce
 
     train_batch_sharding = shd.batch_sharding(mesh, leading=1)
@@ -346,14 +358,9 @@ def read_summary(path: Path, emit: Callable[[str], None]) -> dict | None:
     """A finished run's summary.json, or None when there is none or it is unreadable (torn by a kill while
     it was written, before summaries were written atomically): the caller then rewrites it from the final
     checkpoint instead of failing on every retry."""
-    if not path.exists():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        emit(f"{path} is unreadable ({e}); re-evaluating the final checkpoint to rewrite it")
-        return None
-    return summary if isinstance(summary, dict) else None
+    return read_json_object(
+        path, on_unreadable=lambda why: emit(f"{why}; re-evaluating the final checkpoint to rewrite it")
+    )
 
 
 def restore_newest_readable(
@@ -474,6 +481,9 @@ def train(
         latest = ckpt.latest_step()
         summary_path = workdir / SUMMARY_FILE
         finished = read_summary(summary_path, emit) if latest == total else None
+        if finished is not None and not eval_is_current(finished, cfg.model):
+            emit(f"{summary_path}: final_eval_loss predates inference-mode validation; re-evaluating")
+            finished = None
         if finished is not None:
             emit(f"{workdir}: already finished ({total} steps); nothing to do")
             if cfg.trainer.eval_tasks and is_main and not (workdir / "downstream.json").exists():

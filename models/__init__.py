@@ -28,6 +28,20 @@ def build_model(cfg: ModelConfig) -> Transformer:
     return Transformer(cfg)
 
 
+def inference_mode(cfg: ModelConfig) -> tuple[ModelConfig, dict[str, bool]]:
+    """``(config, apply_kwargs)`` of the model as it runs at inference, where each token's output depends on
+    that token and earlier ones only -- what KV-cache decoding (models/decode.py) computes: MoE with the
+    dropless dispatch (capacity slots are shared by the whole batch), MoR expert choice with
+    ``causal_routing=True`` (its training top-k ranks a token against later ones). Same parameters as
+    ``cfg``; every other model is returned unchanged."""
+    kwargs = {}
+    if cfg.family == "moe" and cfg.moe_dispatch == "capacity":
+        cfg = cfg.replace(moe_dispatch="dropless")
+    if cfg.family == "mor" and cfg.mor_router == "expert_choice":
+        kwargs["causal_routing"] = True
+    return cfg, kwargs
+
+
 __all__ = [
     "MlaAttention",
     "ModelConfig",
@@ -35,6 +49,7 @@ __all__ = [
     "MoRTransformer",
     "Transformer",
     "build_model",
+    "inference_mode",
     "chinchilla_flops_per_token",
     "decode_logits",
     "decode_step",

@@ -164,3 +164,58 @@ def test_microbatching_is_exact_apart_from_the_balance_losses(tmp_path, data_dir
         runs[m] = losses(tmp_path / f"m{m}")
     np.testing.assert_allclose([runs[2][k] for k in sorted(runs[2])], [runs[1][k] for k in sorted(runs[1])],
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [("tiny-mor", ("model.mor_router_scale=1.0",)),  # expert choice: top-k ranks tokens against later ones
+     ("tiny-moe", ("model.moe_dispatch=capacity", "model.moe_capacity_factor=0.25"))],  # batch-wide drops
+)
+def test_validation_loss_is_the_inference_mode_loss(tmp_path, data_dir, preset, overrides):
+    """final_eval_loss scores the model as it is used (models.inference_mode, what KV-cache decoding
+    computes), recomputed here from the saved parameters with model.apply; the training-mode forward on the
+    same batch gives a different loss, so the check would fail if validation still used it."""
+    from experiments.data import TokenDataset
+    from models import build_model
+
+    cfg = cfg_for(preset, data_dir, *ONE, *overrides, "trainer.eval_steps=2", "optimizer.learning_rate=0.01")
+    s = run(cfg, tmp_path)
+    c = cfg.model
+    variables = saved_state(tmp_path, 12)
+    variables = {"params": variables["params"], **variables.get("model_state", {})}
+    ds = TokenDataset.open(data_dir)
+    Be, L = cfg.eval_batch_size, cfg.data.seq_len
+    batches = [ds.sequential_batch("val", i, Be, L) for i in range(2)]
+
+    def mean_ce(model, **kw):
+        out = []
+        for b in batches:
+            logits, _ = model.apply(variables, b[:, :-1], **kw)
+            logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+            out.append(-np.take_along_axis(np.asarray(logp), b[:, 1:, None], -1).mean())
+        return float(np.mean(out))
+
+    if c.family == "mor":
+        inference = mean_ce(build_model(c), causal_routing=True)
+    else:
+        inference = mean_ce(build_model(c.replace(moe_dispatch="dropless")))
+    training_mode = mean_ce(build_model(c))
+    assert abs(s["final_eval_loss"] - inference) < 1e-5 and s["eval_mode"] == "inference"
+    assert abs(training_mode - inference) > 1e-3, (training_mode, inference)
+    # A summary written before validation used the inference mode (no eval_mode, the training-mode loss) is
+    # not taken as finished: the trainer re-evaluates the final checkpoint and rewrites it.
+    from experiments.run_record import eval_is_current
+
+    old = {k: v for k, v in s.items() if k != "eval_mode"} | {"final_eval_loss": training_mode}
+    (tmp_path / "summary.json").write_text(json.dumps(old))
+    assert not eval_is_current(old, c) and eval_is_current(old, get_preset("tiny").model)
+    from experiments import executors, sweep
+
+    (record,) = sweep.resolve([sweep.PlannedRun(name="r", kind="user", config=cfg.to_dict())])
+    assert executors.finished_summary(tmp_path, record) is None  # the sweep hands it to the trainer
+    logs = []
+    s2 = train(cfg, tmp_path, devices=jax.devices()[:1], log=logs.append)
+    assert any("predates inference-mode validation" in m for m in logs)
+    assert s2["final_eval_loss"] == s["final_eval_loss"] and s2["eval_mode"] == "inference"
+    assert json.loads((tmp_path / "summary.json").read_text())["final_eval_loss"] == s["final_eval_loss"]
+    assert executors.finished_summary(tmp_path, record)["final_eval_loss"] == s["final_eval_loss"]

@@ -390,6 +390,12 @@ def test_executor_skip_resume_and_failure(tmp_path, monkeypatch, micro_runs):
     s["config"]["seed"] = 99
     (d / "summary.json").write_text(json.dumps(s))
     assert executors.finished_summary(d, micro_runs[0]) is None
+    # a summary torn inside a multi-byte character, or holding a non-object, reads as unfinished (the run
+    # is handed to the trainer, which rewrites it) rather than crashing the status check of the whole sweep
+    for torn in (json.dumps(s).encode()[:-1] + b"\xc3", b"[1, 2]"):
+        (d / "summary.json").write_bytes(torn)
+        assert executors.finished_summary(d, micro_runs[0]) is None
+        assert executors.run_status(tmp_path, micro_runs[0]) == "partial"
 
 
 def test_branch_seeded_from_parent_and_parent_failure(tmp_path, monkeypatch):
