@@ -319,14 +319,16 @@ def kaplan_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
     N is the non-embedding parameter count (exact here; Kaplan approximates it by 12*n*D^2), so the output
     head's 2*D*V is left out, and the context term is 2*n*T*d_attn per forward token (d_attn = H*K): half of
-    the 4*n*T*d_attn that Q.K^T plus P.V cost with the full T, i.e. the causal average.
+    the 4*n*T*d_attn that Q.K^T plus P.V cost with the full T, i.e. the causal average. MLA: K is the per-head
+    size its Q.K^T and P.V run at, max(nope + rope, v) (``_attention_head_dim``, as ``flops_per_token``), not
+    ``head_dim``, which MLA does not use there (it undercounted DeepSeek-style MLA's context term 3x).
 
     N is the parameters a token passes through, as the formula means: MoE's *active* ones; MoR's *applied*
     ones (each shared layer counted once per application, at the full depth that the context term also
     uses -- a routed MoR token that exits early costs less; ``training_flops_per_token`` counts that).
     """
     _check_seq_len(seq_len)
-    d_attn = cfg.n_heads * cfg.resolved_head_dim
+    d_attn = cfg.n_heads * _attention_head_dim(cfg)
     counts = param_counts(cfg)
     per_token = counts.get("active_non_embedding", counts["non_embedding"])
     n_params = counts.get("applied_non_embedding", per_token)

@@ -105,6 +105,15 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) ->
     return cache
 
 
+def _cache_len(cfg: ModelConfig, cache: Cache) -> int:
+    """The ``max_len`` ``cache`` was made with: axis 1 of a layer's K/V (axis 2 when layers are stacked)."""
+    kv = cache["kv"]
+    if cfg.family == "mor":
+        return int(jax.tree.leaves(kv["steps"])[0].shape[1])
+    name, n_stacked, _ = _layer_groups(cfg)[0]
+    return int(jax.tree.leaves(kv[name])[0].shape[1 if n_stacked is None else 2])
+
+
 def kv_cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> int:
     """Bytes of the K/V arrays ``init_cache`` allocates (``cache["kv"]``; MoR's small routing bookkeeping,
     ``active``/``routed``, is not K/V and not counted). Computed from the cache pytree's shapes."""
@@ -294,8 +303,9 @@ def decode_step(cfg: ModelConfig, variables: dict, cache: Cache, tokens_B: jax.A
 
     ``variables``: ``model.init``'s result or ``{"params": params, **model_state}`` (boxed or not); the
     model state holds MoE's / MoR's router biases. Jit it with the config static:
-    ``jax.jit(functools.partial(decode_step, cfg))``. ``pos`` must be < the cache length (not checked when
-    traced: dynamic_update_slice would clamp it). ``skip_exited`` (MoR): skip a recursion step's layers
+    ``jax.jit(functools.partial(decode_step, cfg))``. ``pos`` must be in [0, cache length): a concrete
+    ``pos`` outside is a ValueError; a traced one cannot be checked (dynamic_update_slice would clamp it and
+    overwrite the last slot). ``skip_exited`` (MoR): skip a recursion step's layers
     when no row of the batch is active at it (``jax.lax.cond``); False runs them masked, as the batched
     forward does. The results are the same.
     """
@@ -309,6 +319,10 @@ def decode_step(cfg: ModelConfig, variables: dict, cache: Cache, tokens_B: jax.A
         raise ValueError("variables must be {'params': ..., **model_state} (what model.init returns)")
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
+    if not isinstance(pos, jax.core.Tracer):
+        n = _cache_len(cfg, cache)
+        if not 0 <= int(pos) < n:
+            raise ValueError(f"pos={int(pos)} is outside the cache's positions [0, {n}) (init_cache max_len)")
     pos = jnp.asarray(pos, jnp.int32)
     if cfg.family == "mor":
         return _mor_step(cfg, params, state, cache, tokens_B, pos, skip_exited)

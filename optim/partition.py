@@ -32,9 +32,10 @@ alone and the matrix layout is guessed from ``ndim``: a >= 3-D parameter's leadi
 ``nn.scan`` layers axis, unless a module name ends in ``_<int>`` (``blocks_0``: layers unrolled in a Python
 loop, nothing stacked); then if a path component contains ``expert`` the next axis is the expert axis; the
 remaining axes are split into (reduction, output) at the point that makes the matrix most square (right for
-q (embed | heads, head_dim), o (heads, head_dim | embed), GQA k/v and MLP kernels). A 3-D kernel of an
-unscanned model without ``_<int>`` names would be mis-read, hence a warning whenever a stacking axis is
-guessed: pass logical axes whenever you have them.
+q (embed | heads, head_dim), o (heads, head_dim | embed), GQA k/v and MLP kernels). Shape alone cannot tell
+a (experts, in, out) stack under a path without ``expert`` (this repo's MoE kernels: ``mlp/gate``) from a
+q kernel, nor MLA's (rank, heads, dim) from (embed, heads, dim), so every Muon parameter of 3 or more axes
+whose layout was guessed is named in a warning: pass logical axes whenever you have them.
 """
 
 from __future__ import annotations
@@ -269,13 +270,14 @@ def compute_partition(params: Any, logical_axes: Any = None, optimizer: str = MU
     for path, x in flatten_params(params):
         shape = tuple(np.shape(x))
         a = assign_param(path, shape, axes[path], optimizer)
-        if a.optimizer == MUON and axes[path] is None and len(shape) >= 3 and not _unrolled(path):
+        if a.optimizer == MUON and axes[path] is None and len(shape) >= 3:
             guessed.append(path)
         assignments.append(a)
     if guessed:
         warnings.warn(
             f"Muon matrix layout of {len(guessed)} parameter(s) (e.g. {guessed[0]!r}) was guessed from ndim "
-            "(leading axis = scan layers axis); pass logical_axes to make it exact",
+            "and path names (leading axis = scan layers axis unless a module is named *_<int>; most-square "
+            "split); pass logical_axes to make it exact",
             stacklevel=2,
         )
     return Partition(assignments)

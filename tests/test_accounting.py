@@ -115,6 +115,22 @@ def _xla_train_step_flops(cfg, batch_size, seq_len):
 TOLERANCE = 0.02
 
 
+@pytest.mark.parametrize("overrides", [
+    {},
+    dict(attention="mla", mla_kv_lora_rank=16, mla_rope_head_dim=4),
+    # DeepSeek-style: Q.K^T at nope + rope = 24 per head, P.V at v = 16, head_dim unused by the attention
+    dict(attention="mla", mla_kv_lora_rank=16, mla_rope_head_dim=8, mla_nope_head_dim=16, mla_v_head_dim=16),
+])
+def test_kaplan_context_term_is_the_causal_attention_flops(overrides):
+    """Kaplan's 6*n*T*d_attn is the causal average of the attention core's training FLOPs: it equals
+    flops_per_token's causal attention term up to its (T + 1) / T (query i sees i + 1 keys); MHA and MLA."""
+    cfg = ModelConfig(**{**BASE, **overrides})
+    T = 32
+    context = kaplan_flops_per_token(cfg, T) - 6 * param_counts(cfg)["non_embedding"]
+    causal = flops_per_token(cfg, T, attention="causal")["attention_training"]
+    assert context == pytest.approx(causal * T / (T + 1), rel=1e-12)
+
+
 @pytest.mark.parametrize(
     "batch_size, seq_len, overrides",
     [

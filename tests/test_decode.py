@@ -198,3 +198,18 @@ def test_bad_arguments():
         init_cache(cfg, 0, 4)
     with pytest.raises(ValueError, match=r"tokens_B must be an integer array \[batch\]"):
         decode_step(cfg, {"params": {}}, init_cache(cfg, 1, 4), jnp.zeros((1, 1), jnp.int32), 0)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(scan_layers=False), MLA, {**MOE, "moe_first_dense_layers": 1},
+                                       MOR])
+def test_concrete_position_outside_the_cache_is_refused(overrides):
+    """A concrete pos >= max_len (or < 0) would be clamped by dynamic_update_slice and overwrite the last
+    (first) slot silently; every cache layout (stacked or unrolled layers, MLA, MoE, MoR) names it."""
+    cfg = ModelConfig(**{**BASE, **overrides})
+    variables = _random_variables(cfg)
+    cache = init_cache(cfg, 2, 6)
+    tokens_B = jnp.zeros((2,), jnp.int32)
+    decode_step(cfg, variables, cache, tokens_B, 5)  # the last slot is fine
+    for pos in (6, -1):
+        with pytest.raises(ValueError, match=rf"pos={pos} is outside the cache's positions \[0, 6\)"):
+            decode_step(cfg, variables, cache, tokens_B, pos)
