@@ -65,6 +65,7 @@ def finished_summary(path: str | Path, record: PlannedRun) -> dict | None:
         and run_id(s["config"]) == record.run_id
         and s.get("steps") == record.steps
         and isinstance(loss, (int, float))
+        and not isinstance(loss, bool)
         and math.isfinite(loss)
     )
     # A summary from before inference-mode validation (MoR expert choice, MoE capacity) is not finished:

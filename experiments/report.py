@@ -25,8 +25,9 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
     or None},
     ``approach3``: {a, b, a_ci, b_ci},
     ``extrapolation``: [{multiple, C, N, N_ci, D, D_ci, tokens_per_param, loss, loss_ci}],
-    ``wsd``: {n_points, chinchilla params + ci, approach3 a/b, heldout (same rows as above), compare,
-    pairs: each branch vs the cosine run of the same model and token count, with mean/sd/max difference},
+    ``wsd``: {n_points, chinchilla (params + ci, or {error} when the branches are too few to fit), heldout
+    (same rows as above; [] without a fit), compare (cosine vs WSD parameters), pairs: each branch vs the
+    cosine run of the same model and token count, with mean/sd/max difference},
     ``downstream``: {tasks: name -> {chance, fit_compute, two_step, heldout [...]}, mean_abs_error},
     ``seed_noise``: {rows [{name, N, D, budget, losses (the run, then its seed replicates), mean, sd}],
     pooled_sd, dof, budgets, fit_residual_rms, fit_residual_rms_over_sd, lack_of_fit {F, dof [fit, noise],
@@ -62,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from experiments import executors
+from experiments.files import read_json_object
 from experiments.report_text import print_summary, render_markdown  # noqa: F401 -- re-exported for callers
 from experiments.sweep import PlannedRun, distinct_runs, replicated_name
 
@@ -482,6 +484,13 @@ def collect_runs(runs: Sequence[PlannedRun], runs_dir: Path) -> list[dict]:
                 err = json.loads((d / executors.ERROR_FILE).read_text())["error"]
             except (json.JSONDecodeError, KeyError):
                 err = "unreadable error.json"
+        elif s is None:
+            written = read_json_object(d / executors.SUMMARY_FILE)
+            loss = (written or {}).get("final_eval_loss", "missing")
+            if written is not None and not (
+                isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)
+            ):  # re-running would not change it: say so rather than call the run "partial"
+                err = f"summary.json has final_eval_loss={loss!r}, not a finite number"
         status = "done" if s else ("failed" if err else executors.run_status(runs_dir, r))
         out.append(
             {
@@ -696,16 +705,20 @@ def _wsd_block(spec, rr, group: str, held_rows, cos_block: dict) -> dict:
     rows = _rows(rr, group, ("wsd_branch",))
     if not rows:
         return {"error": "no WSD branch runs in this study"}
-    res, boot = fit_chinchilla(rows, spec.n_bootstrap)
-    out = {
-        "n_points": len(rows),
-        "chinchilla": _chinchilla_block(res, boot),
-        "heldout": _heldout_rows(res, boot, held_rows),
-    }
+    # The pairwise comparison needs no fit, so it is there even when too few branches finished for one.
+    pairs = _wsd_cosine_pairs(rows, _rows(rr, group, ("isoflop",)))
+    out: dict[str, Any] = {"n_points": len(rows), "pairs": pairs}
+    fitted = _guard(lambda: fit_chinchilla(rows, spec.n_bootstrap))
+    if isinstance(fitted, dict):
+        out["chinchilla"] = fitted
+        out["heldout"] = []
+        return out
+    res, boot = fitted
+    out["chinchilla"] = _chinchilla_block(res, boot)
+    out["heldout"] = _heldout_rows(res, boot, held_rows)
     cos = cos_block.get("chinchilla", {})
     if "params" in cos:
         out["compare"] = {k: {"cosine": cos["params"][k], "wsd": res.params[k]} for k in res.params}
-    out["pairs"] = _wsd_cosine_pairs(rows, _rows(rr, group, ("isoflop",)))
     return out
 
 

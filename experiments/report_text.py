@@ -182,6 +182,15 @@ def _law_forms_markdown(lf: dict) -> list[str]:
     return L + _form_extrapolation_markdown(lf.get("extrapolation") or {})
 
 
+def _heldout_status(report: dict, group: str) -> str:
+    """Why a group's held-out table is empty: each held-out run's status (and error), or that it has none."""
+    held = [r for r in report["runs"] if r["group"] == group and r["kind"] == "heldout"]
+    if not held:
+        return "the plan has none"
+    return "; ".join(f"{r['name']}: {r['status']}" + (f" ({r['error']})" if r.get("error") else "")
+                     for r in held)
+
+
 def render_markdown(report: dict) -> str:
     L = [f"# Scaling study `{report['preset']}`", "", report["description"], ""]
     for n in report["notes"]:
@@ -256,6 +265,10 @@ def render_markdown(report: dict) -> str:
                     f"{_fmt(h['predicted'])} | "
                     f"{_fmt(h['interval'])} | {h['relative_error']:+.2%} |"
                 )
+            if not b["heldout"]:
+                L.append(f"| no finished held-out run ({_heldout_status(report, g)}) | | | | | | |")
+        elif "error" in (b["heldout"] or {}):
+            L += ["", f"**Held-out runs**: not predicted ({b['heldout']['error']})."]
         L += _seed_noise_markdown(b.get("seed_noise", {}))
         L += _law_forms_markdown(b.get("law_forms", {}))
         a2, a3 = b["approach2"], b["approach3"]
@@ -309,7 +322,10 @@ def render_markdown(report: dict) -> str:
         if "error" in w:
             L.append(f"not available ({w['error']})")
         else:
-            L += ["", "| param | cosine isoFLOP | WSD branches |", "|---|---|---|"]
+            if "error" in (w.get("chinchilla") or {}):
+                L.append(f"fit not available ({w['chinchilla']['error']}); the pairwise comparison follows.")
+            else:
+                L += ["", "| param | cosine isoFLOP | WSD branches |", "|---|---|---|"]
             for k, v in (w.get("compare") or {}).items():
                 L.append(f"| {k} | {_fmt(v['cosine'])} | {_fmt(v['wsd'])} |")
             wb = (w.get("chinchilla") or {}).get("at_bounds")

@@ -38,6 +38,7 @@ from typing import Any
 
 from experiments import executors, slurm
 from experiments.config import ConfigError, ExperimentConfig
+from experiments.files import write_text_atomic
 from experiments.hparam_rules import LRRule, fit_lr_rule
 from experiments.study_presets import STUDY_PRESETS, GroupSpec, StudySpec, get_study_preset
 from experiments.sweep import (
@@ -61,6 +62,7 @@ from experiments.sweep import (
 )
 
 LR_RULES_FILE = "lr_rules.json"
+LR_STAGE_PLAN_FILE = "plan_lr_stage.jsonl"  # --export-slurm's first job array (the LR sweep)
 EXTENSION_SUFFIX = "-ext"  # isoFLOP runs added beyond a curve's edge (plan_edge_extensions)
 REHEARSAL_FILE = "rehearsal.json"
 REHEARSAL_NOTE = (
@@ -116,10 +118,12 @@ def fit_lr_rules(spec: StudySpec, runs: Sequence[PlannedRun], runs_dir: Path) ->
         if not cells:
             continue
         try:
-            rule = fit_lr_rule(cells, form=g.lr_rule_form, prior=g.lr)
-            out[g.name] = {"rule": rule.to_dict(), "cells": cells, "error": None}
+            fitted, error = fit_lr_rule(cells, form=g.lr_rule_form, prior=g.lr), None
         except ValueError as e:
-            out[g.name] = {"rule": g.lr.to_dict(), "cells": cells, "error": str(e)}
+            fitted, error = g.lr, str(e)
+        # lr_rules.json is strict JSON: an unfinished or diverged cell's loss is null
+        cells = [{**c, "loss": c["loss"] if math.isfinite(c["loss"]) else None} for c in cells]
+        out[g.name] = {"rule": fitted.to_dict(), "cells": cells, "error": error}
     return out
 
 
@@ -411,18 +415,36 @@ def run_study(
     if plan_path.exists():
         runs = read_plan(plan_path)
         print(f"[study] using the existing plan {plan_path} ({len(runs)} runs)")
+        if any(r.kind == "lr_sweep" for r in runs) and not (out / LR_RULES_FILE).exists():
+            print(f"[study] warning: {plan_path} has LR-sweep runs but no {LR_RULES_FILE}: it was written "
+                  "before its LR sweep trained, so its learning rates follow the preset's prior rule, not a "
+                  "fitted one; start a new --out to plan with the fitted rule")
     else:
+        if fit_only:
+            raise SystemExit(f"--fit-only: {plan_path} does not exist, so nothing of this study has been "
+                             "planned or trained yet; run it without --fit-only first")
         stage1 = plan_lr_stage(spec, out)
         if cut is not None and stage1:
             stage1 = cut(stage1)
-        if stage1 and not fit_only and export_slurm is None:
-            print(f"[study] stage 1: LR sweep, {len(stage1)} runs")
-            _prepare_corpus(stage1, out)
-            execute(
-                stage1, runs_dir, workers=workers, post_run=None, executor=executor, slurm_params=slurm_params
-            )
+        if stage1 and export_slurm is not None and not all(
+            executors.run_status(runs_dir, r) in ("done", "failed") for r in distinct_runs(stage1)
+        ):
+            # The main stage's learning rates come from the rule fitted on stage 1, so a cluster runs the
+            # study as two job arrays: this one, then (re-running --export-slurm) the main stage.
+            stage1_plan = out / LR_STAGE_PLAN_FILE
+            write_plan(stage1, stage1_plan)
+            path = slurm.export_job_array(stage1, stage1_plan, runs_dir, export_slurm)
+            print(f"[study] wrote {path}: stage 1, the LR sweep ({len(stage1)} runs). Run it, then re-run "
+                  "this command with --export-slurm: the main stage is planned with the rule fitted on it")
+            return {}
+        if stage1:
+            if export_slurm is None:
+                print(f"[study] stage 1: LR sweep, {len(stage1)} runs")
+                _prepare_corpus(stage1, out)
+                execute(stage1, runs_dir, workers=workers, post_run=None, executor=executor,
+                        slurm_params=slurm_params)
             lr_rules = fit_lr_rules(spec, stage1, runs_dir)
-            (out / LR_RULES_FILE).write_text(json.dumps(lr_rules, indent=2) + "\n")
+            write_text_atomic(out / LR_RULES_FILE, json.dumps(lr_rules, indent=2, allow_nan=False) + "\n")
         main_stage = plan_main_stage(spec, out, lr_rules)
         runs = resolve(list(stage1) + (cut(main_stage) if cut is not None else main_stage))
         write_plan(runs, plan_path)

@@ -616,6 +616,11 @@ def train(
         bar.close()
 
         final_eval = evaluate(ds, cfg, prog, state)
+        if not math.isfinite(final_eval):  # a summary with it would be neither finished nor failed
+            raise NonFiniteLossError(
+                f"non-finite validation loss after the final step {total} (eval_loss={final_eval}); the "
+                f"training loss was finite, so the model overflows on the val split (checkpoint kept)"
+            )
         # (start == total: finished before summary.json was written; the eval record may already be there.)
         if start < total or not any(r["step"] == total and "eval_loss" in r for r in read_metrics(workdir)):
             writer.write(total, {"eval_loss": final_eval})

@@ -404,24 +404,59 @@ def test_export_job_array_failed_root_stops_only_its_branch(fake_slurm, tmp_path
     assert not (d / "post_run.txt").exists()
 
 
-def test_study_exports_with_its_post_run(tmp_path):
-    """``--export-slurm``: the task script runs the study's downstream battery (``--post-run``)."""
+def _array_tasks(script: Path) -> list[int]:
+    return [int(i) for line in script.read_text().splitlines() if "--array=" in line
+            for i in line.split("--array=")[1].split("%")[0].split(",")]
+
+
+def test_study_exports_its_lr_sweep_then_the_main_stage_with_the_fitted_rule(tmp_path):
+    """``--export-slurm`` of a preset that sweeps LR: the first script holds only stage 1 (the LR sweep) and
+    no plan.jsonl is written -- the main stage's learning rates come from the rule fitted on stage 1, which a
+    one-shot export would have frozen at the prior rule. Once stage 1 has finished, the same command fits the
+    rule and exports the whole plan, whose task script runs the study's downstream battery (--post-run)."""
+    import math
+
     from experiments import study
+    from experiments.sweep import distinct_runs, read_plan
 
     spec = get_study_preset("cpu-tiny")
     assert spec.downstream
-    assert study.run_study(spec, tmp_path / "s", export_slurm=str(tmp_path / "submit.sh")) == {}
+    out, script = tmp_path / "s", tmp_path / "submit.sh"
+    assert study.run_study(spec, out, export_slurm=str(script)) == {}
+    assert not (out / study.PLAN_FILE).exists() and not (out / study.LR_RULES_FILE).exists()
+    stage1 = read_plan(out / study.LR_STAGE_PLAN_FILE)
+    assert stage1 and {r.kind for r in stage1} == {"lr_sweep"}
+    assert sorted(_array_tasks(script)) == list(range(len(stage1)))
+    assert "--post-run" not in (tmp_path / "submit_task.sh").read_text()  # as the local stage 1
+    # Stage 1 "runs" on the cluster: every cell's loss is a parabola in log(lr) with its minimum at 2x the
+    # prior rule's lr, so the fitted rule doubles the prior's learning rates.
+    prior = spec.groups[0].lr
+    for r in stage1:
+        x = math.log(r.learning_rate / prior(N=r.params, D=r.tokens, C=r.budget) / 2.0)
+        d = executors.run_dir(out / "runs", r)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "summary.json").write_text(json.dumps(
+            {"config": r.config, "steps": r.steps, "final_eval_loss": 3.0 + 0.1 * x * x}))
+    assert study.run_study(spec, out, export_slurm=str(script)) == {}
+    rules = json.loads((out / study.LR_RULES_FILE).read_text())
+    assert rules["dense-adamw"]["error"] is None
+    plan = read_plan(out / study.PLAN_FILE)
+    iso = [r for r in plan if r.kind == "isoflop"]
+    doubled = [2 * prior(N=r.params, D=r.tokens, C=r.budget) for r in iso]
+    assert iso and [r.learning_rate for r in iso] == pytest.approx(doubled, rel=1e-6)
     assert f"--post-run {study.POST_RUN}" in (tmp_path / "submit_task.sh").read_text()
-    study.run_study(spec, tmp_path / "s", export_slurm=str(tmp_path / "submit.sh"), downstream=False)
+    # Each experiment is one array task (an experiment planned twice would be two tasks in one directory).
+    ids = [plan[i].run_id for i in _array_tasks(script)]
+    assert len(ids) == len(set(ids)) == len({r.run_id for r in distinct_runs(plan)})
+    study.run_study(spec, out, export_slurm=str(script), downstream=False)
     assert "--post-run" not in (tmp_path / "submit_task.sh").read_text()
-    # Exported before stage 1 trained, the plan uses the prior LR rule: the middle isoFLOP size of an LR-swept
-    # budget then repeats that budget's -lrx1 sweep run exactly (one run_id, one directory). Each experiment
-    # is one array task, not two training into one directory at once.
-    from experiments.sweep import distinct_runs, read_plan
 
-    plan = read_plan(tmp_path / "s" / study.PLAN_FILE)
-    assert len(distinct_runs(plan)) < len(plan)
-    tasks = [int(i) for line in (tmp_path / "submit.sh").read_text().splitlines() if "--array=" in line
-             for i in line.split("--array=")[1].split("%")[0].split(",")]
-    ids = [plan[i].run_id for i in tasks]
-    assert len(ids) == len(set(ids)) == len({r.run_id for r in plan})
+
+def test_fit_only_without_a_plan_refuses_and_writes_nothing(tmp_path):
+    """--fit-only on a new directory used to write plan.jsonl at the prior LR rule (its LR sweep skipped),
+    which the real study then reused: every later run trained at an untuned learning rate."""
+    from experiments import study
+
+    with pytest.raises(SystemExit, match="--fit-only: .*plan.jsonl does not exist"):
+        study.run_study(get_study_preset("cpu-tiny"), tmp_path / "s", fit_only=True)
+    assert not (tmp_path / "s" / study.PLAN_FILE).exists()

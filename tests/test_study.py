@@ -143,6 +143,35 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert again["groups"]["dense-adamw"]["chinchilla"]["params"] == pytest.approx(ch["params"])
     assert "11/11 done (11 reused)" in capsys.readouterr().out
 
+    # The report says why, rather than showing a number or an empty table: a WSD block without a fit still
+    # shows its pairs, and a held-out run that is gone is named with its status.
+    from experiments.report import _wsd_block
+    from experiments.report_text import render_markdown
+
+    w = _wsd_block(dataclasses.replace(spec, n_bootstrap=4), _four_wsd_branches_and_their_cosine_twins(),
+                   "g", [], {})
+    md = render_markdown({**on_disk, "groups": {"dense-adamw": {**g, "wsd": w}}})
+    assert "fit not available (" in md and "over 4 pairs: mean -0.0100 nats" in md
+    # Hand-edited summaries: a boolean loss (read as 1.0 before) and a NaN one (shown as "partial", which a
+    # re-run could not fix) are failed runs with the reason; the held-out run's summary is deleted.
+    iso = [r for r in runs if r["kind"] == "isoflop"]
+    for r, bad in ((iso[0], True), (iso[1], float("nan"))):
+        f = out / "runs" / r["run_id"] / "summary.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "final_eval_loss": bad}))
+    (out / "runs" / held_run["run_id"] / "summary.json").unlink()
+    edited = study.run_study(spec, out, fit_only=True)
+    by_name = {r["name"]: r for r in edited["runs"]}
+    assert by_name[iso[0]["name"]]["status"] == "failed"
+    assert by_name[iso[0]["name"]]["error"] == "summary.json has final_eval_loss=True, not a finite number"
+    assert by_name[iso[1]["name"]]["error"] == "summary.json has final_eval_loss=nan, not a finite number"
+    assert edited["groups"]["dense-adamw"]["n_fit_points"] == 4
+    md = (out / "report.md").read_text()
+    assert "**Held-out runs**: not predicted (ValueError: 4 finished runs are too few" in md
+    # with a fit but no finished held-out run, the empty table names the run and its status
+    gone = [{**r, "status": "pending"} if r["kind"] == "heldout" else r for r in on_disk["runs"]]
+    md = render_markdown({**on_disk, "runs": gone, "groups": {"dense-adamw": {**g, "heldout": []}}})
+    assert f"| no finished held-out run ({held_run['name']}: pending) |" in md
+
 
 def test_validate_report_names_problems():
     with pytest.raises(ValueError, match="missing key 'groups'"):
@@ -216,6 +245,29 @@ def test_wsd_branches_are_paired_with_cosine_runs_of_the_same_model_and_tokens()
     assert out["n"] == 1 and out["mean_difference"] == pytest.approx(-0.5)
     assert out["sd_difference"] is None and out["max_abs_difference"] == pytest.approx(0.5)
     assert _wsd_cosine_pairs(branches, [])["n"] == 0
+
+
+def _four_wsd_branches_and_their_cosine_twins():
+    def row(name, kind, n, d, loss):
+        return {"name": name, "kind": kind, "group": "g", "status": "done", "fit": True, "params": n,
+                "tokens": d, "final_eval_loss": loss}
+
+    rr = [row(f"b{i}", "wsd_branch", n, d, loss) for i, (n, d, loss) in
+          enumerate([(100, 1000, 2.0), (100, 3000, 1.8), (300, 1000, 1.9), (300, 3000, 1.6)])]
+    return rr + [row(f"c{i}", "isoflop", r["params"], r["tokens"], r["final_eval_loss"] + 0.01)
+                 for i, r in enumerate(rr)]
+
+
+def test_wsd_pairs_are_reported_when_too_few_branches_finished_for_a_fit():
+    """The pairwise WSD-vs-cosine comparison needs no fit; with 4 finished branches (5-parameter law) it used
+    to vanish with the fit's error. gpu-quick plans 6 branches, so one failed branch did that there. (The
+    markdown of such a block: test_study_end_to_end_and_rerun.)"""
+    from experiments.report import _wsd_block
+
+    spec = dataclasses.replace(_micro_spec(), n_bootstrap=4)
+    w = _wsd_block(spec, _four_wsd_branches_and_their_cosine_twins(), "g", [], {})
+    assert w["n_points"] == 4 and "error" in w["chinchilla"] and w["heldout"] == []
+    assert w["pairs"]["n"] == 4 and w["pairs"]["mean_difference"] == pytest.approx(-0.01)
 
 
 def test_seed_noise_pools_within_configuration_variance():

@@ -336,6 +336,17 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, da
         assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
 
 
+def test_non_finite_validation_loss_fails_the_run_without_a_summary(tmp_path, data_dir, monkeypatch):
+    """A finite training loss with a non-finite val loss used to write a summary that the sweep neither took
+    as finished nor as failed ("partial", retried for ever); now the run fails naming it."""
+    import experiments.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "evaluate", lambda *a, **k: float("nan"))
+    with pytest.raises(NonFiniteLossError, match="non-finite validation loss after the final step 6"):
+        run(small_cfg(data_dir, *ONE, "trainer.steps=6"), tmp_path, 1)
+    assert not (tmp_path / "summary.json").exists()
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_loss_decreases(tmp_path, data_dir, optimizer):
     lr = {"adamw": "0.01", "muon": "0.02"}[optimizer]
