@@ -6,7 +6,8 @@ Layout of DIR: ``plan.jsonl`` (the plan, editable: re-running uses it as-is, re-
 ``lr_rules.json`` (fitted LR rules when the preset sweeps LR), ``runs/<run_id>/`` (one directory per run,
 named by the config hash: ``summary.json``, ``metrics.jsonl``, ``downstream.json`` (the task battery),
 checkpoints, ``error.json`` on failure), ``data/`` (the synthetic corpus), ``.jax_cache/`` (compiled
-executables shared by runs of one shape), ``report.md``, ``report.json``, ``figures/*.png``.
+executables shared by runs of one shape), ``report.md``, ``report.json``, ``figures/*.png``, ``study.json``
+(the preset's name: a directory holds one study, and another preset is refused there).
 
 Run ids hash the resolved config (execution-only fields excluded), so a code version that adds a config field
 gives new ids: start a new DIR after upgrading.
@@ -38,7 +39,7 @@ from typing import Any
 
 from experiments import executors, slurm
 from experiments.config import ConfigError, ExperimentConfig
-from experiments.files import write_text_atomic
+from experiments.files import read_json_object, write_text_atomic
 from experiments.hparam_rules import LRRule, fit_lr_rule
 from experiments.study_presets import STUDY_PRESETS, GroupSpec, StudySpec, get_study_preset
 from experiments.sweep import (
@@ -65,6 +66,7 @@ LR_RULES_FILE = "lr_rules.json"
 LR_STAGE_PLAN_FILE = "plan_lr_stage.jsonl"  # --export-slurm's first job array (the LR sweep)
 EXTENSION_SUFFIX = "-ext"  # isoFLOP runs added beyond a curve's edge (plan_edge_extensions)
 REHEARSAL_FILE = "rehearsal.json"
+STUDY_FILE = "study.json"  # {"preset": name}: a directory holds one study
 REHEARSAL_NOTE = (
     "REHEARSAL (--dry): every run was cut to a few steps on a tiny batch to check the pipeline; "
     "losses, fits and predictions below are meaningless"
@@ -401,6 +403,19 @@ def run_study(
         raise SystemExit(f"{out} holds a real study; give the --dry rehearsal another --out")
     if not dry and rehearsed:
         raise SystemExit(f"{out} holds a --dry rehearsal; give the real study another --out")
+    if retry and fit_only:
+        raise SystemExit("--retry clears a run so that it trains again, and --fit-only trains nothing: the "
+                         "run would only be deleted; drop one of them")
+    # One directory, one study: another preset's plan and runs must not be reported under this one's name.
+    recorded = read_json_object(out / STUDY_FILE)
+    if recorded is not None and recorded.get("preset") != spec.name:
+        raise SystemExit(f"{out} holds the study {recorded.get('preset')!r}, not {spec.name!r}; give this "
+                         "one another --out")
+    if fit_only and not (out / PLAN_FILE).exists():
+        raise SystemExit(f"--fit-only: {out / PLAN_FILE} does not exist, so nothing of this study has been "
+                         "planned or trained yet; run it without --fit-only first")
+    if recorded is None:
+        write_text_atomic(out / STUDY_FILE, json.dumps({"preset": spec.name}) + "\n")
     cut = _rehearsal(spec, out, dry_steps) if dry else None
     if cut is not None:
         spec = dataclasses.replace(spec, notes=(REHEARSAL_NOTE, *spec.notes))
@@ -420,9 +435,6 @@ def run_study(
                   "before its LR sweep trained, so its learning rates follow the preset's prior rule, not a "
                   "fitted one; start a new --out to plan with the fitted rule")
     else:
-        if fit_only:
-            raise SystemExit(f"--fit-only: {plan_path} does not exist, so nothing of this study has been "
-                             "planned or trained yet; run it without --fit-only first")
         stage1 = plan_lr_stage(spec, out)
         if cut is not None and stage1:
             stage1 = cut(stage1)
@@ -524,7 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="CPU rehearsal: the preset's plan with every run cut to a few steps (numbers meaningless)",
     )
-    p.add_argument("--dry-steps", type=int, default=4, help="steps of each root run in a --dry rehearsal")
+    p.add_argument("--dry-steps", type=int, default=None,
+                   help="steps of each root run in a --dry rehearsal (default 4)")
     p.add_argument(
         "--slurm",
         action="append",
@@ -544,8 +557,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if a.workers is not None and a.workers < 1:
         p.error(f"--workers must be >= 1, got {a.workers}")
-    if a.dry_steps < 1:
+    if a.dry_steps is not None and not a.dry:
+        p.error("--dry-steps sets the length of a --dry rehearsal; add --dry")
+    if a.dry_steps is not None and a.dry_steps < 1:
         p.error(f"--dry-steps must be >= 1, got {a.dry_steps}")
+    if a.retry and a.fit_only:
+        p.error("--retry clears a run so that it trains again, and --fit-only trains nothing: the run would "
+                "only be deleted; drop one of them")
     if Path(a.out).exists() and not Path(a.out).is_dir():
         p.error(f"--out {a.out} exists and is not a directory")
     spec = get_study_preset(a.preset)
@@ -560,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             downstream=not a.no_downstream,
             export_slurm=a.export_slurm,
             dry=a.dry,
-            dry_steps=a.dry_steps,
+            dry_steps=a.dry_steps or 4,
             slurm_params=slurm_params,
         )
     except ConfigError as e:  # a hand-edited plan, a run config: named in the message, no traceback

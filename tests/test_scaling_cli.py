@@ -194,14 +194,16 @@ def test_cli_on_directory_of_trainer_summaries(tmp_path, capsys):
             d = c / (6 * n)
             run = tmp_path / "runs" / f"c{c:.0e}_{j}"
             run.mkdir(parents=True)
-            # realised FLOPs: whole steps put a run within ~1% of its budget (here +-0.6%)
-            summary = {"params": n, "tokens": d, "flops": c * (1 + 0.002 * (j - 3)),
+            # realised FLOPs: whole steps put a run within 1% of its budget, so two runs of one budget can be
+            # up to 2% apart (here the sorted values jump 1.2%, from 0.991 C to 1.003 C: split at rtol 0.01)
+            jitter = (0.991, 1.003, 1.006, 1.009, 0.990, 1.004, 1.007)[j]
+            summary = {"params": n, "tokens": d, "flops": c * jitter,
                        "final_eval_loss": _chinchilla_loss(n, d), "final_loss": 9.9, "config": {"seed": 0}}
             (run / "summary.json").write_text(json.dumps(summary))
     rc, out, err = _run(["isoflop", tmp_path / "runs"], capsys)
     assert rc == 0, err
     assert out["a"] == pytest.approx(CHIN["beta"] / (CHIN["alpha"] + CHIN["beta"]), abs=0.01)
-    assert len(out["optima"]) == 3 and out["rejected"] == []  # one budget per planned C (rtol 1% for runs)
+    assert len(out["optima"]) == 3 and out["rejected"] == []  # one budget per planned C (rtol 2.5% for runs)
     rc, _, err = _run(["isoflop", tmp_path / "runs", "--budget-rtol", "1e-4"], capsys)
     assert rc == 2 and "need at least 3 distinct model sizes" in err
     rc, out, err = _run(["isoflop", tmp_path / "runs", "--budget-rtol", "1e-4", "--on-edge", "drop"], capsys)

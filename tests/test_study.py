@@ -514,6 +514,9 @@ def test_approach2_in_the_report_uses_the_measured_seed_noise():
         (["--workers", "0"], "--workers must be >= 1, got 0"),
         (["--dry", "--dry-steps", "0"], "--dry-steps must be >= 1, got 0"),
         (["--slurm", "mem_gb=8"], "--slurm sets submitit parameters of --executor slurm"),
+        (["--dry-steps", "2"], "--dry-steps sets the length of a --dry rehearsal; add --dry"),
+        # --retry clears the run's directory; with --fit-only it deleted a finished run and trained nothing
+        (["--retry", "some-run", "--fit-only"], "--retry clears a run so that it trains again"),
     ],
 )
 def test_cli_refuses_bad_arguments_before_doing_anything(tmp_path, capsys, args, message):
@@ -529,6 +532,18 @@ def test_cli_names_a_broken_hand_edited_plan(tmp_path, capsys):
     assert study.main(["--preset", "cpu-micro", "--out", str(tmp_path), "--fit-only"]) == 2
     err = capsys.readouterr().err
     assert f"config error: {tmp_path / study.PLAN_FILE}:1: fit must be true or false, got 'no'" in err
+
+
+def test_a_study_directory_refuses_another_preset(tmp_path):
+    """Another preset on a study's directory used to reuse its plan and runs and rewrite report.md under the
+    new preset's name, extrapolating from its budgets."""
+    spec = _micro_spec()
+    study.run_study(spec, tmp_path, export_slurm=str(tmp_path / "submit.sh"))  # plans only
+    assert json.loads((tmp_path / study.STUDY_FILE).read_text()) == {"preset": spec.name}
+    other = dataclasses.replace(spec, name="cpu-tiny")
+    with pytest.raises(SystemExit, match=f"holds the study '{spec.name}', not 'cpu-tiny'; give this one"):
+        study.run_study(other, tmp_path, fit_only=True)
+    assert not (tmp_path / "report.md").exists()
 
 
 def test_cli_refuses_an_out_that_is_a_file(tmp_path, capsys):
