@@ -579,8 +579,26 @@ def evaluate_and_write(
         }
     )
     if workdir is not None:
-        write_text_atomic(Path(workdir) / filename, json.dumps(out) + "\n")
+        path = Path(workdir) / filename
+        out["tasks"] = {**_kept_tasks(path, out), **out["tasks"]}
+        write_text_atomic(path, json.dumps(out) + "\n")
     return out
+
+
+def _kept_tasks(path: Path, new: dict[str, Any]) -> dict[str, Any]:
+    """Tasks of an existing ``path`` that ``new`` does not evaluate again, when both score the same step
+    with the same battery seed and evaluation settings: evaluating a JSONL benchmark on a run adds it to
+    the battery's results instead of replacing them (the study's report reads the battery from this file)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    same = isinstance(old, dict) and all(
+        old.get(k) == new[k] for k in ("schema_version", "step", "battery_seed", "eval_config")
+    )
+    if not same or not isinstance(old.get("tasks"), dict):
+        return {}
+    return {k: v for k, v in old["tasks"].items() if k not in new["tasks"]}
 
 
 def evaluate_run(

@@ -425,6 +425,14 @@ def test_downstream_json_written_after_training(tmp_path, capsys):
     mine = ev.read_downstream(tmp_path, "downstream_step2.json")["tasks"]["mine"]
     assert mine["n_items"] == 2 and np.array(mine["items"]["logprob_incorrect"]).shape == (2, 2)
     assert mine["items"]["logprob_incorrect"][1][1] is None  # NaN pad of the 2-choice item -> null
+    # Scoring a JSONL file on the final checkpoint adds it to downstream.json: the battery's results, which
+    # the study's report reads, used to be replaced by it. Re-scoring a task replaces only that task.
+    assert ev.main([str(tmp_path), "--no-battery", "--jsonl", str(user)]) == 0
+    merged = ev.read_downstream(tmp_path)["tasks"]
+    assert list(merged) == [*names, "mine"] and merged["mine"] == mine
+    assert all(merged[n] == d["tasks"][n] for n in names)
+    ev.evaluate_run(tmp_path, names=names[:1], battery_seed=1)  # another battery: nothing of the old kept
+    assert list(ev.read_downstream(tmp_path)["tasks"]) == names[:1]
     # a step that was not kept, text items on a synthetic-corpus run, no work directory: one-line errors
     assert ev.main([str(tmp_path), "--no-battery", "--jsonl", str(user), "--step", "1"]) == 2
     assert "no checkpoint at step 1" in capsys.readouterr().err
