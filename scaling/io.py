@@ -222,6 +222,10 @@ def derive_tokens(
     return c / per_token
 
 
+# How error messages number rows: a CSV's first data row (the line after the header) is row 0.
+ROWS_ARE = "0-based data rows, header excluded"
+
+
 def _bad_rows(x: np.ndarray) -> str:
     rows = np.flatnonzero(x)
     more = f" ... ({rows.size} rows)" if rows.size > 10 else ""
@@ -268,8 +272,13 @@ def law_data(
         return None
 
     def _numeric(arr, var, col):
-        if arr.dtype == object:
-            raise ValueError(f"column {col!r} (for {var}) is not numeric, e.g. {arr[0]!r}")
+        if arr.dtype == object:  # some cell did not parse as a number: name the first such one
+            for i, v in enumerate(arr):
+                try:
+                    float(v)
+                except (TypeError, ValueError):
+                    raise ValueError(f"column {col!r} (for {var}) is not numeric: row {i} "
+                                     f"({ROWS_ARE}) holds {v!r}") from None
         return np.asarray(arr, dtype=np.float64)
 
     out: dict[str, np.ndarray] = {}
@@ -301,7 +310,8 @@ def law_data(
         nan = np.isnan(x)
         if nan.any():
             if not dropna:
-                raise ValueError(f"{var}: missing/NaN values in rows {_bad_rows(nan)} (dropna skips them)")
+                raise ValueError(f"{var}: missing/NaN values in rows {_bad_rows(nan)} ({ROWS_ARE}; dropna "
+                                 "skips them)")
             keep &= ~nan
     if not keep.all() and log:
         log(f"dropped {int((~keep).sum())} rows with missing values: {_bad_rows(~keep)}")
@@ -309,9 +319,9 @@ def law_data(
     rows = np.flatnonzero(keep)
     for var, x in out.items():
         if np.isinf(x).any():
-            raise ValueError(f"{var}: infinite values in rows {rows[np.isinf(x)][:10].tolist()}")
+            raise ValueError(f"{var}: infinite values in rows {rows[np.isinf(x)][:10].tolist()} ({ROWS_ARE})")
         if positive and (x <= 0).any():
-            raise ValueError(f"{var}: non-positive values in rows {rows[x <= 0][:10].tolist()}")
+            raise ValueError(f"{var}: non-positive values in rows {rows[x <= 0][:10].tolist()} ({ROWS_ARE})")
     if rows.size == 0:
         raise ValueError("no rows left after dropping missing values")
     out["row"] = rows

@@ -97,8 +97,14 @@ def test_law_data_errors_name_the_problem(tmp_path):
         law_data(t, ["N", "D", "loss"], {"N": "n", "D": "d"})
     with pytest.raises(ValueError, match="D: non-positive values in rows \\[2\\]"):
         law_data(t, ["N", "D", "loss"], {"N": "n", "D": "d"}, dropna=True, log=None)
-    with pytest.raises(ValueError, match="not numeric"):
+    with pytest.raises(ValueError, match=r"not numeric: row 0 \(0-based data rows, header excluded\) holds"):
         law_data(t, ["N", "loss"], {"N": "name"})
+    # A column with one bad cell names that cell and its row, not the column's first (valid) value; the
+    # CSV reader's row 2 is the file's line 4.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("N,loss\n1e6,3.0\n2e6,2.5\nabc,2.0\n")
+    with pytest.raises(ValueError, match="column 'N' \\(for N\\) is not numeric: row 2 .* holds 'abc'"):
+        law_data(load_table(bad), ["N", "loss"])
     with pytest.raises(ValueError, match="not VAR=COLUMN"):
         parse_columns("N:params")
     with pytest.raises(FileNotFoundError, match="data file not found"):
