@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,13 @@ from experiments.files import write_text_atomic
 METRICS_FILE = "metrics.jsonl"
 
 
-def read_metrics(workdir: str | Path, *, drop_torn_tail: bool = False) -> list[dict[str, Any]]:
+def read_metrics(
+    workdir: str | Path, *, drop_torn_tail: bool = False, log: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
     """The records of WORKDIR/metrics.jsonl (none if it does not exist). A line that is not a JSON object
     raises DataError naming the file and line -- except, with ``drop_torn_tail``, the last line: a process
-    killed mid-write leaves it cut short, and resuming drops it (its step is recomputed anyway)."""
+    killed mid-write leaves it cut short, and resuming drops it (its step is recomputed anyway), telling
+    ``log``."""
     from experiments.data import DataError
 
     path = Path(workdir) / METRICS_FILE
@@ -40,6 +44,8 @@ def read_metrics(workdir: str | Path, *, drop_torn_tail: bool = False) -> list[d
                 raise ValueError("not a JSON object with an integer 'step'")
         except ValueError as e:  # json.JSONDecodeError included
             if drop_torn_tail and j == len(lines) - 1:
+                if log is not None:
+                    log(f"{path}:{i}: dropped a torn last record ({e}); its step is recomputed")
                 break
             raise DataError(f"{path}:{i}: unreadable metrics record ({e})") from e
         out.append(rec)
@@ -47,13 +53,14 @@ def read_metrics(workdir: str | Path, *, drop_torn_tail: bool = False) -> list[d
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, *, resume_step: int, enabled: bool = True):
+    def __init__(self, workdir: str | Path, *, resume_step: int, enabled: bool = True,
+                 log: Callable[[str], None] | None = None):
         self.enabled = enabled
         self.path = Path(workdir) / METRICS_FILE
         self._tb: EventFileWriter | None = None
         if not enabled:
             return
-        kept = [r for r in read_metrics(workdir, drop_torn_tail=True) if r["step"] <= resume_step]
+        kept = [r for r in read_metrics(workdir, drop_torn_tail=True, log=log) if r["step"] <= resume_step]
         # replaced whole: a kill now loses no record
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")

@@ -15,6 +15,7 @@ import jax
 
 from experiments.config import ConfigError, ExperimentConfig, config_diff
 from experiments.data import TokenDataset
+from experiments.files import write_text_atomic
 from models import accounting, inference_mode
 from models.config import ModelConfig, mor_resolved
 
@@ -72,8 +73,16 @@ def check_and_save_config(cfg: ExperimentConfig, workdir: Path) -> None:
                 f"{workdir} holds a run with a different config ({path}); use a new --workdir or "
                 f"the same settings. Differences:\n{details}"
             )
-    if jax.process_index() == 0:
-        path.write_text(json.dumps(new, indent=2) + "\n")
+    # A finished run keeps the config its summary.json records (execution-only fields may differ now: a
+    # re-run with another checkpoint cadence must not make config.json and the summary disagree); the
+    # trainer writes both together when it (re)writes a summary (save_config).
+    if jax.process_index() == 0 and not (workdir / SUMMARY_FILE).exists():
+        save_config(cfg, workdir)
+
+
+def save_config(cfg: ExperimentConfig, workdir: Path) -> None:
+    """Write WORKDIR/config.json (whole or not at all)."""
+    write_text_atomic(workdir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 def _get(d: dict, dotted: str) -> Any:

@@ -48,6 +48,7 @@ from experiments.run_record import (  # noqa: F401 -- re-exported: the run direc
     check_and_save_config,
     eval_is_current,
     family_fields,
+    save_config,
 )
 from models import accounting, build_model, inference_mode
 from models import moe as moe_lib
@@ -511,7 +512,7 @@ def train(
         meta = {"train_seconds": 0.0, "timed_tokens": 0, "wall_seconds": 0.0, "last_loss": None, **meta}
         meta["compile_seconds"] = prog.compile_seconds
         wall_before = meta["wall_seconds"]
-        writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
+        writer = MetricsWriter(workdir, resume_step=start, enabled=is_main, log=emit)
         fpt = family_fields(cfg.model, cfg.data.seq_len)["active_flops_per_token"]
         peak = cfg.trainer.peak_flops
         t = cfg.trainer
@@ -631,6 +632,7 @@ def train(
             cfg, ds, final_loss=meta["last_loss"], final_eval_loss=final_eval, meta=meta, n_devices=n_devices
         )
         if is_main:  # written whole or not at all: a kill mid-write must not leave a torn summary behind
+            save_config(cfg, workdir)  # config.json = the summary's config, also when a summary is rewritten
             write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
         floor = f" (entropy floor {ds.entropy_rate:.4f})" if ds.entropy_rate is not None else ""
         emit(

@@ -187,6 +187,7 @@ def test_resume_survives_a_crash_mid_write(tmp_path, data_dir, one_device_run):
     s = train(cfg, tmp_path, devices=jax.devices()[:1], log=logs.append)
     assert any(re.search(r"checkpoint step 6 is unreadable .*moved to .*checkpoints_unreadable/6-.*resuming "
                          r"from step 3", m) for m in logs), logs
+    assert any(re.search(r"metrics.jsonl:\d+: dropped a torn last record", m) for m in logs), logs
     assert s["final_eval_loss"] == s1["final_eval_loss"]
     jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path, 6), final_params(wd1, 6))
     summary = (tmp_path / "summary.json").read_text()
@@ -398,6 +399,10 @@ def test_cli_end_to_end(tmp_path, data_dir, capsys):
     assert "optimizer partition" in out and "done:" in out
     assert train_cli.main(argv) == 0  # resume of a finished run: no extra work
     assert "already finished" in capsys.readouterr().out
+    # ... also with another checkpoint cadence (execution-only), and config.json stays the summary's config
+    assert train_cli.main([*argv, "--set", "trainer.checkpoint_every=3"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert json.loads((wd / "config.json").read_text()) == s["config"]
     assert train_cli.main([*argv, "--set", "trainer.steps=5"]) == 2
     assert "different config" in capsys.readouterr().err
     assert train_cli.main([*argv, "--set", "trainer.stepz=5"]) == 2
