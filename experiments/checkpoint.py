@@ -8,8 +8,12 @@ written on 8 devices restores onto 1 (or any other mesh) without a resharding st
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +28,10 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int, async_save: bool):
         self.directory = Path(directory).absolute()
+        # cleanup_tmp_directories: a save cut short by a kill leaves a "<step>.orbax-checkpoint-tmp*"
+        # directory; the next run removes it (in the background, done before its first save).
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
         )
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
@@ -38,9 +44,11 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         # With async saving, orbax copies device buffers to host before returning, so the caller may donate
         # `state` to the next train step right away.
-        self._mngr.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        )
+        with _sigint_deferred():
+            self._mngr.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """State laid out as ``abstract_state``'s shardings, plus the saved meta dict."""
@@ -76,6 +84,28 @@ class Checkpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives while orbax starts a save until the save call has returned, then
+    raise it. Interrupted midway, the save's background threads went on writing while the interpreter shut
+    down: tracebacks ("cannot schedule new futures after interpreter shutdown") and a temporary directory
+    left behind. Only the main thread can handle signals; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -396,6 +396,9 @@ def run_study(
     from experiments.report import build_report, print_summary, write_report
 
     out = Path(out).absolute()
+    if fit_only and not (out / PLAN_FILE).exists():
+        raise SystemExit(f"--fit-only: {out / PLAN_FILE} does not exist, so nothing of this study has been "
+                         "planned or trained yet; run it without --fit-only first")
     out.mkdir(parents=True, exist_ok=True)
     # A rehearsal directory and a real study directory refuse each other.
     rehearsed = (out / REHEARSAL_FILE).exists()
@@ -411,9 +414,6 @@ def run_study(
     if recorded is not None and recorded.get("preset") != spec.name:
         raise SystemExit(f"{out} holds the study {recorded.get('preset')!r}, not {spec.name!r}; give this "
                          "one another --out")
-    if fit_only and not (out / PLAN_FILE).exists():
-        raise SystemExit(f"--fit-only: {out / PLAN_FILE} does not exist, so nothing of this study has been "
-                         "planned or trained yet; run it without --fit-only first")
     if recorded is None:
         write_text_atomic(out / STUDY_FILE, json.dumps({"preset": spec.name}) + "\n")
     cut = _rehearsal(spec, out, dry_steps) if dry else None
