@@ -124,7 +124,7 @@ def matched_budget_gaps(rr: Sequence[dict], groups: dict, ref: str) -> dict:
 def empirical_multipliers(rr: Sequence[dict], groups: dict, ref: str, n_draws: int = 2000,
                            seed: int = 0) -> dict:
     """Law-free compute multipliers: the compute at which a group's best runs reach the reference's best
-    loss at the largest shared budget, over that budget, with the group's frontier interpolated linearly in
+    loss at its largest budget, over that budget, with the group's frontier interpolated linearly in
     log C between measured budgets (no extrapolation: a target reached already at the smallest budget gives
     an upper bound, one never reached a lower bound, > 1). The CI redraws every best loss with its group's
     seed sd at that budget (``seed_sd_at``; seeded, so reproducible): the noise a law's bootstrap misses.
@@ -142,16 +142,21 @@ def empirical_multipliers(rr: Sequence[dict], groups: dict, ref: str, n_draws: i
         return sigma[key]
 
     out = {}
+    if not ref_best:
+        return {g: {"error": f"{ref!r} has no finished isoFLOP run"} for g in groups if g != ref}
+    # The target is the reference's best loss at its largest budget for every group, also one whose runs at
+    # that budget failed: a smaller shared budget would be an easier target, not comparable with the others.
+    c_max = max(ref_best)
+    target = float(ref_best[c_max])
     for g in groups:
         if g == ref:
             continue
         mine = best_by_budget(rr, g)
-        budgets = np.array(sorted(set(mine) & set(ref_best)))
+        budgets = np.array(sorted(mine))
         if budgets.size < 2:
-            out[g] = {"error": f"{budgets.size} budget(s) shared with {ref!r}; need 2"}
+            out[g] = {"error": f"{budgets.size} budget(s) with a finished isoFLOP run; need 2"}
             continue
         L_g = np.array([mine[c] for c in budgets])
-        c_max, target = float(budgets[-1]), float(ref_best[budgets[-1]])
         c = compute_to_target(L_g, budgets, target)
         kind = "not_reached" if math.isnan(c) else ("at_most" if c == budgets[0] else "interpolated")
         entry: dict[str, Any] = {"budget": c_max, "target_loss": target, "budgets": budgets.tolist(),
@@ -173,41 +178,74 @@ def empirical_multipliers(rr: Sequence[dict], groups: dict, ref: str, n_draws: i
 
 
 def comparisons(groups: dict, spec, rr: Sequence[dict] = ()) -> dict:
+    """report.json's ``comparisons`` block (two or more groups). The law-free checks come from the runs
+    alone, so a group whose law could not be fitted (too few runs) or has no compute-optimal curve keeps
+    them; the law-based parts leave such a group out and name why (``law_errors``)."""
+    if len(groups) < 2:
+        return {}
+    names = list(groups)
+    ref = next((g for g in names if g.startswith("dense") and g.endswith("adamw")), names[0])
+    out: dict[str, Any] = {
+        "reference_group": ref,
+        "budget_range": [min(spec.budgets), max(spec.budgets)],
+        "muon_paper_reference": "Muon is Scalable for LLM Training (Liu et al. 2025): ~0.48-0.52 of "
+        "AdamW's compute at matched loss",
+    }
+    out.update(_law_comparisons(groups, spec, ref))
+    out["matched_budget_gaps"] = _guard(lambda: matched_budget_gaps(rr, groups, ref))
+    out["empirical_multipliers"] = _guard(lambda: empirical_multipliers(rr, groups, ref))
+    return out
+
+
+def _law_comparisons(groups: dict, spec, ref: str) -> dict:
+    """Compute to the target loss, multipliers (with ``multiplier_kinds``: "interpolated", "at_most" when
+    the law reaches the target already at the grid's first point, so the value is an upper bound, or
+    "not_reached"), their bootstrap CIs and the law frontier, over the groups whose compute-optimal curve
+    exists; ``law_errors`` names the others."""
     from scaling.optimal import compute_optimal
     from scaling.pareto import law_frontier
 
-    fits = {g: (b["_fit"][0], b["_fpt"]) for g, b in groups.items() if "_fit" in b}
-    if len(fits) < 2:
-        return {}
-    ref = next((g for g in fits if g.endswith("adamw") and g.startswith("dense")), next(iter(fits)))
     grid = np.geomspace(min(spec.budgets) / 10, max(spec.budgets) * 1000, 400)
+    errors: dict[str, str] = {}
+    fits, curves, predictors = {}, {}, {}
+    for g, b in groups.items():
+        if "_fit" not in b:
+            errors[g] = "no law fit (" + str((b.get("chinchilla") or {}).get("error", "not fitted")) + ")"
+            continue
+        res, fpt = b["_fit"][0], b["_fpt"]
 
-    def best_loss(res, fpt):  # L*(C) with the group's exact FLOPs-per-token model
-        return lambda c: np.asarray(compute_optimal(res, np.atleast_1d(c), flops_per_token=fpt).loss)
+        def best_loss(c, res=res, fpt=fpt):  # L*(C) with the group's exact FLOPs-per-token model
+            return np.asarray(compute_optimal(res, np.atleast_1d(c), flops_per_token=fpt).loss)
 
-    predictors = {g: best_loss(*f) for g, f in fits.items()}
-    curves = {g: p(grid) for g, p in predictors.items()}
+        try:
+            curves[g] = best_loss(grid)
+        except ValueError as e:  # e.g. an exponent at its bound: no interior optimum on the grid
+            errors[g] = f"no compute-optimal curve ({str(e).split(' for budgets')[0][:200]})"
+            continue
+        fits[g], predictors[g] = (res, fpt), best_loss
+    out: dict[str, Any] = {"law_errors": errors}
+    if ref not in curves:
+        out["error"] = f"the reference group {ref!r} has no law-based curve: {errors.get(ref)}"
+        return out
     target = spec.target_loss
     if target is None:  # what the reference reaches at the largest budget of the sweep
         target = float(np.interp(np.log(max(spec.budgets)), np.log(grid), curves[ref]))
     need = {g: compute_to_target(L, grid, target) for g, L in curves.items()}
+    kinds = {g: "not_reached" if math.isnan(c) else ("at_most" if c == grid[0] else "interpolated")
+             for g, c in need.items()}
     need = {g: None if math.isnan(c) else c for g, c in need.items()}
-    mult = {g: (None if need[g] is None or need[ref] is None else need[g] / need[ref]) for g in need}
-    out = {
-        "target_loss": target,
-        "reference_group": ref,
-        "budget_range": [min(spec.budgets), max(spec.budgets)],
-        "compute_to_target": need,
-        "multipliers": mult,
-        "muon_paper_reference": "Muon is Scalable for LLM Training (Liu et al. 2025): ~0.48-0.52 of "
-        "AdamW's compute at matched loss",
-    }
-    ci = _guard(lambda: multiplier_ci(groups, fits, ref, target, grid))
-    out["multiplier_ci"] = ci
-    out["matched_budget_gaps"] = _guard(lambda: matched_budget_gaps(rr, groups, ref))
-    out["empirical_multipliers"] = _guard(lambda: empirical_multipliers(rr, groups, ref))
-    fr = _guard(lambda: law_frontier(predictors, grid, sense="min").to_dict())
-    out["law_frontier"] = (
-        fr if "error" in fr else {"crossovers": fr["crossovers"], "best_at_max_budget": fr["best"][-1]}
+    out.update(
+        target_loss=target,
+        compute_to_target=need,
+        multipliers={g: None if need[g] is None or need[ref] is None else need[g] / need[ref] for g in need},
+        multiplier_kinds=kinds,
     )
+    out["multiplier_ci"] = _guard(lambda: multiplier_ci(groups, fits, ref, target, grid))
+    if len(predictors) >= 2:
+        fr = _guard(lambda: law_frontier(predictors, grid, sense="min"))
+        out["law_frontier"] = fr if isinstance(fr, dict) else {
+            "crossovers": fr.to_dict()["crossovers"],
+            # at the sweep's largest budget (the grid runs on to 1000x it, where another group may lead)
+            "best_at_max_budget": fr.best_family(max(spec.budgets)),
+        }
     return out

@@ -43,12 +43,13 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
   budgets; ``flops`` is what the run spent), accuracy_vs_inference_flops:
   [{name, group, inference_flops_per_token, accuracy}], accuracy_task}
 - ``comparisons``: {target_loss, budget_range [min, max], compute_to_target (group -> C), multipliers
-  (group -> C / C_ref),
+  (group -> C / C_ref), multiplier_kinds (group -> interpolated|at_most|not_reached), law_errors (group ->
+  why its law is left out; the law-free parts still include it), error (only when the reference has no law),
   multiplier_ci {level, n_replicates, ci (group -> [lo, hi] or null)}, matched_budget_gaps (group ->
   [{budget, best_loss, reference_best_loss, gap, combined_seed_sd, sd_source, gap_in_sd}]),
   empirical_multipliers (group -> {budget, target_loss, budgets, multiplier, kind interpolated|at_most|
   not_reached, ci, ci_level, n_draws, p_reached}: law-free, from best runs and seed noise),
-  reference_group, law_frontier} (several groups only)
+  reference_group, law_frontier {crossovers, best_at_max_budget}} (several groups only)
 - ``figures``: list of PNG paths relative to the study directory; ``timing``: wall seconds
 """
 

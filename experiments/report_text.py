@@ -63,7 +63,8 @@ def _law_frontier_text(fr: dict, budget_range: Sequence[float] | None) -> str:
 
 def _empirical_text(e: dict) -> str:
     """A law-free multiplier: its value (or bound) and seed-noise CI, e.g. '0.77 (95% CI [0.6, 1.1])'."""
-    value = {"not_reached": "> 1 (target not reached in the sweep)",
+    reach = max(e["budgets"]) / e["budget"]  # 1 unless the group's runs at the largest budget are missing
+    value = {"not_reached": f"> {reach:.3g} (target not reached in its runs)",
              "at_most": f"<= {_fmt(e['multiplier'], '.3g')}"}.get(e["kind"], _fmt(e["multiplier"], ".3g"))
     if e.get("ci") is None:
         return value
@@ -73,6 +74,64 @@ def _empirical_text(e: dict) -> str:
         return f"{value}; reached in only {e['p_reached']:.0%} of {e['n_draws']} seed-noise draws"
     ci = _fmt(e["ci"], ".3g")
     return f"{value} ({e['ci_level']:.0%} CI {ci}, target reached in {e['p_reached']:.0%} of the noise draws)"
+
+
+def _law_multiplier_text(cmp_: dict, g: str) -> str:
+    m = cmp_["multipliers"][g]
+    if m is not None and (cmp_.get("multiplier_kinds") or {}).get(g) == "at_most":
+        return f"<= {m:.3f} (reached at the grid's first point)"
+    return _fmt(m, ".3f")
+
+
+def _comparisons_markdown(cmp_: dict) -> list[str]:
+    ref = cmp_["reference_group"]
+    L = ["", "## Group comparison", ""]
+    if "target_loss" in cmp_:
+        L += [
+            f"Compute to reach loss {_fmt(cmp_['target_loss'])} (compute-optimal, "
+            f"relative to `{ref}`; {cmp_['muon_paper_reference']}):",
+            "",
+            "| group | compute | multiplier | 95% CI (bootstrap) |",
+            "|---|---|---|---|",
+        ]
+        mci = cmp_.get("multiplier_ci") or {}
+        for g, cc in cmp_["compute_to_target"].items():
+            ci = _fmt(_multiplier_ci_of(cmp_, g), ".3g")
+            L.append(f"| {g} | {_fmt(cc, '.3g')} | {_law_multiplier_text(cmp_, g)} | {ci} |")
+        for g, why in (cmp_.get("law_errors") or {}).items():
+            L.append(f"| {g} | – | – | left out: {why} |")
+        if "error" in mci:
+            L.append(f"\nMultiplier CIs not computed: {mci['error']}")
+        elif mci:
+            L.append(f"\nCIs from {mci['n_replicates']} bootstrap refits of each group's law (its fitted "
+                     "points resampled), paired by replicate; a replicate that never reaches the target "
+                     "counts as infinite compute, and an infinite upper end shows as –.")
+    else:
+        L.append(f"Law-based multipliers: not available ({cmp_.get('error')}).")
+    gaps = cmp_.get("matched_budget_gaps") or {}
+    if gaps and "error" not in gaps:
+        # every budget any group has, each cell looked up by budget (a group may miss one)
+        budgets = sorted({r["budget"] for rows in gaps.values() for r in rows})
+        L += ["", f"Law-free check, best run per budget minus `{ref}`'s (in units of "
+                  "the two groups' combined seed sd at that budget; * = no replicates there, pooled sd "
+                  "of the replicated budgets instead):", "",
+              "| group | " + " | ".join(f"C = {c:.3g}" for c in budgets) + " |",
+              "|---|" + "---|" * len(budgets)]
+        for g, rows in gaps.items():
+            at = {r["budget"]: r for r in rows}
+            L.append(f"| {g} | " + " | ".join(_gap_text(at[c]) if c in at else "–" for c in budgets) + " |")
+    emp = cmp_.get("empirical_multipliers") or {}
+    if emp and "error" not in emp:
+        L += ["", f"Law-free compute multipliers: the compute at which each group's best runs reach "
+                  f"`{ref}`'s best loss at the largest budget, over that budget "
+                  "(interpolated in log C between measured budgets, never extrapolated; the CI redraws "
+                  "every best loss with its group's seed sd at that budget, itself redrawn from its "
+                  "degrees of freedom; an infinite upper end shows as –):", "", "| group | multiplier |",
+              "|---|---|"]
+        L += [f"| {g} | {e['error'] if 'error' in e else _empirical_text(e)} |" for g, e in emp.items()]
+    if "law_frontier" in cmp_:
+        L.append(_law_frontier_text(cmp_["law_frontier"], cmp_.get("budget_range")))
+    return L
 
 
 def _multiplier_ci_of(cmp_: dict, group: str) -> list | None:
@@ -403,47 +462,10 @@ def render_markdown(report: dict) -> str:
             ),
         ]
     cmp_ = report["comparisons"]
-    if cmp_ and "error" not in cmp_:
-        L += [
-            "",
-            "## Group comparison",
-            "",
-            f"Compute to reach loss {_fmt(cmp_['target_loss'])} (compute-optimal, "
-            f"relative to `{cmp_['reference_group']}`; {cmp_['muon_paper_reference']}):",
-            "",
-            "| group | compute | multiplier | 95% CI (bootstrap) |",
-            "|---|---|---|---|",
-        ]
-        mci = cmp_.get("multiplier_ci") or {}
-        for g, cc in cmp_["compute_to_target"].items():
-            mult, ci = _fmt(cmp_["multipliers"][g], ".3f"), _fmt(_multiplier_ci_of(cmp_, g), ".3g")
-            L.append(f"| {g} | {_fmt(cc, '.3g')} | {mult} | {ci} |")
-        if "error" in mci:
-            L.append(f"\nMultiplier CIs not computed: {mci['error']}")
-        elif mci:
-            L.append(f"\nCIs from {mci['n_replicates']} bootstrap refits of each group's law (its fitted "
-                     "points resampled), paired by replicate; a replicate that never reaches the target "
-                     "counts as infinite compute, and an infinite upper end shows as –.")
-        gaps = cmp_.get("matched_budget_gaps") or {}
-        if gaps and "error" not in gaps:
-            budgets = [r["budget"] for r in next(iter(gaps.values()))]
-            L += ["", f"Law-free check, best run per budget minus `{cmp_['reference_group']}`'s (in units of "
-                      "the two groups' combined seed sd at that budget; * = no replicates there, pooled sd "
-                      "of the replicated budgets instead):", "",
-                  "| group | " + " | ".join(f"C = {c:.3g}" for c in budgets) + " |",
-                  "|---|" + "---|" * len(budgets)]
-            for g, rows in gaps.items():
-                L.append(f"| {g} | " + " | ".join(_gap_text(r) for r in rows) + " |")
-        emp = cmp_.get("empirical_multipliers") or {}
-        if emp and "error" not in emp:
-            L += ["", f"Law-free compute multipliers: the compute at which each group's best runs reach "
-                      f"`{cmp_['reference_group']}`'s best loss at the largest budget, over that budget "
-                      "(interpolated in log C between measured budgets, never extrapolated; the CI redraws "
-                      "every best loss with its group's seed sd at that budget, itself redrawn from its "
-                      "degrees of freedom; an infinite upper end shows as –):", "", "| group | multiplier |",
-                  "|---|---|"]
-            L += [f"| {g} | {e['error'] if 'error' in e else _empirical_text(e)} |" for g, e in emp.items()]
-        L.append(_law_frontier_text(cmp_.get("law_frontier") or {}, cmp_.get("budget_range")))
+    if cmp_ and "reference_group" in cmp_:
+        L += _comparisons_markdown(cmp_)
+    elif cmp_:
+        L += ["", "## Group comparison", "", f"Not available ({cmp_.get('error')})."]
     if report["figures"]:
         L += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]
     t = report.get("timing", {})
@@ -515,16 +537,21 @@ def print_summary(report: dict, out: Path) -> None:
         if "error" not in ds and ds.get("mean_abs_error") is not None:
             print(f"[{g}] downstream held-out accuracy MAE {ds['mean_abs_error']:.3f}")
     cmp_ = report.get("comparisons") or {}
-    if cmp_ and "error" not in cmp_:
+    if cmp_ and "reference_group" in cmp_:
         gaps = cmp_.get("matched_budget_gaps") or {}
-        for g, m in cmp_["multipliers"].items():
+        laws = cmp_.get("multipliers") or {}
+        emps = cmp_.get("empirical_multipliers") or {}
+        every = [*laws, *(cmp_.get("law_errors") or {}), *(() if "error" in gaps else gaps),
+                 *(() if "error" in emps else emps)]
+        for g in dict.fromkeys(every):
             if g == cmp_["reference_group"]:
                 continue
+            m = _law_multiplier_text(cmp_, g) if g in laws else "–"
             gap = "" if "error" in gaps or g not in gaps else "; best run minus reference's: " + ", ".join(
                 _gap_text(r) for r in gaps[g])
             emp = (cmp_.get("empirical_multipliers") or {}).get(g, {})
             emp_text = "" if not emp or "error" in emp else f"; law-free: {_empirical_text(emp)}"
-            print(f"[compare] {g} vs {cmp_['reference_group']}: compute multiplier {_fmt(m, '.3f')} "
+            print(f"[compare] {g} vs {cmp_['reference_group']}: compute multiplier {m} "
                   f"(95% CI {_fmt(_multiplier_ci_of(cmp_, g), '.3g')}){emp_text}{gap}")
     t = report.get("timing", {})
     print(f"wall time {t.get('total_wall_seconds', t.get('train_wall_seconds', 0)):.0f} s")

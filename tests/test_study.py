@@ -410,7 +410,7 @@ def test_empirical_multipliers_interpolate_best_runs_with_seed_noise_cis():
     assert _empirical_text(e["d"]).startswith("<= 0.1") and "nor in any" in _empirical_text(e["c"])
     rare = {**e["c"], "ci": [None, None], "p_reached": 0.02}
     assert _empirical_text(rare) == (
-        "> 1 (target not reached in the sweep); reached in only 2% of 2000 seed-noise draws")
+        "> 1 (target not reached in its runs); reached in only 2% of 2000 seed-noise draws")
     # noise widens the interval around the point; each budget's own sd is used where replicated; reproducible
     noisy = {"seed_noise": {"pooled_sd": 0.5, "by_budget": [{"budget": 1e11, "sd": 0.05, "dof": 2}]}}
     groups = {"ref": noisy, "b": noisy, "c": quiet, "d": quiet}
@@ -423,6 +423,74 @@ def test_empirical_multipliers_interpolate_best_runs_with_seed_noise_cis():
     assert lo == pytest.approx(0.1)
     no_noise = {**groups, "b": {"seed_noise": {"error": "no replicates"}}}
     assert "ci" not in empirical_multipliers(rr, no_noise, "ref")["b"]
+
+
+def test_comparisons_keep_what_they_can_when_a_group_has_no_law_or_misses_a_budget():
+    """One group without a compute-optimal curve (an exponent at its bound) or without a law fit used to
+    remove the whole comparison block, law-free checks included; the gap table put a group's values under
+    another group's budgets; best_at_max_budget named the best law at 1000x the largest budget; a group
+    whose largest-budget runs failed was scored against an easier target; a law multiplier past the grid's
+    first point was printed as exact."""
+    import types
+
+    import numpy as np
+
+    from experiments.compare import comparisons
+    from experiments.report_text import _comparisons_markdown, _empirical_text
+    from scaling.laws import get_law
+
+    law, ref_p = get_law("chinchilla"), dict(E=1.8, A=30.0, B=30.0, alpha=0.34, beta=0.28)
+
+    def scaled(p, k):  # a law whose L*(C) is ref's L*(C / k): k times the compute for any loss
+        return {**p, "A": p["A"] * k ** (p["alpha"] / 2), "B": p["B"] * k ** (p["beta"] / 2)}
+
+    def group(p):
+        return {"_fit": (types.SimpleNamespace(law=law, params=p), None, None),
+                "_fpt": lambda n: 6.0 * np.asarray(n, np.float64),
+                "seed_noise": {"pooled_sd": 1e-9}}
+
+    def run(g, c, loss):
+        return {"group": g, "kind": "isoflop", "budget": c, "final_eval_loss": loss, "status": "done",
+                "fit": True}
+
+    budgets = (3e10, 1e11, 3e11)
+    groups = {"dense-adamw": group(ref_p), "dense-muon": group(scaled(ref_p, 0.5)),
+              "moe": group({**ref_p, "alpha": 1e-300}),                    # no interior optimum anywhere
+              "late": group(dict(E=1.4, A=42.0, B=42.0, alpha=0.34, beta=0.28)),  # best only far beyond
+              "fast": group(scaled(ref_p, 0.002)),                         # past the grid's first point
+              "mor": {"chinchilla": {"error": "ValueError: 4 finished runs are too few"},
+                      "seed_noise": {"pooled_sd": 1e-9}}}
+    rr = [run(g, c, loss) for g in ("dense-adamw", "moe")
+          for c, loss in zip(budgets, (3.7, 3.4, 3.15), strict=True)]
+    rr += [run("mor", 3e10, 3.6), run("mor", 1e11, 3.3)]  # its 3e11 runs failed
+    spec = types.SimpleNamespace(budgets=budgets, target_loss=None)
+    cmp_ = comparisons(groups, spec, rr)
+    assert cmp_["multipliers"]["dense-muon"] == pytest.approx(0.5, rel=1e-3)
+    assert cmp_["multiplier_kinds"]["dense-muon"] == "interpolated"
+    assert cmp_["multiplier_kinds"]["fast"] == "at_most" and cmp_["multipliers"]["fast"] > 0.002
+    assert set(cmp_["law_errors"]) == {"moe", "mor"}
+    assert cmp_["law_errors"]["moe"].startswith("no compute-optimal curve")
+    assert "4 finished runs are too few" in cmp_["law_errors"]["mor"]
+    # the law frontier at the sweep's largest budget: "late" leads only far beyond it
+    two = comparisons({g: groups[g] for g in ("dense-adamw", "late")}, spec, [])["law_frontier"]
+    assert two["best_at_max_budget"] == "dense-adamw"
+    assert [x["to"] for x in two["crossovers"]] == ["late"] and two["crossovers"][0]["compute"] > 3e11
+    # law-free parts for every group with runs, the law-less ones included
+    gaps = cmp_["matched_budget_gaps"]
+    assert [r["budget"] for r in gaps["moe"]] == list(budgets) and [r["budget"] for r in gaps["mor"]] == [
+        3e10, 1e11]
+    emp = cmp_["empirical_multipliers"]
+    assert emp["moe"]["multiplier"] == pytest.approx(1.0)
+    # mor (0.1 nats better at both budgets it has) must reach ref's 3e11 loss, 3.15: it never gets there
+    assert emp["mor"]["target_loss"] == 3.15 and emp["mor"]["budget"] == 3e11
+    assert emp["mor"]["kind"] == "not_reached"
+    assert _empirical_text(emp["mor"]).startswith("> 0.333 (target not reached in its runs)")
+    md = "\n".join(_comparisons_markdown(cmp_))
+    assert "| moe | – | – | left out: no compute-optimal curve" in md
+    assert "| fast | " in md and "<= " in md.split("| fast | ")[1].split("\n")[0]
+    # one column per budget of any group, each value under its own budget
+    assert "| group | C = 3e+10 | C = 1e+11 | C = 3e+11 |" in md
+    assert "| mor | -0.100 (-70710678.1 sd*) | -0.100 (-70710678.1 sd*) | – |" in md
 
 
 def test_cli_interrupt_names_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys):
