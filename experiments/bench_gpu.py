@@ -411,7 +411,10 @@ def _train_with_fallback(row: TrainRow, device: jax.Device, s: Shapes, peaks: di
     try:
         return run_train_row(row, device, s, peaks)
     except Exception as e:  # noqa: BLE001
-        if "model.attention_impl=cudnn" not in row.overrides:
+        # Only an error from the cuDNN attention path earns a second try: an out-of-memory error would come
+        # back worse (XLA's attention keeps the full T x T probabilities) and any other failure would just
+        # cost the row's compile and run twice out of the session's fixed device time.
+        if "model.attention_impl=cudnn" not in row.overrides or not _cudnn_attention_error(e):
             raise
         traceback.print_exc()
         out = run_train_row(dataclasses.replace(row, overrides=(*row.overrides, "model.attention_impl=xla")),
@@ -419,6 +422,14 @@ def _train_with_fallback(row: TrainRow, device: jax.Device, s: Shapes, peaks: di
         if out["status"] == "ok":
             out["status"] = f"ok: XLA attention (cudnn failed: {type(e).__name__}: {str(e)[:200]})"
         return out
+
+
+def _cudnn_attention_error(e: BaseException) -> bool:
+    """Whether ``e`` looks like cuDNN fused attention refusing or failing (not memory, nor anything else)."""
+    text = f"{type(e).__name__}: {e}".lower()
+    if "resource_exhausted" in text or "out of memory" in text:
+        return False
+    return isinstance(e, NotImplementedError) or "cudnn" in text or "dot_product_attention" in text
 
 
 def decode_rows(s: Shapes, platform: str) -> list[tuple[str, ModelConfig, int, bool]]:

@@ -251,6 +251,11 @@ class Progress:
         self.running.add(name)
         self.show()
 
+    def not_started(self, n: int) -> None:
+        if self.stream is not None and n:
+            print(f"[sweep] time limit: {n} run(s) not started; they stay pending (run the command again to "
+                  "train them)", file=self.stream, flush=True)
+
     def finish(self, res: dict[str, Any]) -> None:
         self.running.discard(res["name"])
         if res["status"] == "failed":
@@ -283,12 +288,17 @@ def run_sequential(
     progress: Progress | None = None,
     quiet: bool = True,
     compile_cache: str | None = None,
+    deadline: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the plan in order in this process (parents always precede their branches in a plan)."""
+    """Run the plan in order in this process (parents always precede their branches in a plan). No run
+    starts after ``deadline`` (a ``time.monotonic()`` value); those left stay pending."""
     progress = progress or Progress(runs)
     parents = _parent_ids(runs)
     out = []
-    for r in runs:
+    for i, r in enumerate(runs):
+        if deadline is not None and time.monotonic() >= deadline:
+            progress.not_started(len(runs) - i)
+            break
         if r.parent is not None and r.parent["run"] in progress.failed:
             res = _failed(r, f"parent {r.parent['run']!r} failed")
         else:
@@ -378,9 +388,12 @@ def run_parallel(
     progress: Progress | None = None,
     single_thread_cpu: bool = True,
     compile_cache: str | None = None,
+    deadline: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run the plan on ``workers`` processes, each with its own ``devices_per_worker`` devices; a branch is
-    submitted once its parent finished. ``single_thread_cpu`` limits XLA to one thread per worker (CPU)."""
+    submitted once its parent finished. ``single_thread_cpu`` limits XLA to one thread per worker (CPU).
+    No run starts after ``deadline`` (a ``time.monotonic()`` value): the running ones finish, the rest stay
+    pending."""
     import multiprocessing as mp
 
     if workers < 1:
@@ -401,6 +414,9 @@ def run_parallel(
     try:
         futures: dict[Future, PlannedRun] = {}
         while pending or futures:
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                progress.not_started(len(pending))
+                pending = []
             for r in list(pending):
                 par = r.parent["run"] if r.parent is not None else None
                 if par is not None and par in progress.failed:
@@ -452,7 +468,7 @@ def run_parallel(
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
-    return [results[r.name] for r in runs]
+    return [results[r.name] for r in runs if r.name in results]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,14 +8,17 @@
 #   bash experiments/gpu_session.sh                # on the GPU machine: writes $OUT/gpu.json, $OUT/bench.log
 #   DRY=1 OUT=/tmp/g bash experiments/gpu_session.sh   # the same rows at tiny shapes on the CPU (rehearsal)
 #   MODE=study bash experiments/gpu_session.sh     # the gpu-quick study instead (issue: < 8 min on one H100):
-#       interrupted at STUDY_LIMIT_S (default 480 = the issue's 8 min) if it runs over, then refitted from the
-#       runs that finished (--fit-only, at most FIT_LIMIT_S = 90 s), so a report comes back either way; the
-#       study lives in runs/ (outside $OUT: the device returns at most 8 files, two folders deep) and only
-#       report.json, report.md and study.log are copied to $OUT. With DRY=1 it rehearses the preset (every
-#       run a few steps; experiments/rehearsal.py). Give the device call timeout_s 600.
+#       no run starts after TRAIN_LIMIT_S (default 360 s; --train-limit-s), then the study fits and reports
+#       what finished within its hard limit STUDY_LIMIT_S (default 530 s). Only if that limit cuts it before
+#       its report are the finished runs refitted (--fit-only on the CPU, at most FIT_LIMIT_S = 40 s). The
+#       study lives in runs/ (outside $OUT: the device returns at most 8 files, two folders deep); report.json,
+#       report.md and study.log are copied to $OUT. Exit status: the study's, or 3 when its hard limit cut it
+#       (not 124, which the device tool reads as the command's own time-out). With DRY=1 it rehearses the
+#       preset (every run a few steps; experiments/rehearsal.py). Give the device call timeout_s 600.
 #
 # One mode per session: 15 minutes of device time hold a machine start (1-2 min) and one of the two
-# commands (bench: up to DEADLINE_S + 150 = 570 s; study: up to 480 + 90 + kill grace = 590 s), not both.
+# commands (bench: rows start until DEADLINE_S = 390 s after this script started, and a row takes up to
+# ~150 s; study: 530 + 10 + 40 + 5 = 585 s at most), not both.
 #
 # It needs no install: the GPU image has jax (CUDA), flax, optax, orbax-checkpoint, scipy, matplotlib and
 # tensorboard, and the repository root goes on PYTHONPATH. A row that takes longer than the deadline's slack
@@ -26,6 +29,8 @@ cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu_session}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# the whole card for the 354m rows (JAX's default pool is 75%; dense-354m-adamw-noremat needs ~57 GiB)
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.92}
 py=${PYTHON:-python3}
 rows=(
   dense-124m-adamw dense-354m-adamw dense-354m-muon moe-124m-adamw mor-124m-ec mor-124m-looped-eq
@@ -37,19 +42,22 @@ dry=()
 [ -n "${DRY:-}" ] && dry=(--dry)
 if [ "${MODE:-bench}" = study ]; then
   study="runs/gq${DRY:+-dry}"
-  timeout -k 20 -s INT "${STUDY_LIMIT_S:-480}" "$py" -m experiments.study --preset gpu-quick --out "$study" \
-    "${dry[@]}" 2>&1 | tee "$out/study.log"
+  timeout -k 10 -s INT "${STUDY_LIMIT_S:-530}" "$py" -m experiments.study --preset gpu-quick --out "$study" \
+    "${dry[@]}" --train-limit-s "${TRAIN_LIMIT_S:-360}" 2>&1 | tee "$out/study.log"
   rc=${PIPESTATUS[0]}
-  if [ ! -f "$study/report.json" ]; then  # interrupted before its report: fit what finished
-    echo "[gpu_session] study stopped (rc $rc) before its report; refitting the finished runs" | tee -a "$out/study.log"
-    timeout -k 10 "${FIT_LIMIT_S:-90}" "$py" -m experiments.study --preset gpu-quick --out "$study" "${dry[@]}" \
-      --fit-only 2>&1 | tee -a "$out/study.log"
-  fi
   cp "$study"/report.json "$study"/report.md "$out"/ 2>/dev/null
+  if [ ! -f "$study/report.json" ]; then  # cut before its report: fit what finished, on the CPU (no CUDA start)
+    echo "[gpu_session] study stopped (rc $rc) before its report; refitting the finished runs" | tee -a "$out/study.log"
+    JAX_PLATFORMS=cpu timeout -k 5 "${FIT_LIMIT_S:-40}" "$py" -m experiments.study --preset gpu-quick \
+      --out "$study" "${dry[@]}" --fit-only 2>&1 | tee -a "$out/study.log"
+    cp "$study"/report.json "$study"/report.md "$out"/ 2>/dev/null
+  fi
+  [ "$rc" = 124 ] && rc=3  # our own limit, not the device tool's time-out
   exit "$rc"
 fi
 { "$py" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax",
 optax.__version__, jax.devices())'; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null
 } 2>&1 | tee "$out/env.log"
-"$py" -m experiments.bench --suite gpu "${dry[@]}" --deadline-s "${DEADLINE_S:-420}" \
+# The deadline counts from this script's start (the probe above starts CUDA too), not the bench's own.
+"$py" -m experiments.bench --suite gpu "${dry[@]}" --deadline-s "$(( ${DEADLINE_S:-390} - SECONDS ))" \
   --rows "$(IFS=,; echo "${rows[*]}")" --json "$out/gpu.json" 2>&1 | tee "$out/bench.log"

@@ -312,20 +312,23 @@ def execute(
     post_run: str | None,
     executor: str = "auto",
     slurm_params: dict[str, Any] | None = None,
+    deadline: float | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``runs`` with the chosen executor; ``slurm_params`` go to ``slurm.run_slurm`` (submitit's
     ``update_parameters``) for ``executor="slurm"``. An experiment planned twice (same run_id) is trained
-    once (``sweep.distinct_runs``)."""
+    once (``sweep.distinct_runs``). ``deadline`` (``time.monotonic()``; local executors): no run starts
+    after it."""
     runs = distinct_runs(runs)
     progress = executors.Progress(runs, stream=sys.stdout)
     cache = str(runs_dir.parent / ".jax_cache")
     if executor == "sequential" or (executor == "auto" and workers <= 1):
         return executors.run_sequential(
-            runs, runs_dir, post_run=post_run, progress=progress, compile_cache=cache
+            runs, runs_dir, post_run=post_run, progress=progress, compile_cache=cache, deadline=deadline
         )
     if executor in ("parallel", "auto"):
         return executors.run_parallel(
-            runs, runs_dir, workers=workers, post_run=post_run, progress=progress, compile_cache=cache
+            runs, runs_dir, workers=workers, post_run=post_run, progress=progress, compile_cache=cache,
+            deadline=deadline,
         )
     if executor == "slurm":
         return slurm.run_slurm(
@@ -389,12 +392,19 @@ def run_study(
     dry: bool = False,
     dry_steps: int = 4,
     slurm_params: dict[str, Any] | None = None,
+    train_limit_s: float | None = None,
 ) -> dict[str, Any]:
     """Plan (or re-read DIR/plan.jsonl), execute, fit and write the report; returns report.json's dict.
     ``dry``: a CPU rehearsal of the same plan (experiments/rehearsal.py), roots cut to ``dry_steps`` steps,
-    in a directory of its own. ``slurm_params``: submitit parameters of ``executor="slurm"``."""
+    in a directory of its own. ``slurm_params``: submitit parameters of ``executor="slurm"``.
+    ``train_limit_s``: no run starts once this many seconds have passed since the call (local executors;
+    runs in flight finish); the study then fits and reports what finished, and the rest stay pending for
+    the next invocation -- a fixed time budget (a lent GPU, a queue slot) still ends with a report."""
     from experiments.report import build_report, print_summary, write_report
 
+    deadline = None if train_limit_s is None else time.monotonic() + train_limit_s
+    if train_limit_s is not None and executor == "slurm":
+        raise SystemExit("--train-limit-s applies to the local executors, not to --executor slurm")
     out = Path(out).absolute()
     if fit_only and not (out / PLAN_FILE).exists():
         raise SystemExit(f"--fit-only: {out / PLAN_FILE} does not exist, so nothing of this study has been "
@@ -454,7 +464,7 @@ def run_study(
                 print(f"[study] stage 1: LR sweep, {len(stage1)} runs")
                 _prepare_corpus(stage1, out)
                 execute(stage1, runs_dir, workers=workers, post_run=None, executor=executor,
-                        slurm_params=slurm_params)
+                        slurm_params=slurm_params, deadline=deadline)
             lr_rules = fit_lr_rules(spec, stage1, runs_dir)
             write_text_atomic(out / LR_RULES_FILE, json.dumps(lr_rules, indent=2, allow_nan=False) + "\n")
         main_stage = plan_main_stage(spec, out, lr_rules)
@@ -483,9 +493,12 @@ def run_study(
     if not fit_only:
         _prepare_corpus(runs, out)
         results = execute(
-            runs, runs_dir, workers=workers, post_run=post_run, executor=executor, slurm_params=slurm_params
+            runs, runs_dir, workers=workers, post_run=post_run, executor=executor, slurm_params=slurm_params,
+            deadline=deadline,
         )
         for _ in range(spec.extend_edges):
+            if deadline is not None and time.monotonic() >= deadline:
+                break  # curves cut short by the time limit would be judged on the runs they lack
             extra = plan_edge_extensions(spec, out, runs, lr_rules, lambda r: _final_loss(runs_dir, r))
             if cut is not None and extra:
                 extra = cut(extra)
@@ -496,7 +509,7 @@ def run_study(
             runs = resolve(list(runs) + extra)
             write_plan(runs, plan_path)
             results += execute(extra, runs_dir, workers=workers, post_run=post_run, executor=executor,
-                               slurm_params=slurm_params)
+                               slurm_params=slurm_params, deadline=deadline)
         failed = [r for r in results if r["status"] == "failed"]
         if failed:
             print(
@@ -507,7 +520,14 @@ def run_study(
                 print(f"  {f['name']}: {f['error']}")
     train_wall = time.time() - t0
     report = build_report(spec, runs, runs_dir, lr_rules=lr_rules)
-    report["timing"] = {"train_wall_seconds": train_wall, "workers": workers}
+    report["timing"] = {"train_wall_seconds": train_wall, "workers": workers, "train_limit_s": train_limit_s}
+    unfinished = [r for r in report["runs"] if r["status"] != "done"]
+    if train_limit_s is not None and unfinished:
+        report["notes"].append(
+            f"--train-limit-s {train_limit_s:g}: {len(unfinished)} of {len(report['runs'])} runs had not "
+            "finished when the limit stopped new runs; the fits use the finished ones (re-run to train the "
+            "rest)"
+        )
     write_report(report, out, spec=spec, runs=runs, runs_dir=runs_dir)
     report["timing"]["total_wall_seconds"] = time.time() - t0
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
@@ -530,6 +550,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="clear and rerun one run (name or run id; repeatable)",
     )
     p.add_argument("--no-downstream", action="store_true", help="skip the downstream task battery")
+    p.add_argument("--train-limit-s", type=float, default=None, metavar="SECONDS",
+                   help="start no run after this many seconds; fit and report what finished (the rest stay "
+                   "pending: run the command again to train them)")
     p.add_argument("--export-slurm", metavar="FILE", help="write a Slurm job-array script and stop")
     p.add_argument(
         "--dry",
@@ -561,6 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--dry-steps sets the length of a --dry rehearsal; add --dry")
     if a.dry_steps is not None and a.dry_steps < 1:
         p.error(f"--dry-steps must be >= 1, got {a.dry_steps}")
+    if a.train_limit_s is not None and not a.train_limit_s > 0:
+        p.error(f"--train-limit-s must be > 0, got {a.train_limit_s}")
     if a.retry and a.fit_only:
         p.error("--retry clears a run so that it trains again, and --fit-only trains nothing: the run would "
                 "only be deleted; drop one of them")
@@ -580,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dry=a.dry,
             dry_steps=a.dry_steps or 4,
             slurm_params=slurm_params,
+            train_limit_s=a.train_limit_s,
         )
     except ConfigError as e:  # a hand-edited plan, a run config: named in the message, no traceback
         print(f"[study] config error: {e}", file=sys.stderr)

@@ -90,6 +90,36 @@ def test_gpu_suite_dry_run_is_well_formed(tmp_path):
     assert "Muon step-time overhead" in printed
 
 
+def test_cudnn_fallback_retries_only_cudnn_attention_errors(monkeypatch):
+    """A row that fails with cuDNN attention is measured again with XLA's; an out-of-memory error or any
+    other failure is not (the retry would use more memory, or just spend the session's device time twice)."""
+    calls = []
+
+    def failing(error):
+        def run(row, device, s, peaks):
+            calls.append(row.overrides)
+            if "model.attention_impl=xla" in row.overrides:
+                return {"status": "ok"}
+            raise error
+        return run
+
+    row = bench_gpu.TrainRow("r", "gpt2-124m", ("model.attention_impl=cudnn",), "gpt2")
+    cases = [(NotImplementedError("cuDNN SDPA: head_dim 72 unsupported"), True),
+             (RuntimeError("INTERNAL: cuDNN error executing fused attention"), True),
+             (RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 12.3GiB (cudnn workspace)"), False),
+             (ValueError("shapes (4, 8) and (3,) do not broadcast"), False)]
+    for error, retried in cases:
+        calls.clear()
+        monkeypatch.setattr(bench_gpu, "run_train_row", failing(error))
+        if retried:
+            out = bench_gpu._train_with_fallback(row, None, None, {})
+            assert out["status"].startswith("ok: XLA attention (cudnn failed") and len(calls) == 2
+        else:
+            with pytest.raises(type(error)):
+                bench_gpu._train_with_fallback(row, None, None, {})
+            assert len(calls) == 1
+
+
 def test_gpu_suite_rejects_unknown_rows():
     with pytest.raises(ValueError, match="unknown rows"):
         bench_gpu.run_suite(dry=True, only=["dense-7b"])

@@ -602,6 +602,34 @@ def test_cli_names_a_broken_hand_edited_plan(tmp_path, capsys):
     assert f"config error: {tmp_path / study.PLAN_FILE}:1: fit must be true or false, got 'no'" in err
 
 
+def test_train_limit_stops_starting_runs_and_still_reports(tmp_path, monkeypatch, capsys):
+    """--train-limit-s: a fixed time budget (a lent GPU) still ends with a report. Each run here "takes"
+    10 s of a fake clock: with a 25 s limit runs start at 0, 10 and 20 s, the fourth would start at 30 s."""
+    import time
+    import types
+
+    from experiments import executors
+
+    clock = [0.0]
+    fake = types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time, perf_counter=time.perf_counter)
+    monkeypatch.setattr(executors, "time", fake)
+    monkeypatch.setattr(study, "time", fake)
+    real_run_one = executors.run_one
+
+    def run_one_10s(*args, **kwargs):
+        clock[0] += 10.0
+        return real_run_one(*args, **kwargs)
+
+    monkeypatch.setattr(executors, "run_one", run_one_10s)
+    report = study.run_study(_micro_spec(), tmp_path, workers=1, executor="sequential", train_limit_s=25)
+    statuses = [r["status"] for r in report["runs"]]
+    assert statuses.count("done") == 3 and statuses.count("pending") == len(statuses) - 3
+    assert "time limit: 8 run(s) not started" in capsys.readouterr().out
+    assert report["timing"]["train_limit_s"] == 25
+    assert any(n.startswith("--train-limit-s 25: 8 of 11 runs had not finished") for n in report["notes"])
+    assert "note: --train-limit-s 25" in (tmp_path / "report.md").read_text()
+
+
 def test_a_study_directory_refuses_another_preset(tmp_path):
     """Another preset on a study's directory used to reuse its plan and runs and rewrite report.md under the
     new preset's name, extrapolating from its budgets."""

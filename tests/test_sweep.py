@@ -594,6 +594,16 @@ def test_parallel_executor_stops_at_once_when_interrupted(tmp_path, monkeypatch,
     assert not any(executors.run_status(tmp_path, r) == "done" for r in micro_runs)
 
 
+def test_parallel_executor_starts_nothing_after_its_deadline(tmp_path, capsys, micro_runs):
+    import time
+
+    progress = executors.Progress(micro_runs, stream=sys.stdout)
+    out = executors.run_parallel(micro_runs, tmp_path, workers=2, progress=progress,
+                                 deadline=time.monotonic() - 1.0)
+    assert out == [] and not any(tmp_path.iterdir())
+    assert f"time limit: {len(micro_runs)} run(s) not started" in capsys.readouterr().out
+
+
 def test_edge_extension_adds_the_size_one_step_beyond_an_edge_minimum():
     from experiments.sweep import edge_extension
 
