@@ -65,7 +65,7 @@ import numpy as np
 from experiments import sharding as shd
 from experiments.config import ExperimentConfig
 from experiments.files import write_text_atomic
-from experiments.hlo_checks import full_logits_buffers, host_transfers
+from experiments.hlo_checks import full_logits_buffers, host_transfers, ragged_dot_lowering
 from experiments.presets import get_preset
 from experiments.trainer import build_program
 from models import accounting
@@ -269,6 +269,8 @@ def run_train_row(row: TrainRow, device: jax.Device, s: Shapes, peaks: dict[str,
     hlo = prog.train_step.as_text()
     hlo_checks = {"full_logits_f32_buffers": full_logits_buffers(hlo, B * L, cfg.model.vocab_size),
                   "host_transfers": host_transfers(hlo)}
+    if cfg.model.family == "moe":  # grouped matmuls kept, or rewritten into dense ones over every expert?
+        hlo_checks["ragged_dot"] = ragged_dot_lowering(hlo)
     out = {
         "name": row.name,
         "kind": "train",

@@ -62,3 +62,14 @@ def _dtype_bytes(dt: str) -> int:
         return 1
     bits = int(re.sub(r"[a-z]", "", dt.split("e")[0]) or 32)  # f32 / bf16 / s8 / u32 / f8e4m3fn ...
     return max(1, bits // 8)
+
+
+def ragged_dot_lowering(hlo_text: str) -> dict[str, object]:
+    """How a compiled program executes ``jax.lax.ragged_dot`` (the dropless MoE's grouped matmuls): the
+    ``ragged-dot`` ops left in it and its cuDNN custom calls. XLA may instead rewrite a ragged dot into a
+    dense matmul over every expert (on CPU no ragged-dot op is left; some GPU builds do it for the weight
+    gradient), which costs
+    n_experts / top_k times the routed FLOPs (zero ragged-dot ops left means the grouped matmuls are gone)."""
+    return {"ragged_dot_ops": len(re.findall(r"\bragged-dot\(", hlo_text)),
+            "cudnn_custom_calls": sorted({t for t in _CUSTOM_CALL.findall(hlo_text) if "cudnn" in t.lower()})}
+

@@ -20,8 +20,10 @@ n_shared * F (DeepSeekMoE's shared experts are SwiGLUs whose outputs are summed:
 Dispatch (both give the same output when nothing is dropped; a test checks it):
   "dropless"  every assignment is computed: sort the A assignments by expert, three jax.lax.ragged_dot
               grouped matmuls, unsort, weight by the gates. No token is ever dropped. (On CPU, XLA lowers
-              ragged_dot to a masked dense matmul over all E groups, i.e. E times the FLOPs; GPUs and TPUs
-              have grouped-GEMM kernels.)
+              ragged_dot to a masked dense matmul over all E groups, i.e. E times the FLOPs. TPUs have a
+              grouped-GEMM kernel; on GPUs it depends on the XLA build -- some rewrite ragged dots, or their
+              weight gradient, into dense matmuls too -- so the GPU bench records the lowering it got,
+              hlo_checks.ragged_dot_lowering.)
   "capacity"  GShard: each group (one sequence) gives each expert C = ceil(cf * S * K / E) slots, filled in
               priority order (every token's 1st choice before any 2nd choice, then by position); assignments
               past capacity are dropped (their contribution is lost; the residual stream carries the token).
