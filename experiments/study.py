@@ -521,8 +521,8 @@ def run_study(
     train_wall = time.time() - t0
     report = build_report(spec, runs, runs_dir, lr_rules=lr_rules)
     report["timing"] = {"train_wall_seconds": train_wall, "workers": workers, "train_limit_s": train_limit_s}
-    unfinished = [r for r in report["runs"] if r["status"] != "done"]
-    if train_limit_s is not None and unfinished:
+    unfinished = [] if train_limit_s is None else [r for r in report["runs"] if r["status"] != "done"]
+    if unfinished:
         report["notes"].append(
             f"--train-limit-s {train_limit_s:g}: {len(unfinished)} of {len(report['runs'])} runs had not "
             "finished when the limit stopped new runs; the fits use the finished ones (re-run to train the "
