@@ -465,6 +465,12 @@ def run_study(
                 _prepare_corpus(stage1, out)
                 execute(stage1, runs_dir, workers=workers, post_run=None, executor=executor,
                         slurm_params=slurm_params, deadline=deadline)
+                left = [r.name for r in distinct_runs(stage1) if deadline is not None
+                        and executors.run_status(runs_dir, r) not in ("done", "failed")]
+                if left:  # a rule fitted on part of the sweep would be frozen into the plan
+                    raise SystemExit(f"--train-limit-s stopped the LR sweep before {len(left)} of its runs "
+                                     "trained; run the command again to finish it (the main stage is planned "
+                                     "with the rule fitted on the whole sweep)")
             lr_rules = fit_lr_rules(spec, stage1, runs_dir)
             write_text_atomic(out / LR_RULES_FILE, json.dumps(lr_rules, indent=2, allow_nan=False) + "\n")
         main_stage = plan_main_stage(spec, out, lr_rules)

@@ -630,6 +630,16 @@ def test_train_limit_stops_starting_runs_and_still_reports(tmp_path, monkeypatch
     assert "note: --train-limit-s 25" in (tmp_path / "report.md").read_text()
 
 
+def test_train_limit_during_the_lr_sweep_writes_no_plan(tmp_path, monkeypatch):
+    """The main stage's learning rates come from the rule fitted on the LR sweep: a time limit that stops the
+    sweep part-way must not freeze a rule fitted on some of its cells into plan.jsonl."""
+    monkeypatch.setattr(study, "_prepare_corpus", lambda runs, out: None)
+    monkeypatch.setattr(study, "execute", lambda runs, runs_dir, **kw: [])  # the limit passed at once
+    with pytest.raises(SystemExit, match="--train-limit-s stopped the LR sweep before 8 of its runs"):
+        study.run_study(get_study_preset("cpu-families"), tmp_path, train_limit_s=1.0)
+    assert not (tmp_path / study.PLAN_FILE).exists() and not (tmp_path / study.LR_RULES_FILE).exists()
+
+
 def test_a_study_directory_refuses_another_preset(tmp_path):
     """Another preset on a study's directory used to reuse its plan and runs and rewrite report.md under the
     new preset's name, extrapolating from its budgets."""
