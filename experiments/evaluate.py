@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.files import write_text_atomic
+from experiments.files import read_json_object, write_text_atomic
 from experiments.tasks import MCItem, Task, TaskError, default_battery, encode_items
 from scaling.downstream import passuntil_estimate
 
@@ -589,13 +589,8 @@ def _kept_tasks(path: Path, new: dict[str, Any]) -> dict[str, Any]:
     """Tasks of an existing ``path`` that ``new`` does not evaluate again, when both score the same step
     with the same battery seed and evaluation settings: evaluating a JSONL benchmark on a run adds it to
     the battery's results instead of replacing them (the study's report reads the battery from this file)."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    same = isinstance(old, dict) and all(
-        old.get(k) == new[k] for k in ("schema_version", "step", "battery_seed", "eval_config")
-    )
+    old = read_json_object(path) or {}
+    same = all(old.get(k) == new[k] for k in ("schema_version", "step", "battery_seed", "eval_config"))
     if not same or not isinstance(old.get("tasks"), dict):
         return {}
     return {k: v for k, v in old["tasks"].items() if k not in new["tasks"]}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -38,10 +37,9 @@ from typing import Any
 
 from experiments.config import ExperimentConfig
 from experiments.files import read_json_object
-from experiments.run_record import eval_is_current
+from experiments.run_record import SUMMARY_FILE, eval_is_current, is_finite_loss
 from experiments.sweep import PlannedRun, run_id
 
-SUMMARY_FILE = "summary.json"
 ERROR_FILE = "error.json"
 EVAL_ERROR_FILE = "eval_error.json"
 RECORD_FILE = "plan_record.json"
@@ -64,9 +62,7 @@ def finished_summary(path: str | Path, record: PlannedRun) -> dict | None:
         isinstance(s.get("config"), dict)
         and run_id(s["config"]) == record.run_id
         and s.get("steps") == record.steps
-        and isinstance(loss, (int, float))
-        and not isinstance(loss, bool)
-        and math.isfinite(loss)
+        and is_finite_loss(loss)
     )
     # A summary from before inference-mode validation (MoR expert choice, MoE capacity) is not finished:
     # the trainer re-evaluates its final checkpoint.

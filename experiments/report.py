@@ -66,6 +66,7 @@ import numpy as np
 from experiments import executors
 from experiments.files import read_json_object
 from experiments.report_text import print_summary, render_markdown  # noqa: F401 -- re-exported for callers
+from experiments.run_record import is_finite_loss
 from experiments.sweep import PlannedRun, distinct_runs, replicated_name
 
 REPORT_SCHEMA_VERSION = 1
@@ -488,9 +489,8 @@ def collect_runs(runs: Sequence[PlannedRun], runs_dir: Path) -> list[dict]:
         elif s is None:
             written = read_json_object(d / executors.SUMMARY_FILE)
             loss = (written or {}).get("final_eval_loss", "missing")
-            if written is not None and not (
-                isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)
-            ):  # re-running would not change it: say so rather than call the run "partial"
+            if written is not None and not is_finite_loss(loss):
+                # re-running would not change it: say so rather than call the run "partial"
                 err = f"summary.json has final_eval_loss={loss!r}, not a finite number"
         status = "done" if s else ("failed" if err else executors.run_status(runs_dir, r))
         out.append(

@@ -76,6 +76,12 @@ def _empirical_text(e: dict) -> str:
     return f"{value} ({e['ci_level']:.0%} CI {ci}, target reached in {e['p_reached']:.0%} of the noise draws)"
 
 
+def _no_optimum(error: str) -> bool:
+    """Whether a form's extrapolation failed because the fitted law has no compute-optimal allocation (the
+    error scaling.optimal raises), as opposed to any other failure."""
+    return "no interior optimum" in error
+
+
 def _law_multiplier_text(cmp_: dict, g: str) -> str:
     m = cmp_["multipliers"][g]
     if m is not None and (cmp_.get("multiplier_kinds") or {}).get(g) == "at_most":
@@ -194,7 +200,7 @@ def _form_extrapolation_markdown(ext: dict) -> list[str]:
     for name, e in ext.items():
         if isinstance(e, dict):
             why = f"not available ({e['error']})"
-            if "no interior optimum" in e["error"]:
+            if _no_optimum(e["error"]):
                 why = ("no compute-optimal allocation: along the isoFLOP curve this fit's loss keeps falling "
                        "to an end of the range (all compute into N, or into D)")
             L.append(f"| {name} | {why} |")
@@ -516,7 +522,7 @@ def print_summary(report: dict, out: Path) -> None:
             by_form = [(n, e[[x["multiple"] for x in e].index(x0["multiple"])])
                        for n, e in lf["extrapolation"].items() if isinstance(e, list)]
             failed = {n: str(e.get("error")) for n, e in lf["extrapolation"].items() if isinstance(e, dict)}
-            missing = [f"{n} none (no compute-optimal allocation)" if "no interior optimum" in err
+            missing = [f"{n} none (no compute-optimal allocation)" if _no_optimum(err)
                        else f"{n} not available" for n, err in failed.items()]
             print(f"[{g}] loss at {x0['multiple']:g}x by form: " + ", ".join(
                 [f"{n} {x['loss']:.3f}" + (" (below the entropy rate)" if x["below_entropy"] else "")
@@ -549,7 +555,7 @@ def print_summary(report: dict, out: Path) -> None:
             m = _law_multiplier_text(cmp_, g) if g in laws else "–"
             gap = "" if "error" in gaps or g not in gaps else "; best run minus reference's: " + ", ".join(
                 _gap_text(r) for r in gaps[g])
-            emp = (cmp_.get("empirical_multipliers") or {}).get(g, {})
+            emp = {} if "error" in emps else emps.get(g, {})
             emp_text = "" if not emp or "error" in emp else f"; law-free: {_empirical_text(emp)}"
             print(f"[compare] {g} vs {cmp_['reference_group']}: compute multiplier {m} "
                   f"(95% CI {_fmt(_multiplier_ci_of(cmp_, g), '.3g')}){emp_text}{gap}")

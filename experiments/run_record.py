@@ -8,6 +8,7 @@ evaluator read the same names from here.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,12 @@ def build_summary(
         **family,
         "config": cfg.to_dict(),
     }
+
+
+def is_finite_loss(value: Any) -> bool:
+    """Whether a summary's loss field is a usable number: an int or float (not a bool, which JSON would let
+    through as 1.0), finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def eval_is_current(summary: dict[str, Any], model: ModelConfig) -> bool:

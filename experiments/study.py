@@ -67,6 +67,8 @@ LR_STAGE_PLAN_FILE = "plan_lr_stage.jsonl"  # --export-slurm's first job array (
 EXTENSION_SUFFIX = "-ext"  # isoFLOP runs added beyond a curve's edge (plan_edge_extensions)
 REHEARSAL_FILE = "rehearsal.json"
 STUDY_FILE = "study.json"  # {"preset": name}: a directory holds one study
+RETRY_WITH_FIT_ONLY = ("--retry clears a run so that it trains again, and --fit-only trains nothing: the run "
+                       "would only be deleted; drop one of them")
 REHEARSAL_NOTE = (
     "REHEARSAL (--dry): every run was cut to a few steps on a tiny batch to check the pipeline; "
     "losses, fits and predictions below are meaningless"
@@ -337,6 +339,12 @@ def execute(
     raise ValueError(f"unknown executor {executor!r}; choose auto, sequential, parallel or slurm")
 
 
+def _not_yet_run(runs: Sequence[PlannedRun], runs_dir: Path) -> list[str]:
+    """Names of the runs that have neither finished nor failed (pending, or interrupted part-way)."""
+    ended = ("done", "failed")
+    return [r.name for r in distinct_runs(runs) if executors.run_status(runs_dir, r) not in ended]
+
+
 def _final_loss(runs_dir: Path, r: PlannedRun) -> float | None:
     s = executors.finished_summary(executors.run_dir(runs_dir, r), r)
     return None if s is None else float(s["final_eval_loss"])
@@ -417,8 +425,7 @@ def run_study(
     if not dry and rehearsed:
         raise SystemExit(f"{out} holds a --dry rehearsal; give the real study another --out")
     if retry and fit_only:
-        raise SystemExit("--retry clears a run so that it trains again, and --fit-only trains nothing: the "
-                         "run would only be deleted; drop one of them")
+        raise SystemExit(RETRY_WITH_FIT_ONLY)
     # One directory, one study: another preset's plan and runs must not be reported under this one's name.
     recorded = read_json_object(out / STUDY_FILE)
     if recorded is not None and recorded.get("preset") != spec.name:
@@ -448,9 +455,7 @@ def run_study(
         stage1 = plan_lr_stage(spec, out)
         if cut is not None and stage1:
             stage1 = cut(stage1)
-        if stage1 and export_slurm is not None and not all(
-            executors.run_status(runs_dir, r) in ("done", "failed") for r in distinct_runs(stage1)
-        ):
+        if stage1 and export_slurm is not None and _not_yet_run(stage1, runs_dir):
             # The main stage's learning rates come from the rule fitted on stage 1, so a cluster runs the
             # study as two job arrays: this one, then (re-running --export-slurm) the main stage.
             stage1_plan = out / LR_STAGE_PLAN_FILE
@@ -465,8 +470,7 @@ def run_study(
                 _prepare_corpus(stage1, out)
                 execute(stage1, runs_dir, workers=workers, post_run=None, executor=executor,
                         slurm_params=slurm_params, deadline=deadline)
-                left = [r.name for r in distinct_runs(stage1) if deadline is not None
-                        and executors.run_status(runs_dir, r) not in ("done", "failed")]
+                left = _not_yet_run(stage1, runs_dir) if deadline is not None else []
                 if left:  # a rule fitted on part of the sweep would be frozen into the plan
                     raise SystemExit(f"--train-limit-s stopped the LR sweep before {len(left)} of its runs "
                                      "trained; run the command again to finish it (the main stage is planned "
@@ -593,8 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.train_limit_s is not None and not a.train_limit_s > 0:
         p.error(f"--train-limit-s must be > 0, got {a.train_limit_s}")
     if a.retry and a.fit_only:
-        p.error("--retry clears a run so that it trains again, and --fit-only trains nothing: the run would "
-                "only be deleted; drop one of them")
+        p.error(RETRY_WITH_FIT_ONLY)
     if Path(a.out).exists() and not Path(a.out).is_dir():
         p.error(f"--out {a.out} exists and is not a directory")
     spec = get_study_preset(a.preset)
