@@ -124,10 +124,8 @@ class Scorer:
         # Out-of-range ids would be silently clipped by the embedding lookup: refuse them instead.
         if self.vocab_size is not None and rows_NxL.size and rows_NxL.max() >= self.vocab_size:
             raise TaskError(
-                f"token id {int(rows_NxL.max())} is outside the model's vocabulary ({self.vocab_size}): "
-                "the items were made for another tokenizer or corpus (text items are encoded with the byte "
-                "tokenizer: score them on a run trained on text, python -m experiments.data prepare; on a "
-                "synthetic-corpus run give token ids)"
+                f"token id {int(rows_NxL.max())} is outside the vocabulary the model was trained on "
+                f"({self.vocab_size} ids): the items were made for another tokenizer or corpus"
             )
         B = self.batch_size
         for lo in range(0, len(rows_NxL), B):
@@ -139,7 +137,7 @@ class Scorer:
     def choice_logprobs(self, items: list[MCItem], length: int | None = None) -> dict[str, np.ndarray]:
         """Summed log-probabilities and token counts of every choice: ``logprob`` [I, C] and ``n_tokens``
         [I, C] (NaN / 0 where an item has fewer than C choices), plus ``answer`` [I] and ``truncated`` (how
-        many contexts were cut from the left to fit the window)."""
+        many items had their context cut from the left, for at least one choice, to fit the window)."""
         if not items:
             raise TaskError("no items to score")
         if any(it.is_text for it in items):
@@ -151,13 +149,13 @@ class Scorer:
             L = min(L, self.max_len)
         rows, spans, truncated = [], [], 0
         for i, it in enumerate(items):
+            truncated += len(it.context) + max(len(c) for c in it.choices) > L  # items, not (item, choice)s
             for j, ch in enumerate(it.choices):
                 if len(ch) >= L:
                     raise TaskError(f"item {it.id or i}: choice {j} has {len(ch)} tokens; the window is {L}")
                 if not it.context:
                     raise TaskError(f"item {it.id or i}: empty context (the first choice token needs one)")
                 ctx = it.context[-(L - len(ch)) :]
-                truncated += len(ctx) < len(it.context)
                 seq = np.zeros(L, np.int32)
                 seq[: len(ctx) + len(ch)] = ctx + ch
                 rows.append(seq)
@@ -407,14 +405,48 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def tokenizer_for(cfg: Any) -> Any:
-    """The tokenizer of a run's dataset, for text items: its BPE tokenizer.json, else the byte tokenizer."""
+@dataclass(frozen=True)
+class Corpus:
+    """What a run was trained on, as the evaluator needs it: the vocabulary its data used (token ids at or
+    above it never occurred in training) and the tokenizer for text items (None: the corpus is synthetic,
+    so there is no text to encode)."""
+
+    vocab_size: int
+    tokenizer: Any | None
+
+
+def corpus_of(cfg: Any) -> Corpus:
+    """The corpus of a run: the synthetic source, or the prepared dataset ``data.path`` read from its
+    ``metadata.json``. A relative ``data.path`` is relative to the directory the run was trained from; a
+    dataset that cannot be found there is an error, never a silent fallback to the byte tokenizer (text
+    would be encoded with the wrong tokenizer and scored without complaint)."""
+    from experiments.data import DataError, TokenDataset
     from experiments.tokenizers import BPETokenizer, ByteTokenizer
 
-    path = Path(cfg.data.path)
-    if cfg.data.path != "synthetic" and (path / "tokenizer.json").is_file():
-        return BPETokenizer.from_file(path / "tokenizer.json")
-    return ByteTokenizer()
+    if cfg.data.path == "synthetic":
+        return Corpus(int(cfg.data.synthetic.vocab_size), None)
+    try:
+        ds = TokenDataset.open(cfg.data.path, verify_tokens=False)
+    except DataError as e:
+        raise TaskError(
+            f"cannot read the run's dataset data.path={cfg.data.path!r} from {Path.cwd()} ({e}); a relative "
+            "data.path is relative to the directory the run was trained from: evaluate from there"
+        ) from e
+    kind = (ds.metadata.get("tokenizer") or {}).get("type")
+    if kind == "bpe":
+        tok = BPETokenizer.from_file(ds.directory / "tokenizer.json")
+    elif kind == "byte":
+        tok = ByteTokenizer()
+    elif kind == "synthetic":
+        tok = None
+    else:
+        raise TaskError(f"{ds.directory}/metadata.json: unknown tokenizer type {kind!r}")
+    return Corpus(ds.vocab_size, tok)
+
+
+def tokenizer_for(cfg: Any) -> Any | None:
+    """The tokenizer of a run's dataset, for text items (None for a synthetic corpus; see ``corpus_of``)."""
+    return corpus_of(cfg).tokenizer
 
 
 def evaluate_tasks(
@@ -540,15 +572,24 @@ def battery_for(cfg: Any, seed: int = 0, names=None) -> list[Task]:
 def evaluate_params(cfg: Any, params: Any, tasks: list[Task], eval_cfg: EvalConfig | None = None):
     """Evaluate ``params`` (the parameter tree, or variables ``{"params": ..., **model_state}`` for stateful
     models) of an ExperimentConfig's model on ``tasks``."""
+    corpus = corpus_of(cfg)
+    if corpus.tokenizer is None:
+        text = [t.name for t in tasks if t.spec.kind == "mc" and any(it.is_text for it in t.items)]
+        if text:
+            raise TaskError(
+                f"task(s) {text} have text items, but this run was trained on a synthetic corpus, which "
+                "has no text: give its items as token ids, or score them on a run trained on text "
+                "(python -m experiments.data prepare)"
+            )
     scorer = Scorer(
         model_apply_fn(cfg.model),
         params,
         max_len=cfg.model.max_seq_len,
         batch_size=(eval_cfg or EvalConfig()).batch_size,
-        vocab_size=cfg.model.vocab_size,
+        vocab_size=corpus.vocab_size,  # ids the model's embedding has but the corpus never used are refused
         pad_to=eval_pad_length(cfg.model),
     )
-    return evaluate_tasks(scorer, tasks, eval_cfg, tokenizer=tokenizer_for(cfg))
+    return evaluate_tasks(scorer, tasks, eval_cfg, tokenizer=corpus.tokenizer)
 
 
 def evaluate_and_write(

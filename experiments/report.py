@@ -28,7 +28,8 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
     ``wsd``: {n_points, chinchilla (params + ci, or {error} when the branches are too few to fit), heldout
     (same rows as above; [] without a fit), compare (cosine vs WSD parameters), pairs: each branch vs the
     cosine run of the same model and token count, with mean/sd/max difference},
-    ``downstream``: {tasks: name -> {chance, fit_compute, two_step, heldout [...]}, mean_abs_error},
+    ``downstream``: {tasks: name -> {chance, ceiling (known from the source; null: unknown, fitted at 1),
+    fit_compute, two_step, heldout [...]}, mean_abs_error},
     ``seed_noise``: {rows [{name, N, D, budget, losses (the run, then its seed replicates), mean, sd}],
     pooled_sd, dof, budgets, fit_residual_rms, fit_residual_rms_over_sd, lack_of_fit {F, dof [fit, noise],
     p_value} or None, heldout_error_in_sd [{name, error,
@@ -401,19 +402,29 @@ def _downstream_scalars(d: Path) -> dict[str, float] | None:
     return out
 
 
-def _chance(runs_dir: Path, rows: Sequence[dict], task: str) -> float:
-    if task.startswith("gen-"):
-        return 0.0
+def _known_bounds(runs_dir: Path, rows: Sequence[dict], task: str) -> tuple[float, float | None]:
+    """(floor, ceiling) of a battery score, known exactly from the corpus's source (experiments.tasks): an
+    mc task's chance and ``ceiling_accuracy`` (the evaluator's rule when the model IS the source), a gen
+    task's 0 and ``source_pass_prob``; "mc-mean" takes the means over the mc tasks. A ceiling of 1 where the
+    truth is below it makes the sigmoid extrapolate past what a perfect model reaches (an mc task with
+    ceiling 0.77 was predicted at 0.97 a few decades out). None: unknown (the fit's default, 1)."""
     for r in rows:
         f = runs_dir / r["run_id"] / DOWNSTREAM_FILE
         try:
             t = json.loads(f.read_text())["tasks"]
-            if task in t:
-                return float(t[task].get("chance", 0.0))
-            return float(np.mean([v.get("chance", 0.0) for k, v in t.items() if k.startswith("mc-")]))
         except (OSError, json.JSONDecodeError, KeyError):
             continue
-    return 0.0
+        if task == "mc-mean":
+            mc = [v for k, v in t.items() if k.startswith("mc-")]
+            ceilings = [v.get("ceiling_accuracy") for v in mc]
+            ceiling = None if None in ceilings or not mc else float(np.mean(ceilings))
+            return float(np.mean([v.get("chance", 0.0) for v in mc])), ceiling
+        if task not in t:
+            continue
+        key = "source_pass_prob" if task.startswith("gen-") else "ceiling_accuracy"
+        ceiling = t[task].get(key)
+        return float(t[task].get("chance", 0.0)), None if ceiling is None else float(ceiling)
+    return 0.0, None
 
 
 def _downstream_block(fit_rows, held_rows, runs_dir: Path, n_boot: int) -> dict:
@@ -430,20 +441,16 @@ def _downstream_block(fit_rows, held_rows, runs_dir: Path, n_boot: int) -> dict:
         C = np.array([r["flops"] for r in rows])
         acc = np.array([r["downstream"][t] for r in rows])
         loss = np.array([r["final_eval_loss"] for r in rows])
-        chance = _chance(runs_dir, rows, t)
+        chance, ceiling = _known_bounds(runs_dir, rows, t)
         block: dict[str, Any] = {
             "chance": chance,
+            "ceiling": ceiling,
             "n_points": len(rows),
             "accuracy_range": [float(acc.min()), float(acc.max())],
         }
-        f1 = _guard(
-            lambda C=C, acc=acc, chance=chance: fit_accuracy_vs_compute(C, acc, chance=chance, n_boot=n_boot)
-        )
-        f2 = _guard(
-            lambda C=C, loss=loss, acc=acc, chance=chance: fit_two_step(
-                C, loss, acc, chance=chance, n_boot=n_boot
-            )
-        )
+        bounds = {"chance": chance, "ceiling": 1.0 if ceiling is None else ceiling}
+        f1 = _guard(lambda C=C, acc=acc, b=bounds: fit_accuracy_vs_compute(C, acc, n_boot=n_boot, **b))
+        f2 = _guard(lambda C=C, loss=loss, acc=acc, b=bounds: fit_two_step(C, loss, acc, n_boot=n_boot, **b))
         block["fit_compute"] = f1 if isinstance(f1, dict) else _f(f1.to_dict())
         block["two_step"] = (
             f2
@@ -941,6 +948,7 @@ def _figures(report: dict, out: Path) -> list[str]:
                         two_step=None if isinstance(f2, dict) else f2,
                         cutoff=cutoff,
                         chance=ds["tasks"]["mc-mean"]["chance"],
+                        ceiling=ds["tasks"]["mc-mean"]["ceiling"],
                         title=f"mean MC accuracy ({g})",
                     ),
                     f"downstream_{tag}.png",

@@ -430,14 +430,19 @@ def render_markdown(report: dict) -> str:
         else:
             L += [
                 "",
-                "| task | chance | acc. range (fit runs) | held-out actual | sigmoid pred. "
+                "Each sigmoid runs from the task's chance to its ceiling, both known from the corpus's "
+                "source: an mc task's accuracy when the model is the source, a gen task's pass probability "
+                "of the source's own samples.",
+                "",
+                "| task | chance | ceiling | acc. range (fit runs) | held-out actual | sigmoid pred. "
                 "| two-step pred. |",
-                "|---|---|---|---|---|---|",
+                "|---|---|---|---|---|---|---|",
             ]
             for t, tb in ds["tasks"].items():
                 h = tb["heldout"][0] if tb["heldout"] else {}
                 L.append(
-                    f"| {t} | {_fmt(tb['chance'], '.2f')} | {_fmt(tb['accuracy_range'], '.3f')} | "
+                    f"| {t} | {_fmt(tb['chance'], '.2f')} | {_fmt(tb.get('ceiling'), '.3g')} | "
+                    f"{_fmt(tb['accuracy_range'], '.3f')} | "
                     f"{_fmt(h.get('actual'), '.3f')} | {_fmt(h.get('predicted_sigmoid'), '.3f')} | "
                     f"{_fmt(h.get('predicted_two_step'), '.3f')} |"
                 )

@@ -5,9 +5,10 @@ Multiple-choice items (one JSON object per line)::
     {"id": "q17", "context": [12, 7, 3] | "The capital of France is",
      "choices": [[40, 2], [9]] | [" Paris", " Rome"], "answer": 0, "meta": {...}}
 
-``context`` and ``choices`` are token ids or text (text is encoded with the byte tokenizer of
-``experiments.tokenizers`` by ``encode_items``); ``answer`` indexes ``choices``; ``id`` and ``meta`` are
-optional. Users convert real benchmarks to this format and score them with ``experiments.evaluate``.
+``context`` and ``choices`` are token ids or text (text is encoded by ``encode_items`` with the tokenizer
+of the run's dataset, ``experiments.evaluate.corpus_of``); ``answer`` indexes ``choices``; ``id`` and
+``meta`` are optional. Users convert real benchmarks to this format and score them with
+``experiments.evaluate``.
 
 Built-in battery (``default_battery``): tasks generated from the corpus's exact source
 (``experiments.synthetic.MarkovSource``), so their difficulty is graded and their ceiling known.
@@ -135,6 +136,9 @@ def parse_item(d: Any, where: str = "item") -> MCItem:
     kinds = {isinstance(x, str) for x in (context, *choices)}
     if len(kinds) > 1:
         raise TaskError(f"{where}: context and choices must all be text or all be token ids, not a mix")
+    same = [(i, j) for j in range(len(choices)) for i in range(j) if choices[i] == choices[j]]
+    if same:  # a tie is scored as wrong, so the item could never count as right
+        raise TaskError(f"{where}: choices {same[0][0]} and {same[0][1]} are identical")
     a = d["answer"]
     if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
         raise TaskError(f"{where}.answer must be an integer index into choices, got {a!r}")
@@ -163,7 +167,14 @@ def read_jsonl(path: str | os.PathLike) -> list[MCItem]:
     from scaling.io import iter_jsonl  # here, not at the top: importing scaling loads jax
 
     lines = iter_jsonl(path, error=TaskError, invalid="not valid JSON ({e})")
-    items = [parse_item(d, f"{path}:{n}") for n, d in lines]
+    items, seen = [], {}
+    for n, d in lines:
+        it = parse_item(d, f"{path}:{n}")
+        if it.id is not None:
+            if it.id in seen:  # per-item results are keyed by id (stack_runs, per_item_analysis)
+                raise TaskError(f"{path}:{n}: id {it.id!r} was already used on line {seen[it.id]}")
+            seen[it.id] = n
+        items.append(it)
     if not items:
         raise TaskError(f"{path} holds no items")
     return items

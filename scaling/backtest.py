@@ -259,6 +259,11 @@ def backtest(
     if not laws:
         raise ValueError("give at least one law to backtest")
     fit_kw = {"warn": False, **fit_kw}
+    weights = fit_kw.pop("weights", None)
+    if weights is not None:  # per-point weights follow their points into each fold's training set
+        weights = np.asarray(weights, np.float64)
+        if weights.shape != (n,):
+            raise ValueError(f"weights has shape {weights.shape}, expected ({n},): one per point of data")
     result = BacktestResult(key_name=key_name, keys=keys)
     for spec in laws:
         law = get_law(spec)
@@ -279,7 +284,8 @@ def backtest(
                 continue
             try:
                 res = fit_until_converged(law, _subset(arrays, train), target=target,
-                                          retry_max_iter=retry_max_iter, **fit_kw)
+                                          retry_max_iter=retry_max_iter, **fit_kw,
+                                          weights=None if weights is None else weights[train])
                 pred = np.asarray(res.predict(**{k: arrays[k][test] for k in law.inputs}), np.float64)
             except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
                 folds.append(Fold(**common, prediction=None, skipped=f"fit failed: {e}"))
@@ -292,7 +298,7 @@ def backtest(
         if n > len(law.params):
             try:
                 full = fit_until_converged(law, arrays, target=target, retry_max_iter=retry_max_iter,
-                                           **fit_kw)
+                                           weights=weights, **fit_kw)
             except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
                 err = str(e)
         else:

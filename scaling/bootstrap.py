@@ -102,7 +102,10 @@ class Bootstrap(Samples):
                     {k: jnp.asarray(v) for k, v in self.values.items()}
                 )
             )
-        pred_BxM = pred_BxM[np.asarray(self.converged, bool)]
+        # Inputs broadcast as in FitResult.predict (a grid N[:, None] with D gives a 2-D prediction): work on
+        # the flattened points and give the bounds back in the prediction's shape.
+        shape = pred_BxM.shape[1:]
+        pred_BxM = pred_BxM.reshape(pred_BxM.shape[0], -1)[np.asarray(self.converged, bool)]
         # the fitted points' residuals: a zero-weight row (an outlier left out) is not noise
         res = fit.residuals[np.asarray(fit.data["weights"]) > 0]
         rng = np.random.default_rng(self.seed + 1)
@@ -112,7 +115,7 @@ class Bootstrap(Samples):
         else:
             y_sim = pred_BxM[:, None, :] + eps_BxR[:, :, None]
         y_sim = y_sim.reshape(-1, y_sim.shape[-1])
-        lo, med, hi = np.quantile(y_sim, [(1 - level) / 2, 0.5, (1 + level) / 2], axis=0)
+        lo, med, hi = np.quantile(y_sim, [(1 - level) / 2, 0.5, (1 + level) / 2], axis=0).reshape(3, *shape)
         return {"lower": lo, "upper": hi, "median": med}
 
     def summary(self, level: float = 0.95) -> str:

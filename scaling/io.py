@@ -68,7 +68,7 @@ def read_csv(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             raise ValueError(f"{path}: empty CSV (no header row)")

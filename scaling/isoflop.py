@@ -274,16 +274,17 @@ def _budget(
     if bad.size:
         raise ValueError(f"budget C={C}: non-finite or non-positive N/loss at rows {bad.tolist()}")
     N, loss, D = _prepare_budget(N, loss, D, method)
-    if window is not None and method == "parabola" and N.size > window:
+    sizes = np.unique(N)
+    if window is not None and method == "parabola" and sizes.size > window:
         if window < 3:
-            raise ValueError(f"window must be >= 3 points for a parabola, got {window}")
-        # Only the `window` sizes nearest the lowest observed loss: a parabola is a local model and wide
-        # grids bias it (see approaches.parabola_bias). The window is shifted, not cut, at the grid ends, so
-        # an end-point minimum is still refused.
-        order = np.argsort(N, kind="stable")
-        j = int(np.flatnonzero(order == np.argmin(loss))[0])
-        start = min(max(j - window // 2, 0), N.size - window)
-        sel = order[start : start + window]
+            raise ValueError(f"window must be >= 3 sizes for a parabola, got {window}")
+        # Only the `window` distinct sizes (with all their seed replicates) nearest the size of lowest mean
+        # loss: a parabola is a local model and wide grids bias it (see approaches.parabola_bias). Counting
+        # sizes, not rows: with two seeds per size a window of 3 rows held 2 sizes and every budget failed.
+        # The window is shifted, not cut, at the grid ends, so an end-point minimum is still refused.
+        j = int(np.argmin([loss[N == s].mean() for s in sizes]))
+        start = min(max(j - window // 2, 0), sizes.size - window)
+        sel = np.isin(N, sizes[start : start + window])
         N, loss, D = N[sel], loss[sel], None if D is None else D[sel]
     k = np.unique(N).size
     if k < 3:
@@ -459,15 +460,17 @@ def approach2(
     """Hoffmann et al. 2022 Approach 2 on isoFLOP points (one row per (budget C, size N) run).
 
     C, N, loss (, D): equal-length arrays; points sharing a C value form one isoFLOP profile.
-    method: "parabola" (Hoffmann) or "akima" (Porian et al. 2024); window: parabola on only that many sizes
-    around the lowest observed loss. on_edge: "raise" (default) or "drop" budgets whose minimum is not
-    bracketed (or that have fewer than 3 distinct sizes). n_bootstrap / bootstrap: "points" (resample points
-    within each budget) or "seed_noise" (add Gaussian noise of std `noise_std`: a float, a function of the
-    loss, or a mapping budget -> sd, e.g. the measured seed-to-seed sd at each budget) -> percentile CIs for
-    a and b. With few sizes per budget prefer "seed_noise": a resample of k points has fewer than 3 distinct
-    sizes with probability 34% at k = 4, so a third of the "points" replicates have no parabola, and a noisy
-    profile easily falls below `min_valid_fraction` (cpu-families: 5 of 9 Muon/MoE/MoR budgets).
-    estimate: "point" or "bootstrap_median" (per-budget median of bootstrap minima, Porian et al.).
+    method: "parabola" (Hoffmann) or "akima" (Porian et al. 2024); window: parabola on only that many
+    distinct sizes (each with all its replicates) around the size of lowest mean loss. on_edge: "raise"
+    (default) or "drop" budgets whose minimum is not bracketed (or that have fewer than 3 distinct sizes).
+    n_bootstrap / bootstrap: "points" (resample points within each budget) or "seed_noise" (add Gaussian
+    noise of std `noise_std`: a float, a function of the loss, or a mapping budget -> sd, e.g. the
+    measured seed-to-seed sd at each budget) -> percentile CIs for a and b. With few sizes per budget
+    prefer "seed_noise": a resample of k points has fewer than 3 distinct sizes with probability 34% at k
+    = 4, so a third of the "points" replicates have no parabola, and a noisy profile easily falls below
+    `min_valid_fraction` (cpu-families: 5 of 9 Muon/MoE/MoR budgets).
+    estimate: "point" or "bootstrap_median" (per-budget median of bootstrap minima, Porian et al.; needs
+    n_bootstrap > 0).
     weighting: "none" (OLS) or "inverse_variance" (WLS with 1/std(log N*)^2; needs the bootstrap).
     budget_rtol: C values within this relative distance form one budget (logged FLOPs are rarely exact).
     Use `approach2(C, N, loss, D, **PORIAN2024)` for Porian et al.'s exact recipe.
@@ -487,6 +490,9 @@ def approach2(
         raise ValueError(f"weighting must be 'none' or 'inverse_variance', got {weighting!r}")
     if weighting == "inverse_variance" and not n_bootstrap:
         raise ValueError("weighting='inverse_variance' needs n_bootstrap > 0 (weights are bootstrap stds)")
+    if estimate == "bootstrap_median" and not n_bootstrap:  # it silently fell back to the point estimate
+        raise ValueError("estimate='bootstrap_median' needs n_bootstrap > 0 (it is the median of the "
+                         "bootstrap minima)")
     if n_bootstrap and bootstrap == "seed_noise" and noise_std is None:
         raise ValueError("bootstrap='seed_noise' needs noise_std (a float, a function of the loss, or a "
                          "mapping budget -> sd)")

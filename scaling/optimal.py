@@ -619,8 +619,12 @@ def inference_optimal_at_budget(
     """Dual of `inference_optimal`: lowest loss for a fixed lifetime budget 6 N D_train + 2 N D_inf = total.
 
     D_train(N) = (total - inference_flops(N)) / flops_per_token(N); L(N, D_train(N)) is minimised over log N.
-    `target_loss` of the result holds the optimal loss; `chinchilla_*` is the training-only optimum of the
-    same total budget (what one would train ignoring inference), charged the same inference tokens.
+    `target_loss` of the result holds the optimal loss. `chinchilla_*` is, as in `inference_optimal`, the
+    training-compute-optimal model reaching that same loss, charged the same inference tokens, so
+    `flops_saving` is Sardana et al.'s lifetime saving at equal quality. `extras["inference_unaware"]` holds
+    what one would train spending the whole budget on training and ignoring inference (N, D, loss, and its
+    lifetime FLOPs, above the budget): a model of lower loss that the budget cannot pay for, so it is not the
+    reference of the saving.
     """
     law, params = resolve_law(model, params)
     check_inputs(law)
@@ -645,10 +649,15 @@ def inference_optimal_at_budget(
     n = np.exp(logn)
     inference = _arr(inf_fpt(n)) * dinf
     d = (total - inference) / _fpt(flops_per_token, n)
-    chin = compute_optimal(
+    same_loss = inference_optimal(  # no inference demand: the training-compute optimum at that loss
+        (law, params), loss, np.zeros_like(loss), flops_per_token=flops_per_token,
+        inference_flops_per_token=inference_flops_per_token, n_bounds=n_bounds, extra_inputs=extra_inputs,
+    )
+    cn, cd = same_loss.N, same_loss.D_train
+    unaware = compute_optimal(
         (law, params), total, flops_per_token=flops_per_token, n_bounds=n_bounds, extra_inputs=extra_inputs
     )
-    c_total = _fpt(flops_per_token, chin.N) * chin.D + _arr(inf_fpt(chin.N)) * dinf
+    unaware_total = _fpt(flops_per_token, unaware.N) * unaware.D + _arr(inf_fpt(unaware.N)) * dinf
     return InferenceOptimal(
         target_loss=loss,
         inference_tokens=dinf,
@@ -656,12 +665,19 @@ def inference_optimal_at_budget(
         D_train=d,
         train_flops=total - inference,
         inference_flops=inference,
-        chinchilla_N=chin.N,
-        chinchilla_D=chin.D,
-        chinchilla_total_flops=c_total,
+        chinchilla_N=cn,
+        chinchilla_D=cd,
+        chinchilla_total_flops=_fpt(flops_per_token, cn) * cd + _arr(inf_fpt(cn)) * dinf,
         formulation="fixed_total_flops",
         law=str(getattr(law, "name", law)),
-        extras={"chinchilla_loss": chin.loss.tolist()},
+        extras={
+            "inference_unaware": {
+                "N": unaware.N.tolist(),
+                "D": unaware.D.tolist(),
+                "loss": unaware.loss.tolist(),
+                "total_flops": unaware_total.tolist(),
+            }
+        },
     )
 
 

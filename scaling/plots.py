@@ -62,22 +62,30 @@ def _param_draws(samples: Any) -> list[dict[str, float]]:
 
 # --- isoFLOP
 # -------------------------------------------------------------------------------------------------
-def plot_isoflop(C, N, loss, result: Any = None, *, title: str | None = None):
+def plot_isoflop(C, N, loss, result: Any = None, *, budget_rtol: float | None = None,
+                 title: str | None = None):
     """IsoFLOP profiles: loss vs N per compute budget, least-squares parabolas in log N, and the optima.
 
     Args:
-      C, N, loss: one row per run; rows sharing a C value form one profile.
+      C, N, loss: one row per run; rows whose C values lie within ``budget_rtol`` form one profile, grouped
+        as ``scaling.isoflop.approach2`` groups them (realised FLOPs of one budget differ slightly).
       result: optional Approach-2 result (``.N``, ``.loss``, ``.C``, e.g. ``scaling.isoflop.approach2``) whose
         per-budget optima are marked with stars; without it the parabola vertices are marked.
+      budget_rtol: default: the result's own ``settings["budget_rtol"]``, else approach2's default.
     """
+    from scaling.isoflop import _budget_groups
+
     c, n, y = (np.asarray(v, dtype=np.float64).ravel() for v in (C, N, loss))
     if not (c.size == n.size == y.size):
         raise ValueError(f"C, N, loss must have equal lengths; got {c.size}, {n.size}, {y.size}")
+    if budget_rtol is None:
+        budget_rtol = (getattr(result, "settings", None) or {}).get("budget_rtol", 1e-3)
     fig, axes = _figure()
     ax = axes[0, 0]
-    budgets = np.unique(c)
-    for color, b in zip(_colors(budgets.size), budgets, strict=True):
-        m = c == b
+    groups = _budget_groups(c, budget_rtol)
+    for color, (b, idx) in zip(_colors(len(groups)), groups, strict=True):
+        m = np.zeros(c.size, bool)
+        m[idx] = True
         ax.scatter(n[m], y[m], color=color, s=16, label=f"C = {b:.1e}")
         if m.sum() >= 3:
             x = np.log(n[m])
@@ -243,14 +251,15 @@ def plot_law_frontier(frontier: Any, *, ylabel: str = "loss", title: str | None 
 # --- downstream
 # ----------------------------------------------------------------------------------------------
 def plot_downstream(compute, accuracy, *, fit: Any = None, two_step: Any = None, cutoff: float | None = None,
-                    chance: float | None = None, level: float = 0.9, extend: float = 10.0,
-                    title: str | None = None):
+                    chance: float | None = None, ceiling: float | None = None, level: float = 0.9,
+                    extend: float = 10.0, title: str | None = None):
     """Accuracy vs compute with a sigmoid fit and/or two-step prediction (each with its bootstrap band).
 
     Args:
       fit: ``scaling.downstream.SigmoidFit`` against compute (``predict``, optional ``interval``).
       two_step: ``scaling.downstream.TwoStepFit``.
       cutoff: compute of the train/held-out split (vertical line; held-out points drawn hollow).
+      chance, ceiling: known floor and ceiling, drawn as dashed lines.
       extend: the curves run to ``extend`` x the largest compute (extrapolation).
     """
     c = np.asarray(compute, dtype=np.float64).ravel()
@@ -274,6 +283,8 @@ def plot_downstream(compute, accuracy, *, fit: Any = None, two_step: Any = None,
         ax.fill_between(grid, lo, hi, color=color, alpha=0.2)
     if chance is not None:
         ax.axhline(chance, color="k", lw=0.8, ls="--", label="chance")
+    if ceiling is not None:
+        ax.axhline(ceiling, color="0.4", lw=0.8, ls="-.", label="ceiling")
     ax.set_xscale("log")
     ax.set_xlabel("training compute C (FLOP)")
     ax.set_ylabel("accuracy")

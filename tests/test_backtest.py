@@ -71,6 +71,23 @@ def test_folds_fit_only_the_smaller_budgets():
     assert fb.fit_on(BUDGETS) is fb.full_fit and fb.fit_on(BUDGETS[:1]) is None
 
 
+def test_weights_follow_their_points_into_each_fold():
+    """Per-point weights are cut to each fold's training points (the full-length array made every fold's
+    fit fail, so all folds were "skipped" behind a normal-looking in-sample column)."""
+    data = isoflop_sweep("chinchilla", HOFFMANN)
+    plain = backtest(("chinchilla",), data, by="C")
+    unit = backtest(("chinchilla",), data, by="C", weights=np.ones(len(data["C"])))
+    for a, b in zip(plain.forms["chinchilla"].folds, unit.forms["chinchilla"].folds, strict=True):
+        assert b.skipped is None and np.allclose(a.prediction, b.prediction, rtol=1e-9)
+    # and they are used: down-weighting the 1e19 points moves the first fold's (1e18 + 1e19) prediction
+    w = np.where(data["C"] == BUDGETS[1], 0.1, 1.0)
+    folds = backtest(("chinchilla",), data, by="C", weights=w).forms["chinchilla"].folds
+    assert folds[0].skipped is None and folds[0].n_train == 14
+    assert not np.allclose(folds[0].prediction, plain.forms["chinchilla"].folds[0].prediction, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"weights has shape \(3,\), expected \(28,\)"):
+        backtest(("chinchilla",), data, by="C", weights=np.ones(3))
+
+
 def test_a_form_with_too_few_points_is_skipped_not_ranked():
     data = isoflop_sweep("chinchilla", HOFFMANN)
     # Farseer has 9 parameters: with 2 budgets x 7 = 14 points it can be fitted, with 1 budget (7) it cannot.

@@ -307,6 +307,14 @@ def test_bootstrap_variants_and_prediction_interval_coverage():
     y_new = _noisy("chinchilla", CHIN, Xn, sigma=sigma, seed=99)
     cover = np.mean((y_new >= pi["lower"][0]) & (y_new <= pi["upper"][0]))
     assert 0.75 <= cover <= 0.99, cover
+    # inputs broadcast as in predict (it crashed on a grid): bounds in the prediction's shape, each cell
+    # the interval of that point alone (the same replicates and residual draws)
+    Ng, Dg = np.array([1e9, 2e10])[:, None], np.array([2e10, 4e11, 1e12])
+    grid = pts.prediction_interval(0.9, N=Ng, D=Dg)
+    assert r.predict(N=Ng, D=Dg).shape == grid["lower"].shape == grid["upper"].shape == (2, 3)
+    one = pts.prediction_interval(0.9, N=[2e10], D=[4e11])
+    assert grid["lower"][1, 1] == pytest.approx(one["lower"][0]) and grid["upper"][1, 1] == pytest.approx(
+        one["upper"][0])
 
 
 def test_bootstrap_ignores_zero_weight_rows():

@@ -212,6 +212,24 @@ def test_parabola_window_reduces_wide_grid_bias():
     assert all(o.n_points == 9 for o in local.optima)
 
 
+def test_parabola_window_counts_sizes_with_all_their_replicates():
+    """With seed replicates a window of 3 means 3 sizes (6 rows), not 3 rows (2 sizes: every budget failed
+    with 'need at least 3 distinct model sizes')."""
+    C, N, L = _isoflop_grid(noise=0.0, width=1.0, k=9)
+    C2, N2, L2 = (np.concatenate([v, v]) for v in (C, N, L))
+    L2[C.size:] += 0.002  # the replicate seed
+    one = approach2(C, N, L, window=3)
+    two = approach2(C2, N2, L2, window=3)
+    assert all(o.n_points == 6 for o in two.optima)
+    assert two.a == pytest.approx(one.a, abs=1e-9) and np.allclose(two.N, one.N, rtol=1e-9)
+
+
+def test_bootstrap_median_without_a_bootstrap_is_refused():
+    C, N, L = _isoflop_grid(noise=0.0)
+    with pytest.raises(ValueError, match=r"estimate='bootstrap_median' needs n_bootstrap > 0"):
+        approach2(C, N, L, estimate="bootstrap_median")
+
+
 def test_results_are_json_serialisable():
     import json
 

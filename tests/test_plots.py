@@ -80,6 +80,16 @@ def test_isoflop_plot_with_parabolas_and_optima(tmp_path):
     _saved(fig2, tmp_path, "isoflop")
     with pytest.raises(ValueError, match="equal lengths"):
         plot_isoflop(c, n[:-1], loss)
+    # realised FLOPs of one budget differ slightly: grouped as approach2 groups them (each run used to be its
+    # own one-point "profile", with no parabola at all)
+    from scaling.isoflop import approach2
+
+    jittered = c * (1 + np.random.default_rng(0).uniform(-0.005, 0.005, c.size))
+    res = approach2(jittered, n, loss, budget_rtol=0.025)
+    ax = plot_isoflop(jittered, n, loss, result=res).axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(ax.lines) == 3 and sum(t.startswith("C =") for t in legend) == 3
+    assert len(plot_isoflop(jittered, n, loss, budget_rtol=0.025).axes[0].lines) == 3
 
 
 def test_law_fit_single_input_with_band_and_residuals(tmp_path):

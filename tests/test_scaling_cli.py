@@ -15,6 +15,9 @@ def test_csv_numeric_string_and_blank_columns(tmp_path):
     assert t["name"].dtype == object and list(t["name"]) == ["a", "b"]
     np.testing.assert_array_equal(t["params"], [1e6, 2e6])
     assert np.isnan(t["tokens"][1])
+    # Excel's "CSV UTF-8" begins with a byte-order mark, which used to stick to the first column's name
+    p.write_bytes(b"\xef\xbb\xbfparams,loss\n1e6,3.5\n")
+    assert list(load_table(p)) == ["params", "loss"]
 
 
 def test_jsonl_and_json_list(tmp_path):

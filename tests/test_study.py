@@ -832,3 +832,36 @@ def test_lack_of_fit_test_separates_misfit_from_noise():
     assert bad["F"] == pytest.approx(16 * ok["F"]) and bad["p_value"] < 1e-3
     assert bad["p_value"] == pytest.approx(stats.f.sf(bad["F"], 10, 12))
     assert lack_of_fit_test(noise[:5], 5, 0.03, 12) is None and lack_of_fit_test(noise, 5, 0.0, 12) is None
+
+
+def test_downstream_fits_run_up_to_each_tasks_known_ceiling(tmp_path):
+    """The report's accuracy sigmoids stop at the task's ceiling known from the source (an mc task's
+    ceiling_accuracy, a gen task's source_pass_prob), not at 1: with the ceiling at 1 the mc task below was
+    predicted at 0.97 two decades past the fit data, above what a perfect model reaches (0.765), and the gen
+    task 3-7x too high."""
+    from scipy.special import expit
+
+    C = np.geomspace(1e15, 1e18, 8)
+    held = 1e20
+    mc = lambda c: 0.25 + (0.765 - 0.25) * expit(1.5 * (np.log(c) - np.log(1e17)))  # noqa: E731
+    gen = lambda c: 6e-4 * expit(1.2 * (np.log(c) - np.log(1e17)))  # noqa: E731
+    loss = lambda c: 2.0 + 3.0 * (c / 1e15) ** -0.2  # noqa: E731
+    rows = []
+    for i, c in enumerate([*C, held]):
+        run = tmp_path / f"r{i}"
+        run.mkdir()
+        tasks = {
+            "mc-k1-unigram": {"accuracy": mc(c), "chance": 0.25, "ceiling_accuracy": 0.765},
+            "gen-k8": {"pass_prob_exact": gen(c), "source_pass_prob": 6e-4},
+        }
+        (run / "downstream.json").write_text(json.dumps({"tasks": tasks}))
+        scores = {"mc-k1-unigram": mc(c), "gen-k8": gen(c), "mc-mean": mc(c)}
+        rows.append({"run_id": run.name, "name": run.name, "flops": c, "final_eval_loss": loss(c),
+                     "downstream": scores})
+    out = report_mod._downstream_block(rows[:-1], rows[-1:], tmp_path, n_boot=0)["tasks"]
+    assert out["mc-k1-unigram"]["ceiling"] == 0.765 and out["mc-mean"]["ceiling"] == 0.765
+    assert out["gen-k8"]["chance"] == 0.0 and out["gen-k8"]["ceiling"] == 6e-4
+    for task, truth in (("mc-k1-unigram", mc(held)), ("mc-mean", mc(held)), ("gen-k8", gen(held))):
+        h = out[task]["heldout"][0]
+        assert h["predicted_sigmoid"] == pytest.approx(truth, rel=0.02), task
+        assert h["predicted_two_step"] == pytest.approx(truth, rel=0.05), task

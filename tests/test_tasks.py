@@ -18,6 +18,7 @@ from experiments import evaluate as ev
 from experiments.synthetic import MarkovSource, MarkovSourceConfig
 from experiments.tasks import (
     MCItem,
+    Task,
     TaskError,
     TaskSpec,
     continuation_logprob,
@@ -72,7 +73,8 @@ def test_choice_logprobs_match_hand_computation(bigram):
         assert np.isnan(r["logprob"][i, len(it.choices) :]).all()
     # A bigram model only sees the previous token: cutting contexts to fit a short window changes nothing.
     short = ev.Scorer(fn, batch_size=4, max_len=5).choice_logprobs(items)
-    assert short["truncated"] > 0
+    cut = sum(len(it.context) + max(map(len, it.choices)) > 5 for it in items)
+    assert 0 < cut < len(items) and short["truncated"] == cut  # items cut, not (item, choice) rows
     np.testing.assert_allclose(short["logprob"], r["logprob"], atol=1e-4)
 
 
@@ -336,6 +338,8 @@ def test_jsonl_round_trip_and_text_encoding(tmp_path):
         ({"context": [1, -3], "choices": [[1], [2]], "answer": 0}, r"non-negative integer token ids"),
         ({"context": "a", "choices": [[1], "b"], "answer": 0}, r"all be text or all be token ids"),
         ({"context": [1], "choices": [[1], [2]], "answer": 0, "label": 1}, r"unknown field\(s\) \['label'\]"),
+        ({"context": [1], "choices": [[5], [2], [5]], "answer": 0}, r"choices 0 and 2 are identical"),
+        ({"context": "a", "choices": [" b", " b"], "answer": 1}, r"choices 0 and 1 are identical"),
     ],
 )
 def test_malformed_items_are_rejected(item, message):
@@ -351,6 +355,50 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
     path.write_text('{"context": [1], "choices": [[1], [2]], "answer": 5}\n')
     with pytest.raises(TaskError, match=r"bad.jsonl:1.answer=5 is out of range"):
         read_jsonl(path)
+    # ids key the per-item results across runs: 1 and "1" are the same id
+    path.write_text('{"id": 1, "context": [1], "choices": [[1], [2]], "answer": 0}\n\n'
+                    '{"id": "1", "context": [2], "choices": [[1], [2]], "answer": 1}\n')
+    with pytest.raises(TaskError, match=r"bad.jsonl:3: id '1' was already used on line 1"):
+        read_jsonl(path)
+
+
+def test_text_items_use_the_datasets_own_tokenizer(tmp_path, monkeypatch):
+    """Text items are encoded with the tokenizer the run's dataset was prepared with (its metadata.json), and
+    the vocabulary guard is the corpus's: a dataset that cannot be found from the working directory is an
+    error (it used to fall back to bytes and score BPE-model text silently); text on a synthetic run is
+    refused even when the corpus vocabulary is large enough for byte ids (1024 here); ids the model's
+    embedding has but the corpus never used are refused."""
+    import flax.linen as nn
+
+    from experiments.data import prepare_text
+    from experiments.presets import get_preset
+    from experiments.tokenizers import BPETokenizer
+    from models import build_model
+
+    (tmp_path / "a.txt").write_text("The capital of France is Paris. " * 200 + "hello world " * 100)
+    monkeypatch.chdir(tmp_path)
+    prepare_text(["a.txt"], "data/bpe", tokenizer="bpe", vocab_size=300, progress=False)
+    cfg = get_preset("tiny").override(["model.vocab_size=320", "data.path=data/bpe"])
+    corpus = ev.corpus_of(cfg)
+    assert isinstance(corpus.tokenizer, BPETokenizer) and corpus.vocab_size == 320
+    params = nn.meta.unbox(build_model(cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+    text = Task(TaskSpec("mc", n_items=1), [MCItem("The capital of France is", (" Paris", " Rome"), 0)], {},
+                label="text")
+    res = ev.evaluate_params(cfg, params["params"], [text])["text"]
+    assert res["items"]["n_tokens"][0][0] == len(corpus.tokenizer.encode(" Paris")) < len(" Paris")
+    monkeypatch.chdir(tmp_path / "data")
+    with pytest.raises(TaskError, match=r"cannot read the run's dataset data.path='data/bpe' from .*there"):
+        ev.evaluate_params(cfg, params["params"], [text])
+
+    syn = get_preset("tiny").override(["model.vocab_size=1024", "data.synthetic.vocab_size=1024"])
+    params = nn.meta.unbox(build_model(syn.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+    with pytest.raises(TaskError, match=r"task\(s\) \['text'\] have text items, but this run was trained "
+                                        r"on a synthetic corpus"):
+        ev.evaluate_params(syn, params["params"], [text])
+    syn = syn.override(["data.synthetic.vocab_size=64"])
+    ids = Task(TaskSpec("mc", n_items=1), [MCItem((1, 2), ((3,), (100,)), 0)], {}, label="ids")
+    with pytest.raises(TaskError, match=r"token id 100 is outside the vocabulary the model was trained on"):
+        ev.evaluate_params(syn, params["params"], [ids])
 
 
 def test_unknown_task_name_and_non_synthetic_source(tmp_path):
@@ -439,6 +487,6 @@ def test_downstream_json_written_after_training(tmp_path, capsys):
     text = tmp_path / "text.jsonl"
     text.write_text('{"context": "The capital of France is", "choices": [" Paris", " Rome"], "answer": 0}\n')
     assert ev.main([str(tmp_path), "--no-battery", "--jsonl", str(text)]) == 2
-    assert "outside the model's vocabulary" in capsys.readouterr().err
+    assert "trained on a synthetic corpus, which has no text" in capsys.readouterr().err
     assert ev.main([str(tmp_path / "nowhere")]) == 2
     assert "config.json not found: is" in capsys.readouterr().err
