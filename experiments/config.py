@@ -49,6 +49,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# Every logical axis name the models give parameters and activations (the table's names, plus MLA's low-rank
+# axes, unsharded by default): a rule naming another (a typo such as "embd") would match nothing and
+# silently leave every parameter without its FSDP sharding. tests/test_sharding.py checks this list.
+LOGICAL_AXES = tuple(name for name, _ in LOGICAL_AXIS_RULES) + ("q_lora", "kv_lora")
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,13 @@ class ExperimentConfig:
                     f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds the run length "
                     f"({total} steps)"
                 )
+            else:  # the schedule's own checks (a WSD cool-down inside warmup, or too short to decay)
+                from optim.schedules import schedule_params
+
+                try:
+                    schedule_params(self.optimizer, total)
+                except ValueError as e:
+                    errors.append(f"optimizer: {e}")
         if t.microbatches < 1 or d.batch_size % t.microbatches:
             errors.append(
                 f"trainer.microbatches={t.microbatches} must be >= 1 and divide "
@@ -223,6 +234,11 @@ class ExperimentConfig:
             bad = [a for a in axes if a not in MESH_AXES]
             if bad:
                 errors.append(f"mesh.rules entry {rule!r} names unknown mesh axes {bad}; valid: {MESH_AXES}")
+            if len(set(axes)) < len(axes):
+                errors.append(f"mesh.rules entry {rule!r} names a mesh axis twice")
+            if rule[0] not in LOGICAL_AXES:
+                errors.append(f"mesh.rules entry {rule!r}: unknown logical axis {rule[0]!r}; the models "
+                              f"use {LOGICAL_AXES}")
         if errors:
             raise ConfigError("invalid experiment config:\n  - " + "\n  - ".join(errors))
         return self

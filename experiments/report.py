@@ -522,11 +522,25 @@ def collect_runs(runs: Sequence[PlannedRun], runs_dir: Path) -> list[dict]:
                 "entropy_floor": s.get("entropy_floor") if s else None,
                 "unigram_entropy": s.get("unigram_entropy") if s else None,
                 "wall_seconds": s.get("wall_seconds") if s else None,
+                "epochs": s.get("epochs") if s else None,  # passes over the train split (summary.json)
                 "error": err,
                 "downstream": _downstream_scalars(d) if s else None,
             }
         )
     return out
+
+
+def _repetition_note(rr: Sequence[dict]) -> list[str]:
+    """A note when runs read their train split more than once: the fits take tokens as unique data."""
+    over = [r for r in rr if (r.get("epochs") or 0) > 1]
+    if not over:
+        return []
+    worst = max(over, key=lambda r: r["epochs"])
+    return [
+        f"{len(over)} of {sum(r.get('epochs') is not None for r in rr)} finished runs trained on more tokens "
+        f"than their train split holds (up to {worst['epochs']:.2f} epochs, {worst['name']}): their tokens "
+        "repeat, while the fits read D as unique tokens"
+    ]
 
 
 def _group_block(
@@ -843,7 +857,7 @@ def build_report(
         "schema_version": REPORT_SCHEMA_VERSION,
         "preset": spec.name,
         "description": spec.description,
-        "notes": list(spec.notes),
+        "notes": [*spec.notes, *_repetition_note(rr)],
         "corpus": {"entropy_rate": ent, "unigram_entropy": uni},
         "compute": {
             # one experiment planned under two roles (same run_id) is trained, and counted, once

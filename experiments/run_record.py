@@ -94,6 +94,14 @@ def _get(d: dict, dotted: str) -> Any:
     return d
 
 
+def eval_tokens(cfg: ExperimentConfig, ds: TokenDataset) -> int:
+    """Distinct validation tokens scored: ``eval_steps`` x ``eval_batch_size`` sequential windows of the val
+    split, wrapping around it (experiments.data.sequential_batch). Runs compare on one validation set only
+    when this and the windows agree: fix ``trainer.eval_batch_size`` across batch sizes (the study does)."""
+    windows = (ds.n_tokens("val") - 1) // cfg.data.seq_len
+    return min(cfg.trainer.eval_steps * cfg.eval_batch_size, windows) * cfg.data.seq_len
+
+
 def build_summary(
     cfg: ExperimentConfig,
     ds: TokenDataset,
@@ -126,6 +134,10 @@ def build_summary(
         "steps": steps,
         "batch_size": cfg.data.batch_size,
         "seq_len": L,
+        # Windows are drawn with replacement from the train split: above 1, tokens were repeated, and a law
+        # fitted on "tokens" as D reads them as unique data (trainer.data_repetition warns when training).
+        "epochs": tokens / ds.n_tokens("train"),
+        "eval_tokens": eval_tokens(cfg, ds),
         "final_loss": final_loss,
         "final_eval_loss": final_eval_loss,
         "eval_mode": EVAL_MODE,

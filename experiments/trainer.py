@@ -355,6 +355,28 @@ def check_dataset(cfg: ExperimentConfig, ds: TokenDataset) -> None:
         )
 
 
+def data_warnings(cfg: ExperimentConfig, ds: TokenDataset) -> list[str]:
+    """What a run does with its data that a scaling study should know (not errors: multi-epoch training is
+    a legitimate choice, Muennighoff et al. 2023): repeated training tokens, wrapped validation windows."""
+    out = []
+    tokens, train = cfg.total_steps * cfg.tokens_per_step, ds.n_tokens("train")
+    if tokens > train:
+        out.append(
+            f"{tokens:,} training tokens from a {train:,}-token train split ({ds.directory}): "
+            f"{tokens / train:.2f} epochs. Windows are drawn with replacement, so data repeats, while a "
+            "scaling law fitted on summary.json's tokens reads them as unique; raise data.n_train_tokens "
+            "(synthetic) or prepare more text"
+        )
+    windows = (ds.n_tokens("val") - 1) // cfg.data.seq_len
+    asked = cfg.trainer.eval_steps * cfg.eval_batch_size
+    if asked > windows:
+        out.append(
+            f"validation asks for {asked} windows (trainer.eval_steps x eval batch {cfg.eval_batch_size}) "
+            f"but the val split holds {windows}: {asked - windows} are scored twice"
+        )
+    return out
+
+
 def read_summary(path: Path, emit: Callable[[str], None]) -> dict | None:
     """A finished run's summary.json, or None when there is none or it is unreadable (torn by a kill while
     it was written, before summaries were written atomically): the caller then rewrites it from the final
@@ -416,6 +438,9 @@ def train_batch(ds: TokenDataset, cfg: ExperimentConfig, prog: Program, step: in
     return shd.host_batch(local, prog.train_batch_sharding, (M, B // M, L + 1))
 
 
+EVAL_SYNC_EVERY = 8
+
+
 def evaluate(ds: TokenDataset, cfg: ExperimentConfig, prog: Program, state: Any) -> float:
     """Mean loss over the first ``eval_steps`` fixed validation batches (the same every time), of the train
     state's parameters (and non-parameter model state, e.g. router biases)."""
@@ -428,6 +453,11 @@ def evaluate(ds: TokenDataset, cfg: ExperimentConfig, prog: Program, state: Any)
         )
         batch = shd.host_batch(local, prog.eval_batch_sharding, (Be, L + 1))
         losses.append(prog.eval_step(params, model_state, batch))
+        if (i + 1) % EVAL_SYNC_EVERY == 0:
+            # Dozens of queued sharded steps trip XLA:CPU's fixed 40 s all-reduce rendezvous timeout on a
+            # simulated multi-device mesh (SIGABRT at eval_steps=100 on 8 CPU devices); a wait every few
+            # steps costs nothing measurable on a GPU, where the steps are short.
+            jax.block_until_ready(losses[-1])
     return float(np.mean(np.asarray(jax.device_get(losses), dtype=np.float64)))
 
 
@@ -493,6 +523,8 @@ def train(
 
         ds = open_dataset(cfg, workdir)
         check_dataset(cfg, ds)
+        for warning in data_warnings(cfg, ds):
+            emit(f"warning: {warning}")
         prog = build_program(cfg, mesh)
         emit(shd.describe_mesh(mesh))
         counts = accounting.param_counts(cfg.model)

@@ -57,6 +57,12 @@ def schedule_params(cfg: OptimizerConfig, total_steps: int, *,
                 f"{total_steps} steps), before warmup ends at step {warmup}"
             )
         decay_begin, decay_len = decay_start, total_steps - decay_start
+        if decay_len < 2:  # its first step is at the peak (the convention above): nothing would decay
+            raise ValueError(
+                f"WSD cool-down of {decay_len} step(s) (decay_fraction={cfg.decay_fraction} of {total_steps} "
+                "steps) would not decay: its first step is at the peak, so it needs at least 2; raise "
+                "decay_fraction, or use schedule='constant' for a run without a cool-down"
+            )
     else:
         decay_begin, decay_len = warmup, total_steps - warmup
     if cfg.schedule == "constant":

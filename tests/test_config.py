@@ -93,6 +93,9 @@ def test_from_dict_rejects_unknown_and_mistyped_fields():
         (["data.seq_len=1000"], "data.seq_len=1000 exceeds model.max_seq_len"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "at most one -1"),
         (['mesh.rules=[["embed", "model"]]'], "unknown mesh axes"),
+        # a misspelt logical axis matched nothing: every parameter silently lost its FSDP sharding
+        (['mesh.rules=[["embd", "fsdp"]]'], r"unknown logical axis 'embd'"),
+        (['mesh.rules=[["batch", ["data", "data"]]]'], r"names a mesh axis twice"),  # crashed inside JAX
         (["model.n_heads=3"], "model: invalid ModelConfig"),
         (["optimizer.warmup_steps=100000"], "warmup_steps=100000 exceeds the run length"),
         (["data.synthetic.vocab_size=1000"], "data.synthetic.vocab_size=1000 exceeds model.vocab_size"),
@@ -104,6 +107,7 @@ def test_from_dict_rejects_unknown_and_mistyped_fields():
         (["model.rope_theta=NaN"], r"rope_theta=nan must be a positive \(finite\) number"),
         (["trainer.peak_flops=NaN"], r"trainer.peak_flops=nan must be finite"),
         (["seed=-1"], r"seed=-1 must be >= 0"),
+        (["optimizer.schedule=wsd", "optimizer.decay_fraction=0.005"], r"optimizer: WSD cool-down of 0 step"),
         # a validation split shorter than one window was found only after the whole run had trained
         (["data.n_val_tokens=10"], r"data.n_val_tokens=10 is shorter than one window \(data.seq_len \+ 1"),
     ],

@@ -599,6 +599,12 @@ def test_schedule_errors():
         make_schedule(OptimizerConfig(warmup_steps=20), 10)
     with pytest.raises(ValueError, match="before warmup ends"):
         make_schedule(OptimizerConfig(schedule="wsd", warmup_steps=90, decay_fraction=0.2), 100)
+    # a cool-down of 0 or 1 steps: its first step is at the peak, so the run never decayed, silently
+    for steps, fraction in ((10, 0.1), (4, 0.1), (100, 0.0)):
+        with pytest.raises(ValueError, match=r"WSD cool-down of [01] step\(s\).*would not decay"):
+            make_schedule(OptimizerConfig(schedule="wsd", warmup_steps=1, decay_fraction=fraction), steps)
+    assert float(make_schedule(OptimizerConfig(schedule="wsd", warmup_steps=1, decay_fraction=0.2,
+                                               min_lr_ratio=0.0), 10)(9)) < 0.5e-3
     with pytest.raises(ValueError, match="total_steps"):
         make_schedule(OptimizerConfig(), 0)
 

@@ -57,6 +57,28 @@ def _specs(model_cfg, mesh):
     )
 
 
+def test_config_knows_every_logical_axis_the_models_use():
+    """experiments.config.LOGICAL_AXES (what mesh.rules may name) covers every parameter's logical axes in
+    each family, MLA with both low-rank projections included."""
+    from experiments.config import LOGICAL_AXES
+    from models import build_model
+
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16)
+    configs = [
+        ModelConfig(**base),
+        ModelConfig(**base, family="moe", n_experts=4, moe_top_k=2),
+        ModelConfig(**base, family="mor", mor_recursions=2, mor_sharing="cycle"),
+        ModelConfig(**base, attention="mla", mla_kv_lora_rank=16, mla_q_lora_rank=16),
+    ]
+    used = set()
+    for cfg in configs:
+        boxed = jax.eval_shape(build_model(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+        specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, P))
+        used |= {name for spec in specs for name in spec if name is not None}
+    assert {"embed", "mlp", "heads", "expert", "q_lora", "kv_lora"} <= used
+    assert used <= set(LOGICAL_AXES), used - set(LOGICAL_AXES)
+
+
 def test_rules_table_shards_parameters_megatron_and_fsdp_style():
     mesh = shd.make_mesh(MESH_222)
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=8)

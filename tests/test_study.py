@@ -865,3 +865,11 @@ def test_downstream_fits_run_up_to_each_tasks_known_ceiling(tmp_path):
         h = out[task]["heldout"][0]
         assert h["predicted_sigmoid"] == pytest.approx(truth, rel=0.02), task
         assert h["predicted_two_step"] == pytest.approx(truth, rel=0.05), task
+
+
+def test_report_notes_runs_that_repeated_their_data():
+    rows = [{"name": "a", "epochs": 0.5}, {"name": "b", "epochs": 2.5}, {"name": "c", "epochs": 1.2},
+            {"name": "d", "epochs": None}]
+    (note,) = report_mod._repetition_note(rows)
+    assert note.startswith("2 of 3 finished runs trained on more tokens") and "2.50 epochs, b" in note
+    assert report_mod._repetition_note(rows[:1]) == []

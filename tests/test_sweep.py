@@ -329,6 +329,28 @@ def test_all_presets_plan():
     assert "dense-adamw" in names and "dense-muon" in names
 
 
+@pytest.mark.parametrize("name", ["cpu-tiny", "cpu-families"])
+def test_every_run_of_a_study_scores_one_validation_set_and_reads_unique_data(tmp_path, name):
+    """The validation set is eval_steps x eval batch windows; the eval batch used to follow each run's planned
+    batch, so budgets were scored on 8k, 16k or 32k-token prefixes (true-source losses up to 0.017 nats
+    apart). And the CPU corpora were 1M tokens, which 19/46 (cpu-tiny) and 42/96 (cpu-families) runs
+    exceeded, repeating data the fits read as unique."""
+    from experiments.config import ExperimentConfig
+    from experiments.study import plan_main_stage
+
+    planned = plan_main_stage(get_study_preset(name), tmp_path, {})
+    cfgs = [ExperimentConfig.from_dict(r.config) for r in planned]
+    assert len({c.data.batch_size for c in cfgs}) > 1
+    assert {(c.eval_batch_size, c.trainer.eval_steps) for c in cfgs} == {(16, 31)}
+    assert max(c.total_steps * c.tokens_per_step / c.data.n_train_tokens for c in cfgs) < 1
+    # a base that leaves the eval batch to its default: the planner pins the base's own
+    spec, g, rules = _spec_base("cpu-micro")
+    base = dataclasses.replace(g.base, trainer=dataclasses.replace(g.base.trainer, eval_batch_size=None))
+    runs = plan_isoflop(base, spec.budgets, 3, rules, shape_rule=g.shape, span=spec.span)
+    cfgs = [ExperimentConfig.from_dict(r.config) for r in runs]
+    assert len({c.data.batch_size for c in cfgs}) > 1 and {c.eval_batch_size for c in cfgs} == {16}
+
+
 # ----- executors (fake trainer) -----------------------------------------------------------------------------
 def _fake_train(calls, fail_names=()):
     def train(cfg, workdir, devices=None, log=None):

@@ -303,6 +303,21 @@ def test_summary_has_schema_and_consistent_values(one_device_run, data_dir):
     assert s["config"]["trainer"]["steps"] == 6 and s["optimizer"] == "adamw" and s["family"] == "dense"
     assert json.loads((wd / "config.json").read_text()) == s["config"]
     assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+    # passes over the train split, and the distinct validation tokens scored (2 steps x 8 windows of 16)
+    assert s["epochs"] == pytest.approx(6 * 8 * 16 / meta["n_tokens"]["train"]) and s["eval_tokens"] == 256
+
+
+def test_repeated_training_data_is_warned_and_counted(tmp_path, data_dir):
+    """More training tokens than the train split holds: windows are drawn with replacement, so data repeats,
+    and a law reading summary.json's tokens as D would take them as unique. Named when training starts."""
+    from experiments.trainer import data_warnings, open_dataset
+
+    cfg = small_cfg(data_dir, *ONE, "trainer.steps=200", "trainer.eval_every=0", "trainer.checkpoint_every=0")
+    ds = open_dataset(cfg, tmp_path)
+    (warning,) = data_warnings(cfg, ds)
+    assert warning.startswith("25,600 training tokens from a 20,000-token train split")
+    assert "1.28 epochs" in warning
+    assert data_warnings(small_cfg(data_dir, *ONE), ds) == []  # 768 tokens: no warning
 
 
 @pytest.mark.parametrize("async_metrics", ["false", "true"])
@@ -472,3 +487,24 @@ def test_runs_differing_in_lr_and_schedule_share_one_compiled_step(data_dir, opt
     # AdamW: |update| = lr(0) * (|m / sqrt(v)| = 1, + weight decay, equal in both); Muon: the same
     # orthogonalised direction in both, scaled by lr(0). A schedule baked into the program would give 1.
     assert ratio == pytest.approx(0.005 / 0.003, rel=0.01)
+
+
+def test_a_long_evaluation_on_a_simulated_8_device_mesh_finishes(tmp_path):
+    """100 eval steps dispatched without a wait aborted the process (SIGABRT: XLA:CPU's 40 s all-reduce
+    rendezvous timeout) on 8 simulated CPU devices; evaluate now waits every EVAL_SYNC_EVERY steps. In a
+    subprocess: the abort would take the test worker with it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    args = ["--preset", "tiny", "--workdir", str(tmp_path / "run"), "--set", "trainer.steps=3",
+            "--set", "optimizer.warmup_steps=1", "--set", "data.n_val_tokens=20000",
+            "--set", "trainer.eval_steps=100", "--set", "trainer.progress=false"]
+    out = subprocess.run([sys.executable, "-m", "experiments.train", *args], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # 1600 windows asked of a 312-window val split: the distinct tokens scored, and a warning
+    assert summary["devices"] == 8 and summary["eval_tokens"] == (20000 - 1) // 64 * 64
+    assert "validation asks for 1600 windows" in out.stdout + out.stderr
