@@ -21,13 +21,15 @@ from optim.config import OptimizerConfig
 from optim.schedules import wsd_decay_start
 
 
-def _branch_steps(opt: OptimizerConfig, start: int) -> int:
-    """The fewest total steps whose WSD cool-down starts exactly at ``start`` (the parent's last step)."""
-    for total in range(start + 1, 4 * start + 16):
+def _branch_steps(opt: OptimizerConfig, start: int) -> tuple[int, float]:
+    """Total steps and decay fraction of a WSD run whose cool-down starts exactly at ``start`` (the parent's
+    last step) and lasts the 2 steps a cool-down needs to decay at all (optim.schedules): the fewest steps at
+    the planned fraction, else start + 2 steps at fraction 2 / (start + 2). The fraction is a traced argument
+    of the compiled step, like the learning rate, so changing it exercises the same program."""
+    for total in range(start + 2, 4 * start + 16):
         if wsd_decay_start(opt, total) == start:
-            return total
-    raise ValueError(f"no step count has its WSD cool-down start at step {start} (decay_fraction "
-                     f"{opt.decay_fraction}); use more rehearsal steps")
+            return total, opt.decay_fraction
+    return start + 2, 2.0 / (start + 2)
 
 
 def rehearse(
@@ -50,15 +52,21 @@ def rehearse(
         raise ValueError(f"steps must be >= 2 (warmup + one more step), got {steps}")
     by_name = {r.name: r for r in runs}
     new_steps: dict[str, int] = {}
+    decay_fractions: dict[str, float] = {}  # WSD runs whose fraction had to change (_branch_steps)
 
     def steps_of(r: PlannedRun) -> int:
         if r.name not in new_steps:
             exp = r.experiment
+            wsd = exp.optimizer.schedule == "wsd"
             if r.parent is None:
                 n = min(steps, exp.total_steps)
+                if wsd:  # its own cool-down, from the stable phase the cut leaves
+                    n, decay_fractions[r.name] = _branch_steps(exp.optimizer, max(1, n - 2))
             else:
                 start = steps_of(by_name[r.parent["run"]])
-                n = _branch_steps(exp.optimizer, start) if exp.optimizer.schedule == "wsd" else start + steps
+                n = start + steps
+                if wsd:
+                    n, decay_fractions[r.name] = _branch_steps(exp.optimizer, start)
             new_steps[r.name] = n
         return new_steps[r.name]
 
@@ -75,6 +83,8 @@ def rehearse(
             checkpoint_every=max(1, n // 2), log_every=1,
         )
         cfg["optimizer"].update(warmup_steps=1)
+        if r.name in decay_fractions:
+            cfg["optimizer"]["decay_fraction"] = decay_fractions[r.name]
         seq_len = int(cfg["data"]["seq_len"])
         cfg["data"].update(batch_size=batch, n_val_tokens=max(16_384, 2 * batch * seq_len))
         longest = max(longest, n * batch * seq_len)

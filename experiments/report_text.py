@@ -189,14 +189,14 @@ def _seed_noise_markdown(sn: dict) -> list[str]:
 
 
 def _form_extrapolation_markdown(ext: dict) -> list[str]:
-    mults = [x["multiple"] for x in next((e for e in ext.values() if isinstance(e, list)), [])]
-    if not mults:
+    if not ext:
         return []
+    mults = [x["multiple"] for x in next((e for e in ext.values() if isinstance(e, list)), [])]
+    head = " | ".join(f"N* at {m:g}x | loss at {m:g}x" for m in mults) if mults else "beyond the sweep"
     L = ["", "What each form, fitted on the isoFLOP runs as above, says beyond the sweep: compute-optimal N* "
          "and loss. The spread between forms is model uncertainty, which is not part of a bootstrap of one "
          "form († = below the corpus's entropy rate: impossible).", "",
-         "| form | " + " | ".join(f"N* at {m:g}x | loss at {m:g}x" for m in mults) + " |",
-         "|---|" + "---|---|" * len(mults)]
+         f"| form | {head} |", "|---|" + ("---|---|" * len(mults) if mults else "---|")]
     for name, e in ext.items():
         if isinstance(e, dict):
             why = f"not available ({e['error']})"

@@ -107,7 +107,7 @@ def test_from_dict_rejects_unknown_and_mistyped_fields():
         (["model.rope_theta=NaN"], r"rope_theta=nan must be a positive \(finite\) number"),
         (["trainer.peak_flops=NaN"], r"trainer.peak_flops=nan must be finite"),
         (["seed=-1"], r"seed=-1 must be >= 0"),
-        (["optimizer.schedule=wsd", "optimizer.decay_fraction=0.005"], r"optimizer: WSD cool-down of 0 step"),
+        (["optimizer.schedule=wsd", "optimizer.decay_fraction=0.0"], r"optimizer: WSD cool-down of 0 step"),
         # a validation split shorter than one window was found only after the whole run had trained
         (["data.n_val_tokens=10"], r"data.n_val_tokens=10 is shorter than one window \(data.seq_len \+ 1"),
     ],

@@ -103,16 +103,13 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert lf["forms"]["farseer"]["folds"][0]["skipped"] == "6 training points for 9 parameters"
     assert sorted(lf["ranking"]) == ["chinchilla", "kaplan"]
     ex = g["extrapolation"]
-    # each form's extrapolation: Chinchilla's is the headline one; Farseer cannot be fitted on 6 points
+    # each form's extrapolation: Chinchilla's is the headline one; Farseer cannot be fitted on 6 points. This
+    # toy's runs are far below 20 tokens per parameter, so the smallest size wins every budget and the fitted
+    # laws have no interior optimum in N: both say so (the positive path: the test after this one)
     fx = lf["extrapolation"]
-    assert [(x["multiple"], x["N"], x["loss"]) for x in fx["chinchilla"]] == [
-        (x["multiple"], x["N"], x["loss"]) for x in ex]
-    assert [x["multiple"] for x in fx["kaplan"]] == [10.0, 100.0]
-    assert all(x["below_entropy"] == (x["loss"] < ent) for x in fx["kaplan"] + fx["chinchilla"])
+    assert ex["error"].startswith("ValueError: no interior optimum over N") and fx["chinchilla"] == ex
+    assert fx["kaplan"]["error"].startswith("ValueError: no interior optimum over N")
     assert fx["farseer"] == {"error": "ValueError: 6 isoFLOP points for 9 parameters"}
-    assert [x["multiple"] for x in ex] == [10.0, 100.0]
-    assert ex[1]["C"] == pytest.approx(100 * max(spec.budgets))
-    assert all(x["N"] > 0 and x["D"] > 0 for x in ex)
     assert "loss_vs_training_flops" in on_disk["pareto"]
     front = on_disk["pareto"]["loss_vs_training_flops"]
     losses = [p["loss"] for p in front]
@@ -122,6 +119,9 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert ch["at_bounds"] == ["E"] and ch["params"]["E"] < 1e-100
     assert "fitted E = 0 (at its lower bound" in md and "1e-300" not in md
     assert "Held-out runs" in md and f"{h['relative_error']:+.2%}" in md
+    # this toy's 50k-token corpus is shorter than its longest runs: the report says so
+    (note,) = [n for n in on_disk["notes"] if "epochs" in n]
+    assert note.startswith("3 of 11 finished runs trained on more tokens than their train split") and note in md
     assert "Run-to-run noise" in md and "Lack-of-fit F test" in md
     assert "Which law form extrapolates" in md and "What each form, fitted on the isoFLOP runs" in md
     assert f"{abs(cf['mean_bias']):.2%} ({cf['mean_bias']:+.2%})" in md
@@ -832,6 +832,39 @@ def test_lack_of_fit_test_separates_misfit_from_noise():
     assert bad["F"] == pytest.approx(16 * ok["F"]) and bad["p_value"] < 1e-3
     assert bad["p_value"] == pytest.approx(stats.f.sf(bad["F"], 10, 12))
     assert lack_of_fit_test(noise[:5], 5, 0.03, 12) is None and lack_of_fit_test(noise, 5, 0.0, 12) is None
+
+
+def test_each_law_forms_extrapolation_beside_the_headline_one():
+    """The law-form block's extrapolations: Chinchilla's is the headline fit's own (same N*, loss), Kaplan's
+    is fitted by the backtest; below-entropy losses flagged. (Farseer's error on too few points: the
+    end-to-end test above.)"""
+    from types import SimpleNamespace
+
+    from scaling.laws import get_law
+
+    hoffmann = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+    rows = []
+    for c in (1e18, 3e18, 1e19, 3e19):
+        for n in np.sqrt(c / 120) * np.geomspace(0.3, 3, 4 if c < 3e19 else 1):
+            d = c / (6 * n)
+            loss = float(get_law("chinchilla").predict(hoffmann, N=n, D=d))
+            rows.append({"budget": c, "params": n, "tokens": d, "flops": c, "final_eval_loss": loss})
+    fit_rows, held_rows = rows[:-1], rows[-1:]
+    spec = SimpleNamespace(law_forms=("chinchilla", "kaplan"), budgets=(1e18, 3e18, 1e19),
+                           extrapolate=(10.0, 100.0))
+    res, _ = report_mod.fit_chinchilla(fit_rows, 0)
+    ex = report_mod._extrapolation(res, None, 1e19, spec.extrapolate, None)
+    floor = (ex[0]["loss"] + ex[1]["loss"]) / 2  # an "entropy rate" between the 10x and 100x losses
+    fx = report_mod._law_forms_block(spec, fit_rows, held_rows, None, res, entropy=floor)["extrapolation"]
+    assert [(x["multiple"], x["N"], x["loss"]) for x in fx["chinchilla"]] == [
+        (x["multiple"], x["N"], x["loss"]) for x in ex]
+    assert ex[1]["C"] == pytest.approx(1e21) and all(x["N"] > 0 and x["D"] > 0 for x in ex)
+    # noiseless Hoffmann data: the compute-optimal N* of the published law (G (C/6)^a, Hoffmann Eq. 4)
+    G = (0.34 * 406.4 / (0.28 * 410.7)) ** (1 / 0.62)
+    assert ex[0]["N"] == pytest.approx(G * (1e20 / 6) ** (0.28 / 0.62), rel=0.02)
+    assert [x["multiple"] for x in fx["kaplan"]] == [10.0, 100.0]
+    assert all(x["below_entropy"] == (x["loss"] < floor) for x in fx["kaplan"] + fx["chinchilla"])
+    assert [x["below_entropy"] for x in fx["chinchilla"]] == [False, True]
 
 
 def test_downstream_fits_run_up_to_each_tasks_known_ceiling(tmp_path):
