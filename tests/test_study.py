@@ -121,7 +121,8 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     assert "Held-out runs" in md and f"{h['relative_error']:+.2%}" in md
     # this toy's 50k-token corpus is shorter than its longest runs: the report says so
     (note,) = [n for n in on_disk["notes"] if "epochs" in n]
-    assert note.startswith("3 of 11 finished runs trained on more tokens than their train split") and note in md
+    assert note.startswith("3 of 11 finished runs trained on more tokens than their train split")
+    assert note in md
     assert "Run-to-run noise" in md and "Lack-of-fit F test" in md
     assert "Which law form extrapolates" in md and "What each form, fitted on the isoFLOP runs" in md
     assert f"{abs(cf['mean_bias']):.2%} ({cf['mean_bias']:+.2%})" in md
