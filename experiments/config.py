@@ -193,9 +193,14 @@ class ExperimentConfig:
                 from optim.schedules import schedule_params
 
                 try:
-                    schedule_params(self.optimizer, total)
-                except ValueError as e:
-                    errors.append(f"optimizer: {e}")
+                    self.optimizer.validate()  # a bad field is reported once, by the optimizer's own check
+                except ValueError:
+                    pass
+                else:
+                    try:
+                        schedule_params(self.optimizer, total)
+                    except ValueError as e:
+                        errors.append(f"optimizer: {e}")
         if t.microbatches < 1 or d.batch_size % t.microbatches:
             errors.append(
                 f"trainer.microbatches={t.microbatches} must be >= 1 and divide "

@@ -418,8 +418,9 @@ class Corpus:
 def corpus_of(cfg: Any) -> Corpus:
     """The corpus of a run: the synthetic source, or the prepared dataset ``data.path`` read from its
     ``metadata.json``. A relative ``data.path`` is relative to the directory the run was trained from; a
-    dataset that cannot be found there is an error, never a silent fallback to the byte tokenizer (text
-    would be encoded with the wrong tokenizer and scored without complaint)."""
+    dataset that cannot be found there is an error (``evaluate_params`` then scores token-id items against the
+    model's vocabulary and refuses text), never a silent fallback to the byte tokenizer: text would be encoded
+    with the wrong tokenizer and scored without complaint."""
     from experiments.data import DataError, TokenDataset
     from experiments.tokenizers import BPETokenizer, ByteTokenizer
 
@@ -432,15 +433,14 @@ def corpus_of(cfg: Any) -> Corpus:
             f"cannot read the run's dataset data.path={cfg.data.path!r} from {Path.cwd()} ({e}); a relative "
             "data.path is relative to the directory the run was trained from: evaluate from there"
         ) from e
-    kind = (ds.metadata.get("tokenizer") or {}).get("type")
+    tokenizer = ds.metadata.get("tokenizer")
+    kind = tokenizer.get("type") if isinstance(tokenizer, dict) else None
     if kind == "bpe":
         tok = BPETokenizer.from_file(ds.directory / "tokenizer.json")
     elif kind == "byte":
         tok = ByteTokenizer()
-    elif kind == "synthetic":
+    else:  # synthetic, or tokenised elsewhere and not recorded: token ids only (text items are refused)
         tok = None
-    else:
-        raise TaskError(f"{ds.directory}/metadata.json: unknown tokenizer type {kind!r}")
     return Corpus(ds.vocab_size, tok)
 
 
@@ -572,15 +572,20 @@ def battery_for(cfg: Any, seed: int = 0, names=None) -> list[Task]:
 def evaluate_params(cfg: Any, params: Any, tasks: list[Task], eval_cfg: EvalConfig | None = None):
     """Evaluate ``params`` (the parameter tree, or variables ``{"params": ..., **model_state}`` for stateful
     models) of an ExperimentConfig's model on ``tasks``."""
-    corpus = corpus_of(cfg)
-    if corpus.tokenizer is None:
-        text = [t.name for t in tasks if t.spec.kind == "mc" and any(it.is_text for it in t.items)]
+    text = [t.name for t in tasks if t.spec.kind == "mc" and any(it.is_text for it in t.items)]
+    try:
+        corpus = corpus_of(cfg)
+    except TaskError:
         if text:
-            raise TaskError(
-                f"task(s) {text} have text items, but this run was trained on a synthetic corpus, which "
-                "has no text: give its items as token ids, or score them on a run trained on text "
-                "(python -m experiments.data prepare)"
-            )
+            raise
+        # token ids need no tokenizer: without the dataset, the model's own vocabulary bounds them
+        corpus = Corpus(int(cfg.model.vocab_size), None)
+    if corpus.tokenizer is None and text:
+        raise TaskError(
+            f"task(s) {text} have text items, but this run's corpus has no text tokenizer (a synthetic "
+            "corpus, or a dataset whose metadata.json names none): give its items as token ids, or score "
+            "them on a run trained on text (python -m experiments.data prepare)"
+        )
     scorer = Scorer(
         model_apply_fn(cfg.model),
         params,

@@ -42,9 +42,11 @@ def rehearse(
 ) -> list[PlannedRun]:
     """The plan ``runs`` cut down for a CPU rehearsal (module docstring); returns resolved runs.
 
-    Roots train ``min(steps, planned)`` steps; a child continuing its parent's constant-lr phase trains
-    ``steps`` more; a WSD cool-down branch gets the fewest steps whose cool-down starts at its parent's last
-    step, so WSD reuse is exercised exactly as planned. ``devices`` is the data-parallel width the runs will
+    Roots train ``min(steps, planned)`` steps (a WSD root: enough more for a 2-step cool-down); a child
+    continuing its parent's constant-lr phase trains ``steps`` more; a WSD cool-down branch gets the fewest
+    steps whose cool-down starts at its parent's last step and lasts at least 2 steps, at the planned decay
+    fraction where one fits, else at the fraction that does (``_branch_steps``): WSD reuse is exercised as
+    planned, resuming from the parent's checkpoint. ``devices`` is the data-parallel width the runs will
     see (``jax.device_count()`` for ``mesh.data=-1``): batches stay divisible by it. ``keep_cudnn`` keeps
     cuDNN attention (a rehearsal on a GPU); otherwise it becomes XLA attention.
     """

@@ -12,8 +12,9 @@ report.json schema (``REPORT_SCHEMA_VERSION`` = 1; ``validate_report`` checks it
 - ``compute``: ``planned_flops`` (shared WSD prefixes once), ``flops_if_no_reuse``, ``spent_flops``
   (finished runs, prefixes once), ``wsd_saving`` (1 - WSD compute / the same runs from scratch)
 - ``runs``: one row per planned run: ``name, run_id, kind, group, budget, fit, params, non_embedding_params,
-  tokens, steps, flops, flops_per_token, learning_rate, batch_size, status, final_eval_loss, error,
-  downstream`` (task name -> accuracy / pass_prob_exact, or null)
+  tokens, steps, flops, flops_per_token, learning_rate, batch_size, status, final_eval_loss, epochs (passes
+  over the train split, summary.json; null until finished), error, downstream`` (task name -> accuracy /
+  pass_prob_exact, or null)
 - ``lr_rules``: group -> {"rule", "cells", "error"} (empty without an LR sweep)
 - ``groups``: group -> {
     ``n_fit_points``,

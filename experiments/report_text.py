@@ -430,9 +430,9 @@ def render_markdown(report: dict) -> str:
         else:
             L += [
                 "",
-                "Each sigmoid runs from the task's chance to its ceiling, both known from the corpus's "
-                "source: an mc task's accuracy when the model is the source, a gen task's pass probability "
-                "of the source's own samples.",
+                "Each sigmoid runs from the task's chance to its ceiling where the corpus's source gives "
+                "one (an mc task's accuracy when the model is the source, a gen task's pass probability of "
+                "the source's own samples); a task without one (–) is fitted with a ceiling of 1.",
                 "",
                 "| task | chance | ceiling | acc. range (fit runs) | held-out actual | sigmoid pred. "
                 "| two-step pred. |",

@@ -135,7 +135,7 @@ def build_summary(
         "batch_size": cfg.data.batch_size,
         "seq_len": L,
         # Windows are drawn with replacement from the train split: above 1, tokens were repeated, and a law
-        # fitted on "tokens" as D reads them as unique data (trainer.data_repetition warns when training).
+        # fitted on "tokens" as D reads them as unique data (trainer.data_warnings, when training starts).
         "epochs": tokens / ds.n_tokens("train"),
         "eval_tokens": eval_tokens(cfg, ds),
         "final_loss": final_loss,

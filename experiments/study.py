@@ -9,8 +9,10 @@ checkpoints, ``error.json`` on failure), ``data/`` (the synthetic corpus), ``.ja
 executables shared by runs of one shape), ``report.md``, ``report.json``, ``figures/*.png``, ``study.json``
 (the preset's name: a directory holds one study, and another preset is refused there).
 
-Run ids hash the resolved config (execution-only fields excluded), so a code version that adds a config field
-gives new ids: start a new DIR after upgrading.
+Run ids hash the resolved config (execution-only fields and fields at their defaults excluded), so a code
+version that changes a preset or the planner gives new ids; an existing ``plan.jsonl`` is reused as written,
+and a study warns when its runs' corpus or validation settings differ from what the preset now plans (edge
+extensions would be planned with the new ones): start a new DIR after upgrading.
 
 After training, an isoFLOP curve whose lowest loss is at an edge of its size grid gets one more size beyond
 that edge (``StudySpec.extend_edges`` rounds, appended to ``plan.jsonl`` as ``...-ext`` runs).
@@ -387,6 +389,30 @@ def _rehearsal(spec: StudySpec, out: Path, steps: int) -> Callable[[list[Planned
     return lambda runs: rehearse(runs, steps=steps, devices=jax.device_count(), keep_cudnn=on_gpu)
 
 
+def _stale_plan_settings(spec: StudySpec, runs: Sequence[PlannedRun]) -> list[str]:
+    """Where a reused plan's runs were planned with other corpus or validation settings than the preset now
+    gives (an earlier version of it): their losses are not comparable with runs planned now, such as edge
+    extensions, and a synthetic corpus of another size cannot share the study's data directory."""
+    out = []
+    for g in spec.groups:
+        def settings(c: ExperimentConfig) -> dict[str, int]:
+            return {"data.n_train_tokens": c.data.n_train_tokens, "data.n_val_tokens": c.data.n_val_tokens,
+                    "trainer.eval_steps": c.trainer.eval_steps, "eval batch": c.eval_batch_size}
+
+        now = settings(g.base.validate())
+        seen: dict[str, set] = {k: set() for k in now}
+        for r in runs:
+            if r.group == g.name:
+                for k, v in settings(r.experiment).items():
+                    seen[k].add(v)
+        diff = [f"{k} {sorted(v)} (now {now[k]})" for k, v in seen.items() if v and v != {now[k]}]
+        if diff:
+            out.append(f"was planned by an earlier version of preset {spec.name!r} (group {g.name}: "
+                       f"{'; '.join(diff)}): its runs are kept as planned, but runs planned now (edge "
+                       "extensions) would differ from them; start a new --out to plan the study afresh")
+    return out
+
+
 def run_study(
     spec: StudySpec,
     out: str | Path,
@@ -451,6 +477,9 @@ def run_study(
             print(f"[study] warning: {plan_path} has LR-sweep runs but no {LR_RULES_FILE}: it was written "
                   "before its LR sweep trained, so its learning rates follow the preset's prior rule, not a "
                   "fitted one; start a new --out to plan with the fitted rule")
+        if cut is None:
+            for line in _stale_plan_settings(spec, runs):
+                print(f"[study] warning: {plan_path} {line}")
     else:
         stage1 = plan_lr_stage(spec, out)
         if cut is not None and stage1:

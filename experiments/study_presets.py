@@ -316,9 +316,9 @@ def gpu_full() -> StudySpec:
         replicate_middle_budgets=(3e17, 1e18, 3e18, 1e19),
         extend_edges=2,  # up to two sizes beyond a curve's edge: N* must be bracketed for Approach 2
         notes=(
-            "the synthetic corpus here is 200M tokens while the largest runs read 3.5e10 (148 of 162 "
-            "planned runs exceed one epoch, up to 173): on a cluster point data.path at a prepared corpus "
-            "of at least 3.5e10 tokens, or accept the repetition the report counts",
+            "the synthetic corpus here is 200M tokens while the largest runs read 3.5e10 (160 of the 174 "
+            "planned runs, LR sweep included, exceed one epoch, up to 173): on a cluster point data.path at "
+            "a prepared corpus of at least 3.5e10 tokens, or accept the repetition the report counts",
         ),
     )
 

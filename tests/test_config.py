@@ -108,6 +108,9 @@ def test_from_dict_rejects_unknown_and_mistyped_fields():
         (["trainer.peak_flops=NaN"], r"trainer.peak_flops=nan must be finite"),
         (["seed=-1"], r"seed=-1 must be >= 0"),
         (["optimizer.schedule=wsd", "optimizer.decay_fraction=0.0"], r"optimizer: WSD cool-down of 0 step"),
+        # a bad optimizer field is named once (the schedule check re-ran the optimizer's validation)
+        (["optimizer.learning_rate=-1"],
+         r"^invalid experiment config:\n  - optimizer: optimizer.learning_rate must be > 0, got -1.0$"),
         # a validation split shorter than one window was found only after the whole run had trained
         (["data.n_val_tokens=10"], r"data.n_val_tokens=10 is shorter than one window \(data.seq_len \+ 1"),
     ],

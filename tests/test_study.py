@@ -907,3 +907,24 @@ def test_report_notes_runs_that_repeated_their_data():
     (note,) = report_mod._repetition_note(rows)
     assert note.startswith("2 of 3 finished runs trained on more tokens") and "2.50 epochs, b" in note
     assert report_mod._repetition_note(rows[:1]) == []
+
+
+def test_a_plan_from_an_earlier_preset_version_is_named(tmp_path):
+    """A reused plan.jsonl keeps its runs as planned; when their corpus or validation settings differ from
+    what the preset now plans (an older version of it), the study says so: edge extensions planned now would
+    not be comparable, and a corpus of another size cannot share the study's data directory."""
+    import copy
+
+    spec = get_study_preset("cpu-micro")
+    runs = study.plan_main_stage(spec, tmp_path, {})
+    assert study._stale_plan_settings(spec, runs) == []
+    old = []
+    for r in runs:  # as the planner of the previous version wrote them: eval batch = the run's own batch
+        cfg = copy.deepcopy(r.config)
+        cfg["trainer"]["eval_batch_size"] = None
+        old.append(dataclasses.replace(r, config=cfg))
+    assert len({r.experiment.eval_batch_size for r in old}) > 1
+    (line,) = study._stale_plan_settings(spec, old)
+    assert line.startswith("was planned by an earlier version of preset 'cpu-micro' (group dense-adamw: "
+                           "eval batch")
+    assert "(now 16)" in line and "start a new --out" in line

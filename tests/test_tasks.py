@@ -389,11 +389,22 @@ def test_text_items_use_the_datasets_own_tokenizer(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "data")
     with pytest.raises(TaskError, match=r"cannot read the run's dataset data.path='data/bpe' from .*there"):
         ev.evaluate_params(cfg, params["params"], [text])
+    ids = Task(TaskSpec("mc", n_items=1), [MCItem((1, 2), ((3,), (300,)), 0)], {}, label="ids")
+    assert ev.evaluate_params(cfg, params["params"], [ids])["ids"]["n_items"] == 1  # ids need no dataset
+    # a dataset tokenised elsewhere, whose metadata.json names no tokenizer: token ids score, text is refused
+    meta = json.loads((tmp_path / "data" / "bpe" / "metadata.json").read_text())
+    del meta["tokenizer"]
+    (tmp_path / "data" / "bpe" / "metadata.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    assert ev.corpus_of(cfg) == ev.Corpus(320, None)
+    assert ev.evaluate_params(cfg, params["params"], [ids])["ids"]["n_items"] == 1
+    with pytest.raises(TaskError, match=r"have text items, but this run's corpus has no text tokenizer"):
+        ev.evaluate_params(cfg, params["params"], [text])
 
     syn = get_preset("tiny").override(["model.vocab_size=1024", "data.synthetic.vocab_size=1024"])
     params = nn.meta.unbox(build_model(syn.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-    with pytest.raises(TaskError, match=r"task\(s\) \['text'\] have text items, but this run was trained "
-                                        r"on a synthetic corpus"):
+    with pytest.raises(TaskError, match=r"task\(s\) \['text'\] have text items, but this run's corpus has "
+                                        r"no text tokenizer \(a synthetic corpus"):
         ev.evaluate_params(syn, params["params"], [text])
     syn = syn.override(["data.synthetic.vocab_size=64"])
     ids = Task(TaskSpec("mc", n_items=1), [MCItem((1, 2), ((3,), (100,)), 0)], {}, label="ids")
@@ -487,6 +498,6 @@ def test_downstream_json_written_after_training(tmp_path, capsys):
     text = tmp_path / "text.jsonl"
     text.write_text('{"context": "The capital of France is", "choices": [" Paris", " Rome"], "answer": 0}\n')
     assert ev.main([str(tmp_path), "--no-battery", "--jsonl", str(text)]) == 2
-    assert "trained on a synthetic corpus, which has no text" in capsys.readouterr().err
+    assert "have text items, but this run's corpus has no text tokenizer" in capsys.readouterr().err
     assert ev.main([str(tmp_path / "nowhere")]) == 2
     assert "config.json not found: is" in capsys.readouterr().err
