@@ -438,13 +438,22 @@ def render_markdown(report: dict) -> str:
                 "| two-step pred. |",
                 "|---|---|---|---|---|---|---|",
             ]
+            flat = []
             for t, tb in ds["tasks"].items():
                 h = tb["heldout"][0] if tb["heldout"] else {}
+                mark = " ‡" if (tb.get("fit_compute") or {}).get("identified") is False else ""
+                flat += [t] if mark else []
                 L.append(
                     f"| {t} | {_fmt(tb['chance'], '.2f')} | {_fmt(tb.get('ceiling'), '.3g')} | "
                     f"{_fmt(tb['accuracy_range'], '.3f')} | "
-                    f"{_fmt(h.get('actual'), '.3f')} | {_fmt(h.get('predicted_sigmoid'), '.3f')} | "
+                    f"{_fmt(h.get('actual'), '.3f')} | {_fmt(h.get('predicted_sigmoid'), '.3f')}{mark} | "
                     f"{_fmt(h.get('predicted_two_step'), '.3f')} |"
+                )
+            if flat:
+                L.append(
+                    f"\n‡ {', '.join(flat)}: the sigmoid's rise is not within the fitted compute range (the "
+                    "scores are flat there), so its midpoint and slope are not identified; its prediction is "
+                    "the flat level, not a forecast of when the rise comes."
                 )
             L.append(
                 "\nMean absolute error of the held-out accuracy predictions: "

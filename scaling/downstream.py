@@ -189,6 +189,7 @@ class SigmoidFit:
         (accuracy vs loss).
       sse, n_points, converged, n_starts_at_optimum: fit diagnostics.
       samples: bootstrap (floor, ceiling, mid, slope) draws [B, 4], or None.
+      t_range: (min, max) of the fitted inputs in transformed units, for ``identified``.
     """
 
     floor: float
@@ -201,6 +202,20 @@ class SigmoidFit:
     converged: bool
     n_starts_at_optimum: int
     samples: np.ndarray | None = field(default=None, repr=False)
+    t_range: tuple[float, float] | None = None
+
+    @property
+    def identified(self) -> bool | None:
+        """Whether the data locate the curve's rise: its 10-90% transition, mid ± ln 9 / |slope|, overlaps the
+        fitted inputs' range and is wider than a thousandth of it. A curve flat over its data (all at chance,
+        or all at the ceiling) fits any midpoint beyond them and any steepness: its predictions there are
+        right, but its mid and slope mean nothing, nor does where it says the rise will come. None: no range
+        recorded."""
+        if self.t_range is None:
+            return None
+        lo, hi = self.t_range
+        half = np.log(9.0) / abs(self.slope) if self.slope else np.inf
+        return bool(self.mid - half < hi and self.mid + half > lo and 2 * half > 1e-3 * max(hi - lo, 1e-12))
 
     def _t(self, x) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -236,6 +251,7 @@ class SigmoidFit:
             "floor": self.floor, "ceiling": self.ceiling, "mid": self.mid, "slope": self.slope,
             "transform": self.transform, "sse": self.sse, "n_points": self.n_points,
             "converged": self.converged, "n_starts_at_optimum": self.n_starts_at_optimum,
+            "identified": self.identified,
         }
         if self.samples is not None and len(self.samples):
             lo, hi = np.quantile(self.samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
@@ -292,7 +308,8 @@ def fit_sigmoid(
                          w[idx_BxN])
         samples = np.stack(spec.unpack(th_B), axis=1)
     f, c, m, s = (float(v[0]) for v in spec.unpack(theta[None]))
-    return SigmoidFit(f, c, m, s, transform, sse, int(x.size), ok, n_same, samples)
+    return SigmoidFit(f, c, m, s, transform, sse, int(x.size), ok, n_same, samples,
+                      (float(t.min()), float(t.max())))
 
 
 def fit_accuracy_vs_compute(

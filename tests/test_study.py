@@ -895,6 +895,7 @@ def test_downstream_fits_run_up_to_each_tasks_known_ceiling(tmp_path):
     out = report_mod._downstream_block(rows[:-1], rows[-1:], tmp_path, n_boot=0)["tasks"]
     assert out["mc-k1-unigram"]["ceiling"] == 0.765 and out["mc-mean"]["ceiling"] == 0.765
     assert out["gen-k8"]["chance"] == 0.0 and out["gen-k8"]["ceiling"] == 6e-4
+    assert all(out[t]["fit_compute"]["identified"] is True for t in out)  # each rises within the data
     for task, truth in (("mc-k1-unigram", mc(held)), ("mc-mean", mc(held)), ("gen-k8", gen(held))):
         h = out[task]["heldout"][0]
         assert h["predicted_sigmoid"] == pytest.approx(truth, rel=0.02), task
