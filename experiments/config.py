@@ -143,11 +143,14 @@ class ExperimentConfig:
         errors: list[str] = [f"{path}={v!r} must be finite" for path, v in _non_finite(self)]
         if self.seed < 0:
             errors.append(f"seed={self.seed} must be >= 0")
+        valid = {}
         for name, sub in (("model", self.model), ("optimizer", self.optimizer)):
             try:
                 sub.validate()
+                valid[name] = True
             except ValueError as e:
                 errors.append(f"{name}: {e}")
+                valid[name] = False
         try:
             self.data.synthetic.validate()
         except ValueError as e:
@@ -189,18 +192,14 @@ class ExperimentConfig:
                     f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds the run length "
                     f"({total} steps)"
                 )
-            else:  # the schedule's own checks (a WSD cool-down inside warmup, or too short to decay)
+            elif valid["optimizer"]:  # a bad optimizer field is reported once, above
+                # the schedule's own checks: a WSD cool-down inside warmup, or too short to decay
                 from optim.schedules import schedule_params
 
                 try:
-                    self.optimizer.validate()  # a bad field is reported once, by the optimizer's own check
-                except ValueError:
-                    pass
-                else:
-                    try:
-                        schedule_params(self.optimizer, total)
-                    except ValueError as e:
-                        errors.append(f"optimizer: {e}")
+                    schedule_params(self.optimizer, total)
+                except ValueError as e:
+                    errors.append(f"optimizer: {e}")
         if t.microbatches < 1 or d.batch_size % t.microbatches:
             errors.append(
                 f"trainer.microbatches={t.microbatches} must be >= 1 and divide "

@@ -193,6 +193,11 @@ class TokenDataset:
         offsets = self.window_offsets(split, seed, step, batch_size, seq_len)
         return self._gather(split, _host_rows(offsets, process_index, process_count), seq_len)
 
+    def n_windows(self, split: str, seq_len: int) -> int:
+        """Distinct windows of ``seq_len`` + 1 tokens that ``sequential_batch`` cycles through (each window's
+        last token is the next one's first)."""
+        return (self.n_tokens(split) - 1) // seq_len
+
     def sequential_batch(
         self,
         split: str,
@@ -211,7 +216,7 @@ class TokenDataset:
                 f"split {split!r} ({self._path(split)}) has {n} tokens, "
                 f"fewer than seq_len + 1 = {seq_len + 1}"
             )
-        n_windows = (n - 1) // seq_len
+        n_windows = self.n_windows(split, seq_len)
         offsets = ((index * batch_size + np.arange(batch_size)) % n_windows) * seq_len
         return self._gather(split, _host_rows(offsets, process_index, process_count), seq_len)
 

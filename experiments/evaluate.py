@@ -444,11 +444,6 @@ def corpus_of(cfg: Any) -> Corpus:
     return Corpus(ds.vocab_size, tok)
 
 
-def tokenizer_for(cfg: Any) -> Any | None:
-    """The tokenizer of a run's dataset, for text items (None for a synthetic corpus; see ``corpus_of``)."""
-    return corpus_of(cfg).tokenizer
-
-
 def evaluate_tasks(
     scorer: Scorer, tasks: list[Task], cfg: EvalConfig | None = None, *, tokenizer: Any | None = None
 ) -> dict[str, Any]:

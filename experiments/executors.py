@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.config import ExperimentConfig
 from experiments.files import read_json_object
 from experiments.run_record import SUMMARY_FILE, eval_is_current, is_finite_loss
 from experiments.sweep import PlannedRun, run_id
@@ -66,7 +65,7 @@ def finished_summary(path: str | Path, record: PlannedRun) -> dict | None:
     )
     # A summary from before inference-mode validation (MoR expert choice, MoE capacity) is not finished:
     # the trainer re-evaluates its final checkpoint.
-    return s if ok and eval_is_current(s, ExperimentConfig.from_dict(s["config"]).model) else None
+    return s if ok and eval_is_current(s) else None
 
 
 def run_status(runs_dir: str | Path, record: PlannedRun) -> str:

@@ -98,7 +98,7 @@ def eval_tokens(cfg: ExperimentConfig, ds: TokenDataset) -> int:
     """Distinct validation tokens scored: ``eval_steps`` x ``eval_batch_size`` sequential windows of the val
     split, wrapping around it (experiments.data.sequential_batch). Runs compare on one validation set only
     when this and the windows agree: fix ``trainer.eval_batch_size`` across batch sizes (the study does)."""
-    windows = (ds.n_tokens("val") - 1) // cfg.data.seq_len
+    windows = ds.n_windows("val", cfg.data.seq_len)
     return min(cfg.trainer.eval_steps * cfg.eval_batch_size, windows) * cfg.data.seq_len
 
 
@@ -160,13 +160,19 @@ def is_finite_loss(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def eval_is_current(summary: dict[str, Any], model: ModelConfig) -> bool:
+def eval_is_current(summary: dict[str, Any], model: ModelConfig | None = None) -> bool:
     """Whether ``summary``'s final_eval_loss is the inference-mode loss. Summaries written before validation
     used the inference mode carry no ``eval_mode``; that matters only where the modes differ (MoR expert
     choice, MoE capacity dispatch), and such a run is re-evaluated from its final checkpoint rather than
-    mixed into a study with its leaky (MoR) or batch-dependent (MoE) training-mode loss."""
+    mixed into a study with its leaky (MoR) or batch-dependent (MoE) training-mode loss. ``model``: the
+    run's model config, read from the summary's own config when not given (only for such old summaries:
+    the sweep checks every run's summary this way, and most carry ``eval_mode``)."""
+    if summary.get("eval_mode") == EVAL_MODE:
+        return True
+    if model is None:
+        model = ExperimentConfig.from_dict(summary["config"]).model
     inference_cfg, kwargs = inference_mode(model)
-    return summary.get("eval_mode") == EVAL_MODE or (inference_cfg == model and not kwargs)
+    return inference_cfg == model and not kwargs
 
 
 def family_fields(c: Any, seq_len: int) -> dict[str, Any]:

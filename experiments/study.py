@@ -393,12 +393,12 @@ def _stale_plan_settings(spec: StudySpec, runs: Sequence[PlannedRun]) -> list[st
     """Where a reused plan's runs were planned with other corpus or validation settings than the preset now
     gives (an earlier version of it): their losses are not comparable with runs planned now, such as edge
     extensions, and a synthetic corpus of another size cannot share the study's data directory."""
+    def settings(c: ExperimentConfig) -> dict[str, int]:
+        return {"data.n_train_tokens": c.data.n_train_tokens, "data.n_val_tokens": c.data.n_val_tokens,
+                "trainer.eval_steps": c.trainer.eval_steps, "eval batch": c.eval_batch_size}
+
     out = []
     for g in spec.groups:
-        def settings(c: ExperimentConfig) -> dict[str, int]:
-            return {"data.n_train_tokens": c.data.n_train_tokens, "data.n_val_tokens": c.data.n_val_tokens,
-                    "trainer.eval_steps": c.trainer.eval_steps, "eval batch": c.eval_batch_size}
-
         now = settings(g.base.validate())
         seen: dict[str, set] = {k: set() for k in now}
         for r in runs:

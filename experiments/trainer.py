@@ -367,7 +367,7 @@ def data_warnings(cfg: ExperimentConfig, ds: TokenDataset) -> list[str]:
             "scaling law fitted on summary.json's tokens reads them as unique; raise data.n_train_tokens "
             "(synthetic) or prepare more text"
         )
-    windows = (ds.n_tokens("val") - 1) // cfg.data.seq_len
+    windows = ds.n_windows("val", cfg.data.seq_len)
     asked = cfg.trainer.eval_steps * cfg.eval_batch_size
     if asked > windows:
         out.append(

@@ -27,6 +27,9 @@ from scipy.interpolate import Akima1DInterpolator
 
 from scaling.powerlaw import AllocationLaws, PowerLawFit, fit_power_law
 
+# C values closer than this (relative) form one budget by default: logged FLOPs are rarely exact.
+BUDGET_RTOL = 1e-3
+
 __all__ = [
     "BudgetOptimum",
     "Approach1Result",
@@ -455,7 +458,7 @@ def approach2(
     flops_per_token: FlopsPerToken | None = None,
     seed: int = 0,
     ci_level: float = 0.95,
-    budget_rtol: float = 1e-3,
+    budget_rtol: float = BUDGET_RTOL,
 ) -> Approach2Result:
     """Hoffmann et al. 2022 Approach 2 on isoFLOP points (one row per (budget C, size N) run).
 

@@ -77,6 +77,12 @@ def _bcast(v: Any, shape: tuple[int, ...]) -> np.ndarray:
     return np.broadcast_to(a, shape)
 
 
+def _lifetime_flops(n, d, inference_tokens, flops_per_token, inference_flops_per_token) -> np.ndarray:
+    """Training plus inference FLOPs of N parameters trained on D tokens, then serving ``inference_tokens``
+    (Sardana et al. 2024): flops_per_token(N) D + inference_flops_per_token(N) D_inf."""
+    return _fpt(flops_per_token, n) * d + _arr(inference_flops_per_token(n)) * inference_tokens
+
+
 def _fpt(flops_per_token: FlopsPerToken | None, n: np.ndarray) -> np.ndarray:
     if flops_per_token is None:
         return 6.0 * n
@@ -556,7 +562,7 @@ def inference_optimal(
     def lifetime(logn: np.ndarray) -> np.ndarray:
         n = np.exp(logn)
         d = _tokens_for_loss(law, params, n, target[:, None] + 0 * n, extra)
-        return _fpt(flops_per_token, n) * d + _arr(inf_fpt(n)) * dinf[:, None]
+        return _lifetime_flops(n, d, dinf[:, None], flops_per_token, inf_fpt)
 
     lo = np.full(target.shape, np.log(n_bounds[0]))
     hi = np.full(target.shape, np.log(n_bounds[1]))
@@ -589,7 +595,7 @@ def inference_optimal(
         cn, cd = ref.N, ref.D_train
     else:
         cn, cd = n, d
-    c_total = _fpt(flops_per_token, cn) * cd + _arr(inf_fpt(cn)) * dinf
+    c_total = _lifetime_flops(cn, cd, dinf, flops_per_token, inf_fpt)
     return InferenceOptimal(
         target_loss=target,
         inference_tokens=dinf,
@@ -657,7 +663,7 @@ def inference_optimal_at_budget(
     unaware = compute_optimal(
         (law, params), total, flops_per_token=flops_per_token, n_bounds=n_bounds, extra_inputs=extra_inputs
     )
-    unaware_total = _fpt(flops_per_token, unaware.N) * unaware.D + _arr(inf_fpt(unaware.N)) * dinf
+    unaware_total = _lifetime_flops(unaware.N, unaware.D, dinf, flops_per_token, inf_fpt)
     return InferenceOptimal(
         target_loss=loss,
         inference_tokens=dinf,
@@ -667,7 +673,7 @@ def inference_optimal_at_budget(
         inference_flops=inference,
         chinchilla_N=cn,
         chinchilla_D=cd,
-        chinchilla_total_flops=_fpt(flops_per_token, cn) * cd + _arr(inf_fpt(cn)) * dinf,
+        chinchilla_total_flops=_lifetime_flops(cn, cd, dinf, flops_per_token, inf_fpt),
         formulation="fixed_total_flops",
         law=str(getattr(law, "name", law)),
         extras={

@@ -73,23 +73,21 @@ def plot_isoflop(C, N, loss, result: Any = None, *, budget_rtol: float | None = 
         per-budget optima are marked with stars; without it the parabola vertices are marked.
       budget_rtol: default: the result's own ``settings["budget_rtol"]``, else approach2's default.
     """
-    from scaling.isoflop import _budget_groups
+    from scaling.isoflop import BUDGET_RTOL, _budget_groups
 
     c, n, y = (np.asarray(v, dtype=np.float64).ravel() for v in (C, N, loss))
     if not (c.size == n.size == y.size):
         raise ValueError(f"C, N, loss must have equal lengths; got {c.size}, {n.size}, {y.size}")
     if budget_rtol is None:
-        budget_rtol = (getattr(result, "settings", None) or {}).get("budget_rtol", 1e-3)
+        budget_rtol = (getattr(result, "settings", None) or {}).get("budget_rtol", BUDGET_RTOL)
     fig, axes = _figure()
     ax = axes[0, 0]
     groups = _budget_groups(c, budget_rtol)
     for color, (b, idx) in zip(_colors(len(groups)), groups, strict=True):
-        m = np.zeros(c.size, bool)
-        m[idx] = True
-        ax.scatter(n[m], y[m], color=color, s=16, label=f"C = {b:.1e}")
-        if m.sum() >= 3:
-            x = np.log(n[m])
-            coef = np.polyfit(x, y[m], 2)
+        ax.scatter(n[idx], y[idx], color=color, s=16, label=f"C = {b:.1e}")
+        if idx.size >= 3:
+            x = np.log(n[idx])
+            coef = np.polyfit(x, y[idx], 2)
             grid = np.linspace(x.min(), x.max(), 100)
             ax.plot(np.exp(grid), np.polyval(coef, grid), color=color, lw=1)
             if result is None and coef[0] > 0:
