@@ -62,6 +62,9 @@ class DataConfig:
     ``path`` is a directory written by ``python -m experiments.data prepare`` or the word ``"synthetic"``:
     then the seeded Markov corpus described by ``synthetic`` (whose exact entropy rate becomes the loss floor)
     is generated into ``synthetic_dir`` (default ``WORKDIR/data``) on first use and reused afterwards.
+    ``stream`` (synthetic data only) samples every training window fresh from the source instead of from the
+    train split (``experiments.stream``), so a run of any length never repeats a token; the val split is still
+    the prepared file.
     """
 
     path: str = "synthetic"
@@ -71,6 +74,7 @@ class DataConfig:
     n_val_tokens: int = 100_000
     seq_len: int = 128
     batch_size: int = 32  # global batch, in sequences per optimiser step (all microbatches together)
+    stream: bool = False
 
 
 @dataclass(frozen=True)

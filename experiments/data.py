@@ -191,7 +191,7 @@ class TokenDataset:
         ``[process_index * b, (process_index + 1) * b)`` with ``b = batch_size // process_count``.
         """
         offsets = self.window_offsets(split, seed, step, batch_size, seq_len)
-        return self._gather(split, _host_rows(offsets, process_index, process_count), seq_len)
+        return self._gather(split, host_rows(offsets, process_index, process_count), seq_len)
 
     def n_windows(self, split: str, seq_len: int) -> int:
         """Distinct windows of ``seq_len`` + 1 tokens that ``sequential_batch`` cycles through (each window's
@@ -218,7 +218,7 @@ class TokenDataset:
             )
         n_windows = self.n_windows(split, seq_len)
         offsets = ((index * batch_size + np.arange(batch_size)) % n_windows) * seq_len
-        return self._gather(split, _host_rows(offsets, process_index, process_count), seq_len)
+        return self._gather(split, host_rows(offsets, process_index, process_count), seq_len)
 
     def _gather(self, split: str, offsets: np.ndarray, seq_len: int) -> np.ndarray:
         mm = self.tokens(split)
@@ -233,7 +233,7 @@ class TokenDataset:
         return out
 
 
-def _host_rows(offsets: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+def host_rows(offsets: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
     b = len(offsets)
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")

@@ -136,7 +136,8 @@ def build_summary(
         "seq_len": L,
         # Windows are drawn with replacement from the train split: above 1, tokens were repeated, and a law
         # fitted on "tokens" as D reads them as unique data (trainer.data_warnings, when training starts).
-        "epochs": tokens / ds.n_tokens("train"),
+        # A streamed run (data.stream) reads no split and repeats nothing: None.
+        "epochs": None if cfg.data.stream else tokens / ds.n_tokens("train"),
         "eval_tokens": eval_tokens(cfg, ds),
         "final_loss": final_loss,
         "final_eval_loss": final_eval_loss,

@@ -59,7 +59,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from experiments.synthetic import MarkovSource, MarkovSourceConfig, config_from_dict
+from experiments.synthetic import MarkovSource, MarkovSourceConfig, cached_source, config_from_dict
 from experiments.tokenizers import ByteTokenizer
 
 TASKS_FORMAT_VERSION = 1
@@ -293,18 +293,13 @@ def continuation_logprob(src: MarkovSource, context_NxL: np.ndarray, cont_NxK: n
     return lp
 
 
-@functools.lru_cache(maxsize=8)
-def _source(cfg: MarkovSourceConfig) -> MarkovSource:
-    return MarkovSource.create(cfg)
-
-
 def resolve_source(source_or_dataset: Any) -> MarkovSource:
     """A MarkovSource from a MarkovSource, MarkovSourceConfig, TokenDataset or dataset directory."""
     s = source_or_dataset
     if isinstance(s, MarkovSource):
         return s
     if isinstance(s, MarkovSourceConfig):
-        return _source(s)
+        return cached_source(s)
     meta = getattr(s, "metadata", None)
     if meta is None and isinstance(s, (str, os.PathLike)):
         path = Path(s) / "metadata.json"
@@ -318,7 +313,7 @@ def resolve_source(source_or_dataset: Any) -> MarkovSource:
             "the dataset is not synthetic (metadata has no 'generator'); the built-in battery "
             "needs the exact source -- use JSONL multiple-choice items instead"
         )
-    return _source(config_from_dict(meta["generator"]))
+    return cached_source(config_from_dict(meta["generator"]))
 
 
 def _contexts(src: MarkovSource, n: int, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -433,7 +428,7 @@ def make_mc_task(src: MarkovSource, spec: TaskSpec, seed: int = 0) -> Task:
 def _log_prob_parts(cfg: MarkovSourceConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """log p(x | c) in the source's two parts: log of the dense low-order part [R, V] (r = the last
     order-1 tokens of c), the top-order successors [C, K] and their exact log-probabilities [C, K]."""
-    src = _source(cfg)
+    src = cached_source(cfg)
     C = cfg.vocab_size**cfg.order
     R = C // cfg.vocab_size
     low_RxV = src._low_dense()

@@ -50,6 +50,7 @@ from experiments.run_record import (  # noqa: F401 -- re-exported: the run direc
     family_fields,
     save_config,
 )
+from experiments.stream import SyntheticStream
 from models import accounting, build_model, inference_mode
 from models import moe as moe_lib
 from models import mor as mor_lib
@@ -360,7 +361,7 @@ def data_warnings(cfg: ExperimentConfig, ds: TokenDataset) -> list[str]:
     a legitimate choice, Muennighoff et al. 2023): repeated training tokens, wrapped validation windows."""
     out = []
     tokens, train = cfg.total_steps * cfg.tokens_per_step, ds.n_tokens("train")
-    if tokens > train:
+    if tokens > train and not cfg.data.stream:
         out.append(
             f"{tokens:,} training tokens from a {train:,}-token train split ({ds.directory}): "
             f"{tokens / train:.2f} epochs. Windows are drawn with replacement, so data repeats, while a "
@@ -428,12 +429,17 @@ def async_metrics(setting: bool | None, mesh: Mesh) -> bool:
     return mesh.devices.flat[0].platform != "cpu"
 
 
-def train_batch(ds: TokenDataset, cfg: ExperimentConfig, prog: Program, step: int) -> jax.Array:
-    """The global [M, B/M, L+1] batch of step ``step`` (0-based), assembled from this host's rows."""
+def train_batch(
+    ds: TokenDataset, cfg: ExperimentConfig, prog: Program, step: int, stream: SyntheticStream | None = None
+) -> jax.Array:
+    """The global [M, B/M, L+1] batch of step ``step`` (0-based), assembled from this host's rows: windows of
+    the train split, or fresh samples of the synthetic source with ``data.stream``."""
     B, L, M = cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.microbatches
-    local = ds.batch(
-        "train", cfg.seed, step, B, L, process_index=jax.process_index(), process_count=jax.process_count()
-    )
+    hosts = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    if stream is not None:
+        local = stream.batch(cfg.seed, step, B, L, **hosts)
+    else:
+        local = ds.batch("train", cfg.seed, step, B, L, **hosts)
     local = local.reshape(M, local.shape[0] // M, L + 1)
     return shd.host_batch(local, prog.train_batch_sharding, (M, B // M, L + 1))
 
@@ -523,6 +529,7 @@ def train(
 
         ds = open_dataset(cfg, workdir)
         check_dataset(cfg, ds)
+        stream = SyntheticStream.of(ds) if cfg.data.stream else None
         for warning in data_warnings(cfg, ds):
             emit(f"warning: {warning}")
         prog = build_program(cfg, mesh)
@@ -622,11 +629,11 @@ def train(
         # and nothing after it is saved). At eval/checkpoint steps the loop syncs.
         lag = async_metrics(t.async_metrics, mesh)
         pending: tuple[int, Any] | None = None
-        batch = train_batch(ds, cfg, prog, start) if start < total else None
+        batch = train_batch(ds, cfg, prog, start, stream) if start < total else None
         for s in range(start, total):
             state, m = prog.step(state, batch)
             if s + 1 < total:
-                batch = train_batch(ds, cfg, prog, s + 1)  # host work overlaps the device step
+                batch = train_batch(ds, cfg, prog, s + 1, stream)  # host work overlaps the device step
             if pending is not None:  # a step with no eval or checkpoint: it is complete once logged
                 finish(*pending)
                 if on_step is not None:

@@ -37,6 +37,8 @@ def test_rehearsal_keeps_the_plan_and_cuts_only_steps_batch_and_data(preset, tmp
         assert dataclasses.replace(b.model, attention_impl="cudnn") == a.model  # shapes and dtypes kept
         assert r.params == r0.params and r.flops_per_token == r0.flops_per_token
         assert b.data.seq_len == a.data.seq_len and b.data.synthetic == a.data.synthetic
+        # gpu-full's runs read up to 3.5e10 tokens: streamed from the source, never repeated (test_stream.py)
+        assert b.data.stream == a.data.stream == (preset == "gpu-full")
         assert b.optimizer.learning_rate == a.optimizer.learning_rate
         assert b.optimizer.schedule == a.optimizer.schedule and b.optimizer.warmup_steps == 1
         assert b.data.batch_size == 8 and b.trainer.eval_steps == 1
