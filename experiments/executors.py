@@ -2,7 +2,8 @@
 
 Every executor runs the same unit of work, ``run_one(record, runs_dir)``:
 
-* the run directory is ``runs_dir/<run_id>`` (a hash of the resolved config, ``experiments.sweep.run_id``);
+* the run directory is ``runs_dir/<run_id>`` (a hash of the resolved config, ``experiments.sweep.run_id``,
+  and for a run with a parent of its lineage too, ``experiments.sweep.branch_id``);
 * a finished run (a ``summary.json`` that parses, matches the config and has a finite eval loss) is skipped;
 * an interrupted run resumes from its newest checkpoint (the trainer does that);
 * a run with a ``parent`` (WSD reuse) is seeded with a copy of the parent's final checkpoint before the
@@ -22,6 +23,7 @@ two workers share two cores instead of fighting over them).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -31,17 +33,19 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.files import read_json_object
+from experiments.files import BusyError, exclusive_lock, read_json_object
 from experiments.run_record import SUMMARY_FILE, eval_is_current, is_finite_loss
 from experiments.sweep import PlannedRun, run_id
 
 ERROR_FILE = "error.json"
 EVAL_ERROR_FILE = "eval_error.json"
 RECORD_FILE = "plan_record.json"
+RUN_LOCK = ".run.lock"
 # The worker of process i uses devices [i * k, (i + 1) * k) of its own jax.devices(); set by the pool.
 _WORKER_DEVICES: list[int] | None = None
 
@@ -59,7 +63,7 @@ def finished_summary(path: str | Path, record: PlannedRun) -> dict | None:
     loss = s.get("final_eval_loss")
     ok = (
         isinstance(s.get("config"), dict)
-        and run_id(s["config"]) == record.run_id
+        and run_id(s["config"]) == run_id(record.config)
         and s.get("steps") == record.steps
         and is_finite_loss(loss)
     )
@@ -87,9 +91,12 @@ def _seed_from_parent(runs_dir: Path, record: PlannedRun, parent_id: str, d: Pat
     step = int(record.parent["step"])
     src = Path(runs_dir) / parent_id / "checkpoints" / str(step)
     if not src.is_dir():
+        finished = (Path(runs_dir) / parent_id / SUMMARY_FILE).exists()
+        how = (f"the parent finished but its checkpoint is gone, and a finished run is never retrained: "
+               f"--retry {record.parent['run']!r} trains it again" if finished else "run the parent first")
         raise FileNotFoundError(
             f"run {record.name!r} branches from {record.parent['run']!r} at step {step}, but its checkpoint "
-            f"{src} does not exist (run the parent first)"
+            f"{src} does not exist ({how})"
         )
     ck.mkdir(parents=True, exist_ok=True)
     tmp = ck / f".seed-{step}"
@@ -147,8 +154,6 @@ def run_one(
     has not finished is a failure (``error.json``) without training, instead of training from whatever
     checkpoint the parent left. ``compile_cache``: a directory for JAX's persistent compilation cache
     (process-wide once set)."""
-    from experiments.trainer import train
-
     if compile_cache:
         enable_compile_cache(compile_cache)
 
@@ -156,6 +161,29 @@ def run_one(
         parent_id = parent.run_id
     d = run_dir(runs_dir, record)
     d.mkdir(parents=True, exist_ok=True)
+    # One process per run directory: a job array submitted twice, or two studies, must not train into one.
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(exclusive_lock(d / RUN_LOCK, f"the run directory {d} ({record.name})"))
+    except BusyError as e:
+        return {**_failed(record, str(e)), "seconds": 0.0}  # no error.json: the other process owns the run
+    with held:
+        return _run_one_locked(record, runs_dir, d, parent_id=parent_id, parent=parent, post_run=post_run,
+                               quiet=quiet)
+
+
+def _run_one_locked(
+    record: PlannedRun,
+    runs_dir: str | Path,
+    d: Path,
+    *,
+    parent_id: str | None,
+    parent: PlannedRun | None,
+    post_run: str | None,
+    quiet: bool,
+) -> dict[str, Any]:
+    from experiments.trainer import train
+
     (d / RECORD_FILE).write_text(record.to_json() + "\n")
     t0 = time.time()
     summary = finished_summary(d, record)
@@ -275,6 +303,14 @@ def _failed(r: PlannedRun, error: str) -> dict[str, Any]:
     return {"name": r.name, "run_id": r.run_id, "status": "failed", "error": error}
 
 
+def _not_trained(r: PlannedRun, runs_dir: str | Path, error: str) -> dict[str, Any]:
+    """``_failed``, with the error also written to the run's ``error.json``, so the report shows the run as
+    failed with its reason (a failed parent, a crashed worker) instead of pending."""
+    d = run_dir(runs_dir, r)
+    d.mkdir(parents=True, exist_ok=True)
+    return _failed_run(r, d, error, "", time.time())
+
+
 def run_sequential(
     runs: Sequence[PlannedRun],
     runs_dir: str | Path,
@@ -295,7 +331,7 @@ def run_sequential(
             progress.not_started(len(runs) - i)
             break
         if r.parent is not None and r.parent["run"] in progress.failed:
-            res = _failed(r, f"parent {r.parent['run']!r} failed")
+            res = _not_trained(r, runs_dir, f"parent {r.parent['run']!r} failed")
         else:
             progress.start(r.name)
             res = run_one(
@@ -328,6 +364,9 @@ def _die_with_parent() -> None:
 
 
 def _init_worker(queue: Any, xla_flags: str | None) -> None:
+    """Take this worker's device set from ``queue``. A plain multiprocessing queue, handed over when the
+    worker is spawned: a Manager queue would run in a server process of its own that outlives a killed
+    study (SIGTERM, SIGKILL) as an orphan."""
     global _WORKER_DEVICES
     _die_with_parent()
     _WORKER_DEVICES = queue.get()
@@ -373,6 +412,16 @@ def _terminate_children(ctx: Any, timeout_s: float = 10.0) -> None:
             proc.join(timeout=1.0)
 
 
+def _new_pool(ctx: Any, workers: int, devices_per_worker: int, flags: str | None) -> ProcessPoolExecutor:
+    """A worker pool whose worker i owns devices [i * k, (i + 1) * k)."""
+    queue = ctx.Queue()
+    for i in range(workers):
+        queue.put(list(range(i * devices_per_worker, (i + 1) * devices_per_worker)))
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue, flags)
+    )
+
+
 def run_parallel(
     runs: Sequence[PlannedRun],
     runs_dir: str | Path,
@@ -388,7 +437,12 @@ def run_parallel(
     """Run the plan on ``workers`` processes, each with its own ``devices_per_worker`` devices; a branch is
     submitted once its parent finished. ``single_thread_cpu`` limits XLA to one thread per worker (CPU).
     No run starts after ``deadline`` (a ``time.monotonic()`` value): the running ones finish, the rest stay
-    pending."""
+    pending.
+
+    A worker process that dies (killed, out of memory, a crash in native code) breaks the whole pool and
+    every run in flight with it, and the pool cannot say whose worker died. So the pool is rebuilt and the
+    runs that were in flight are retried (they resume from their checkpoints), each alone: a run that
+    crashes a worker while nothing else runs is the culprit, and fails with ``error.json``."""
     import multiprocessing as mp
 
     if workers < 1:
@@ -396,16 +450,19 @@ def run_parallel(
     progress = progress or Progress(runs)
     parents = _parent_ids(runs)
     ctx = mp.get_context("spawn")
-    queue = ctx.Manager().Queue()
-    for i in range(workers):
-        queue.put(list(range(i * devices_per_worker, (i + 1) * devices_per_worker)))
     flags = cpu_worker_xla_flags(os.environ.get("XLA_FLAGS")) if single_thread_cpu else None
     pending = critical_path_order(runs)
     results: dict[str, dict[str, Any]] = {}
     finished_ok: set[str] = set()
-    pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue, flags)
-    )
+    suspects: set[str] = set()  # in flight when a worker died: retried alone
+    pool = _new_pool(ctx, workers, devices_per_worker, flags)
+
+    def end(r: PlannedRun, res: dict[str, Any]) -> None:
+        results[r.name] = res
+        if res["status"] != "failed":
+            finished_ok.add(r.name)
+        progress.finish(res)
+
     try:
         futures: dict[Future, PlannedRun] = {}
         while pending or futures:
@@ -416,11 +473,10 @@ def run_parallel(
                 par = r.parent["run"] if r.parent is not None else None
                 if par is not None and par in progress.failed:
                     pending.remove(r)
-                    res = _failed(r, f"parent {par!r} failed")
-                    results[r.name] = res
-                    progress.finish(res)
+                    end(r, _not_trained(r, runs_dir, f"parent {par!r} failed"))
                 elif par is None or par in finished_ok:
-                    if len(futures) >= workers:
+                    isolated = any(futures[f].name in suspects for f in futures)
+                    if len(futures) >= workers or isolated or (r.name in suspects and futures):
                         break
                     pending.remove(r)
                     futures[
@@ -437,22 +493,37 @@ def run_parallel(
             if not futures:
                 if pending:  # only branches whose parents are not in this plan: report, do not hang
                     for r in pending:
-                        res = _failed(r, f"parent {r.parent['run']!r} is not in the plan")
-                        results[r.name] = res
-                        progress.finish(res)
+                        end(r, _not_trained(r, runs_dir, f"parent {r.parent['run']!r} is not in the plan"))
                     pending = []
                 continue
             done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+            if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
+                # The pool is dead: every run in flight is lost with it.
+                lost = [futures.pop(f) for f in list(futures)]
+                err = next(f.exception() for f in done if isinstance(f.exception(), BrokenProcessPool))
+                pool.shutdown(wait=True, cancel_futures=True)
+                _terminate_children(ctx)
+                culprits = [r for r in lost if len(lost) == 1 or r.name in suspects]
+                for r in lost:
+                    progress.running.discard(r.name)
+                    if r in culprits:
+                        end(r, _not_trained(r, runs_dir, f"worker crashed: {type(err).__name__}: {err}"))
+                    else:
+                        suspects.add(r.name)
+                        pending.insert(0, r)
+                if progress.stream is not None and len(culprits) < len(lost):
+                    print(f"[sweep] a worker process died; retrying the {len(lost)} run(s) it may have taken "
+                          "with it, one at a time", file=progress.stream, flush=True)
+                pool = _new_pool(ctx, workers, devices_per_worker, flags)
+                continue
             for f in done:
                 r = futures.pop(f)
                 try:
                     res = f.result()
-                except Exception as e:  # noqa: BLE001 -- a crashed worker process
-                    res = _failed(r, f"worker crashed: {type(e).__name__}: {e}")
-                results[r.name] = res
-                if res["status"] != "failed":
-                    finished_ok.add(r.name)
-                progress.finish(res)
+                except Exception as e:  # noqa: BLE001 -- e.g. a result that could not be unpickled
+                    res = _not_trained(r, runs_dir, f"worker failed: {type(e).__name__}: {e}")
+                suspects.discard(r.name)
+                end(r, res)
     except BaseException:
         # Ctrl-C, a time limit's SIGINT or an error here: stop now. The pool's context manager would wait for
         # the running runs to finish first (minutes); killed, they resume from their last checkpoint later.

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +41,38 @@ def read_json_object(
             on_unreadable(f"{path} holds a JSON {type(value).__name__}, not an object")
         return None
     return value
+
+
+class BusyError(RuntimeError):
+    """Another process holds the lock of a directory this process was about to write into."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an advisory lock on ``path`` (created, and holding the holder's PID) for the with-block; raise
+    BusyError naming ``what`` and the holder's PID if another process holds it. ``flock``: the kernel
+    releases it when the holder exits or is killed, so a crash leaves no stale lock. Where ``fcntl`` does not
+    exist (Windows) it is a no-op."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover -- not POSIX
+        yield
+        return
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise BusyError(
+                f"{what} is in use by another process (PID {holder}); two processes writing into it at once "
+                "would train the same runs into the same directories. Wait for that one to finish, or stop it"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

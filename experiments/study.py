@@ -41,7 +41,7 @@ from typing import Any
 
 from experiments import executors, slurm
 from experiments.config import ConfigError, ExperimentConfig
-from experiments.files import read_json_object, write_text_atomic
+from experiments.files import BusyError, exclusive_lock, read_json_object, write_text_atomic
 from experiments.hparam_rules import LRRule, fit_lr_rule
 from experiments.study_presets import STUDY_PRESETS, GroupSpec, StudySpec, get_study_preset
 from experiments.sweep import (
@@ -65,6 +65,7 @@ from experiments.sweep import (
 )
 
 LR_RULES_FILE = "lr_rules.json"
+STUDY_LOCK = ".study.lock"
 LR_STAGE_PLAN_FILE = "plan_lr_stage.jsonl"  # --export-slurm's first job array (the LR sweep)
 EXTENSION_SUFFIX = "-ext"  # isoFLOP runs added beyond a curve's edge (plan_edge_extensions)
 REHEARSAL_FILE = "rehearsal.json"
@@ -347,6 +348,44 @@ def _not_yet_run(runs: Sequence[PlannedRun], runs_dir: Path) -> list[str]:
     return [r.name for r in distinct_runs(runs) if executors.run_status(runs_dir, r) not in ended]
 
 
+def _retry_runs(runs: Sequence[PlannedRun], names: Sequence[str], runs_dir: Path,
+                plan_path: Path) -> list[PlannedRun]:
+    """Clear the run directories ``--retry`` names (by name or run id) and return what to train: those runs
+    and any of their ancestors that have not finished (a branch needs its parent's checkpoint), in plan
+    order. Nothing else of the plan is trained."""
+    by_name = {r.name: r for r in runs}
+    chosen: set[str] = set()
+    for name in names:
+        match = [r for r in runs if r.name == name or r.run_id == name]
+        if not match:
+            raise SystemExit(f"--retry {name!r}: no such run in {plan_path}")
+        d = executors.run_dir(runs_dir, match[0])
+        shutil.rmtree(d, ignore_errors=True)
+        print(f"[study] cleared {d} for a retry")
+        for r in match:
+            chosen.add(r.name)
+            while r.parent is not None:
+                r = by_name[r.parent["run"]]
+                if executors.run_status(runs_dir, r) != "done":
+                    chosen.add(r.name)
+    return [r for r in runs if r.name in chosen]
+
+
+def _broken_sweep_runs(runs: Sequence[PlannedRun], runs_dir: Path) -> list[tuple[str, str]]:
+    """(name, error) of the failed runs whose failure says nothing about their learning rate: a diverged run
+    (NonFiniteLossError) is a result -- that lr is too high -- but a crash, an out-of-memory kill or a data
+    error is not, and a rule fitted without the cell would be frozen into the plan."""
+    out = []
+    for r in distinct_runs(runs):
+        if executors.run_status(runs_dir, r) != "failed":
+            continue
+        err = read_json_object(executors.run_dir(runs_dir, r) / executors.ERROR_FILE) or {}
+        msg = str(err.get("error", "unknown error"))
+        if not msg.startswith("NonFiniteLossError"):
+            out.append((r.name, msg[:300]))
+    return out
+
+
 def _final_loss(runs_dir: Path, r: PlannedRun) -> float | None:
     s = executors.finished_summary(executors.run_dir(runs_dir, r), r)
     return None if s is None else float(s["final_eval_loss"])
@@ -433,9 +472,8 @@ def run_study(
     in a directory of its own. ``slurm_params``: submitit parameters of ``executor="slurm"``.
     ``train_limit_s``: no run starts once this many seconds have passed since the call (local executors;
     runs in flight finish); the study then fits and reports what finished, and the rest stay pending for
-    the next invocation -- a fixed time budget (a lent GPU, a queue slot) still ends with a report."""
-    from experiments.report import build_report, print_summary, write_report
-
+    the next invocation -- a fixed time budget (a lent GPU, a queue slot) still ends with a report.
+    One study command at a time per directory: a second is refused while the first holds its lock."""
     deadline = None if train_limit_s is None else time.monotonic() + train_limit_s
     if train_limit_s is not None and executor == "slurm":
         raise SystemExit("--train-limit-s applies to the local executors, not to --executor slurm")
@@ -444,6 +482,37 @@ def run_study(
         raise SystemExit(f"--fit-only: {out / PLAN_FILE} does not exist, so nothing of this study has been "
                          "planned or trained yet; run it without --fit-only first")
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(out / STUDY_LOCK, f"the study directory {out}"):
+            return _run_locked(spec, out, workers=workers, executor=executor, fit_only=fit_only, retry=retry,
+                               downstream=downstream, export_slurm=export_slurm, dry=dry, dry_steps=dry_steps,
+                               slurm_params=slurm_params, train_limit_s=train_limit_s, deadline=deadline)
+    except BusyError as e:
+        raise SystemExit(str(e)) from None
+
+
+def _run_locked(
+    spec: StudySpec,
+    out: Path,
+    *,
+    workers: int | None,
+    executor: str,
+    fit_only: bool,
+    retry: Sequence[str],
+    downstream: bool,
+    export_slurm: str | None,
+    dry: bool,
+    dry_steps: int,
+    slurm_params: dict[str, Any] | None,
+    train_limit_s: float | None,
+    deadline: float | None,
+) -> dict[str, Any]:
+    """``run_study`` once it holds the study directory's lock."""
+    from experiments.report import build_report, print_summary, write_report
+
+    if retry and not (out / PLAN_FILE).exists():  # before stage 1 trains and freezes a plan
+        raise SystemExit(f"--retry: {out / PLAN_FILE} does not exist, so no run of this study has been "
+                         "planned yet; run it without --retry first")
     # A rehearsal directory and a real study directory refuse each other.
     rehearsed = (out / REHEARSAL_FILE).exists()
     if dry and (out / PLAN_FILE).exists() and not rehearsed:
@@ -469,9 +538,14 @@ def run_study(
     post_run = _post_run(spec, downstream)
     lr_rules: dict[str, dict] = {}
     if (out / LR_RULES_FILE).exists():
-        lr_rules = json.loads((out / LR_RULES_FILE).read_text())
+        lr_rules = read_json_object(out / LR_RULES_FILE, on_unreadable=lambda why: None)
+        if lr_rules is None:
+            raise SystemExit(f"{out / LR_RULES_FILE} is unreadable or not a JSON object: the main stage's "
+                             "learning rates were planned from it. Restore it, or start a new --out")
     if plan_path.exists():
         runs = read_plan(plan_path)
+        if not runs:
+            raise SystemExit(f"{plan_path} holds no runs; restore it, or delete it to plan the study again")
         print(f"[study] using the existing plan {plan_path} ({len(runs)} runs)")
         if any(r.kind == "lr_sweep" for r in runs) and not (out / LR_RULES_FILE).exists():
             print(f"[study] warning: {plan_path} has LR-sweep runs but no {LR_RULES_FILE}: it was written "
@@ -504,6 +578,13 @@ def run_study(
                     raise SystemExit(f"--train-limit-s stopped the LR sweep before {len(left)} of its runs "
                                      "trained; run the command again to finish it (the main stage is planned "
                                      "with the rule fitted on the whole sweep)")
+                broken = _broken_sweep_runs(stage1, runs_dir)
+                if broken:
+                    raise SystemExit(
+                        f"{len(broken)} LR-sweep run(s) failed for a reason other than divergence, e.g. "
+                        f"{broken[0][0]}: {broken[0][1]}. The main stage is planned with the rule fitted on "
+                        "the whole sweep, so nothing was planned: fix the cause and run the command again "
+                        "(finished runs are kept; a diverged run counts as a result)")
             lr_rules = fit_lr_rules(spec, stage1, runs_dir)
             write_text_atomic(out / LR_RULES_FILE, json.dumps(lr_rules, indent=2, allow_nan=False) + "\n")
         main_stage = plan_main_stage(spec, out, lr_rules)
@@ -518,13 +599,7 @@ def run_study(
     if twice:
         print(f"[study] {twice} run(s) repeat an earlier run's config exactly (e.g. an LR-sweep run at the "
               "prior rule's lr): each such experiment is trained once and read under both names")
-    for name in retry:
-        match = [r for r in runs if r.name == name or r.run_id == name]
-        if not match:
-            raise SystemExit(f"--retry {name!r}: no such run in {plan_path}")
-        d = executors.run_dir(runs_dir, match[0])
-        shutil.rmtree(d, ignore_errors=True)
-        print(f"[study] cleared {d} for a retry")
+    retried = _retry_runs(runs, retry, runs_dir, plan_path)
     if export_slurm is not None:
         path = slurm.export_job_array(runs, plan_path, runs_dir, export_slurm, post_run=post_run)
         print(f"[study] wrote the job-array script {path}; run it, then re-run this command with --fit-only")
@@ -532,10 +607,10 @@ def run_study(
     if not fit_only:
         _prepare_corpus(runs, out)
         results = execute(
-            runs, runs_dir, workers=workers, post_run=post_run, executor=executor, slurm_params=slurm_params,
-            deadline=deadline,
+            retried or runs, runs_dir, workers=workers, post_run=post_run, executor=executor,
+            slurm_params=slurm_params, deadline=deadline,
         )
-        for _ in range(spec.extend_edges):
+        for _ in range(0 if retried else spec.extend_edges):  # --retry trains what it names, no more
             if deadline is not None and time.monotonic() >= deadline:
                 break  # curves cut short by the time limit would be judged on the runs they lack
             extra = plan_edge_extensions(spec, out, runs, lr_rules, lambda r: _final_loss(runs_dir, r))

@@ -4,7 +4,10 @@ A plan is a list of ``PlannedRun`` records, written as JSON lines (one full ``Ex
 the predicted FLOPs), so it can be read, edited and re-run (``read_plan`` re-derives every number from the
 edited configs). Each run's directory is named by ``run_id(cfg)``, a hash of the resolved config without the
 execution-only fields (mesh, logging, checkpoint cadence): the same experiment always lands in the same
-directory, so finished runs are reused and interrupted ones resume.
+directory, so finished runs are reused and interrupted ones resume. A run that starts from a parent's
+checkpoint (WSD reuse) is named by ``branch_id``, which hashes its parent's id and step too: the weights it
+starts from are part of the experiment, so a parent whose config is edited gets new descendants instead of
+reusing ones trained from the old parent.
 
 Shape rule (``ShapeRule``): models are LLaMA-style Transformers with a fixed head size (``head_dim``) whose
 aspect ratio d_model / n_layers stays within a factor ``aspect_tolerance`` of ``aspect_ratio`` (Kaplan et
@@ -94,6 +97,11 @@ def run_id(cfg: ExperimentConfig | Mapping) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def branch_id(config_id: str, parent_id: str, step: int) -> str:
+    """Run id of a run with config hash ``config_id`` that starts from run ``parent_id``'s step ``step``."""
+    return hashlib.sha256(f"{config_id}|{parent_id}|{int(step)}".encode()).hexdigest()[:12]
+
+
 # ----- the plan record --------------------------------------------------------------------------------------
 @dataclass
 class PlannedRun:
@@ -176,6 +184,7 @@ def resolve(runs: Sequence[PlannedRun]) -> list[PlannedRun]:
             if step >= steps:
                 raise ConfigError(f"run {r.name!r}: parent step {step} >= its own length {steps}")
             r.incremental_flops = float(fpt * (steps - step) * cfg.tokens_per_step)
+            r.run_id = branch_id(r.run_id, p.run_id, step)  # parents precede their children
         by_name[r.name] = r
         out.append(r)
     return out
@@ -646,19 +655,23 @@ def plan_wsd(
 
 
 def distinct_runs(runs: Sequence[PlannedRun]) -> list[PlannedRun]:
-    """The runs to train and to count compute for: a root run whose config equals an earlier run's (same
-    run_id, so the same run directory) is dropped. Why: a plan may hold one experiment under two roles --
-    e.g. cpu-tiny's ``-lrx1`` LR-sweep run and the middle isoFLOP size of that budget when the LR rule is the
-    prior (stage 1 not trained yet, or failed) -- and training both would put two workers into one directory
-    at once and count that compute twice. Both names still read the one result. Runs that are a parent or
-    have one (WSD) are always kept: their links are by name."""
-    parents = {r.parent["run"] for r in runs if r.parent is not None}
-    seen: set[str] = set()
+    """The runs to train and to count compute for: a run whose id equals an earlier run's (the same
+    experiment, so the same run directory) is dropped, and a child of a dropped run is linked to the one
+    kept. Why: a plan may hold one experiment under two roles -- e.g. cpu-tiny's ``-lrx1`` LR-sweep run and
+    the middle isoFLOP size of that budget when the LR rule is the prior (stage 1 not trained yet, or
+    failed), or a WSD chain planned twice -- and training both would put two workers into one directory at
+    once and count that compute twice. Both names still read the one result. Ids include a run's lineage
+    (``branch_id``), so only whole identical chains collapse."""
+    kept: dict[str, str] = {}  # run id -> name of the run trained for it
+    alias: dict[str, str] = {}  # dropped name -> kept name
     out = []
     for r in runs:
-        if r.run_id in seen and r.parent is None and r.name not in parents:
+        if r.run_id in kept:
+            alias[r.name] = kept[r.run_id]
             continue
-        seen.add(r.run_id)
+        kept[r.run_id] = r.name
+        if r.parent is not None and r.parent["run"] in alias:
+            r = dataclasses.replace(r, parent={**r.parent, "run": alias[r.parent["run"]]})
         out.append(r)
     return out
 

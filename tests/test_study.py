@@ -202,7 +202,7 @@ def test_wsd_branch_equals_wsd_run_from_scratch(tmp_path):
     from scratch (the claim that makes WSD compute reuse exact), and counts only its own steps."""
     from experiments import executors
     from experiments.hparam_rules import BatchRule, LRRule
-    from experiments.sweep import Rules, plan_wsd, resolve
+    from experiments.sweep import Rules, plan_wsd, resolve, run_id
 
     spec = _micro_spec()
     g = spec.groups[0]
@@ -219,7 +219,8 @@ def test_wsd_branch_equals_wsd_run_from_scratch(tmp_path):
     assert "resumed from checkpoint at step 16" in log
     scratch = dataclasses.replace(branch, name="scratch", parent=None)
     (scratch,) = resolve([scratch])
-    assert scratch.run_id == branch.run_id  # same experiment, so train it elsewhere
+    # the same config, but a run from scratch is not one resumed from a checkpoint: its own directory
+    assert run_id(scratch.config) == run_id(branch.config) and scratch.run_id != branch.run_id
     from experiments.trainer import train
 
     s = train(
@@ -929,3 +930,98 @@ def test_a_plan_from_an_earlier_preset_version_is_named(tmp_path):
     assert line.startswith("was planned by an earlier version of preset 'cpu-micro' (group dense-adamw: "
                            "eval batch")
     assert "(now 16)" in line and "start a new --out" in line
+
+
+def test_retry_trains_only_the_named_run_and_refuses_an_unplanned_directory(tmp_path, monkeypatch, capsys):
+    """--retry NAME trains that run (and any unfinished ancestor it needs), not every unfinished run of the
+    plan; on a directory with no plan yet it is refused before the LR sweep would train and freeze one."""
+    with pytest.raises(SystemExit, match="--retry: .*plan.jsonl does not exist"):
+        study.run_study(get_study_preset("cpu-families"), tmp_path / "fresh", retry=["x"])
+    assert not (tmp_path / "fresh" / study.PLAN_FILE).exists()
+
+    spec = _micro_spec()
+    out = tmp_path / "study"
+    study.run_study(spec, out, export_slurm=str(tmp_path / "submit.sh"))  # plans only
+    trained = []
+    monkeypatch.setattr(study, "_prepare_corpus", lambda runs, out: None)
+    monkeypatch.setattr(study, "execute", lambda runs, runs_dir, **kw: trained.extend(runs) or [])
+    runs = study.read_plan(out / study.PLAN_FILE)
+    target = runs[2]
+    (out / "runs" / target.run_id).mkdir(parents=True)
+    (out / "runs" / target.run_id / "error.json").write_text("{}")
+    study.run_study(spec, out, retry=[target.name])
+    assert [r.name for r in trained] == [target.name]  # nothing else, though every other run is pending
+    assert not (out / "runs" / target.run_id).exists()
+    assert f"cleared {out / 'runs' / target.run_id} for a retry" in capsys.readouterr().out
+
+
+def test_a_study_directory_takes_one_command_at_a_time(tmp_path):
+    """Two study commands on one directory trained every run twice into the same run directories (one of
+    them failed on the other's half-written checkpoint). The second is now refused, naming the first."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "study"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from experiments.files import exclusive_lock\n"
+         f"with exclusive_lock({str(out / study.STUDY_LOCK)!r}, 'x'):\n"
+         "    print('locked', flush=True)\n"
+         "    time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=rf"the study directory {out} is in use by another process "
+                                             rf"\(PID {holder.pid}\)"):
+            study.run_study(_micro_spec(), out, fit_only=False, export_slurm=str(tmp_path / "s.sh"))
+        assert not (out / study.PLAN_FILE).exists()  # refused before planning anything
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    # the kernel released the killed holder's lock: the directory is usable again
+    study.run_study(_micro_spec(), out, export_slurm=str(tmp_path / "s.sh"))
+    assert (out / study.PLAN_FILE).exists()
+
+
+def test_a_broken_lr_rules_file_or_an_empty_plan_is_named(tmp_path):
+    spec = _micro_spec()
+    study.run_study(spec, tmp_path, export_slurm=str(tmp_path / "submit.sh"))  # plans only
+    (tmp_path / study.LR_RULES_FILE).write_text("{")
+    with pytest.raises(SystemExit, match="lr_rules.json is unreadable or not a JSON object"):
+        study.run_study(spec, tmp_path, fit_only=True)
+    (tmp_path / study.LR_RULES_FILE).unlink()
+    (tmp_path / study.PLAN_FILE).write_text("")
+    with pytest.raises(SystemExit, match="plan.jsonl holds no runs"):
+        study.run_study(spec, tmp_path, fit_only=True)
+
+
+def test_an_lr_sweep_run_that_crashed_freezes_no_rule(tmp_path, monkeypatch):
+    """A sweep cell that failed for a reason unrelated to its learning rate (a crash, an OOM kill) would be
+    left out of the fitted LR rule, which plan.jsonl then freezes; a diverged cell is a result and is not."""
+    from experiments import executors
+
+    def execute_with_failures(runs, runs_dir, **kw):
+        for i, r in enumerate(runs[:2]):
+            d = executors.run_dir(runs_dir, r)
+            d.mkdir(parents=True)
+            why = "RuntimeError: worker crashed" if i == 0 else "NonFiniteLossError: non-finite training loss"
+            (d / executors.ERROR_FILE).write_text(json.dumps({"error": why}))
+        return []
+
+    monkeypatch.setattr(study, "_prepare_corpus", lambda runs, out: None)
+    monkeypatch.setattr(study, "execute", execute_with_failures)
+    spec = get_study_preset("cpu-families")
+    with pytest.raises(SystemExit, match=r"1 LR-sweep run\(s\) failed for a reason other than divergence, "
+                                         r"e\.g\. .*: RuntimeError: worker crashed"):
+        study.run_study(spec, tmp_path)
+    assert not (tmp_path / study.PLAN_FILE).exists() and not (tmp_path / study.LR_RULES_FILE).exists()
+    stage1 = study.plan_lr_stage(spec, tmp_path)
+    (d,) = [executors.run_dir(tmp_path / "runs", r) for r in stage1[:1]]
+    (d / executors.ERROR_FILE).write_text(json.dumps({"error": "NonFiniteLossError: diverged"}))
+    assert study._broken_sweep_runs(stage1, tmp_path / "runs") == []  # divergences are results

@@ -10,7 +10,9 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +34,7 @@ from experiments.sweep import (
     plan_user_list,
     plan_wsd,
     read_plan,
+    resolve,
     run_id,
     summarize,
     write_plan,
@@ -178,9 +181,53 @@ def test_an_experiment_planned_twice_is_trained_and_counted_once():
     assert distinct_runs(plan) == runs
     s = summarize(plan)
     assert s.n_runs == 4 and s.study_flops == pytest.approx(sum(r.incremental_flops for r in runs))
-    # a run linked by name (a WSD parent or branch) is never dropped
-    parented = dataclasses.replace(twin, parent={"run": runs[0].name, "step": 1})
-    assert distinct_runs([*runs, parented])[-1] is parented
+
+
+def _scaled_lr(r, factor):
+    cfg = json.loads(json.dumps(r.config))
+    cfg["optimizer"]["learning_rate"] *= factor
+    return dataclasses.replace(r, config=cfg)
+
+
+def test_a_branch_id_follows_its_lineage():
+    """A run resumed from a parent's checkpoint is named by its parent's id and step too: edit a stable
+    segment's config and every run downstream of it gets a new directory (it used to reuse the runs trained
+    from the old segment), while runs outside that chain keep theirs."""
+    spec, g, rules = _spec_base()
+    runs = resolve(plan_wsd(g.base, [g.shape.candidates(g.base.model)[2]], spec.budgets, rules))
+    first_stable = next(r for r in runs if r.kind == "wsd_stable")
+    for r in runs:
+        own = run_id(r.config)
+        assert (r.run_id == own) == (r.parent is None)
+    edited = resolve([_scaled_lr(r, 10.0) if r.name == first_stable.name else r for r in runs])
+    changed = {a.name for a, b in zip(runs, edited, strict=True) if a.run_id != b.run_id}
+    assert changed == {r.name for r in runs}  # the first segment is every run's ancestor
+    # editing a branch changes only that branch
+    branch = next(r for r in runs if r.kind == "wsd_branch")
+    edited = resolve([_scaled_lr(r, 0.5) if r.name == branch.name else r for r in runs])
+    changed = {a.name for a, b in zip(runs, edited, strict=True) if a.run_id != b.run_id}
+    assert changed == {branch.name}
+
+
+def test_a_chain_planned_twice_is_trained_once_and_its_children_relinked():
+    spec, g, rules = _spec_base()
+    chain = resolve(plan_wsd(g.base, [g.shape.candidates(g.base.model)[2]], spec.budgets, rules))
+
+    def copy(r):
+        parent = None if r.parent is None else {**r.parent, "run": "copy-" + r.parent["run"]}
+        return dataclasses.replace(r, name="copy-" + r.name, parent=parent)
+
+    copies = [copy(r) for r in chain]
+    # one branch of the copy differs (its lr): it is trained, from the original chain's segment
+    last = copies[-1]
+    copies[-1] = _scaled_lr(last, 0.5)
+    plan = resolve([*chain, *copies])
+    kept = distinct_runs(plan)
+    assert [r.name for r in kept] == [r.name for r in chain] + [last.name]
+    assert kept[-1].parent["run"] == chain[-1].parent["run"]  # relinked to the run that is trained
+    s = summarize(plan)
+    assert s.study_flops == pytest.approx(sum(r.incremental_flops for r in kept))
+    assert s.study_flops < sum(r.incremental_flops for r in plan)
 
 
 def test_grid_user_and_lr_sweep_plans():
@@ -446,6 +493,17 @@ def test_branch_seeded_from_parent_and_parent_failure(tmp_path, monkeypatch):
     failed = {r["name"] for r in res if r["status"] == "failed"}
     assert stable0.name in failed and child.name in failed
     assert str(tmp_path / child.run_id) not in calls
+    # ... with the reason in their error.json, so the report shows them failed, not pending
+    assert executors.run_status(tmp_path, child) == "failed"
+    assert json.loads((tmp_path / child.run_id / "error.json").read_text())["error"] == (
+        f"parent {child.parent['run']!r} failed")
+    # a finished parent whose checkpoint was deleted: re-running never recreates it, --retry PARENT does
+    monkeypatch.setattr(trainer, "train", _fake_train(calls))
+    executors.run_sequential(runs, tmp_path)
+    shutil.rmtree(tmp_path / stable0.run_id / "checkpoints")
+    shutil.rmtree(tmp_path / child.run_id)
+    (res,) = [x for x in executors.run_sequential(runs, tmp_path) if x["name"] == child.name]
+    assert res["status"] == "failed" and f"--retry {stable0.name!r} trains it again" in res["error"]
 
 
 def test_job_array_export(tmp_path):
@@ -649,3 +707,106 @@ def test_edge_extension_adds_the_size_one_step_beyond_an_edge_minimum():
     smallest = [n_of[id(m)] for m in ladder[:3]]
     with pytest.raises(ConfigError, match=r"lowest loss is at N=.*no smaller size"):
         edge_extension(smallest, [2.5, 2.6, 2.7], cands, **kw)
+
+
+def test_a_crashed_worker_fails_its_own_run_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys, micro_runs):
+    """A worker process that dies (here: os._exit in the post-run hook, as an out-of-memory kill would)
+    breaks the whole process pool and every run in flight. The sweep must go on: the runs in flight are
+    retried alone, the one that crashes its worker alone fails with error.json, the others finish. It used
+    to raise BrokenProcessPool out of the study (no report) and fail the innocent run beside it."""
+    import multiprocessing as mp
+
+    import experiments.trainer as trainer
+
+    runs_dir = tmp_path / "runs"
+    monkeypatch.setattr(trainer, "train", _fake_train([]))
+    executors.run_sequential(micro_runs, runs_dir)  # every run finished: workers only run the hook
+    bad = executors.critical_path_order(micro_runs)[0]  # submitted first, beside another run
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "crash_hook.py").write_text(
+        "import os, time\n"
+        "def hook(cfg, run_dir):\n"
+        f"    if run_dir.name == {bad.run_id!r}:\n"
+        "        os._exit(3)\n"
+        "    time.sleep(2.0)  # still in flight when the other worker dies\n"
+        "    (run_dir / 'hook_ran').write_text('ok')\n"
+    )
+    monkeypatch.syspath_prepend(str(hooks))  # spawned workers inherit sys.path
+    progress = executors.Progress(micro_runs, stream=sys.stdout)
+    res = executors.run_parallel(micro_runs, runs_dir, workers=2, post_run="crash_hook:hook",
+                                 progress=progress, single_thread_cpu=False)
+    by_name = {r["name"]: r for r in res}
+    assert len(res) == len(micro_runs)
+    assert by_name[bad.name]["status"] == "failed" and "worker crashed" in by_name[bad.name]["error"]
+    err = json.loads((runs_dir / bad.run_id / "error.json").read_text())
+    assert "BrokenProcessPool" in err["error"]
+    for r in micro_runs:
+        if r is bad:
+            continue
+        assert by_name[r.name]["status"] == "skipped", by_name[r.name]
+        assert (runs_dir / r.run_id / "hook_ran").exists()
+    printed = capsys.readouterr().out
+    assert "a worker process died; retrying the 2 run(s)" in printed, printed
+    assert mp.get_context("spawn").active_children() == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux-only")
+def test_a_killed_parallel_study_leaves_no_process_behind(tmp_path, monkeypatch, micro_runs):
+    """SIGKILL of the process running the parallel executor: its workers die with it, and nothing else it
+    started outlives it (the multiprocessing Manager that used to hold the device queue stayed alive,
+    orphaned, until killed by hand)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import experiments.trainer as trainer
+
+    runs_dir = tmp_path / "runs"
+    monkeypatch.setattr(trainer, "train", _fake_train([]))
+    executors.run_sequential(micro_runs, runs_dir)
+    plan = tmp_path / "plan.jsonl"
+    write_plan(micro_runs, plan)
+    (tmp_path / "slow_hook.py").write_text(
+        "import time\n"
+        "def hook(cfg, run_dir):\n"
+        "    (run_dir / 'hook_started').write_text('1')\n"
+        "    time.sleep(120)\n"
+    )
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from experiments import executors\n"
+        "from experiments.sweep import read_plan\n"
+        "if __name__ == '__main__':\n"
+        f"    executors.run_parallel(read_plan({str(plan)!r}), {str(runs_dir)!r}, workers=2,\n"
+        "                           post_run='slow_hook:hook', single_thread_cpu=False)\n"
+    )
+    study = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd())
+    deadline = time.time() + 90
+    while len(list(runs_dir.glob("*/hook_started"))) < 2:
+        assert time.time() < deadline and study.poll() is None, "workers never started"
+        time.sleep(0.2)
+
+    def descendants(pid):
+        out = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                out += [int(child), *descendants(int(child))]
+        return out
+
+    children = descendants(study.pid)
+    assert len(children) >= 2
+    study.send_signal(signal.SIGKILL)
+    study.wait()
+    alive = children
+    for _ in range(200):
+        alive = [p for p in alive if Path(f"/proc/{p}").exists()
+                 and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[-1].split()[:1]]
+        if not alive:
+            break
+        time.sleep(0.05)
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, [Path(f"/proc/{p}/cmdline").read_text() for p in alive]
