@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from scaling.io import SUMMARY_COLUMNS, filter_rows, law_data, load_table, parse_columns
+from scaling.io import ROWS_ARE, SUMMARY_COLUMNS, filter_rows, law_data, load_table, parse_columns
 
 
 class CLIError(ValueError):
@@ -60,9 +60,12 @@ def _per_param(spec: str) -> float | None:
     if not s.upper().endswith("N"):
         return None
     try:
-        return float(s[:-1] or 1.0)
+        k = float(s[:-1] or 1.0)
     except ValueError:
         return None
+    if not (math.isfinite(k) and k > 0):
+        raise CLIError(f"--flops-per-token {spec!r}: FLOPs per parameter per token must be > 0 (e.g. 6N)")
+    return k
 
 
 def _flops_per_token(
@@ -323,6 +326,10 @@ def cmd_pareto(args) -> dict:
     missing = [c for c in names if c not in table]
     if missing:
         raise CLIError(f"objective columns {missing} not found; available columns: {list(table)}")
+    for c in names:
+        if table[c].dtype == object:
+            i, v = next((i, v) for i, v in enumerate(table[c]) if not _is_number(v))
+            raise CLIError(f"objective column {c!r} is not numeric: row {i} ({ROWS_ARE}) holds {v!r}")
     pts = np.stack([np.asarray(table[c], dtype=np.float64) for c in names], axis=1)
     ok = ~np.isnan(pts).any(axis=1)
     if not ok.all():
@@ -365,6 +372,14 @@ def cmd_pareto(args) -> dict:
     return out
 
 
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 # --- downstream ------------------------------------------------------------------------------------------
 def cmd_downstream(args) -> dict:
     from scaling.downstream import fit_accuracy_vs_compute, heldout_error
@@ -376,7 +391,9 @@ def cmd_downstream(args) -> dict:
     c, acc = data["C"], data["accuracy"]
     if (c <= 0).any():
         raise CLIError("compute must be > 0")
-    ceiling = None if args.ceiling == "fit" else float(args.ceiling)
+    ceiling = args.ceiling
+    if ceiling is not None and not args.chance < ceiling <= 1:
+        raise CLIError(f"--ceiling {ceiling:g} must be in (chance = {args.chance:g}, 1]")
     fit = fit_accuracy_vs_compute(c, acc, chance=args.chance, ceiling=ceiling, n_boot=args.n_boot,
                                   seed=args.seed)
     out = {"fit": fit.to_dict(), "C_mid": float(np.exp(fit.mid)), "n_points": int(c.size)}
@@ -402,29 +419,61 @@ def cmd_downstream(args) -> dict:
 
 
 # --- parser --------------------------------------------------------------------------------------------
+def _n_boot(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 (0 = no bootstrap), got {text!r}")
+    return n
+
+
+def _budget(text: str) -> float:
+    try:
+        c = float(text)
+    except ValueError:
+        c = math.nan
+    if not (math.isfinite(c) and c > 0):
+        raise argparse.ArgumentTypeError(f"expected a FLOP budget > 0 (e.g. 1e24), got {text!r}")
+    return c
+
+
+def _ceiling(text: str) -> float | None:
+    if text == "fit":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'fit', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scaling", description="Scaling-law fitting and analysis.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def data_args(sp):
-        sp.add_argument("data", help="CSV / JSON lines / JSON file, or a directory of runs with summary.json")
+    def data_args(sp, *, flops: bool = True, outputs: str = "JSON + PNG"):
+        sp.add_argument("data", help="CSV / TSV / JSON lines / JSON file, or a directory of runs with "
+                        "summary.json")
         sp.add_argument("--columns", help="VAR=COLUMN pairs, e.g. N=params,D=tokens,loss=final_loss")
-        sp.add_argument("--flops-per-token", help="FLOP model for D from C: kN (default 6N) or a column")
+        if flops:
+            sp.add_argument("--flops-per-token", help="FLOP model for D from C: kN (default 6N) or a column")
         sp.add_argument("--dropna", action="store_true", help="skip rows with missing values")
         sp.add_argument("--where", action="append", help="row filter COLUMN<op>VALUE, e.g. 'loss<3.44' "
                         "(op: < <= > >= == !=; repeatable)")
-        sp.add_argument("--out", help="output directory (JSON + PNG)")
+        sp.add_argument("--out", help=f"output directory ({outputs})")
         sp.add_argument("--seed", type=int, default=0)
 
     f = sub.add_parser("fit", help="fit a law; writes fit.json and fit.png")
     data_args(f)
     f.add_argument("--law", default="chinchilla", help="registered law name (default chinchilla)")
-    f.add_argument("--n-boot", type=int, default=200, help="bootstrap refits for CIs (0 = none)")
+    f.add_argument("--n-boot", type=_n_boot, default=200, help="bootstrap refits for CIs (0 = none)")
     f.set_defaults(func=cmd_fit)
 
     o = sub.add_parser("optimum", help="compute-optimal allocation from a fit.json")
     o.add_argument("--fit", required=True, help="fit.json written by `fit`")
-    o.add_argument("--compute", required=True, nargs="+", help="training FLOP budget(s), e.g. 1e24")
+    o.add_argument("--compute", required=True, nargs="+", type=_budget,
+                   help="training FLOP budget(s), e.g. 1e24")
     o.add_argument("--flops-per-token", help="kN FLOPs per token (default 6N, i.e. C = 6ND)")
     o.set_defaults(func=cmd_optimum)
 
@@ -433,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--method", choices=("parabola", "akima"), default="parabola")
     i.add_argument("--on-edge", choices=("raise", "drop"), default="raise",
                    help="budgets whose minimum is at the edge of their size grid (or with < 3 sizes)")
-    i.add_argument("--n-boot", type=int, default=0)
+    i.add_argument("--n-boot", type=_n_boot, default=0)
     i.add_argument("--budget-rtol", type=float, default=None,
                    help="C values within this relative distance are one budget (default 1e-3; 0.025 for a "
                         "directory of runs, whose FLOPs are realised: whole steps, each within 1%% of C)")
@@ -448,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--objectives", required=True, help="COLUMN:min|max list, e.g. final_loss:min,flops:min")
     q.add_argument("--sigma", help="measurement noise per objective (one value or one per objective)")
     q.add_argument("--noise", choices=("absolute", "relative"), default="absolute")
-    q.add_argument("--n-boot", type=int, default=1000)
+    q.add_argument("--n-boot", type=_n_boot, default=1000)
     q.add_argument("--label", help="column used to label points")
     q.add_argument("--dropna", action="store_true")
     q.add_argument("--where", action="append", help="row filter COLUMN<op>VALUE (repeatable)")
@@ -456,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_pareto)
     b = sub.add_parser("backtest", help="which law form extrapolates: rolling-origin backtest")
-    data_args(b)
+    data_args(b, outputs="backtest.json")
     b.add_argument("--laws", default="chinchilla,kaplan,farseer", help="comma-separated registered law names")
     b.add_argument("--by", default="C", help="variable whose distinct values order the folds (default C)")
     b.add_argument("--bin-decades", type=float, default=None,
@@ -464,11 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--min-train", type=int, default=2, help="distinct --by values in the first fold's fit")
     b.set_defaults(func=cmd_backtest)
     s = sub.add_parser("downstream", help="sigmoid of accuracy vs log compute (+ held-out check)")
-    data_args(s)
+    data_args(s, flops=False)
     s.add_argument("--chance", type=float, default=0.0, help="accuracy floor (e.g. 0.25 for 4 choices)")
-    s.add_argument("--ceiling", default="1", help="accuracy ceiling, or 'fit'")
+    s.add_argument("--ceiling", type=_ceiling, default=1.0, help="accuracy ceiling, or 'fit'")
     s.add_argument("--cutoff", type=float, help="fit below this compute, report error above it")
-    s.add_argument("--n-boot", type=int, default=200)
+    s.add_argument("--n-boot", type=_n_boot, default=200)
     s.set_defaults(func=cmd_downstream)
     return p
 

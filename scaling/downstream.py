@@ -315,7 +315,17 @@ def fit_sigmoid(
 def fit_accuracy_vs_compute(
     compute, accuracy, *, chance: float = 0.0, ceiling: float | None = 1.0, n_boot: int = 0, seed: int = 0
 ) -> SigmoidFit:
-    """Sigmoid of accuracy in log compute, floored at chance (e.g. 0.25 for 4-way multiple choice)."""
+    """Sigmoid of accuracy in log compute, floored at chance (e.g. 0.25 for 4-way multiple choice).
+    Accuracies are fractions in [0, 1]: percentages are refused (a sigmoid bounded by 1 through points at
+    25-95 "converges" to nonsense)."""
+    acc = np.asarray(accuracy, dtype=np.float64)
+    out = np.flatnonzero((acc < 0) | (acc > 1))
+    if out.size:
+        hint = " (percentages? divide by 100)" if np.nanmax(acc) <= 100 and np.nanmin(acc) >= 0 else ""
+        raise ValueError(f"accuracy must be in [0, 1]; rows {out[:10].tolist()} hold "
+                         f"{[float(a) for a in acc[out[:3]]]}{hint}")
+    if not 0 <= chance < 1:
+        raise ValueError(f"chance must be in [0, 1), got {chance}")
     return fit_sigmoid(compute, accuracy, floor=chance, ceiling=ceiling, transform="log", n_boot=n_boot,
                        seed=seed)
 

@@ -15,6 +15,7 @@ non-positive values raise ValueError naming the column and the offending rows.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -68,11 +69,23 @@ def read_csv(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            raise ValueError(f"{path}: empty CSV (no header row)")
-        rows = [dict(r) for r in reader]
+    try:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
+                         "(Excel: CSV UTF-8)") from None
+    header = text.split("\n", 1)[0]
+    # Tab-separated (a .tsv, or a header with tabs and no commas) is read as such.
+    tabs = path.suffix.lower() == ".tsv" or ("\t" in header and "," not in header)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tabs else ",")
+    if reader.fieldnames is None:
+        raise ValueError(f"{path}: empty CSV (no header row)")
+    if len(reader.fieldnames) == 1 and ";" in reader.fieldnames[0]:
+        raise ValueError(f"{path}: the header is one column, {reader.fieldnames[0]!r}: semicolon-separated? "
+                         "Save it comma-separated (with '.' as the decimal point)")
+    rows = [dict(r) for r in reader]
     return _rows_to_table(rows, str(path))
 
 
@@ -95,8 +108,10 @@ def iter_jsonl(
     blank lines included). A line that is not valid JSON, or not a JSON object, raises ``error`` with a
     message starting ``"{path}:{lineno}: "``; ``invalid`` is the rest of the bad-JSON message, formatted
     with ``e`` = the ``json.JSONDecodeError``. Callers do their own validation of each object."""
-    with Path(path).open() as f:
+    with Path(path).open(encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
+            if any("\udc80" <= ch <= "\udcff" for ch in line):  # an undecodable byte, kept to be named
+                raise error(f"{path}:{lineno}: not UTF-8 text")
             if not line.strip():
                 continue
             try:
@@ -153,7 +168,12 @@ def load_table(path: str | Path) -> dict[str, np.ndarray]:
     if suffix in (".jsonl", ".ndjson"):
         return read_jsonl(path)
     if suffix == ".json":
-        obj = json.loads(path.read_text())
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         rows = obj if isinstance(obj, list) else [obj]
         if not all(isinstance(r, dict) for r in rows):
             raise ValueError(f"{path}: expected a JSON object or a list of objects")
@@ -226,10 +246,15 @@ def derive_tokens(
 ROWS_ARE = "0-based data rows, header excluded"
 
 
-def _bad_rows(x: np.ndarray) -> str:
-    rows = np.flatnonzero(x)
-    more = f" ... ({rows.size} rows)" if rows.size > 10 else ""
-    return f"{rows[:10].tolist()}{more}"
+def _bad_rows(x: np.ndarray, table: Mapping[str, np.ndarray] | None = None, rows: np.ndarray | None = None
+              ) -> str:
+    """The rows where mask ``x`` is set (``rows``: their table indices, if ``x`` covers a subset), as
+    0-based data rows, or as run names for a table of run summaries (whose row order nobody sees)."""
+    idx = np.flatnonzero(x) if rows is None else rows[np.asarray(x)]
+    more = f" ... ({idx.size} rows)" if idx.size > 10 else ""
+    if table is not None and "run" in table:
+        return f"runs {[str(table['run'][i]) for i in idx[:10]]}{more}"
+    return f"rows {idx[:10].tolist()}{more} ({ROWS_ARE})"
 
 
 def law_data(
@@ -277,8 +302,9 @@ def law_data(
                 try:
                     float(v)
                 except (TypeError, ValueError):
-                    raise ValueError(f"column {col!r} (for {var}) is not numeric: row {i} "
-                                     f"({ROWS_ARE}) holds {v!r}") from None
+                    where = f"run {table['run'][i]!r}" if "run" in table else f"row {i} ({ROWS_ARE})"
+                    raise ValueError(
+                        f"column {col!r} (for {var}) is not numeric: {where} holds {v!r}") from None
         return np.asarray(arr, dtype=np.float64)
 
     out: dict[str, np.ndarray] = {}
@@ -310,18 +336,18 @@ def law_data(
         nan = np.isnan(x)
         if nan.any():
             if not dropna:
-                raise ValueError(f"{var}: missing/NaN values in rows {_bad_rows(nan)} ({ROWS_ARE}; dropna "
-                                 "skips them)")
+                raise ValueError(f"{var}: missing/NaN values in {_bad_rows(nan, table)} (--dropna, or "
+                                 "dropna=True, skips them)")
             keep &= ~nan
     if not keep.all() and log:
-        log(f"dropped {int((~keep).sum())} rows with missing values: {_bad_rows(~keep)}")
+        log(f"dropped {int((~keep).sum())} rows with missing values: {_bad_rows(~keep, table)}")
     out = {k: v[keep] for k, v in out.items()}
     rows = np.flatnonzero(keep)
     for var, x in out.items():
         if np.isinf(x).any():
-            raise ValueError(f"{var}: infinite values in rows {rows[np.isinf(x)][:10].tolist()} ({ROWS_ARE})")
+            raise ValueError(f"{var}: infinite values in {_bad_rows(np.isinf(x), table, rows)}")
         if positive and (x <= 0).any():
-            raise ValueError(f"{var}: non-positive values in rows {rows[x <= 0][:10].tolist()} ({ROWS_ARE})")
+            raise ValueError(f"{var}: non-positive values in {_bad_rows(x <= 0, table, rows)}")
     if rows.size == 0:
         raise ValueError("no rows left after dropping missing values")
     out["row"] = rows

@@ -389,3 +389,51 @@ def test_cli_isoflop_seed_noise_bootstrap(tmp_path, capsys):
     assert rc == 2 and "--noise-sd must be a positive number or 'porian', got '-1'" in err
     rc, _, err = _run(["isoflop", data, *cols, "--noise-sd", "0.01"], capsys)
     assert rc == 2 and "give --n-boot N too" in err
+
+
+def test_cli_input_mistakes_are_named(tmp_path, capsys):
+    """What a user's own table gets wrong is named, with exit status 2: percentages where accuracies belong
+    (a sigmoid bounded by 1 "converged" on them to C_mid = 1e-59), a semicolon-separated or non-UTF-8 file,
+    broken JSON, a unit in a Pareto objective, a bad count or budget, a run of a directory by its name."""
+    acc = tmp_path / "acc.csv"
+    pct = (25, 27, 40, 70, 90, 95)
+    acc.write_text("C,accuracy\n" + "".join(f"1e{18 + i},{a}\n" for i, a in enumerate(pct)))
+    rc, _, err = _run(["downstream", acc, "--chance", "0.25", "--n-boot", "0"], capsys)
+    assert rc == 2 and "accuracy must be in [0, 1]" in err and "percentages? divide by 100" in err
+    rc, _, err = _run(["downstream", acc, "--ceiling", "1.5"], capsys)
+    assert rc == 2 and "--ceiling 1.5 must be in (chance = 0, 1]" in err
+    tsv = tmp_path / "runs.tsv"  # tab-separated is read as such
+    tsv.write_text("N\tD\tloss\n1e8\t2e9\t3.1\n")
+    assert {k: float(v[0]) for k, v in load_table(tsv).items()} == {"N": 1e8, "D": 2e9, "loss": 3.1}
+    semi = tmp_path / "semi.csv"
+    semi.write_text("N;D;loss\n1;2;3\n")
+    rc, _, err = _run(["fit", semi], capsys)
+    assert rc == 2 and "semicolon-separated?" in err
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"N,D,loss\n1e8,2e9,3.1\xff\n")
+    rc, _, err = _run(["fit", latin], capsys)
+    assert rc == 2 and "latin.csv: not UTF-8 text" in err
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"a": 1,\n')
+    rc, _, err = _run(["fit", broken], capsys)
+    assert rc == 2 and "broken.json: invalid JSON" in err and "line 2" in err
+    units = tmp_path / "units.csv"
+    units.write_text("loss,flops\n2.5 nats,1e18\n2.4,2e18\n")
+    rc, _, err = _run(["pareto", units, "--objectives", "loss:min,flops:min"], capsys)
+    assert rc == 2 and "objective column 'loss' is not numeric: row 0" in err and "'2.5 nats'" in err
+    data = _isoflop_csv(tmp_path / "iso.csv")
+    rc, _, err = _run(["fit", data, "--columns", "C=flops,N=params,loss=loss", "--flops-per-token", "0N"],
+                      capsys)
+    assert rc == 2 and "must be > 0 (e.g. 6N)" in err
+    for argv, flag in ((["fit", data, "--n-boot", "-5"], "--n-boot"),
+                       (["optimum", "--fit", data, "--compute", "abc"], "--compute")):
+        with pytest.raises(SystemExit) as e:
+            _run(argv, capsys)
+        assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    # a directory of runs: a bad summary is named by its run, not by a row of the sorted file list
+    for name, loss in (("a", 3.0), ("b", None), ("c", 2.9)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        s = {"params": 1e6, "tokens": 2e7, "flops": 1.2e14, "final_eval_loss": loss}
+        (tmp_path / "runs" / name / "summary.json").write_text(json.dumps(s))
+    rc, _, err = _run(["fit", tmp_path / "runs", "--n-boot", "0"], capsys)
+    assert rc == 2 and "loss: missing/NaN values in runs ['b']" in err
