@@ -294,8 +294,11 @@ class Progress:
 
 # ----- local executors --------------------------------------------------------------------------------------
 def _parent_ids(runs: Sequence[PlannedRun]) -> dict[str, str]:
+    """Run name -> its parent's run id, for the runs whose parent is in ``runs`` (a branch without its parent
+    fails with that message instead: run_one, run_parallel)."""
     by_name = {r.name: r.run_id for r in runs}
-    return {r.name: by_name[r.parent["run"]] for r in runs if r.parent is not None}
+    return {r.name: by_name[r.parent["run"]] for r in runs
+            if r.parent is not None and r.parent["run"] in by_name}
 
 
 def _failed(r: PlannedRun, error: str) -> dict[str, Any]:
@@ -450,10 +453,10 @@ def run_parallel(
     progress = progress or Progress(runs)
     parents = _parent_ids(runs)
     ctx = mp.get_context("spawn")
+    finished_ok: set[str] = set()
     flags = cpu_worker_xla_flags(os.environ.get("XLA_FLAGS")) if single_thread_cpu else None
     pending = critical_path_order(runs)
     results: dict[str, dict[str, Any]] = {}
-    finished_ok: set[str] = set()
     suspects: set[str] = set()  # in flight when a worker died: retried alone
     pool = _new_pool(ctx, workers, devices_per_worker, flags)
 
@@ -478,17 +481,17 @@ def run_parallel(
                     isolated = any(futures[f].name in suspects for f in futures)
                     if len(futures) >= workers or isolated or (r.name in suspects and futures):
                         break
+                    try:
+                        f = pool.submit(run_one, r, runs_dir, parent_id=parents.get(r.name),
+                                        post_run=post_run, compile_cache=compile_cache)
+                    except BrokenProcessPool:  # a worker died between runs: the runs in flight say so below
+                        if not futures:
+                            pool.shutdown(wait=True, cancel_futures=True)
+                            _terminate_children(ctx)
+                            pool = _new_pool(ctx, workers, devices_per_worker, flags)
+                        break
                     pending.remove(r)
-                    futures[
-                        pool.submit(
-                            run_one,
-                            r,
-                            runs_dir,
-                            parent_id=parents.get(r.name),
-                            post_run=post_run,
-                            compile_cache=compile_cache,
-                        )
-                    ] = r
+                    futures[f] = r
                     progress.start(r.name)
             if not futures:
                 if pending:  # only branches whose parents are not in this plan: report, do not hang
@@ -503,7 +506,9 @@ def run_parallel(
                 err = next(f.exception() for f in done if isinstance(f.exception(), BrokenProcessPool))
                 pool.shutdown(wait=True, cancel_futures=True)
                 _terminate_children(ctx)
-                culprits = [r for r in lost if len(lost) == 1 or r.name in suspects]
+                # A run lost for the first time is a suspect, even alone: a worker can also die idle or
+                # after returning its result. A suspect that breaks the pool again, alone, is the culprit.
+                culprits = [r for r in lost if r.name in suspects]
                 for r in lost:
                     progress.running.discard(r.name)
                     if r in culprits:

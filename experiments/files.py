@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,19 @@ def read_json_object(
     return value
 
 
+_UNLOCKABLE_WARNED: set[str] = set()
+
+
+def _warn_unlockable(path: Path, e: OSError) -> None:
+    """Warn once per filesystem directory that locking is unavailable there."""
+    key = str(path.parent.parent)
+    if key not in _UNLOCKABLE_WARNED:
+        _UNLOCKABLE_WARNED.add(key)
+        warnings.warn(f"cannot lock {path} ({e.strerror or e}): this filesystem has no flock, so nothing "
+                      "stops two study commands from writing into one directory at once here",
+                      RuntimeWarning, stacklevel=3)
+
+
 class BusyError(RuntimeError):
     """Another process holds the lock of a directory this process was about to write into."""
 
@@ -52,7 +66,7 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold an advisory lock on ``path`` (created, and holding the holder's PID) for the with-block; raise
     BusyError naming ``what`` and the holder's PID if another process holds it. ``flock``: the kernel
     releases it when the holder exits or is killed, so a crash leaves no stale lock. Where ``fcntl`` does not
-    exist (Windows) it is a no-op."""
+    exist (Windows) it is a no-op, and on a filesystem without flock a warning."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover -- not POSIX
@@ -68,11 +82,17 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
                 f"{what} is in use by another process (PID {holder}); two processes writing into it at once "
                 "would train the same runs into the same directories. Wait for that one to finish, or stop it"
             ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        except OSError as e:  # a filesystem without flock (e.g. Lustre mounted without -o flock): go on
+            _warn_unlockable(Path(path), e)
+            locked = False
+        else:
+            locked = True
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)

@@ -351,8 +351,9 @@ def _not_yet_run(runs: Sequence[PlannedRun], runs_dir: Path) -> list[str]:
 def _retry_runs(runs: Sequence[PlannedRun], names: Sequence[str], runs_dir: Path,
                 plan_path: Path) -> list[PlannedRun]:
     """Clear the run directories ``--retry`` names (by name or run id) and return what to train: those runs
-    and any of their ancestors that have not finished (a branch needs its parent's checkpoint), in plan
-    order. Nothing else of the plan is trained."""
+    and their ancestors (a branch starts from its parent's checkpoint: a finished ancestor is reused, an
+    unfinished one trained first), in plan order. Nothing else of the plan is trained. A run directory that
+    another process is training in is not cleared: the retry is refused, naming that process."""
     by_name = {r.name: r for r in runs}
     chosen: set[str] = set()
     for name in names:
@@ -360,14 +361,18 @@ def _retry_runs(runs: Sequence[PlannedRun], names: Sequence[str], runs_dir: Path
         if not match:
             raise SystemExit(f"--retry {name!r}: no such run in {plan_path}")
         d = executors.run_dir(runs_dir, match[0])
-        shutil.rmtree(d, ignore_errors=True)
-        print(f"[study] cleared {d} for a retry")
+        if d.exists():
+            try:
+                with exclusive_lock(d / executors.RUN_LOCK, f"the run directory {d} ({match[0].name})"):
+                    shutil.rmtree(d, ignore_errors=True)
+            except BusyError as e:
+                raise SystemExit(f"--retry {name!r}: {e}") from None
+            print(f"[study] cleared {d} for a retry")
         for r in match:
             chosen.add(r.name)
             while r.parent is not None:
                 r = by_name[r.parent["run"]]
-                if executors.run_status(runs_dir, r) != "done":
-                    chosen.add(r.name)
+                chosen.add(r.name)
     return [r for r in runs if r.name in chosen]
 
 
@@ -578,13 +583,13 @@ def _run_locked(
                     raise SystemExit(f"--train-limit-s stopped the LR sweep before {len(left)} of its runs "
                                      "trained; run the command again to finish it (the main stage is planned "
                                      "with the rule fitted on the whole sweep)")
-                broken = _broken_sweep_runs(stage1, runs_dir)
-                if broken:
-                    raise SystemExit(
-                        f"{len(broken)} LR-sweep run(s) failed for a reason other than divergence, e.g. "
-                        f"{broken[0][0]}: {broken[0][1]}. The main stage is planned with the rule fitted on "
-                        "the whole sweep, so nothing was planned: fix the cause and run the command again "
-                        "(finished runs are kept; a diverged run counts as a result)")
+            broken = _broken_sweep_runs(stage1, runs_dir)  # also after a job array (--export-slurm)
+            if broken:
+                raise SystemExit(
+                    f"{len(broken)} LR-sweep run(s) failed for a reason other than divergence, e.g. "
+                    f"{broken[0][0]}: {broken[0][1]}. The main stage is planned with the rule fitted on the "
+                    "whole sweep, so nothing was planned: fix the cause and run the command again (finished "
+                    "runs are kept; a diverged run counts as a result)")
             lr_rules = fit_lr_rules(spec, stage1, runs_dir)
             write_text_atomic(out / LR_RULES_FILE, json.dumps(lr_rules, indent=2, allow_nan=False) + "\n")
         main_stage = plan_main_stage(spec, out, lr_rules)

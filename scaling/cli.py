@@ -327,9 +327,10 @@ def cmd_pareto(args) -> dict:
     if missing:
         raise CLIError(f"objective columns {missing} not found; available columns: {list(table)}")
     for c in names:
-        if table[c].dtype == object:
-            i, v = next((i, v) for i, v in enumerate(table[c]) if not _is_number(v))
-            raise CLIError(f"objective column {c!r} is not numeric: row {i} ({ROWS_ARE}) holds {v!r}")
+        if table[c].dtype == object:  # a blank cell is missing, not text: name the first real value
+            i, v = next((i, v) for i, v in enumerate(table[c]) if str(v).strip() and not _is_number(v))
+            where = f"run {table['run'][i]!r}" if "run" in table else f"row {i} ({ROWS_ARE})"
+            raise CLIError(f"objective column {c!r} is not numeric: {where} holds {v!r}")
     pts = np.stack([np.asarray(table[c], dtype=np.float64) for c in names], axis=1)
     ok = ~np.isnan(pts).any(axis=1)
     if not ok.all():
@@ -391,6 +392,8 @@ def cmd_downstream(args) -> dict:
     c, acc = data["C"], data["accuracy"]
     if (c <= 0).any():
         raise CLIError("compute must be > 0")
+    if not 0 <= args.chance < 1:
+        raise CLIError(f"--chance {args.chance:g} must be in [0, 1) (e.g. 0.25 for 4 choices)")
     ceiling = args.ceiling
     if ceiling is not None and not args.chance < ceiling <= 1:
         raise CLIError(f"--ceiling {ceiling:g} must be in (chance = {args.chance:g}, 1]")

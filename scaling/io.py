@@ -299,6 +299,8 @@ def law_data(
     def _numeric(arr, var, col):
         if arr.dtype == object:  # some cell did not parse as a number: name the first such one
             for i, v in enumerate(arr):
+                if v is None or str(v).strip() == "":  # a blank cell is missing (NaN), not text
+                    continue
                 try:
                     float(v)
                 except (TypeError, ValueError):

@@ -417,10 +417,14 @@ def test_cli_input_mistakes_are_named(tmp_path, capsys):
     broken.write_text('{"a": 1,\n')
     rc, _, err = _run(["fit", broken], capsys)
     assert rc == 2 and "broken.json: invalid JSON" in err and "line 2" in err
-    units = tmp_path / "units.csv"
-    units.write_text("loss,flops\n2.5 nats,1e18\n2.4,2e18\n")
+    units = tmp_path / "units.csv"  # a blank cell first: the message names the unit, not the blank
+    units.write_text("loss,flops\n,1e18\n2.5 nats,1e18\n2.4,2e18\n")
     rc, _, err = _run(["pareto", units, "--objectives", "loss:min,flops:min"], capsys)
-    assert rc == 2 and "objective column 'loss' is not numeric: row 0" in err and "'2.5 nats'" in err
+    assert rc == 2 and "objective column 'loss' is not numeric: row 1" in err and "'2.5 nats'" in err
+    rc, _, err = _run(["fit", units, "--columns", "N=loss,D=flops,loss=flops"], capsys)
+    assert rc == 2 and "column 'loss' (for N) is not numeric: row 1" in err
+    rc, _, err = _run(["downstream", acc, "--chance", "1"], capsys)
+    assert rc == 2 and "--chance 1 must be in [0, 1)" in err
     data = _isoflop_csv(tmp_path / "iso.csv")
     rc, _, err = _run(["fit", data, "--columns", "C=flops,N=params,loss=loss", "--flops-per-token", "0N"],
                       capsys)

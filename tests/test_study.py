@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -933,26 +934,68 @@ def test_a_plan_from_an_earlier_preset_version_is_named(tmp_path):
 
 
 def test_retry_trains_only_the_named_run_and_refuses_an_unplanned_directory(tmp_path, monkeypatch, capsys):
-    """--retry NAME trains that run (and any unfinished ancestor it needs), not every unfinished run of the
-    plan; on a directory with no plan yet it is refused before the LR sweep would train and freeze one."""
+    """--retry NAME trains that run (a WSD branch: from its finished parent's checkpoint), not every
+    unfinished run of the plan; on a directory with no plan yet it is refused before the LR sweep would
+    train and freeze one."""
+    import experiments.trainer as trainer
+    from experiments import executors
+    from experiments.sweep import Rules, plan_isoflop, plan_wsd, resolve
+
     with pytest.raises(SystemExit, match="--retry: .*plan.jsonl does not exist"):
         study.run_study(get_study_preset("cpu-families"), tmp_path / "fresh", retry=["x"])
     assert not (tmp_path / "fresh" / study.PLAN_FILE).exists()
 
-    spec = _micro_spec()
-    out = tmp_path / "study"
-    study.run_study(spec, out, export_slurm=str(tmp_path / "submit.sh"))  # plans only
-    trained = []
-    monkeypatch.setattr(study, "_prepare_corpus", lambda runs, out: None)
-    monkeypatch.setattr(study, "execute", lambda runs, runs_dir, **kw: trained.extend(runs) or [])
-    runs = study.read_plan(out / study.PLAN_FILE)
-    target = runs[2]
-    (out / "runs" / target.run_id).mkdir(parents=True)
-    (out / "runs" / target.run_id / "error.json").write_text("{}")
-    study.run_study(spec, out, retry=[target.name])
-    assert [r.name for r in trained] == [target.name]  # nothing else, though every other run is pending
-    assert not (out / "runs" / target.run_id).exists()
-    assert f"cleared {out / 'runs' / target.run_id} for a retry" in capsys.readouterr().out
+    trained: list[str] = []
+
+    def fake_train(cfg, workdir, devices=None, log=None):
+        trained.append(workdir.name)
+        s = {"steps": cfg.total_steps, "final_eval_loss": 3.0, "config": cfg.to_dict()}
+        (workdir / "summary.json").write_text(json.dumps(s))
+        (workdir / "checkpoints" / str(cfg.total_steps)).mkdir(parents=True, exist_ok=True)
+        return s
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    spec = get_study_preset("cpu-micro")
+    g = spec.groups[0]
+    rules = Rules(lr=g.lr, batch=spec.batch, warmup_fraction=spec.warmup_fraction)
+    chain = plan_wsd(g.base, [g.shape.candidates(g.base.model)[0]], spec.budgets, rules)
+    runs = resolve(plan_isoflop(g.base, spec.budgets[:1], 2, rules, shape_rule=g.shape) + chain)
+    runs_dir = tmp_path / "runs"
+    executors.run_sequential(runs[:3], runs_dir)  # two isoFLOP runs and the chain's first stable segment
+    branch = next(r for r in runs if r.parent is not None and r.parent["run"] == runs[2].name)
+    trained.clear()
+    retried = study._retry_runs(runs, [branch.name], runs_dir, tmp_path / "plan.jsonl")
+    assert [r.name for r in retried] == [runs[2].name, branch.name]  # the finished parent is reused
+    res = study.execute(retried, runs_dir, workers=1, post_run=None, executor="sequential")
+    assert [r["status"] for r in res] == ["skipped", "done"] and trained == [branch.run_id]
+    # the other unfinished runs of the plan were not trained
+    assert all(executors.run_status(runs_dir, r) == "pending" for r in runs if r.name not in
+               {x.name for x in runs[:3]} | {branch.name})
+    assert f"cleared {runs_dir / branch.run_id}" not in capsys.readouterr().out  # it had no directory yet
+    # a run directory another process is training in is not cleared
+    d = runs_dir / runs[0].run_id
+    import subprocess
+    import sys
+
+    from experiments.files import exclusive_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time\nfrom experiments.files import exclusive_lock\n"
+         f"with exclusive_lock({str(d / executors.RUN_LOCK)!r}, 'x'):\n"
+         "    print('locked', flush=True)\n    time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        busy = rf"--retry '{re.escape(runs[0].name)}': the run directory .* in use"
+        with pytest.raises(SystemExit, match=busy):
+            study._retry_runs(runs, [runs[0].name], runs_dir, tmp_path / "plan.jsonl")
+        assert (d / "summary.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_lock(d / executors.RUN_LOCK, "x"):
+        pass  # released with the killed holder
 
 
 def test_a_study_directory_takes_one_command_at_a_time(tmp_path):
@@ -1025,3 +1068,21 @@ def test_an_lr_sweep_run_that_crashed_freezes_no_rule(tmp_path, monkeypatch):
     (d,) = [executors.run_dir(tmp_path / "runs", r) for r in stage1[:1]]
     (d / executors.ERROR_FILE).write_text(json.dumps({"error": "NonFiniteLossError: diverged"}))
     assert study._broken_sweep_runs(stage1, tmp_path / "runs") == []  # divergences are results
+
+
+def test_a_crashed_lr_sweep_run_stops_the_job_array_path_too(tmp_path):
+    """The cluster's two-step export (--export-slurm twice) fits the LR rule from the sweep's job array: a
+    cell that crashed there must stop it before planning, as on the local path."""
+    from experiments import executors
+
+    spec = get_study_preset("cpu-families")
+    study.run_study(spec, tmp_path, export_slurm=str(tmp_path / "lr.sh"))  # stage 1's job array
+    stage1 = study.plan_lr_stage(spec, tmp_path)
+    for i, r in enumerate(stage1):  # the array ran: every cell ended, one crashed, the rest diverged
+        d = executors.run_dir(tmp_path / "runs", r)
+        d.mkdir(parents=True, exist_ok=True)
+        why = "RuntimeError: node failure" if i == 0 else "NonFiniteLossError: diverged"
+        (d / executors.ERROR_FILE).write_text(json.dumps({"error": why}))
+    with pytest.raises(SystemExit, match="1 LR-sweep run.* failed for a reason other than divergence"):
+        study.run_study(spec, tmp_path, export_slurm=str(tmp_path / "main.sh"))
+    assert not (tmp_path / study.PLAN_FILE).exists() and not (tmp_path / study.LR_RULES_FILE).exists()

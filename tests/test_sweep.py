@@ -810,3 +810,53 @@ def test_a_killed_parallel_study_leaves_no_process_behind(tmp_path, monkeypatch,
     for p in alive:
         os.kill(p, signal.SIGKILL)
     assert not alive, [Path(f"/proc/{p}/cmdline").read_text() for p in alive]
+
+
+def test_a_run_lost_once_with_its_worker_is_retried_not_blamed(tmp_path, monkeypatch, micro_runs):
+    """The pool cannot say whose worker died, and a worker also dies idle or after returning (an OOM kill of
+    the largest process): a run lost once, even alone in flight, is retried; only a second loss, alone,
+    fails it."""
+    import experiments.trainer as trainer
+
+    runs_dir = tmp_path / "runs"
+    monkeypatch.setattr(trainer, "train", _fake_train([]))
+    executors.run_sequential(micro_runs, runs_dir)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "once_hook.py").write_text(
+        "import os\n"
+        "def hook(cfg, run_dir):\n"
+        "    marker = run_dir / 'crashed_once'\n"
+        f"    if run_dir.name == {micro_runs[1].run_id!r} and not marker.exists():\n"
+        "        marker.write_text('1')\n"
+        "        os._exit(3)\n"
+    )
+    monkeypatch.syspath_prepend(str(hooks))
+    res = executors.run_parallel(micro_runs, runs_dir, workers=1, post_run="once_hook:hook",
+                                 single_thread_cpu=False)
+    assert sorted(r["status"] for r in res) == ["skipped"] * len(micro_runs), res
+    assert not (runs_dir / micro_runs[1].run_id / "error.json").exists()
+
+
+def test_a_filesystem_without_flock_warns_and_goes_on(tmp_path, monkeypatch):
+    """flock fails with ENOSYS on e.g. Lustre mounted without -o flock: the study must still run there."""
+    import errno
+    import fcntl
+
+    from experiments import files
+
+    def no_flock(f, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(files, "_UNLOCKABLE_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="this filesystem has no flock"):
+        with files.exclusive_lock(tmp_path / "x.lock", "x"):
+            pass
+    import experiments.trainer as trainer
+
+    monkeypatch.setattr(trainer, "train", _fake_train([]))
+    spec, g, rules = _spec_base("cpu-micro")
+    run = plan_isoflop(g.base, spec.budgets[:1], 1, rules, shape_rule=g.shape, span=spec.span)[0]
+    with pytest.warns(RuntimeWarning, match="no flock"):
+        assert executors.run_one(run, tmp_path / "runs")["status"] == "done"
