@@ -40,6 +40,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("seq", None),
     ("expert", "fsdp"),
     ("embed", "fsdp"),
+    # MLA's low-rank axes: the up-projections (q_lora / kv_lora, heads, head_dim) have no embed axis, so
+    # without these rows FSDP left them (and their optimiser state) replicated; q_down / kv_down keep fsdp
+    # on embed, which claims it first.
+    ("q_lora", "fsdp"),
+    ("kv_lora", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -49,10 +54,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 MESH_AXES = ("data", "fsdp", "tensor")
-# Every logical axis name the models give parameters and activations (the table's names, plus MLA's low-rank
-# axes, unsharded by default): a rule naming another (a typo such as "embd") would match nothing and
-# silently leave every parameter without its FSDP sharding. tests/test_sharding.py checks this list.
-LOGICAL_AXES = tuple(name for name, _ in LOGICAL_AXIS_RULES) + ("q_lora", "kv_lora")
+# Every logical axis name the models give parameters and activations (the table's names): a rule naming
+# another (a typo such as "embd") would match nothing and silently leave every parameter without its FSDP
+# sharding. tests/test_sharding.py checks this list.
+LOGICAL_AXES = tuple(name for name, _ in LOGICAL_AXIS_RULES)
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,10 @@ def effective_rules(rules: Sequence[Sequence[Any]], mesh: Mesh, dim_sizes: dict[
 
 def _muon_layers_axes(mesh: Mesh, axes: Any, sizes: Any) -> tuple[str, ...] | None:
     """The sub-tuple of ``axes`` (order kept) with the most devices that divides every size, else the single
-    axis with the most devices; None when no axis has more than one device."""
+    axis with the most devices; None when no axis has more than one device, or when the rule is null (no
+    layer split: XLA lays out the orthogonalisation)."""
+    if axes is None:
+        return None
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     groups = [tuple(a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(1, 2 ** len(axes))]
     groups = [g for g in groups if _ways(mesh, g) > 1]

@@ -16,8 +16,8 @@ hence the separate, shared rotary key. This module is a drop-in replacement for 
 Parameters (input axes..., output axes...): q (embed, heads, head_dim) or q_down (embed, q_lora) + q_norm +
 q_up (q_lora, heads, head_dim); kv_down (embed, kv_lora) + kv_norm; k_rope (embed, head_dim); k_up, v_up
 (kv_lora, heads, head_dim); o (heads, head_dim, embed). The up-projections neither read nor write the residual
-stream: their first axis is the input (optim orients Muon by that rule); "q_lora" and "kv_lora" are new
-logical axis names (unsharded unless the rules table names them).
+stream: their first axis is the input (optim orients Muon by that rule); "q_lora" and "kv_lora" are
+logical axis names of their own (the default rules table shards them over fsdp).
 
 Kernel note: ``jax.nn.dot_product_attention`` needs one head size for q, k and v, so when v_head_dim differs
 from nope + rope the smaller side is zero-padded (zeros change neither the scores nor the kept outputs) and

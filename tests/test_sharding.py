@@ -94,6 +94,28 @@ def test_rules_table_shards_parameters_megatron_and_fsdp_style():
     assert specs["final_norm/scale"] == P("fsdp")
 
 
+def test_mla_up_projections_are_fsdp_sharded():
+    """MLA's k_up / v_up / q_up have no embed axis: without rules for their low-rank axes they (and their
+    optimiser state) were replicated on an FSDP mesh. q_down / kv_down keep fsdp on embed."""
+    mesh = shd.make_mesh(MESH_222)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=8,
+                      attention="mla", mla_kv_lora_rank=16, mla_q_lora_rank=16)
+    _, _, specs = _specs(cfg, mesh)
+    for name in ("k_up", "v_up", "q_up"):
+        assert specs[f"blocks/attn/{name}/kernel"] == P(None, "fsdp", "tensor", None), name
+    assert specs["blocks/attn/q_down/kernel"] == P(None, "fsdp", None)
+    assert specs["blocks/attn/kv_down/kernel"] == P(None, "fsdp", None)
+
+
+def test_a_null_muon_layers_rule_means_no_layer_split():
+    """Null means "unsharded" for every other row; for muon_layers it crashed inside the rules code."""
+    mesh = shd.make_mesh(MESH_222)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=8)
+    rules = tuple((k, None if k == "muon_layers" else v) for k, v in LOGICAL_AXIS_RULES)
+    out = dict(shd.effective_rules(rules, mesh, shd.logical_dim_sizes(_abstract(cfg))))
+    assert out["muon_layers"] is None and out["embed"] == "fsdp"
+
+
 def test_non_divisible_dims_fall_back_to_replication():
     mesh = shd.make_mesh(MESH_222)
     # 3 heads and 1 KV head on tensor=2, vocab 51 on tensor=2, d_ff 36 fine.
