@@ -162,15 +162,12 @@ class TokenDataset:
     def window_offsets(self, split: str, seed: int, step: int, batch_size: int, seq_len: int) -> np.ndarray:
         """Start offsets [batch_size] of the global batch's windows; pure in (seed, step, split)."""
         n = self.n_tokens(split)
-        if seq_len < 1 or batch_size < 1:
-            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+        check_batch_args(seed, step, batch_size, seq_len)
         if seq_len + 1 > n:
             raise DataError(
                 f"split {split!r} ({self._path(split)}) has {n} tokens, "
                 f"fewer than seq_len + 1 = {seq_len + 1}"
             )
-        if seed < 0 or step < 0:
-            raise ValueError(f"seed and step must be >= 0, got seed={seed}, step={step}")
         rng = np.random.default_rng([seed, step, split_id(split)])
         return rng.integers(0, n - seq_len, size=batch_size)  # last valid start is n - (seq_len + 1)
 
@@ -231,6 +228,14 @@ class TokenDataset:
                 f"{int(offsets[row]) + int(col)} of {self._path(split)}"
             )
         return out
+
+
+def check_batch_args(seed: int, step: int, batch_size: int, seq_len: int) -> None:
+    """The arguments every batch source (file windows, the synthetic stream) takes, checked alike."""
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+    if seed < 0 or step < 0:
+        raise ValueError(f"seed and step must be >= 0, got seed={seed}, step={step}")
 
 
 def host_rows(offsets: np.ndarray, process_index: int, process_count: int) -> np.ndarray:

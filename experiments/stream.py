@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments.data import DataError, TokenDataset, host_rows
+from experiments.data import DataError, TokenDataset, check_batch_args, host_rows
 from experiments.synthetic import MarkovSource, cached_source, config_from_dict
 
 STREAM_KEY = 0x57EA  # in every row's seed, so stream draws share no generator with the file-based loaders
@@ -59,10 +59,7 @@ class SyntheticStream:
         process_count: int = 1,
     ) -> np.ndarray:
         """int32 [batch_size // process_count, seq_len + 1], the same layout as ``TokenDataset.batch``."""
-        if seq_len < 1 or batch_size < 1:
-            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
-        if seed < 0 or step < 0:
-            raise ValueError(f"seed and step must be >= 0, got seed={seed}, step={step}")
+        check_batch_args(seed, step, batch_size, seq_len)
         rows = host_rows(np.arange(batch_size), process_index, process_count)
         rngs = [np.random.default_rng([seed, step, STREAM_KEY, int(r)]) for r in rows]
         return self.source.sample_windows(rngs, seq_len + 1)
