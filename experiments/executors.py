@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.files import BusyError, exclusive_lock, read_json_object
+from experiments.files import BusyError, exclusive_lock, read_json_object, write_text_atomic
 from experiments.run_record import SUMMARY_FILE, eval_is_current, is_finite_loss
 from experiments.sweep import PlannedRun, run_id
 
@@ -135,7 +135,7 @@ def enable_compile_cache(directory: str | Path) -> None:
 def _failed_run(record: PlannedRun, d: Path, error: str, tb: str, t0: float) -> dict[str, Any]:
     """Write ``error.json`` into the run directory ``d``; the failed result record of ``run_one``."""
     err = {"run": record.name, "run_id": record.run_id, "error": error, "traceback": tb, "time": time.time()}
-    (d / ERROR_FILE).write_text(json.dumps(err, indent=2) + "\n")
+    write_text_atomic(d / ERROR_FILE, json.dumps(err, indent=2) + "\n")
     return {**_failed(record, error), "seconds": time.time() - t0}
 
 
@@ -184,7 +184,7 @@ def _run_one_locked(
 ) -> dict[str, Any]:
     from experiments.trainer import train
 
-    (d / RECORD_FILE).write_text(record.to_json() + "\n")
+    write_text_atomic(d / RECORD_FILE, record.to_json() + "\n")
     t0 = time.time()
     summary = finished_summary(d, record)
     status = "skipped"
@@ -219,12 +219,8 @@ def _run_one_locked(
             _call(post_run)(record.experiment, d)
             (d / EVAL_ERROR_FILE).unlink(missing_ok=True)
         except Exception as e:  # noqa: BLE001
-            (d / EVAL_ERROR_FILE).write_text(
-                json.dumps(
-                    {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, indent=2
-                )
-                + "\n"
-            )
+            err = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            write_text_atomic(d / EVAL_ERROR_FILE, json.dumps(err, indent=2) + "\n")
     return {
         "name": record.name,
         "run_id": record.run_id,

@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 
 from experiments import executors
-from experiments.files import read_json_object
+from experiments.files import read_json_object, write_text_atomic
 from experiments.report_text import print_summary, render_markdown  # noqa: F401 -- re-exported for callers
 from experiments.run_record import is_finite_loss
 from experiments.sweep import PlannedRun, distinct_runs, replicated_name
@@ -1020,5 +1020,5 @@ def write_report(report: dict, out: Path, *, spec=None, runs=None, runs_dir=None
     report.clear()
     report.update(public)
     validate_report(report)
-    (Path(out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (Path(out) / "report.md").write_text(render_markdown(report))
+    write_text_atomic(Path(out) / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(Path(out) / "report.md", render_markdown(report))

@@ -428,7 +428,7 @@ def _rehearsal(spec: StudySpec, out: Path, steps: int) -> Callable[[list[Planned
 
     from experiments.rehearsal import rehearse
 
-    (out / REHEARSAL_FILE).write_text(json.dumps({"preset": spec.name}) + "\n")
+    write_text_atomic(out / REHEARSAL_FILE, json.dumps({"preset": spec.name}) + "\n")
     on_gpu = jax.default_backend() == "gpu"
     return lambda runs: rehearse(runs, steps=steps, devices=jax.device_count(), keep_cudnn=on_gpu)
 
@@ -528,6 +528,10 @@ def _run_locked(
         raise SystemExit(RETRY_WITH_FIT_ONLY)
     # One directory, one study: another preset's plan and runs must not be reported under this one's name.
     recorded = read_json_object(out / STUDY_FILE)
+    if recorded is None and (out / STUDY_FILE).exists():  # rewriting it would let any preset adopt DIR
+        raise SystemExit(f"{out / STUDY_FILE} is unreadable: it names the preset this directory holds. "
+                         f'Restore it (e.g. {{"preset": "{spec.name}"}} if this is that study), or give '
+                         "another --out")
     if recorded is not None and recorded.get("preset") != spec.name:
         raise SystemExit(f"{out} holds the study {recorded.get('preset')!r}, not {spec.name!r}; give this "
                          "one another --out")
@@ -649,7 +653,7 @@ def _run_locked(
         )
     write_report(report, out, spec=spec, runs=runs, runs_dir=runs_dir)
     report["timing"]["total_wall_seconds"] = time.time() - t0
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
     print_summary(report, out)
     return report
 

@@ -1086,3 +1086,14 @@ def test_a_crashed_lr_sweep_run_stops_the_job_array_path_too(tmp_path):
     with pytest.raises(SystemExit, match="1 LR-sweep run.* failed for a reason other than divergence"):
         study.run_study(spec, tmp_path, export_slurm=str(tmp_path / "main.sh"))
     assert not (tmp_path / study.PLAN_FILE).exists() and not (tmp_path / study.LR_RULES_FILE).exists()
+
+
+def test_an_unreadable_study_record_is_not_rewritten(tmp_path):
+    """study.json names the preset a directory holds; an unreadable one was silently rewritten with whatever
+    preset came next, which then adopted the directory's plan and runs."""
+    spec = _micro_spec()
+    study.run_study(spec, tmp_path, export_slurm=str(tmp_path / "submit.sh"))  # plans only
+    (tmp_path / study.STUDY_FILE).write_text("{torn")
+    with pytest.raises(SystemExit, match="study.json is unreadable"):
+        study.run_study(dataclasses.replace(spec, name="cpu-tiny"), tmp_path, fit_only=True)
+    assert (tmp_path / study.STUDY_FILE).read_text() == "{torn"
