@@ -440,8 +440,8 @@ def run_parallel(
 
     A worker process that dies (killed, out of memory, a crash in native code) breaks the whole pool and
     every run in flight with it, and the pool cannot say whose worker died. So the pool is rebuilt and the
-    runs that were in flight are retried (they resume from their checkpoints), each alone: a run that
-    crashes a worker while nothing else runs is the culprit, and fails with ``error.json``."""
+    runs that were in flight are retried (they resume from their checkpoints), each alone: a retried run
+    that breaks the pool again is the culprit, and fails with ``error.json``."""
     import multiprocessing as mp
 
     if workers < 1:
@@ -455,6 +455,12 @@ def run_parallel(
     results: dict[str, dict[str, Any]] = {}
     suspects: set[str] = set()  # in flight when a worker died: retried alone
     pool = _new_pool(ctx, workers, devices_per_worker, flags)
+
+    def replace(broken: ProcessPoolExecutor) -> ProcessPoolExecutor:
+        """A new pool for one a dead worker broke, once the old one and its processes are gone."""
+        broken.shutdown(wait=True, cancel_futures=True)
+        _terminate_children(ctx)
+        return _new_pool(ctx, workers, devices_per_worker, flags)
 
     def end(r: PlannedRun, res: dict[str, Any]) -> None:
         results[r.name] = res
@@ -482,9 +488,7 @@ def run_parallel(
                                         post_run=post_run, compile_cache=compile_cache)
                     except BrokenProcessPool:  # a worker died between runs: the runs in flight say so below
                         if not futures:
-                            pool.shutdown(wait=True, cancel_futures=True)
-                            _terminate_children(ctx)
-                            pool = _new_pool(ctx, workers, devices_per_worker, flags)
+                            pool = replace(pool)
                         break
                     pending.remove(r)
                     futures[f] = r
@@ -500,8 +504,6 @@ def run_parallel(
                 # The pool is dead: every run in flight is lost with it.
                 lost = [futures.pop(f) for f in list(futures)]
                 err = next(f.exception() for f in done if isinstance(f.exception(), BrokenProcessPool))
-                pool.shutdown(wait=True, cancel_futures=True)
-                _terminate_children(ctx)
                 # A run lost for the first time is a suspect, even alone: a worker can also die idle or
                 # after returning its result. A suspect that breaks the pool again, alone, is the culprit.
                 culprits = [r for r in lost if r.name in suspects]
@@ -515,7 +517,7 @@ def run_parallel(
                 if progress.stream is not None and len(culprits) < len(lost):
                     print(f"[sweep] a worker process died; retrying the {len(lost)} run(s) it may have taken "
                           "with it, one at a time", file=progress.stream, flush=True)
-                pool = _new_pool(ctx, workers, devices_per_worker, flags)
+                pool = replace(pool)
                 continue
             for f in done:
                 r = futures.pop(f)

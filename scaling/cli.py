@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from scaling.io import ROWS_ARE, SUMMARY_COLUMNS, filter_rows, law_data, load_table, parse_columns
+from scaling.io import SUMMARY_COLUMNS, filter_rows, law_data, load_table, numeric_column, parse_columns
 
 
 class CLIError(ValueError):
@@ -326,12 +326,7 @@ def cmd_pareto(args) -> dict:
     missing = [c for c in names if c not in table]
     if missing:
         raise CLIError(f"objective columns {missing} not found; available columns: {list(table)}")
-    for c in names:
-        if table[c].dtype == object:  # a blank cell is missing, not text: name the first real value
-            i, v = next((i, v) for i, v in enumerate(table[c]) if str(v).strip() and not _is_number(v))
-            where = f"run {table['run'][i]!r}" if "run" in table else f"row {i} ({ROWS_ARE})"
-            raise CLIError(f"objective column {c!r} is not numeric: {where} holds {v!r}")
-    pts = np.stack([np.asarray(table[c], dtype=np.float64) for c in names], axis=1)
+    pts = np.stack([numeric_column(table, c, f"objective column {c!r}") for c in names], axis=1)
     ok = ~np.isnan(pts).any(axis=1)
     if not ok.all():
         if not args.dropna:
@@ -371,14 +366,6 @@ def cmd_pareto(args) -> dict:
                 outdir / "pareto.png", dpi=120)
         _note(f"wrote {outdir / 'pareto.json'}" + (" and pareto.png" if len(names) == 2 else ""))
     return out
-
-
-def _is_number(v: Any) -> bool:
-    try:
-        float(v)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 # --- downstream ------------------------------------------------------------------------------------------

@@ -257,6 +257,22 @@ def _bad_rows(x: np.ndarray, table: Mapping[str, np.ndarray] | None = None, rows
     return f"rows {idx[:10].tolist()}{more} ({ROWS_ARE})"
 
 
+def numeric_column(table: Mapping[str, np.ndarray], col: str, label: str) -> np.ndarray:
+    """``table[col]`` as float64, or ValueError naming ``label`` and the first cell that is not a number, by
+    its row (by its run, for a table of run summaries). A blank cell is a missing value (NaN), not text."""
+    arr = table[col]
+    if arr.dtype == object:  # some cell did not parse as a number (load_table): name the first such one
+        for i, v in enumerate(arr):
+            if v is None or str(v).strip() == "":
+                continue
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                where = f"run {table['run'][i]!r}" if "run" in table else f"row {i} ({ROWS_ARE})"
+                raise ValueError(f"{label} is not numeric: {where} holds {v!r}") from None
+    return np.asarray(arr, dtype=np.float64)
+
+
 def law_data(
     table: Mapping[str, np.ndarray],
     variables: Iterable[str],
@@ -291,23 +307,10 @@ def law_data(
     def get(var: str) -> np.ndarray | None:
         col = columns.get(var, var)
         if col in table:
-            return _numeric(table[col], var, col)
+            return numeric_column(table, col, f"column {col!r} (for {var})")
         if var in columns:
             raise ValueError(f"column {col!r} (for {var}) not found; available columns: {avail}")
         return None
-
-    def _numeric(arr, var, col):
-        if arr.dtype == object:  # some cell did not parse as a number: name the first such one
-            for i, v in enumerate(arr):
-                if v is None or str(v).strip() == "":  # a blank cell is missing (NaN), not text
-                    continue
-                try:
-                    float(v)
-                except (TypeError, ValueError):
-                    where = f"run {table['run'][i]!r}" if "run" in table else f"row {i} ({ROWS_ARE})"
-                    raise ValueError(
-                        f"column {col!r} (for {var}) is not numeric: {where} holds {v!r}") from None
-        return np.asarray(arr, dtype=np.float64)
 
     out: dict[str, np.ndarray] = {}
     for var in variables:
