@@ -23,8 +23,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from experiments.config import MESH_AXES, ConfigError, MeshConfig
 from optim.muon_layout import MUON_LAYERS
 
-BATCH_AXES = ("data", "fsdp")  # a batch's leading (example) dimension is split over these mesh axes
-
 Rules = tuple[tuple[str, Any], ...]
 
 
@@ -186,18 +184,53 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
-    """Examples split over (data, fsdp) after ``leading`` unsharded axes (e.g. the microbatch axis)."""
-    return NamedSharding(mesh, PartitionSpec(*([None] * leading), BATCH_AXES))
+def batch_axes(rules: Sequence[Sequence[Any]]) -> tuple[str, ...]:
+    """The mesh axes of the ``batch`` rule: where a batch's examples are split. The input batch is placed by
+    the same rule the model's activation constraints use, so the step starts without a reshard; no rule (or
+    a null one) leaves the batch replicated, as flax does for the activations."""
+    for name, axes in normalize_rules(rules):
+        if name == "batch":
+            return _axes_of(axes)
+    return ()
 
 
-def check_batch_divisible(batch: int, mesh: Mesh, what: str) -> None:
-    ways = _ways(mesh, BATCH_AXES)
+def batch_sharding(mesh: Mesh, rules: Sequence[Sequence[Any]], leading: int = 0) -> NamedSharding:
+    """Examples split over the ``batch`` rule's mesh axes after ``leading`` unsharded axes (e.g. the
+    microbatch axis)."""
+    axes = batch_axes(rules)
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading), axes or None))
+
+
+def check_batch_divisible(batch: int, mesh: Mesh, rules: Sequence[Sequence[Any]], what: str) -> None:
+    axes = batch_axes(rules)
+    ways = _ways(mesh, axes)
     if batch % ways:
         raise ConfigError(
-            f"{what}={batch} is not divisible by mesh data*fsdp={ways}: each device must hold a "
-            "whole number of sequences"
+            f"{what}={batch} is not divisible by mesh {'*'.join(axes)}={ways} (the 'batch' rule's axes): "
+            "each device must hold a whole number of sequences"
         )
+
+
+def process_row_block(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int) -> tuple[int, int]:
+    """``(block, n_blocks)``: this process's devices hold rows ``[block*B/n_blocks, (block+1)*B/n_blocks)``
+    of dimension ``axis`` (size B) of a global array placed by ``sharding``; these are the rows the process
+    loads (``experiments.data.host_rows``).
+
+    Read from the sharding, not assumed from the process count: a batch replicated over a mesh axis that spans
+    hosts (a ``batch`` rule without it) puts the same rows on several processes, and each must load them.
+    ConfigError if the rows are not one aligned block (a mesh whose device order interleaves hosts)."""
+    B = global_shape[axis]
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        rows.update(range(B)[index[axis]])
+    lo, hi = min(rows), max(rows) + 1
+    size = hi - lo
+    if len(rows) != size or B % size or lo % size:
+        raise ConfigError(
+            f"this process's devices hold rows {sorted(rows)[:8]}... of the batch's {B}, not one aligned "
+            f"block: the mesh interleaves hosts along the batch axes {sharding.spec}"
+        )
+    return lo // size, B // size
 
 
 def host_batch(global_batch: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:

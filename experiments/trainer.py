@@ -85,14 +85,18 @@ def update_model_state(c: Any, model_state: dict[str, Any], extras: dict[str, ja
     new = dict(model_state)
     if moe_lib.STATE_COLLECTION in new:
         new[moe_lib.STATE_COLLECTION] = moe_lib.router_bias_update(
-            new[moe_lib.STATE_COLLECTION], extras["moe_expert_load"], c.moe_bias_update_rate)
+            new[moe_lib.STATE_COLLECTION], extras["moe_expert_load"], c.moe_bias_update_rate
+        )
     if mor_lib.STATE_COLLECTION in new:
         new[mor_lib.STATE_COLLECTION] = mor_lib.router_bias_update(
-            new[mor_lib.STATE_COLLECTION], extras["mor_depth_load"], c.mor_bias_update_rate)
+            new[mor_lib.STATE_COLLECTION], extras["mor_depth_load"], c.mor_bias_update_rate
+        )
     unknown = set(new) - {moe_lib.STATE_COLLECTION, mor_lib.STATE_COLLECTION}
     if unknown:
-        raise ConfigError(f"model has state collections {sorted(unknown)} the trainer does not know how to "
-                          "update; teach experiments.trainer.update_model_state about them")
+        raise ConfigError(
+            f"model has state collections {sorted(unknown)} the trainer does not know how to "
+            "update; teach experiments.trainer.update_model_state about them"
+        )
     return new
 
 
@@ -140,10 +144,8 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
     t0 = time.perf_counter()
     c, M, L = cfg.model, cfg.trainer.microbatches, cfg.data.seq_len
     B_micro = cfg.data.batch_size // M
-    shd.check_batch_divisible(B_micro, mesh, "data.batch_size / trainer.microbatches")
-    shd.check_batch_divisible(cfg.eval_batch_size, mesh, "eval batch size")
-    if B_micro % jax.process_count():
-        raise ConfigError(f"microbatch size {B_micro} is not divisible by {jax.process_count()} processes")
+    shd.check_batch_divisible(B_micro, mesh, cfg.mesh.rules, "data.batch_size / trainer.microbatches")
+    shd.check_batch_divisible(cfg.eval_batch_size, mesh, cfg.mesh.rules, "eval batch size")
     model = build_model(c)
     rng = jax.random.PRNGKey(cfg.seed)
     dummy_BxL = jnp.zeros((1, L), jnp.int32)
@@ -194,8 +196,12 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
         inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
         if cfg.trainer.loss_chunk_tokens:  # chunked head + loss: no full-batch fp32 logits (models/loss.py)
             h_BxLxD, extras = module.apply(variables, inputs_BxL, return_hidden=True, **apply_kw)
-            ce = chunked_cross_entropy(h_BxLxD, targets_BxL, chunk_tokens=cfg.trainer.loss_chunk_tokens,
-                                       **output_head(params, c.tie_embeddings))
+            ce = chunked_cross_entropy(
+                h_BxLxD,
+                targets_BxL,
+                chunk_tokens=cfg.trainer.loss_chunk_tokens,
+                **output_head(params, c.tie_embeddings),
+            )
         else:
             logits_BxLxV, extras = module.apply(variables, inputs_BxL, **apply_kw)
             ce = cross_entropy(logits_BxLxV, targets_BxL)
@@ -251,8 +257,8 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
         ce, _ = forward_ce(eval_model, eval_kw, params, model_state, tokens_BxL1)
         return ce
 
-    train_batch_sharding = shd.batch_sharding(mesh, leading=1)
-    eval_batch_sharding = shd.batch_sharding(mesh)
+    train_batch_sharding = shd.batch_sharding(mesh, rules, leading=1)
+    eval_batch_sharding = shd.batch_sharding(mesh, rules)
     rep = shd.replicated(mesh)
     hyper = jax.device_put(jax.tree.map(np.float32, hyper_host), rep)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -263,8 +269,11 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
                 out_shardings=(state_shardings, rep),
                 donate_argnums=(0,),
             )
-            .lower(abstract_state, jax.ShapeDtypeStruct((M, B_micro, L + 1), jnp.int32),
-                   jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32), hyper_host))
+            .lower(
+                abstract_state,
+                jax.ShapeDtypeStruct((M, B_micro, L + 1), jnp.int32),
+                jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32), hyper_host),
+            )
             .compile()
         )
         eval_shape = jax.ShapeDtypeStruct((cfg.eval_batch_size, L + 1), jnp.int32)
@@ -343,11 +352,15 @@ def check_dataset(cfg: ExperimentConfig, ds: TokenDataset) -> None:
         )
     for split in ("train", "val"):
         if split not in ds.splits:
-            raise DataError(f"dataset {ds.directory} has no {split!r} split (it has {ds.splits}); training "
-                            f"needs 'train' and 'val' (python -m experiments.data text ... writes both)")
+            raise DataError(
+                f"dataset {ds.directory} has no {split!r} split (it has {ds.splits}); training "
+                f"needs 'train' and 'val' (python -m experiments.data text ... writes both)"
+            )
         if ds.n_tokens(split) < cfg.data.seq_len + 1:
-            raise DataError(f"split {split!r} of {ds.directory} has {ds.n_tokens(split)} tokens, fewer than "
-                            f"one window (data.seq_len + 1 = {cfg.data.seq_len + 1})")
+            raise DataError(
+                f"split {split!r} of {ds.directory} has {ds.n_tokens(split)} tokens, fewer than "
+                f"one window (data.seq_len + 1 = {cfg.data.seq_len + 1})"
+            )
     if cfg.trainer.eval_tasks and "generator" not in ds.metadata:
         raise ConfigError(
             f"trainer.eval_tasks: the built-in downstream battery needs a synthetic dataset (its exact "
@@ -406,8 +419,10 @@ def restore_newest_readable(
         if failed and jax.process_index() == 0:
             moved = ckpt.set_aside([s for s, _ in failed], workdir / UNREADABLE_CHECKPOINT_DIR)
             for (s, e), where in zip(failed, moved, strict=True):
-                emit(f"checkpoint step {s} is unreadable ({type(e).__name__}: {str(e)[:200]}); moved to "
-                     f"{where}; resuming from step {step}")
+                emit(
+                    f"checkpoint step {s} is unreadable ({type(e).__name__}: {str(e)[:200]}); moved to "
+                    f"{where}; resuming from step {step}"
+                )
         return step, state, meta
     if failed:
         s, e = failed[0]
@@ -435,7 +450,8 @@ def train_batch(
     """The global [M, B/M, L+1] batch of step ``step`` (0-based), assembled from this host's rows: windows of
     the train split, or fresh samples of the synthetic source with ``data.stream``."""
     B, L, M = cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.microbatches
-    hosts = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    block, n_blocks = shd.process_row_block(prog.train_batch_sharding, (M, B // M, L + 1), axis=1)
+    hosts = {"process_index": block, "process_count": n_blocks}
     if stream is not None:
         local = stream.batch(cfg.seed, step, B, L, **hosts)
     else:
@@ -452,11 +468,10 @@ def evaluate(ds: TokenDataset, cfg: ExperimentConfig, prog: Program, state: Any)
     state's parameters (and non-parameter model state, e.g. router biases)."""
     params, model_state = state["params"], state.get("model_state", {})
     Be, L = cfg.eval_batch_size, cfg.data.seq_len
+    block, n_blocks = shd.process_row_block(prog.eval_batch_sharding, (Be, L + 1), axis=0)
     losses = []
     for i in range(cfg.trainer.eval_steps):
-        local = ds.sequential_batch(
-            "val", i, Be, L, process_index=jax.process_index(), process_count=jax.process_count()
-        )
+        local = ds.sequential_batch("val", i, Be, L, process_index=block, process_count=n_blocks)
         batch = shd.host_batch(local, prog.eval_batch_sharding, (Be, L + 1))
         losses.append(prog.eval_step(params, model_state, batch))
         if (i + 1) % EVAL_SYNC_EVERY == 0:
@@ -481,8 +496,10 @@ def run_downstream(cfg: ExperimentConfig, workdir: Path, params: Any, emit: Call
         out = evaluate.evaluate_run(workdir, names=names)
     else:
         out = evaluate.evaluate_and_write(cfg, jax.device_get(params), workdir, cfg.total_steps, names=names)
-    emit(f"downstream battery: {len(out['tasks'])} tasks in {out['eval_seconds']:.1f}s -> "
-         f"{workdir / evaluate.DOWNSTREAM_FILE}")
+    emit(
+        f"downstream battery: {len(out['tasks'])} tasks in {out['eval_seconds']:.1f}s -> "
+        f"{workdir / evaluate.DOWNSTREAM_FILE}"
+    )
 
 
 # ----- the loop ---------------------------------------------------------------------------------------------
@@ -621,8 +638,11 @@ def train(
                 writer.write(step, arrays)
 
         def needs_state(step: int) -> bool:  # eval or checkpoint after this step: the state must be its own
-            return (step == total or bool(t.eval_every and step % t.eval_every == 0)
-                    or bool(t.checkpoint_every and step % t.checkpoint_every == 0))
+            return (
+                step == total
+                or bool(t.eval_every and step % t.eval_every == 0)
+                or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
+            )
 
         # With async metrics, step s+1 is dispatched before step s's metrics are fetched, so the device never
         # waits for the host between steps; a non-finite step s is still caught (its update was not applied,

@@ -4,6 +4,7 @@ fallbacks."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import flax.linen as nn
 import jax
@@ -98,8 +99,17 @@ def test_mla_up_projections_are_fsdp_sharded():
     """MLA's k_up / v_up / q_up have no embed axis: without rules for their low-rank axes they (and their
     optimiser state) were replicated on an FSDP mesh. q_down / kv_down keep fsdp on embed."""
     mesh = shd.make_mesh(MESH_222)
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=8,
-                      attention="mla", mla_kv_lora_rank=16, mla_q_lora_rank=16)
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_ff=64,
+        max_seq_len=8,
+        attention="mla",
+        mla_kv_lora_rank=16,
+        mla_q_lora_rank=16,
+    )
     _, _, specs = _specs(cfg, mesh)
     for name in ("k_up", "v_up", "q_up"):
         assert specs[f"blocks/attn/{name}/kernel"] == P(None, "fsdp", "tensor", None), name
@@ -192,12 +202,91 @@ def test_indivisible_model_trains_on_eight_devices(tmp_path):
     assert state["params"]["embed"]["embedding"].sharding.spec == P(None, "fsdp")
 
 
-def test_batch_sharding_and_divisibility():
+def test_batch_sharding_and_divisibility_follow_the_batch_rule():
     mesh = shd.make_mesh(MESH_222)
-    assert shd.batch_sharding(mesh, leading=1).spec == P(None, ("data", "fsdp"))
-    shd.check_batch_divisible(8, mesh, "batch")
+    assert shd.batch_sharding(mesh, LOGICAL_AXIS_RULES, leading=1).spec == P(None, ("data", "fsdp"))
+    shd.check_batch_divisible(8, mesh, LOGICAL_AXIS_RULES, "batch")
     with pytest.raises(ConfigError, match="batch=6 is not divisible by mesh data\\*fsdp=4"):
-        shd.check_batch_divisible(6, mesh, "batch")
+        shd.check_batch_divisible(6, mesh, LOGICAL_AXIS_RULES, "batch")
+    # A user's table that splits examples over data only: the input follows it, and 2 sequences suffice.
+    data_only = tuple((n, "data" if n == "batch" else a) for n, a in LOGICAL_AXIS_RULES)
+    assert shd.batch_axes(data_only) == ("data",)
+    assert shd.batch_sharding(mesh, data_only).spec == P("data")
+    shd.check_batch_divisible(2, mesh, data_only, "batch")
+    with pytest.raises(ConfigError, match="batch=3 is not divisible by mesh data=2"):
+        shd.check_batch_divisible(3, mesh, data_only, "batch")
+    # No batch rule (or a null one): replicated, like flax leaves the activations.
+    no_rule = tuple(r for r in LOGICAL_AXIS_RULES if r[0] != "batch")
+    assert shd.batch_axes(no_rule) == () and shd.batch_sharding(mesh, no_rule, leading=1).spec == P(
+        None, None
+    )
+    shd.check_batch_divisible(3, mesh, no_rule, "batch")
+
+
+class _FakeSharding:
+    """The one method process_row_block reads, as a process of a multi-host job would see it."""
+
+    spec = P("data")
+
+    def __init__(self, slices):
+        self._slices = slices
+
+    def addressable_devices_indices_map(self, shape):
+        return {i: (s, slice(None)) for i, s in enumerate(self._slices)}
+
+
+def test_process_row_block_reads_the_rows_from_the_sharding():
+    mesh = shd.make_mesh(MESH_222)
+    # One process holds every device: it loads the whole batch, whatever the rule.
+    for rules in (LOGICAL_AXIS_RULES, tuple(r for r in LOGICAL_AXIS_RULES if r[0] != "batch")):
+        sharding = shd.batch_sharding(mesh, rules, leading=1)
+        assert shd.process_row_block(sharding, (2, 8, 5), axis=1) == (0, 1)
+    # The third of four hosts, each with two devices, batch split 8 ways: rows 8..11 of 16.
+    assert shd.process_row_block(_FakeSharding([slice(8, 10), slice(10, 12)]), (16, 5), axis=0) == (2, 4)
+    # Batch split over data=2 only, hosts spanning fsdp: two hosts hold the same half and both must load it.
+    assert shd.process_row_block(_FakeSharding([slice(8, 16), slice(8, 16)]), (16, 5), axis=0) == (1, 2)
+    # Replicated batch: every host loads every row.
+    assert shd.process_row_block(_FakeSharding([slice(None)] * 2), (16, 5), axis=0) == (0, 1)
+    with pytest.raises(ConfigError, match="not one aligned block"):  # a device order interleaving hosts
+        shd.process_row_block(_FakeSharding([slice(0, 4), slice(8, 12)]), (16, 5), axis=0)
+    with pytest.raises(ConfigError, match="not one aligned block"):  # contiguous but not on a block boundary
+        shd.process_row_block(_FakeSharding([slice(2, 6)]), (16, 5), axis=0)
+
+
+def test_a_batch_rule_over_data_only_trains_like_the_default():
+    """The input batch is placed by the user's batch rule (no reshard into the first activation constraint)
+    and the run's losses match the default table's."""
+    base = get_preset("tiny").override(
+        [
+            "model.n_layers=1",
+            "data.batch_size=8",
+            "trainer.steps=3",
+            "optimizer.warmup_steps=0",
+            "mesh.data=2",
+            "mesh.fsdp=2",
+            "mesh.tensor=2",
+        ]
+    )
+    data_only = tuple((n, "data" if n == "batch" else a) for n, a in LOGICAL_AXIS_RULES)
+    losses = {}
+    for name, rules in (("default", LOGICAL_AXIS_RULES), ("data_only", data_only)):
+        cfg = replace(base, mesh=replace(base.mesh, rules=rules)).validate()
+        prog = build_program(cfg, shd.make_mesh(cfg.mesh))
+        if name == "data_only":
+            assert prog.train_batch_sharding.spec == P(None, "data")
+            assert prog.eval_batch_sharding.spec == P("data")
+        state = prog.init_state()
+        tokens = (
+            np.random.default_rng(0)
+            .integers(0, cfg.model.vocab_size, size=(1, 8, cfg.data.seq_len + 1))
+            .astype(np.int32)
+        )
+        run = []
+        for _ in range(3):
+            state, m = prog.step(state, shd.host_batch(tokens, prog.train_batch_sharding, tokens.shape))
+            run.append(float(m["loss"]))
+        losses[name] = run
+    np.testing.assert_allclose(losses["data_only"], losses["default"], rtol=1e-5)
 
 
 def test_no_distributed_init_without_env(monkeypatch):
