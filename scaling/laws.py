@@ -354,15 +354,21 @@ def data_constrained(tokens_per_param: float | None = 20.0) -> Law:
     fresh data; ``R*_N`` likewise for parameters. ``U_N`` is the compute-optimal size for ``U_D`` unique
     tokens, ``min(N, U_D / tokens_per_param)`` here (the paper derives it from its Chinchilla fit); with
     ``tokens_per_param=None`` ``U_N`` is a data input. Inputs: N, D (total tokens), U_D (unique tokens).
+    A run shorter than one pass sees only D unique tokens (the paper's U_D <= D), so U_D is taken as
+    ``min(U_D, D)``, and a given U_N as ``min(U_N, N)``: with plenty of data and U_N <= N the law is
+    Chinchilla's in (N, D), never a bonus from tokens the run did not read.
     """
 
     def un(x):
         if tokens_per_param is None:
-            return jnp.asarray(x["U_N"])
-        return jnp.minimum(jnp.asarray(x["N"]), jnp.asarray(x["U_D"]) / tokens_per_param)
+            return jnp.minimum(jnp.asarray(x["U_N"]), jnp.asarray(x["N"]))
+        return jnp.minimum(jnp.asarray(x["N"]), unique_tokens(x) / tokens_per_param)
+
+    def unique_tokens(x):
+        return jnp.minimum(jnp.asarray(x["U_D"]), jnp.asarray(x["D"]))
 
     def effective(p, x):
-        ud = jnp.asarray(x["U_D"])
+        ud = unique_tokens(x)
         rd = jnp.maximum(jnp.asarray(x["D"]) / ud - 1.0, 0.0)
         d_eff = ud + ud * p["R_star_D"] * -jnp.expm1(-rd / p["R_star_D"])
         u_n = un(x)

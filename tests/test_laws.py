@@ -72,7 +72,7 @@ CASES = [
 
 
 def _muennighoff(p, x, tpp=20.0):
-    ud = x["U_D"]
+    ud = np.minimum(x["U_D"], x["D"])  # unique tokens *seen*: U_D <= D in the paper
     rd = np.maximum(x["D"] / ud - 1, 0)
     d_eff = ud + ud * p["R_star_D"] * (1 - np.exp(-rd / p["R_star_D"]))
     un = np.minimum(x["N"], ud / tpp)
@@ -85,7 +85,7 @@ CASES.append(
     (
         "data_constrained",
         dict(E=1.87, A=521.0, B=1488.0, alpha=0.35, beta=0.35, R_star_N=5.3, R_star_D=15.4),
-        dict(N=N, D=D, U_D=D / np.array([1, 2, 4, 8, 16, 40, 1.0])),
+        dict(N=N, D=D, U_D=D / np.array([1, 2, 4, 8, 16, 40, 0.25])),
         _muennighoff,
     )
 )
@@ -112,7 +112,31 @@ def test_prediction_matches_paper_formula(name, p, x, ref):
     assert law.citation and "arXiv" in law.citation
 
 
+def test_data_constrained_law_gives_no_credit_for_unread_data():
+    """A run shorter than one pass over its unique data (D < U_D) with N within the tokens-per-parameter
+    budget is Chinchilla's law in (N, D) exactly: the tokens it never read neither help nor count as
+    repetition. The same holds with U_N given as data and U_N >= N."""
+    import jax
+
+    from scaling.laws import data_constrained
+
+    p = dict(E=1.87, A=521.0, B=1488.0, alpha=0.35, beta=0.35, R_star_N=5.3, R_star_D=15.4)
+    chin = {k: p[k] for k in ("E", "A", "B", "alpha", "beta")}
+    N, D = np.array([1e8, 4e8]), np.array([1e10, 2e10])  # D/N >= 20: no excess parameters
+    with jax.enable_x64(True):
+        want = np.asarray(get_law("chinchilla").predict(chin, N=N, D=D))
+        got = np.asarray(get_law("data_constrained").predict(p, N=N, D=D, U_D=5 * D))
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        given_un = data_constrained(tokens_per_param=None)
+        got = np.asarray(given_un.predict(p, N=N, D=D, U_D=5 * D, U_N=3 * N))
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        # and repetition still costs: the same D from a quarter as many unique tokens predicts a higher loss
+        assert (np.asarray(get_law("data_constrained").predict(p, N=N, D=D, U_D=D / 4)) > want).all()
+
+
 def test_every_required_law_is_registered_and_documented():
+    with pytest.raises(ValueError, match="takes no options"):
+        get_law("chinchilla", var="N")
     for name in (
         "chinchilla",
         "kaplan",
