@@ -174,3 +174,26 @@ def test_an_unconverged_fit_is_redone_with_more_iterations():
     assert bt.to_dict()["forms"]["kaplan"]["folds"][0]["converged"] is False
     bt = backtest(("kaplan",), data, by="C", max_iter=3)  # default retry
     assert all(f.converged for f in bt.forms["kaplan"].folds)
+
+
+def test_ranking_uses_common_folds_and_weights_each_fold_equally():
+    """Hand-built result: form x was also scored on a fold (test key 2) where y was skipped.  The ranking must
+    use the common fold (key 3) only, and a mean ARE is the mean of per-fold means, not pooled over points."""
+    from scaling.backtest import BacktestResult, Fold, FormBacktest
+
+    def fold(key, y, pred):
+        p = None if pred is None else np.asarray(pred, float)
+        return Fold(train_keys=(1.0,), test_key=key, n_train=3, y=np.asarray(y, float), prediction=p,
+                    skipped="too few points" if pred is None else None)
+
+    ones = [1.0, 1.0, 1.0, 1.0]
+    x = FormBacktest(get_law("chinchilla"), [fold(2.0, [1.0], [1.5]), fold(3.0, ones, [1.1] * 4)], None)
+    y = FormBacktest(get_law("kaplan"), [fold(2.0, [1.0], None), fold(3.0, ones, [1.2] * 4)], None)
+    bt = BacktestResult("C", (1.0, 2.0, 3.0), {"x": x, "y": y})
+    assert bt.common_keys == (3.0,)
+    # per-fold means 0.5 (1 point) and 0.1 (4 points): mean 0.3, where pooling the 5 points would give 0.18
+    assert x.mean_are() == pytest.approx(0.3)
+    # on the common fold x (0.1) beats y (0.2); over all of x's folds (0.3) it would lose
+    assert x.mean_are(bt.common_keys) == pytest.approx(0.1)
+    assert y.mean_are(bt.common_keys) == pytest.approx(0.2)
+    assert bt.ranking == ["x", "y"]

@@ -39,6 +39,11 @@ def test_sigmoid_recovers_known_curve_and_band_covers_truth():
     lo, hi = fit.interval(x, level=0.95)
     assert ((lo <= true_acc(x) + 2e-3) & (true_acc(x) - 2e-3 <= hi)).mean() >= 0.8
     assert fit.samples.shape == (400, 4)
+    # both intervals are the 2.5/97.5% percentiles of the bootstrap draws (curve values; parameters)
+    np.testing.assert_allclose((lo, hi), np.quantile(fit.predict_samples(x), [0.025, 0.975], axis=0))
+    ci = fit.to_dict(0.95)["ci"]
+    for i, k in enumerate(("floor", "ceiling", "mid", "slope")):
+        assert ci[k] == pytest.approx(np.quantile(fit.samples[:, i], [0.025, 0.975]).tolist())
     lp = fit.law_params
     assert lp["R0"] == CHANCE and lp["C_mid"] == pytest.approx(np.exp(fit.mid))
 
@@ -178,6 +183,11 @@ def test_passuntil_scaling_fit_recovers_exponent():
     fit = fit_passuntil_scaling(n_params, est)
     assert fit.alpha == pytest.approx(a_true, abs=0.03)
     np.testing.assert_allclose(fit.predict(n_params), p_true, rtol=0.3)
+    # integer weights are repeated points (WLS), so the fit equals the unweighted fit on the repeated data
+    w = np.arange(1, 9)
+    wfit = fit_passuntil_scaling(n_params, est, weights=w.astype(float))
+    rep = fit_passuntil_scaling(np.repeat(n_params, w), np.repeat(est, w))
+    assert wfit.alpha == pytest.approx(rep.alpha, rel=1e-10) and wfit.c == pytest.approx(rep.c, rel=1e-10)
 
 
 def test_heldout_error_and_bad_input():
@@ -185,6 +195,9 @@ def test_heldout_error_and_bad_input():
     y = true_acc(C) + 0.01 * rng.normal(size=C.size)
     res = heldout_error(C, y, cutoff=3e22, chance=CHANCE, ceiling=None)
     assert res["mae"] < 0.03 < res["baseline_mae"] and res["n_train"] + res["n_test"] == C.size
+    # a model exactly at the cutoff is held out (trained on compute < cutoff): C[25:] are the 15 held out
+    at = heldout_error(C, y, cutoff=C[25], chance=CHANCE, ceiling=None)
+    assert (at["n_train"], at["n_test"]) == (25, 15)
     with pytest.raises(ValueError, match="compute has 3 values but accuracy has 2|x has 3 values"):
         fit_accuracy_vs_compute([1.0, 2.0, 3.0], [0.1, 0.2])
     with pytest.raises(ValueError, match="non-finite values in rows \\[1\\]"):

@@ -234,7 +234,11 @@ def test_json_round_trip_and_summary():
     assert back.options == r.options and back.converged == r.converged
     np.testing.assert_array_equal(back.residuals, r.residuals)
     d = r.to_dict()
-    assert d["derived"]["a"] == pytest.approx(r.params["beta"] / (r.params["alpha"] + r.params["beta"]))
+    al, be = r.params["alpha"], r.params["beta"]
+    # Chinchilla: N_opt ~ C^a with a = beta/(alpha+beta), D_opt ~ C^b with b = alpha/(alpha+beta); a + b = 1.
+    assert d["derived"]["a"] == pytest.approx(be / (al + be))
+    assert d["derived"]["b"] == pytest.approx(al / (al + be))
+    assert d["derived"]["a"] + d["derived"]["b"] == pytest.approx(1.0)
     text = r.summary()
     assert "alpha" in text and f"{r.n_best} of {r.n_starts}" in text and "condition number" in text
 
@@ -298,6 +302,12 @@ def test_bootstrap_variants_and_prediction_interval_coverage():
         for s in range(10, 30)
     ]
     par_true = r.bootstrap(250, kind="parametric", noise=sigma, seed=3)  # same compiled bucket as 200
+    # The default noise is the normal-consistent MAD of the residuals: passing it explicitly (scipy's
+    # median_abs_deviation, scale="normal" = 1/Phi^-1(0.75)) must replay the same draws and refits.
+    from scipy.stats import median_abs_deviation
+
+    mad = r.bootstrap(200, kind="parametric", noise=median_abs_deviation(r.residuals, scale="normal"), seed=0)
+    assert par.se()["alpha"] == pytest.approx(mad.se()["alpha"], rel=1e-4)
     assert par_true.se()["alpha"] == pytest.approx(np.std(fresh, ddof=1), rel=0.4)
     der = pts.derived(chinchilla_derived(C=1e22, N=1e10, D=2e11))
     ci = der.ci(0.9)
@@ -315,6 +325,36 @@ def test_bootstrap_variants_and_prediction_interval_coverage():
     one = pts.prediction_interval(0.9, N=[2e10], D=[4e11])
     assert grid["lower"][1, 1] == pytest.approx(one["lower"][0]) and grid["upper"][1, 1] == pytest.approx(
         one["upper"][0])
+
+
+def test_samples_percentile_ci_and_se():
+    from scaling.bootstrap import Samples
+
+    # 0..100: the 5% and 95% quantiles are 5 and 95 (linear interpolation hits integers; (1-0.9)/2 rounds).
+    assert Samples({"x": np.arange(101.0)}).ci(0.9)["x"] == pytest.approx((5.0, 95.0), abs=1e-12)
+    # SE is the sample std (ddof=1): for 1..4 that is sqrt(5/3).
+    assert Samples({"x": np.array([1.0, 2.0, 3.0, 4.0])}).se()["x"] == pytest.approx(np.sqrt(5 / 3))
+
+
+def test_chinchilla_derived_optimum_is_on_the_budget_and_minimal():
+    from scipy.optimize import minimize_scalar
+
+    from scaling.bootstrap import Bootstrap
+
+    C = 1e22
+    params = [CHIN, dict(E=1.7, A=400.0, B=900.0, alpha=0.30, beta=0.40)]
+    b = Bootstrap(values={k: np.array([p[k] for p in params]) for k in CHIN})
+    der = b.derived(chinchilla_derived(C=C))
+    # Independent check: N_opt, D_opt satisfy C = 6 N D and minimise the loss along that constraint.
+    np.testing.assert_allclose(6 * der["N_opt"] * der["D_opt"], C, rtol=1e-12)
+    for i, p in enumerate(params):
+        def loss(logn, p=p):
+            n, d = np.exp(logn), C / (6 * np.exp(logn))
+            return p["E"] + p["A"] * n ** -p["alpha"] + p["B"] * d ** -p["beta"]
+
+        best = minimize_scalar(loss, bracket=(15.0, 25.0), tol=1e-12)
+        assert der["N_opt"][i] == pytest.approx(np.exp(best.x), rel=1e-4)
+        assert der["loss_opt"][i] == pytest.approx(best.fun, rel=1e-10)
 
 
 def test_bootstrap_ignores_zero_weight_rows():
@@ -350,6 +390,8 @@ def test_heldout_helpers():
     assert largest_mask([1, 5, 3, 5, 2], 1).tolist() == [False, True, False, True, False]
     keep = drop_first_fraction([0, 0, 0, 0, 1, 1], [4, 1, 2, 3, 2, 1], 0.5)
     assert keep.tolist() == [True, False, False, True, True, False]
+    # a fraction of a point is kept, not dropped: floor(0.5 * 3) = 1 point dropped
+    assert drop_first_fraction([0, 0, 0], [1, 2, 3], 0.5).tolist() == [False, True, True]
     n_run = np.repeat(np.geomspace(5e7, 5e9, 8), 5)
     d_run = np.tile(np.geomspace(2e9, 2e11, 5), 8)
     y = _noisy("chinchilla", CHIN, dict(N=n_run, D=d_run), sigma=3e-3)
@@ -378,6 +420,13 @@ def test_heldout_helpers():
     rep = heldout_eval("chinchilla", doubled, heldout=np.tile(n_run == n_run.max(), 2) & (w > 0), level=None,
                        weights=w, warn=False)
     assert rep.fit.n_points == 75 and rep.mean_are < 0.01  # n_points counts zero-weight rows too
+    np.testing.assert_array_equal(rep.fit.data["weights"], w[~rep.heldout_mask])  # each weight with its point
+    # ARE is relative to the observation: exact-law data, held-out losses doubled: |y - 2y| / 2y = 1/2
+    exact = dict(N=n_run, D=d_run, loss=np.asarray(get_law("chinchilla").predict(CHIN, N=n_run, D=d_run)))
+    held = n_run == n_run.max()
+    exact["loss"] = np.where(held, 2.0, 1.0) * exact["loss"]
+    rep = heldout_eval("chinchilla", exact, heldout=held, level=None, warn=False)
+    np.testing.assert_allclose(rep.are, 0.5, rtol=1e-4)
     with pytest.raises(ValueError, match=r"weights has shape \(3,\), expected \(80,\)"):
         heldout_eval("chinchilla", doubled, by="N", level=None, weights=[1.0, 1.0, 1.0])
 

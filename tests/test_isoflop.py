@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from scaling._lawcall import evaluate
 from scaling.approaches import approach3, compare_approaches, parabola_bias
@@ -55,6 +56,17 @@ def test_power_law_fit_matches_polyfit_and_recovers_exact_law():
     w = np.arange(1.0, 10.0)
     wslope = np.polyfit(np.log(x), np.log(y), 1, w=np.sqrt(w))[0]  # polyfit weights multiply residuals
     assert fit_power_law(x, y, w).exponent == pytest.approx(wslope, rel=1e-12)
+    # OLS inference is scipy's linregress: SE of the slope, a t(n-2) interval, r2 = rvalue^2
+    ref = stats.linregress(np.log(x), np.log(y))
+    half = stats.t.ppf(0.975, len(x) - 2) * ref.stderr
+    assert fit.exponent_se == pytest.approx(ref.stderr, rel=1e-9)
+    assert fit.exponent_ci == pytest.approx((ref.slope - half, ref.slope + half), rel=1e-9)
+    assert fit.r2 == pytest.approx(ref.rvalue**2, rel=1e-12)
+    # r2 of a weighted fit stays the unweighted coefficient of determination of its line (documented)
+    wfit = fit_power_law(x, y, w)
+    resid = np.log(y) - np.log(wfit.predict(x))
+    r2 = 1 - np.sum(resid**2) / np.sum((np.log(y) - np.log(y).mean()) ** 2)
+    assert wfit.r2 == pytest.approx(r2, rel=1e-9)
     with pytest.raises(ValueError, match="positive"):
         fit_power_law([1, 2, -3], [1, 2, 3])
 
@@ -105,6 +117,41 @@ def test_approach2_seed_noise_bootstrap_and_weighting():
     assert abs(res.a - A_TRUE) < 0.015
     assert all(o.log_n_std > 0 and o.n_valid <= 300 for o in res.optima)
     assert res.n_fit.weighted and res.a_samples.size >= 150
+    # inverse-variance WLS of log N* on log C (numpy's polyfit: its weights multiply residuals, so 1/std)
+    lc, ln = np.log([o.C for o in res.optima]), np.log([o.N for o in res.optima])
+    w = 1 / np.array([o.log_n_std for o in res.optima])
+    assert res.a == pytest.approx(np.polyfit(lc, ln, 1, w=w)[0], rel=1e-10)
+    # the 95% interval is the 2.5/97.5% percentiles of the bootstrap exponents
+    assert res.a_ci == pytest.approx(tuple(np.quantile(res.a_samples, [0.025, 0.975])), rel=1e-12)
+    assert res.b_ci == pytest.approx(tuple(np.quantile(res.b_samples, [0.025, 0.975])), rel=1e-12)
+
+
+def test_porian_seed_noise_follows_the_reference_rule():
+    """Transcription of the reference `get_noise_for_loss` (formll/resolving-scaling-law-discrepancies):
+    high above log(loss) >= 7, low below log(loss) <= 3, else np.interp in log loss over the *logged*
+    thresholds [log 3, log 7] -- which clamps to the high end for 3 < log(loss) < 7."""
+    from scaling.isoflop import porian_seed_noise
+
+    def ref(loss, lo=0.002, hi=0.05, t_hi=7.0, t_lo=3.0):
+        if np.log(loss) >= t_hi:
+            return hi
+        if np.log(loss) <= t_lo:
+            return lo
+        return np.exp(np.interp(np.log(loss), [np.log(t_lo), np.log(t_hi)], [np.log(lo), np.log(hi)]))
+
+    losses = np.array([0.5, 2.0, 3.5, np.exp(3), np.exp(5), np.exp(7), 5e3])
+    np.testing.assert_allclose(porian_seed_noise(losses), [ref(v) for v in losses], rtol=1e-12)
+    np.testing.assert_allclose(porian_seed_noise([2.0, np.exp(5)]), [0.002, 0.05], rtol=1e-12)
+
+
+def test_akima_keeps_the_best_run_of_a_repeated_size():
+    """Porian et al.'s reference keeps the lowest loss per model size (groupby min) before the spline: a
+    worse duplicate of a size must not move the minimum."""
+    n = np.geomspace(1e8, 1e10, 9)
+    loss = 2.5 + 0.2 * (np.log(n) - np.log(1e9)) ** 2 + 0.01 * np.sin(np.arange(9))
+    base = isoflop_minimum(n, loss, C=1e20, method="akima")
+    dup = isoflop_minimum(np.r_[n, n[4]], np.r_[loss, loss[4] + 0.3], C=1e20, method="akima")
+    assert dup.N == base.N and dup.loss == base.loss
 
 
 def test_edge_of_grid_minimum_is_refused_with_a_clear_message():
@@ -171,6 +218,7 @@ def test_three_approaches_agree_on_synthetic_data():
         assert r["a"] == pytest.approx(A_TRUE, abs=0.01)
         assert r["N_opt"] == pytest.approx(_n_star(cmp.C_ref), rel=0.05)
     assert rows["approach3"]["a"] == pytest.approx(A_TRUE, abs=1e-9)
+    assert cmp.C_ref == pytest.approx(10**18.5, rel=1e-12)  # geometric mean of 1e17..1e20
     assert cmp.max_exponent_gap < 0.01
     assert "approach2" in cmp.summary() and cmp.to_dict()["rows"][0]["approach"] == "approach1"
 
@@ -277,6 +325,22 @@ def test_compare_approaches_fits_the_law_itself():
     assert cmp.fit.params["alpha"] == pytest.approx(P["alpha"], abs=0.01)
     assert cmp.approach3.a == pytest.approx(A_TRUE, abs=0.01)
     assert cmp.max_exponent_gap < 0.01
+
+
+def test_compare_approaches_fits_the_final_checkpoint_of_each_run():
+    """fit_on="final" fits the law to each run's last checkpoint (largest D), not its first. Runs of
+    different lengths (final D/N from 300 down to ~20) make the final points identifiable."""
+    pytest.importorskip("scaling.fit")
+    n_runs = np.geomspace(1e7, 1e10, 12)
+    rows = [(i, n, d) for i, n in enumerate(n_runs) for d in np.geomspace(2 * n, 300 * n / 1.3**i, 6)]
+    run, N, D = (np.array(v) for v in zip(*rows, strict=True))
+    L = evaluate(LAW, P, N=N, D=D)
+    cmp = compare_approaches(N, D, L, run=run, budgets=BUDGETS, approach1_kwargs={"n_grid": 300},
+                             fit_kwargs={"n_starts": 8, "warn": False})
+    assert cmp.fit is not None, cmp.errors
+    last_d = [D[run == i].max() for i in range(12)]
+    np.testing.assert_array_equal(np.sort(cmp.fit.data["D"]), np.sort(last_d))
+    assert cmp.fit.n_points == 12
 
 
 def test_approach3_accepts_bootstrap_objects_and_drops_failed_replicates():

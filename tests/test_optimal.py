@@ -118,6 +118,23 @@ def test_bootstrap_parameter_samples_give_cis():
     assert np.all(res.N_ci[0] < res.N) and np.all(res.N < res.N_ci[1])
     a_s = [s["beta"] / (s["alpha"] + s["beta"]) for s in samples]
     np.testing.assert_allclose(res.n_exponent_ci[0], np.quantile(a_s, 0.025), atol=1e-12)
+    np.testing.assert_allclose(res.n_exponent_ci[1], np.quantile(a_s, 0.975), atol=1e-12)
+
+
+def test_half_the_draws_failing_still_gives_a_ci():
+    """The CI is withheld only when a *minority* of draws succeeded: with exactly half failing (alpha = 0:
+    no interior optimum), compute_optimal and approach3 still give the percentile CI of the good half."""
+    from scaling.approaches import approach3
+
+    good = [{"alpha": 0.33, "beta": 0.28}, {"alpha": 0.35, "beta": 0.29}]
+    draws = good + [{"alpha": 0.0}, {"alpha": 0.0}]
+    a_good = [d["beta"] / (d["alpha"] + d["beta"]) for d in good]  # Chinchilla: a = beta / (alpha + beta)
+    ci = tuple(np.quantile(a_good, [0.025, 0.975]))
+    r = compute_optimal((CHIN, HOFFMANN), C, param_samples=draws)
+    assert r.n_failed_samples == 2 and r.n_exponent_ci is not None
+    np.testing.assert_allclose([r.n_exponent_ci[0][0], r.n_exponent_ci[1][0]], ci, rtol=1e-9)
+    a3 = approach3((CHIN, HOFFMANN), C, param_samples=draws)
+    assert a3.n_failed_samples == 2 and a3.a_ci == pytest.approx(ci, rel=1e-9)
 
 
 def _brute_force_inference(params, target, d_inf):

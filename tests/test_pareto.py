@@ -42,6 +42,19 @@ def test_general_method_crosses_block_boundary():
     np.testing.assert_array_equal(mask, brute_force_mask(pts, sense))
 
 
+def test_general_method_ties_across_block_boundary():
+    """K = 3 with more points than one block (256): duplicates do not dominate each other, within a block or
+    against the frontier of earlier blocks, and an integer grid (many ties) matches the brute force."""
+    dup = np.tile([[0.0, 1.0, 2.0], [1.0, 0.0, 2.0]], (200, 1))  # 400 points, two distinct, both optimal
+    assert pareto_mask(dup, "min").all()
+    rng = np.random.default_rng(11)
+    pts = rng.integers(0, 8, size=(700, 3)).astype(float)
+    pts[:, 2] = 14 - pts[:, 0] - pts[:, 1] + rng.integers(0, 3, size=700)  # trade-off: a large, tied front
+    mask = pareto_mask(pts, "min")
+    assert 20 < mask.sum() < 700
+    np.testing.assert_array_equal(mask, brute_force_mask(pts, ("min",) * 3))
+
+
 def test_two_objective_example_and_order():
     # (FLOPs, loss): (3, 1.0) is dominated by (2, 0.9); the duplicate (1, 2.0) pair both stay.
     pts = np.array([[1, 2.0], [2, 0.9], [3, 1.0], [1, 2.0], [4, 0.5], [2, 0.9001]])
@@ -100,6 +113,13 @@ def test_membership_probability_matches_analytic_two_point_case():
     assert abs(prob[0] - expected) < 4 * np.sqrt(expected * (1 - expected) / 20000)
     rel = membership_probability(pts + 1.0, 0.01, noise="relative", n_boot=100)
     assert rel.shape == (2,)
+    # Relative noise scales with the value: (1.2, 99) is dominated by (1, 100) iff both noisy log-coordinates
+    # of (1, 100) are lower, P = Phi(log 1.2 / (s sqrt 2)) * Phi(-log(100/99) / (s sqrt 2)) (about 0.44),
+    # while absolute noise of 0.05 could never close the gap of 1 in the second objective (P ~ 0).
+    s = 0.05 * np.sqrt(2)
+    p_dom = norm.cdf(np.log(1.2) / s) * norm.cdf(-np.log(100 / 99) / s)
+    prob = membership_probability([[1.0, 100.0], [1.2, 99.0]], 0.05, noise="relative", n_boot=20000, seed=2)
+    assert abs(prob[1] - (1 - p_dom)) < 4 * np.sqrt(p_dom * (1 - p_dom) / 20000)
     with pytest.raises(ValueError, match="does not broadcast"):
         membership_probability(pts, np.ones(3))
 
@@ -122,6 +142,14 @@ def test_law_frontier_crossover():
     lmax = law_frontier({"A": fa, "B": fb}, c, sense="max")
     assert (lmax.best != lf.best).all()
     assert lf.to_dict()["crossovers"][0]["from"] == frm
+
+
+def test_law_frontier_ties_go_to_the_first_family():
+    # Documented: ties -> first family; identical predictors never hand over, so there is no crossover.
+    f = lambda c: 2.0 + 10.0 * c**-0.1
+    lf = law_frontier({"a": f, "b": f}, np.logspace(10, 30, 50))
+    assert (lf.best == 0).all() and lf.crossovers == () and lf.best_family(1e20) == "a"
+    assert (law_frontier({"a": f, "b": f}, np.logspace(10, 30, 50), sense="max").best == 0).all()
 
 
 def test_law_frontier_accepts_single_input_fit_objects():
