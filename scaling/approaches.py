@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from scaling._lawcall import as_param_samples, check_inputs, evaluate, resolve_law
+from scaling.intervals import percentile_interval
 from scaling.isoflop import (
     Approach1Result,
     Approach2Result,
@@ -150,10 +151,9 @@ def approach3(
                 except ValueError:
                     continue
                 a_s.append(float(one.n_exponent[0])), b_s.append(float(one.d_exponent[0]))
-        q = (0.5 - ci_level / 2, 0.5 + ci_level / 2)
         if len(a_s) >= max(2, len(samples) // 2):  # a CI from a minority of the draws would be biased
-            a_ci = tuple(float(v) for v in np.quantile(a_s, q))
-            b_ci = tuple(float(v) for v in np.quantile(b_s, q))
+            a_ci = tuple(float(v) for v in percentile_interval(a_s, ci_level))
+            b_ci = tuple(float(v) for v in percentile_interval(b_s, ci_level))
     return Approach3Result(
         allocation=alloc,
         n_fit=n_fit,

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scaling import lbfgs
+from scaling.intervals import percentile_interval, tail_quantiles
 
 
 @dataclass
@@ -40,12 +41,10 @@ class Samples:
 
     def ci(self, level: float = 0.95) -> dict[str, tuple]:
         """Percentile intervals ``{name: (lo, hi)}`` (arrays for array-valued quantities)."""
-        if not 0 < level < 1:
-            raise ValueError(f"level must be in (0, 1), got {level}")
-        q = [(1 - level) / 2, (1 + level) / 2]
         out = {}
+        tail_quantiles(level)  # a bad level is refused even with no quantities
         for k, v in self.values.items():
-            lo, hi = np.nanquantile(v, q, axis=0)
+            lo, hi = percentile_interval(v, level, skip_nan=True)
             out[k] = (float(lo), float(hi)) if np.ndim(lo) == 0 else (lo, hi)
         return out
 
@@ -115,7 +114,8 @@ class Bootstrap(Samples):
         else:
             y_sim = pred_BxM[:, None, :] + eps_BxR[:, :, None]
         y_sim = y_sim.reshape(-1, y_sim.shape[-1])
-        lo, med, hi = np.quantile(y_sim, [(1 - level) / 2, 0.5, (1 + level) / 2], axis=0).reshape(3, *shape)
+        lo_q, hi_q = tail_quantiles(level)
+        lo, med, hi = np.quantile(y_sim, [lo_q, 0.5, hi_q], axis=0).reshape(3, *shape)
         return {"lower": lo, "upper": hi, "median": med}
 
     def summary(self, level: float = 0.95) -> str:

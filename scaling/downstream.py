@@ -27,6 +27,8 @@ import numpy as np
 from scipy import stats
 from scipy.special import expit
 
+from scaling.intervals import percentile_interval
+
 __all__ = [
     "SigmoidFit",
     "fit_sigmoid",
@@ -233,9 +235,7 @@ class SigmoidFit:
 
     def interval(self, x, level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
         """Pointwise percentile bootstrap interval of the fitted curve (parameter uncertainty)."""
-        q = self.predict_samples(x)
-        a = (1 - level) / 2
-        return np.quantile(q, a, axis=0), np.quantile(q, 1 - a, axis=0)
+        return percentile_interval(self.predict_samples(x), level)
 
     @property
     def law_params(self) -> dict[str, float]:
@@ -254,7 +254,7 @@ class SigmoidFit:
             "identified": self.identified,
         }
         if self.samples is not None and len(self.samples):
-            lo, hi = np.quantile(self.samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
+            lo, hi = percentile_interval(self.samples, level)
             out.update(n_boot=len(self.samples), ci_level=level, ci={
                 k: [float(lo[i]), float(hi[i])] for i, k in enumerate(("floor", "ceiling", "mid", "slope"))})
         return out
@@ -432,9 +432,7 @@ class TwoStepFit:
         return f + (c - f) * expit(k * (loss_BxM - m))
 
     def interval(self, compute, level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-        q = self.predict_samples(compute)
-        a = (1 - level) / 2
-        return np.quantile(q, a, axis=0), np.quantile(q, 1 - a, axis=0)
+        return percentile_interval(self.predict_samples(compute), level)
 
 
 def fit_two_step(
@@ -657,8 +655,8 @@ def task_pass_rate(successes, trials, *, k: int | None = None, unbiased: bool = 
     est = passuntil_estimate(successes, trials, k=k, unbiased=unbiased).estimate.ravel()
     rng = np.random.default_rng(seed)
     boot = est[rng.integers(0, est.size, size=(n_boot, est.size))].mean(1)
-    a = (1 - level) / 2
-    return float(est.mean()), float(np.quantile(boot, a)), float(np.quantile(boot, 1 - a))
+    lo, hi = percentile_interval(boot, level)
+    return float(est.mean()), float(lo), float(hi)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from scipy.interpolate import Akima1DInterpolator
 
+from scaling.intervals import percentile_interval
 from scaling.powerlaw import AllocationLaws, PowerLawFit, fit_power_law
 
 # C values closer than this (relative) form one budget by default: logged FLOPs are rarely exact.
@@ -569,8 +570,7 @@ def approach2(
         )
         a_s = _batched_slopes(lc, logn_rxb, wn)
         b_s = _batched_slopes(lc, logd_rxb, wd)
-        q = (0.5 - ci_level / 2, 0.5 + ci_level / 2)
-        a_ci, b_ci = tuple(np.quantile(a_s, q)), tuple(np.quantile(b_s, q))
+        a_ci, b_ci = percentile_interval(a_s, ci_level), percentile_interval(b_s, ci_level)
     settings = dict(
         method=method,
         on_edge=on_edge,
@@ -803,8 +803,7 @@ def approach1(
             a_s.append(np.polyfit(grid[kk], np.log(sizes[w[kk]]), 1)[0])
             b_s.append(np.polyfit(grid[kk], logd_rxg[w[kk], kk], 1)[0])
         if a_s:
-            q = (0.5 - ci_level / 2, 0.5 + ci_level / 2)
-            a_ci, b_ci = tuple(np.quantile(a_s, q)), tuple(np.quantile(b_s, q))
+            a_ci, b_ci = percentile_interval(a_s, ci_level), percentile_interval(b_s, ci_level)
     return Approach1Result(
         C=cg,
         N=n_env,

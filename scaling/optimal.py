@@ -37,6 +37,7 @@ from scaling._lawcall import (
     resolve_law,
     solve_log_d,
 )
+from scaling.intervals import percentile_interval
 
 __all__ = [
     "OptimalAllocation",
@@ -381,7 +382,6 @@ def compute_optimal(
     )
     samples = as_param_samples(param_samples)
     if samples:
-        q = (0.5 - ci_level / 2, 0.5 + ci_level / 2)
         C3 = np.concatenate([C, C * np.exp(h), C * np.exp(-h)])
         stacked = None
         # per-budget extra inputs follow their budget into the three blocks of C3
@@ -401,10 +401,10 @@ def compute_optimal(
         res.n_samples = len(samples)
         res.sample_N, res.sample_D = ns, ds
         if len(ns) >= max(2, len(samples) // 2):  # a CI from a minority of draws would be biased: none
-            res.N_ci = tuple(np.quantile(ns, q, axis=0))
-            res.D_ci = tuple(np.quantile(ds, q, axis=0))
-            res.loss_ci = tuple(np.quantile(ls, q, axis=0))
-            res.n_exponent_ci = tuple(np.quantile(es, q, axis=0))
+            res.N_ci = percentile_interval(ns, ci_level)
+            res.D_ci = percentile_interval(ds, ci_level)
+            res.loss_ci = percentile_interval(ls, ci_level)
+            res.n_exponent_ci = percentile_interval(es, ci_level)
     return res
 
 

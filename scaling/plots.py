@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from scaling.intervals import percentile_interval
+
 __all__ = [
     "plot_isoflop",
     "plot_law_fit",
@@ -133,7 +135,6 @@ def plot_law_fit(fit: Any, data: Mapping[str, Any], *, x: str | None = None, sam
     obs, xv = arr[target], arr[x]
     pred = np.asarray(fit.predict(**{k: arr[k] for k in inputs}), dtype=np.float64)
     draws = _param_draws(samples)
-    a = (1 - level) / 2
     fig, axes = _figure(2, 1, figsize=(6.4, 6.0), height_ratios=[3, 1], sharex=True)
     top, bot = axes[0, 0], axes[1, 0]
     others = [k for k in inputs if k != x]
@@ -144,8 +145,8 @@ def plot_law_fit(fit: Any, data: Mapping[str, Any], *, x: str | None = None, sam
         top.plot(grid, np.asarray(fit.predict(**{x: grid})), color="C3", label=f"{law.name} fit")
         if draws:
             curves = np.stack([_law_eval(law, d, **{x: grid}) for d in draws])
-            top.fill_between(grid, np.quantile(curves, a, 0), np.quantile(curves, 1 - a, 0), color="C3",
-                             alpha=0.25, label=f"{level:.0%} bootstrap band")
+            top.fill_between(grid, *percentile_interval(curves, level), color="C3", alpha=0.25,
+                             label=f"{level:.0%} bootstrap band")
     else:
         hue = np.log10(arr[others[0]])
         sc = top.scatter(xv, obs, c=hue, s=14, cmap="viridis", label="data")
@@ -153,7 +154,8 @@ def plot_law_fit(fit: Any, data: Mapping[str, Any], *, x: str | None = None, sam
         yerr = None
         if draws:
             pts = np.stack([_law_eval(law, d, **{k: arr[k] for k in inputs}) for d in draws])
-            yerr = np.abs(np.stack([pred - np.quantile(pts, a, 0), np.quantile(pts, 1 - a, 0) - pred]))
+            lo, hi = percentile_interval(pts, level)
+            yerr = np.abs(np.stack([pred - lo, hi - pred]))
         top.errorbar(xv, pred, yerr=yerr, fmt="x", color="C3", ms=4, lw=0.8, label=f"{law.name} prediction")
     bot.axhline(0.0, color="k", lw=0.8)
     bot.scatter(xv, 100 * (obs - pred) / pred, s=10, color="C0")
