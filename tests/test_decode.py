@@ -72,7 +72,8 @@ MOR_CASES = {
     # expert choice (causal inference routing) with each KV strategy; capacity < 1 at step 1
     "ec-recursion_wise": dict(MOR, mor_router_scale=1.0),
     "ec-shared": dict(MOR, mor_router_scale=1.0, mor_kv_strategy="shared", n_kv_heads=2),
-    # token choice with each KV strategy: slot budget 5 of 10 at step 1, so buffer overflow is exercised
+    # token choice with each KV strategy: slot budget 5 of 10 at step 1; in the loss-free case the test biases
+    # the router toward depth 1 so that more tokens want step 1 than it has slots (overflow is exercised)
     "tc-recursion_wise-lossfree": dict(MOR, mor_router="token_choice", mor_aux_loss="loss_free",
                                        mor_router_scale=1.0),
     "tc-shared-cycle-sigmoid": dict(MOR, n_layers=2, mor_sharing="cycle", mor_router="token_choice",
@@ -89,10 +90,14 @@ def test_mor_decode_matches_forward(name):
     are causal already: decode == the training forward."""
     cfg = ModelConfig(**BASE | MOR_CASES[name])
     variables = _random_variables(cfg)
+    if cfg.mor_aux_loss == "loss_free":  # + 0.3 on depth 1: 9 of the 20 tokens want step 1, whose 5 slots
+        variables["mor_state"] = {"router_bias": {"router_bias": jnp.array([0.0, 0.3])}}  # per row can't fit
     tokens = _tokens(cfg)
     ec = cfg.mor_router == "expert_choice"
     forward, extras = _jitted_forward(cfg, ec)(variables, tokens)
     _assert_close(jax.jit(functools.partial(decode_logits, cfg))(variables, tokens), forward)
+    if cfg.mor_aux_loss == "loss_free":  # the slot budget really bound: decode must drop the same tokens
+        assert float(extras["mor_dropped_fraction"]) > 0.0
     if cfg.mor_router != "none":  # the routing really was partial: some tokens exited at the last step
         assert 0.0 < float(extras[f"mor_step{cfg.mor_recursions - 1}_fraction"]) < 1.0
     if name == "ec-recursion_wise":  # the per-token threshold is not the top-k: a different selection

@@ -5,6 +5,8 @@ fit one 80 GB device by XLA's own buffer assignment. Timings live in ``python -m
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,22 @@ def test_chunked_ce_value_and_grad_match_full_logits(tied, chunk_tokens):
     np.testing.assert_allclose(val, ref, rtol=1e-6)
     np.testing.assert_allclose(dh, rdh, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(dw, rdw, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk_tokens, positions", [(9, 3), (2, 1), (10_000, 10), (6, 2)])
+def test_chunked_ce_chunk_size_rule(chunk_tokens, positions):
+    """Documented rule: a chunk is max(1, chunk_tokens // B) positions of all B rows, at most L. The value is
+    exact whatever the chunk size, so check the size itself and the scan the forward runs (ceil(L / C) chunks,
+    so no padded giant chunk at 10_000 tokens and a 1-position chunk when B > chunk_tokens)."""
+    from models.loss import chunk_positions
+
+    B, L, D, V = 3, 10, 4, 7
+    assert chunk_positions(B, L, chunk_tokens) == positions
+    jaxpr = jax.make_jaxpr(lambda h, w: chunked_cross_entropy(
+        h, jnp.zeros((B, L), jnp.int32), kernel_DxV=w, chunk_tokens=chunk_tokens))(
+        jnp.zeros((B, L, D)), jnp.zeros((D, V)))
+    # the scan sits inside the custom_vjp's sub-jaxpr: read its length from the printed program
+    assert re.findall(r"\blength=(\d+)", str(jaxpr)) == [str(-(-L // positions))]
 
 
 def test_chunked_ce_bf16_inputs_close_to_fp32():

@@ -246,3 +246,31 @@ def test_default_config_is_valid_and_d_ff_rule():
     cfg = ModelConfig().validate()
     assert cfg.resolved_d_ff % 64 == 0 and cfg.resolved_d_ff >= 8 * cfg.d_model / 3
     assert ModelConfig(d_model=768, n_heads=12).resolved_d_ff == 2048
+
+
+def test_residual_output_projections_get_gpt2_init_scale():
+    """GPT-2 init: the two layers per block that write into the residual stream (attention out, MLP down) are
+    drawn with std init_std / sqrt(2 * n_layers) = 0.02 / 4 at 8 layers; the others keep init_std."""
+    cfg = ModelConfig(vocab_size=64, d_model=128, n_layers=8, n_heads=4, d_ff=256, max_seq_len=8)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    blocks = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), tokens))["params"]["blocks"]
+    # scanned: every kernel carries all 8 layers (>= 131k draws each, so the sample std is within ~0.2%)
+    for kernel, std in ((blocks["attn"]["o"]["kernel"], 0.005), (blocks["mlp"]["down"]["kernel"], 0.005),
+                        (blocks["attn"]["q"]["kernel"], 0.02), (blocks["mlp"]["up"]["kernel"], 0.02)):
+        assert float(jnp.std(kernel)) == pytest.approx(std, rel=0.1)
+
+
+def test_rmsnorm_adds_eps_inside_the_root():
+    """y = x / sqrt(mean(x^2) + eps) * scale: zero input gives zeros (not 0 * inf = nan), and at an input
+    scale (1e-4) far below sqrt(eps) (0.1) the eps term dominates the denominator."""
+    from models.layers import RMSNorm
+
+    norm = RMSNorm(eps=1e-2, axis_name="embed")
+    scale = np.linspace(0.5, 1.5, 8, dtype=np.float32)
+    x = 1e-4 * np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    x[0] = 0.0
+    y = np.asarray(norm.apply({"params": {"scale": scale}}, jnp.asarray(x)))
+    np.testing.assert_array_equal(y[0], 0.0)
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt(np.mean(x64 ** 2, axis=-1, keepdims=True) + 1e-2) * scale
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=0)

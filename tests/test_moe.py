@@ -65,7 +65,8 @@ def _np_moe(p, cfg, x_TxD, bias_E=None):
 
     keep = np.ones((T, K), bool)
     if cfg.moe_dispatch == "capacity":
-        C = expert_capacity(T, K, E, cfg.moe_capacity_factor)  # the caller passes one group (sequence)
+        # GShard/Switch: ceil(cf * S * K / E) slots per expert; the caller passes one group (sequence)
+        C = math.ceil(cfg.moe_capacity_factor * T * K / E)
         keep[:] = False
         used = np.zeros(E, int)
         for k in range(K):
@@ -83,6 +84,15 @@ def _np_moe(p, cfg, x_TxD, bias_E=None):
         g, u = x_TxD @ s["gate"]["kernel"], x_TxD @ s["up"]["kernel"]
         y += (g / (1 + np.exp(-g)) * u) @ s["down"]["kernel"]
     return y, 1.0 - keep.mean()
+
+
+def test_expert_capacity_rounds_up():
+    """ceil(cf * S * K / E), by hand: a fractional slot count rounds up (truncating would drop a token
+    the capacity factor promised room for)."""
+    assert expert_capacity(7, 1, 2, 1.0) == 4  # 3.5
+    assert expert_capacity(10, 2, 4, 0.5) == 3  # 2.5: the reference test's capacity case
+    assert expert_capacity(64, 2, 4, 1.5) == 48  # exact
+    assert expert_capacity(1, 1, 8, 1.0) == 1  # 0.125
 
 
 def _layer_params(cfg, x, seed):

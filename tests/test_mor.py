@@ -305,6 +305,24 @@ def test_accounting_relations():
     assert extras["mor_flops_per_token"].shape == ()
 
 
+def test_router_flops_and_step_counts_by_hand():
+    """Router FLOPs, 2 D per scored token: expert choice scores at step r the n_{r-1} tokens still active (all
+    T at step 0), token choice scores every token once per step (its router picks a depth up front). Here
+    D = 32, T = 12, N_r = 3 and steps of [12, 7, 3] tokens."""
+    from models.mor_accounting import routed_forward_flops
+
+    cfg = ModelConfig(**TINY, n_layers=6, mor_recursions=3, mor_sharing="cycle")
+    ec = routed_forward_flops(cfg, 12, [12, 7, 3])["router_forward"]
+    assert ec == pytest.approx(2 * 32 * (12 + 12 + 7) / 12)
+    tc = routed_forward_flops(cfg.replace(mor_router="token_choice"), 12, [12, 7, 3])["router_forward"]
+    assert tc == pytest.approx(2 * 32 * 3 * 12 / 12)
+    assert routed_forward_flops(cfg.replace(mor_router="none"), 12, [12, 12, 12])["router_forward"] == 0
+    # step sizes floor(f * T): 0.7 * 90 = 62.99999999999999 in floats, but the schedule means 63 tokens
+    two = ModelConfig(**TINY, n_layers=2, mor_recursions=2, mor_sharing="cycle", mor_capacity=(1.0, 0.7))
+    assert step_token_counts(two, 90) == [90, 63]
+    assert step_token_counts(two, 12) == [12, 8]  # 8.4 floors
+
+
 def test_training_decreases_loss():
     cfg = ModelConfig(**TINY, n_layers=2, mor_recursions=2, mor_sharing="cycle")  # expert choice, B = 1
     model = build_model(cfg)
@@ -347,6 +365,32 @@ def test_training_decreases_loss():
 def test_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**{**TINY, **overrides}).validate()
+
+
+def test_token_choice_balance_loss_by_hand():
+    """Switch balance N_r * sum_i f_i P_i (f_i: fraction of tokens routed to depth i, P_i: mean router
+    probability of depth i), 1 when balanced. A zero router kernel gives uniform probabilities P_i = 1/3; the
+    argmax tie sends every token to depth 0 (f = [1, 0, 0]), so the balance is 3 * 1/3 = 1. With a random
+    kernel (cycle sharing: the router reads the embeddings) f and P come from a numpy softmax."""
+    cfg = ModelConfig(**TINY, n_layers=6, mor_recursions=3, mor_sharing="cycle", mor_router="token_choice",
+                      mor_balance_loss_weight=0.1)
+    tokens = _tokens(cfg)
+    params = _random_params(cfg, tokens)
+    apply = jax.jit(build_model(cfg).apply)
+    zero = {**params, "router": {"kernel": jnp.zeros_like(params["router"]["kernel"])}}
+    _, extras = apply({"params": zero}, tokens)
+    np.testing.assert_array_equal(extras["mor_depth_load"], [1.0, 0.0, 0.0])
+    assert float(extras["mor_balance"]) == pytest.approx(1.0)
+    assert float(extras["mor_balance_loss"]) == pytest.approx(0.1)
+    _, extras = apply({"params": params}, tokens)
+    x = np.asarray(Embed(cfg).apply({"params": params["embed"]}, tokens), np.float64)
+    logits = x @ np.asarray(params["router"]["kernel"], np.float64)
+    prob = np.exp(logits - logits.max(-1, keepdims=True))
+    prob /= prob.sum(-1, keepdims=True)
+    f = np.eye(3)[prob.argmax(-1)].mean(axis=(0, 1))
+    assert 0 < f.max() < 1  # not degenerate
+    np.testing.assert_allclose(extras["mor_depth_load"], f)
+    assert float(extras["mor_balance"]) == pytest.approx(3 * np.sum(f * prob.mean(axis=(0, 1))), rel=1e-5)
 
 
 def test_token_choice_loss_free_bias():

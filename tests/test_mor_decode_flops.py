@@ -1,6 +1,6 @@
-"""MoR decode FLOPs (models/mor_accounting.py ``mor_decode_flops_per_token``, reached through
-``models.accounting.decode_flops_per_token``) against XLA's cost analysis of a jitted
-``models.decode.decode_step`` and against a hand-written count."""
+"""Decode FLOPs (``models.accounting.decode_flops_per_token``; for MoR models/mor_accounting.py
+``mor_decode_flops_per_token``) against XLA's cost analysis of a jitted ``models.decode.decode_step`` and
+against a hand-written count."""
 
 import functools
 
@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from models import ModelConfig, MoRTransformer, decode_flops_per_token, decode_step, init_cache
+from models import ModelConfig, build_model, decode_flops_per_token, decode_step, init_cache
 
 BASE = dict(family="mor", vocab_size=128, d_model=256, n_heads=4, n_kv_heads=2, d_ff=512, n_layers=5,
             max_seq_len=256, mor_recursions=3)
@@ -17,7 +17,7 @@ BASE = dict(family="mor", vocab_size=128, d_model=256, n_heads=4, n_kv_heads=2, 
 
 def _xla_decode_flops(cfg, batch, cache_len):
     tokens = jax.ShapeDtypeStruct((batch, cache_len), jnp.int32)
-    variables = nn.unbox(jax.eval_shape(MoRTransformer(cfg).init, jax.random.key(0), tokens))
+    variables = nn.unbox(jax.eval_shape(build_model(cfg).init, jax.random.key(0), tokens))
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, cache_len))
     step = jax.jit(functools.partial(decode_step, cfg))
     tokens_B, pos = jnp.zeros((batch,), jnp.int32), jnp.int32(cache_len - 1)
@@ -40,6 +40,17 @@ TOLERANCE = 0.02
 ], ids=["recursion-wise", "shared-kv", "mla"])
 def test_decode_flops_match_xla_cost_analysis(overrides):
     cfg = ModelConfig(**{**BASE, **overrides})
+    batch, cache_len = 4, 256
+    xla = _xla_decode_flops(cfg, batch, cache_len)
+    ours = decode_flops_per_token(cfg, cache_len)["forward"] * batch
+    assert ours <= xla <= ours * (1 + TOLERANCE), f"XLA {xla:.5g} vs ours {ours:.5g} ({xla / ours - 1:+.2%})"
+
+
+def test_dense_gqa_decode_flops_match_xla_cost_analysis():
+    """The dense (non-MoR) decode count, GQA with H = 4 query heads over G = 2 K/V heads: Q.K^T and P.V run
+    per query head, 4 H K T FLOPs per layer (here 18% of the total, so counting G heads instead is caught).
+    Layers unrolled: XLA's cost analysis counts a while-loop body once."""
+    cfg = ModelConfig(**{**BASE, "family": "dense", "n_layers": 2, "scan_layers": False})
     batch, cache_len = 4, 256
     xla = _xla_decode_flops(cfg, batch, cache_len)
     ours = decode_flops_per_token(cfg, cache_len)["forward"] * batch

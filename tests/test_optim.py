@@ -333,6 +333,23 @@ def test_muon_internal_adam_branch_is_empty_and_adamw_group_gets_the_rest():
     assert got == {p for p, v in part.items() if v == "muon"}
 
 
+def test_muon_adamw_group_steps_at_adam_learning_rate():
+    """With Muon, the AdamW group peaks at adam_learning_rate, not learning_rate. Adam's first step is
+    -lr * g / (|g| + eps) (bias-corrected m = g, v = g^2), so every AdamW-group entry moves by 1e-3 exactly
+    (no decay, warmup or clipping here), while the Muon group's steps are of order 0.02 * 0.2 * sqrt(fan)."""
+    params, axes = make_tree()
+    tx, part = build_optimizer(cfg_for("muon", learning_rate=0.02, adam_learning_rate=1e-3), params, axes, 10)
+    grads = make_tree(seed=1)[0]
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    flat_updates = jax.tree_util.tree_flatten_with_path(updates)[0]
+    for (kp, u), g in zip(flat_updates, jax.tree.leaves(grads), strict=True):
+        if part[path_str(kp)] == "adamw":
+            g = np.abs(np.asarray(g, np.float64))
+            np.testing.assert_allclose(np.abs(u), 1e-3 * g / (g + 1e-8), rtol=1e-5, err_msg=path_str(kp))
+        else:
+            assert np.abs(u).max() > 2e-3, path_str(kp)
+
+
 # ---------------------------------------------------------------- weight decay, clipping, state specs
 
 
@@ -558,6 +575,17 @@ def test_wsd_schedule_key_steps(shape, mid):
         assert float(sched(start + 1)) < float(lin(start + 1))
 
 
+def test_wsd_decay_start_rounds_the_decay_length():
+    """S = T - round(decay_fraction * T): 0.2 * 13 = 2.6 rounds to 3, so the cool-down starts at step 10
+    (truncating to 2 would start it one step late, at 11)."""
+    cfg = OptimizerConfig(learning_rate=1.0, schedule="wsd", warmup_steps=0, decay_fraction=0.2,
+                          decay_shape="linear", min_lr_ratio=0.0)
+    assert wsd_decay_start(cfg, 13) == 10
+    sched = make_schedule(cfg, 13)
+    np.testing.assert_allclose(sched(10), 1.0, rtol=1e-6)  # first cool-down step is at the peak
+    np.testing.assert_allclose(sched(11), 1.0 - 1 / 3, rtol=1e-6)  # linear: p = (11 - 10) / (13 - 10)
+
+
 def test_constant_schedule_and_peak_override():
     cfg = OptimizerConfig(learning_rate=0.3, schedule="constant", warmup_steps=4)
     sched = make_schedule(cfg, 50)
@@ -655,6 +683,9 @@ def test_lr_batch_scaling_rules():
     assert new.learning_rate == pytest.approx(2e-3)
     assert new.b1 == pytest.approx(0.6) and new.b2 == pytest.approx(0.96)
     assert new.eps == pytest.approx(5e-9)
+    # Muon's AdamW group lr follows the same sqrt(kappa) rule; None (= learning_rate) stays None
+    muon = adam_sqrt_scaling(dataclasses.replace(cfg, name="muon", adam_learning_rate=3e-4), 64, 256)
+    assert muon.adam_learning_rate == pytest.approx(6e-4) and new.adam_learning_rate is None
     back = adam_sqrt_scaling(new, 256, 64)
     assert back.b1 == pytest.approx(0.9) and back.learning_rate == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="too large"):
