@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -159,6 +158,7 @@ class MarkovSource:
     _stationary: StationaryInfo | None = field(default=None, repr=False)
     _tables_cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _cdf_pi: np.ndarray | None = field(default=None, repr=False)
+    _alias_cache: tuple[np.ndarray, int, np.ndarray] | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, config: MarkovSourceConfig) -> MarkovSource:
@@ -321,6 +321,80 @@ class MarkovSource:
             ctx_R = (ctx_R % (C // V)) * V + x
         return ctx_R
 
+    def _alias_tables(self) -> tuple[np.ndarray, int, np.ndarray]:
+        """Walker alias tables of the sparse part of every p(x | c), built once per source; the id width in
+        bits; and the unigram CDF.
+
+        ``[V**k, K]`` uint64 words (K = sum_j K_j), one per column: the probability q of keeping the column's
+        own successor in the high ``64 - 2b`` bits (fixed point; b = id bits, so 44 bits of q for V=1024)
+        above the two token ids, b bits each (kept id, then its alias). One draw reads ONE word, where the
+        inverse-CDF stepper (``_advance``) reads a context's K float64 thresholds and K ids; the stream's
+        steps are bound by those random reads (1M contexts x 24 columns for V=1024, order 2, far past any
+        cache), and ``python -m experiments.bench_stream`` measures the gain. Built by Vose's pairing of a
+        column under the mean with one over it, in one sweep of each row's sorted columns, vectorised over
+        contexts.
+        """
+        if self._alias_cache is None:
+            cols, vals = self._sparse_parts()
+            C, K = cols.shape
+            flat = np.argsort(vals, axis=1, kind="stable") + (np.arange(C) * K)[:, None]
+            cols, vals = cols.reshape(-1)[flat], vals.reshape(-1)[flat]  # each row ascending by mass
+            vals *= K / vals.sum(1, keepdims=True)  # row mean 1: column j is drawn with probability 1/K
+            p = vals.reshape(-1)
+            q = np.ones(C * K)
+            other = cols.reshape(-1).astype(np.uint64)  # a column never paired keeps its own successor
+            cols = cols.reshape(-1)
+            # Indices are flat (row * K + column). Columns s.. are untouched, l is the current donor. While
+            # the donor holds >= 1 the untouched s is <= 1 (the remaining masses average 1) and is paired with
+            # it; once the donor drops below 1 it is finished against l - 1, the largest untouched column.
+            s, l = np.arange(C) * K, np.arange(C) * K + K - 1
+            for _ in range(K - 1):
+                spent = p[l] < 1.0
+                small, large = np.where(spent, l, s), np.where(spent, l - 1, l)
+                p_small = p[small]
+                q[small] = p_small
+                other[small] = cols[large]
+                p[large] -= 1.0 - p_small
+                s, l = np.where(spent, s, s + 1), np.where(spent, l - 1, l)
+            # The last column left has p = 1 up to rounding, and keeps q = 1: always its own successor.
+            b = max(1, (self.config.vocab_size - 1).bit_length())
+            q_bits = 64 - 2 * b  # >= 16: V**order <= 2**24 contexts bounds V by 2**24
+            q *= 2.0**q_bits  # in place: 24M entries for V=1024
+            np.clip(q, 0.0, 2.0**q_bits - 1, out=q)
+            words = q.astype(np.uint64)
+            words <<= np.uint64(2 * b)
+            words |= cols.astype(np.uint64) << np.uint64(b)
+            words |= other
+            words = words.reshape(C, K)
+            self._alias_cache = (words, b, np.cumsum(self.unigram_V))
+        return self._alias_cache
+
+    def _advance_alias(self, ctx_R: np.ndarray, v_SxR: np.ndarray, out_SxR: np.ndarray) -> np.ndarray:
+        """``_advance`` through the alias tables: the same law, other tokens for the same ``v``. Given
+        v >= lambda_0, w = (v - lambda_0) / (1 - lambda_0) is uniform: floor(w K) picks a column and the
+        fraction left, against q, picks one of its two ids. (The corpus sampler keeps ``_advance``, so every
+        prepared corpus, and every result computed on one, stays bit-identical.)"""
+        V, C = self.config.vocab_size, self.n_contexts
+        lam0 = self.lambdas[0]
+        words_CxK, b, cdf_u = self._alias_tables()
+        K = words_CxK.shape[1]
+        words = words_CxK.reshape(-1)
+        id_mask, q_shift = np.uint64((1 << b) - 1), np.uint64(2 * b)
+        is_uni = v_SxR < lam0
+        uni = np.zeros(v_SxR.shape, dtype=np.int64)
+        uni[is_uni] = np.searchsorted(cdf_u, v_SxR[is_uni] / lam0 * cdf_u[-1], side="right")
+        uni = np.minimum(uni, V - 1)
+        wK_SxR = np.maximum(v_SxR - lam0, 0.0) / (1.0 - lam0) * K
+        col_SxR = np.minimum(wK_SxR.astype(np.int64), K - 1)
+        frac_SxR = ((wK_SxR - col_SxR) * 2.0 ** (64 - 2 * b)).astype(np.uint64)
+        for i in range(v_SxR.shape[0]):
+            w = np.take(words, ctx_R * K + col_SxR[i])
+            alias = np.where(frac_SxR[i] < (w >> q_shift), w >> np.uint64(b), w) & id_mask
+            x = np.where(is_uni[i], uni[i], alias.astype(np.int64))
+            out_SxR[i] = x
+            ctx_R = (ctx_R % (C // V)) * V + x
+        return ctx_R
+
     def _context_digits(self, ctx_R: np.ndarray, out_kxR: np.ndarray) -> None:
         """The k tokens of each context, oldest first."""
         V, k = self.config.vocab_size, self.config.order
@@ -358,31 +432,40 @@ class MarkovSource:
         bar.close()
         return np.ascontiguousarray(out_TxC.T).reshape(-1)[:n_tokens]
 
-    def sample_windows(self, rngs: Sequence[np.random.Generator], length: int) -> np.ndarray:
-        """int32 [len(rngs), length]: one independent stationary sample path per generator, stepped together.
+    def window_uniforms(self, length: int) -> int:
+        """How many uniforms ``sample_windows`` reads per window of ``length`` tokens: one for the start
+        context, then one per token after it."""
+        return 1 + max(length - self.config.order, 0)
 
-        Row r uses only ``rngs[r]`` (its start context from the stationary law, then one uniform per token),
-        so a row does not depend on which other rows are drawn with it: a host drawing its own rows of a
-        global batch gets exactly those rows of the one-host batch. This is the training stream of
+    def sample_windows(self, u_RxU: np.ndarray, length: int) -> np.ndarray:
+        """int32 [R, length]: one stationary sample path per row of uniforms ``u_RxU`` [R, U], U =
+        ``window_uniforms(length)``, stepped together (through the alias tables, ``_advance_alias``).
+
+        Row r reads only ``u_RxU[r]`` (its start context from the stationary law, then one uniform per
+        token), so a row does not depend on which other rows are drawn with it: a host drawing its own rows
+        of a global batch gets exactly those rows of the one-host batch. This is the training stream of
         ``experiments.stream``: every window is a fresh, exact sample of the source, never a repeat."""
         k, C = self.config.order, self.n_contexts
-        if length < 1 or not rngs:
-            raise ValueError(f"need length >= 1 and at least one generator, got {length}, {len(rngs)}")
+        if length < 1 or u_RxU.ndim != 2 or not len(u_RxU) or u_RxU.shape[1] != self.window_uniforms(length):
+            raise ValueError(
+                f"need length >= 1 and uniforms [R >= 1, {self.window_uniforms(max(length, 1))}], got length "
+                f"{length} and shape {u_RxU.shape}"
+            )
         if self._cdf_pi is None:
             self._cdf_pi = np.cumsum(self.stationary().pi)
-        steps = max(length - k, 0)
-        u_Rx1S = np.stack([g.random(1 + steps) for g in rngs])
-        ctx = np.minimum(np.searchsorted(self._cdf_pi, u_Rx1S[:, 0] * self._cdf_pi[-1], side="right"), C - 1)
-        out_TxR = np.empty((k + steps, len(rngs)), dtype=np.int32)
+        steps = u_RxU.shape[1] - 1
+        ctx = np.minimum(np.searchsorted(self._cdf_pi, u_RxU[:, 0] * self._cdf_pi[-1], side="right"), C - 1)
+        out_TxR = np.empty((k + steps, len(u_RxU)), dtype=np.int32)
         self._context_digits(ctx, out_TxR[:k])
-        self._advance(ctx, np.ascontiguousarray(u_Rx1S[:, 1:].T), out_TxR[k:])
+        self._advance_alias(ctx, np.ascontiguousarray(u_RxU[:, 1:].T), out_TxR[k:])
         return np.ascontiguousarray(out_TxR.T[:, :length])
 
 @functools.lru_cache(maxsize=4)
 def cached_source(config: MarkovSourceConfig) -> MarkovSource:
-    """One MarkovSource per config and process: building one (tables, stationary law, stepping tables) takes
-    ~4 s and ~300 MB for V=1024, order 2, and a study's runs, its training stream and its downstream battery
-    all ask for the same source."""
+    """One MarkovSource per config and process: building one (tables, stationary law) and the stream's alias
+    tables takes ~7 s for V=1024, order 2 (``python -m experiments.bench_stream``; the alias tables alone are
+    192 MB, 8 bytes per context and successor column), and a study's runs, its training stream and its
+    downstream battery all ask for the same source."""
     return MarkovSource.create(config)
 
 

@@ -32,6 +32,27 @@ def test_file_sampler_output_is_unchanged():
     assert hashlib.sha256(x.tobytes()).hexdigest()[:16] == "8edb589cbe8268f8"
 
 
+def test_alias_tables_reproduce_every_conditional_law():
+    """The stream steps through Walker alias tables: column j drawn w.p. 1/K, then its own successor w.p. q,
+    else its alias. The law that implies, per context, must be the sparse part of p(x | c) (up to q's
+    fixed-point rounding), for every one of the V**k contexts."""
+    src = MarkovSource.create(SMALL)
+    words, b, _ = src._alias_tables()
+    assert b == 5  # ids of V=20 need 5 bits, leaving 54 for q
+    cols, vals = src._sparse_parts()
+    C, K = cols.shape
+    rows_CxK = np.broadcast_to(np.arange(C)[:, None], (C, K))
+    mask = (1 << b) - 1
+    keep, other = (words >> np.uint64(b)) & np.uint64(mask), words & np.uint64(mask)
+    q = (words >> np.uint64(2 * b)).astype(np.float64) / 2.0 ** (64 - 2 * b)
+    implied, target = np.zeros((C, SMALL.vocab_size)), np.zeros((C, SMALL.vocab_size))
+    np.add.at(implied, (rows_CxK, keep.astype(np.int64)), q / K)
+    np.add.at(implied, (rows_CxK, other.astype(np.int64)), (1.0 - q) / K)
+    np.add.at(target, (rows_CxK, cols), vals / vals.sum(1, keepdims=True))
+    np.testing.assert_array_equal(np.sort(keep, 1), np.sort(cols, 1))
+    np.testing.assert_allclose(implied, target, atol=1e-12)
+
+
 def test_batches_are_pure_in_seed_and_step(stream):
     a = stream.batch(0, 5, 6, 31)
     assert a.dtype == np.int32 and a.shape == (6, 32)
