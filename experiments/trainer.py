@@ -85,18 +85,14 @@ def update_model_state(c: Any, model_state: dict[str, Any], extras: dict[str, ja
     new = dict(model_state)
     if moe_lib.STATE_COLLECTION in new:
         new[moe_lib.STATE_COLLECTION] = moe_lib.router_bias_update(
-            new[moe_lib.STATE_COLLECTION], extras["moe_expert_load"], c.moe_bias_update_rate
-        )
+            new[moe_lib.STATE_COLLECTION], extras["moe_expert_load"], c.moe_bias_update_rate)
     if mor_lib.STATE_COLLECTION in new:
         new[mor_lib.STATE_COLLECTION] = mor_lib.router_bias_update(
-            new[mor_lib.STATE_COLLECTION], extras["mor_depth_load"], c.mor_bias_update_rate
-        )
+            new[mor_lib.STATE_COLLECTION], extras["mor_depth_load"], c.mor_bias_update_rate)
     unknown = set(new) - {moe_lib.STATE_COLLECTION, mor_lib.STATE_COLLECTION}
     if unknown:
-        raise ConfigError(
-            f"model has state collections {sorted(unknown)} the trainer does not know how to "
-            "update; teach experiments.trainer.update_model_state about them"
-        )
+        raise ConfigError(f"model has state collections {sorted(unknown)} the trainer does not know how to "
+                          "update; teach experiments.trainer.update_model_state about them")
     return new
 
 
@@ -196,12 +192,8 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
         inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
         if cfg.trainer.loss_chunk_tokens:  # chunked head + loss: no full-batch fp32 logits (models/loss.py)
             h_BxLxD, extras = module.apply(variables, inputs_BxL, return_hidden=True, **apply_kw)
-            ce = chunked_cross_entropy(
-                h_BxLxD,
-                targets_BxL,
-                chunk_tokens=cfg.trainer.loss_chunk_tokens,
-                **output_head(params, c.tie_embeddings),
-            )
+            ce = chunked_cross_entropy(h_BxLxD, targets_BxL, chunk_tokens=cfg.trainer.loss_chunk_tokens,
+                                       **output_head(params, c.tie_embeddings))
         else:
             logits_BxLxV, extras = module.apply(variables, inputs_BxL, **apply_kw)
             ce = cross_entropy(logits_BxLxV, targets_BxL)
@@ -269,11 +261,8 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
                 out_shardings=(state_shardings, rep),
                 donate_argnums=(0,),
             )
-            .lower(
-                abstract_state,
-                jax.ShapeDtypeStruct((M, B_micro, L + 1), jnp.int32),
-                jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32), hyper_host),
-            )
+            .lower(abstract_state, jax.ShapeDtypeStruct((M, B_micro, L + 1), jnp.int32),
+                   jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32), hyper_host))
             .compile()
         )
         eval_shape = jax.ShapeDtypeStruct((cfg.eval_batch_size, L + 1), jnp.int32)
@@ -352,15 +341,11 @@ def check_dataset(cfg: ExperimentConfig, ds: TokenDataset) -> None:
         )
     for split in ("train", "val"):
         if split not in ds.splits:
-            raise DataError(
-                f"dataset {ds.directory} has no {split!r} split (it has {ds.splits}); training "
-                f"needs 'train' and 'val' (python -m experiments.data text ... writes both)"
-            )
+            raise DataError(f"dataset {ds.directory} has no {split!r} split (it has {ds.splits}); training "
+                            f"needs 'train' and 'val' (python -m experiments.data text ... writes both)")
         if ds.n_tokens(split) < cfg.data.seq_len + 1:
-            raise DataError(
-                f"split {split!r} of {ds.directory} has {ds.n_tokens(split)} tokens, fewer than "
-                f"one window (data.seq_len + 1 = {cfg.data.seq_len + 1})"
-            )
+            raise DataError(f"split {split!r} of {ds.directory} has {ds.n_tokens(split)} tokens, fewer than "
+                            f"one window (data.seq_len + 1 = {cfg.data.seq_len + 1})")
     if cfg.trainer.eval_tasks and "generator" not in ds.metadata:
         raise ConfigError(
             f"trainer.eval_tasks: the built-in downstream battery needs a synthetic dataset (its exact "
@@ -419,10 +404,8 @@ def restore_newest_readable(
         if failed and jax.process_index() == 0:
             moved = ckpt.set_aside([s for s, _ in failed], workdir / UNREADABLE_CHECKPOINT_DIR)
             for (s, e), where in zip(failed, moved, strict=True):
-                emit(
-                    f"checkpoint step {s} is unreadable ({type(e).__name__}: {str(e)[:200]}); moved to "
-                    f"{where}; resuming from step {step}"
-                )
+                emit(f"checkpoint step {s} is unreadable ({type(e).__name__}: {str(e)[:200]}); moved to "
+                     f"{where}; resuming from step {step}")
         return step, state, meta
     if failed:
         s, e = failed[0]
@@ -496,10 +479,8 @@ def run_downstream(cfg: ExperimentConfig, workdir: Path, params: Any, emit: Call
         out = evaluate.evaluate_run(workdir, names=names)
     else:
         out = evaluate.evaluate_and_write(cfg, jax.device_get(params), workdir, cfg.total_steps, names=names)
-    emit(
-        f"downstream battery: {len(out['tasks'])} tasks in {out['eval_seconds']:.1f}s -> "
-        f"{workdir / evaluate.DOWNSTREAM_FILE}"
-    )
+    emit(f"downstream battery: {len(out['tasks'])} tasks in {out['eval_seconds']:.1f}s -> "
+         f"{workdir / evaluate.DOWNSTREAM_FILE}")
 
 
 # ----- the loop ---------------------------------------------------------------------------------------------
@@ -638,11 +619,8 @@ def train(
                 writer.write(step, arrays)
 
         def needs_state(step: int) -> bool:  # eval or checkpoint after this step: the state must be its own
-            return (
-                step == total
-                or bool(t.eval_every and step % t.eval_every == 0)
-                or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
-            )
+            return (step == total or bool(t.eval_every and step % t.eval_every == 0)
+                    or bool(t.checkpoint_every and step % t.checkpoint_every == 0))
 
         # With async metrics, step s+1 is dispatched before step s's metrics are fetched, so the device never
         # waits for the host between steps; a non-finite step s is still caught (its update was not applied,

@@ -99,17 +99,8 @@ def test_mla_up_projections_are_fsdp_sharded():
     """MLA's k_up / v_up / q_up have no embed axis: without rules for their low-rank axes they (and their
     optimiser state) were replicated on an FSDP mesh. q_down / kv_down keep fsdp on embed."""
     mesh = shd.make_mesh(MESH_222)
-    cfg = ModelConfig(
-        vocab_size=64,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        d_ff=64,
-        max_seq_len=8,
-        attention="mla",
-        mla_kv_lora_rank=16,
-        mla_q_lora_rank=16,
-    )
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=8,
+                      attention="mla", mla_kv_lora_rank=16, mla_q_lora_rank=16)
     _, _, specs = _specs(cfg, mesh)
     for name in ("k_up", "v_up", "q_up"):
         assert specs[f"blocks/attn/{name}/kernel"] == P(None, "fsdp", "tensor", None), name
