@@ -1097,3 +1097,62 @@ def test_an_unreadable_study_record_is_not_rewritten(tmp_path):
     with pytest.raises(SystemExit, match="study.json is unreadable"):
         study.run_study(dataclasses.replace(spec, name="cpu-tiny"), tmp_path, fit_only=True)
     assert (tmp_path / study.STUDY_FILE).read_text() == "{torn"
+
+
+def test_empirical_multiplier_interval_carries_the_reference_targets_noise():
+    """The target (the reference's best loss at its largest budget) is a noisy run too: with a noiseless
+    group and a noisy reference the interval must still be wide, not the point multiplier."""
+    from experiments.compare import empirical_multipliers
+
+    def run(g, c, loss):
+        return {"group": g, "kind": "isoflop", "budget": c, "final_eval_loss": loss, "status": "done",
+                "fit": True}
+
+    rr = [run("ref", 1e10, 3.0), run("ref", 1e11, 2.5), run("b", 1e10, 2.8), run("b", 1e11, 2.2)]
+    groups = {"ref": {"seed_noise": {"pooled_sd": 0.05}}, "b": {"seed_noise": {"pooled_sd": 1e-9}}}
+    e = empirical_multipliers(rr, groups, "ref")["b"]
+    lo, hi = e["ci"]
+    # b's frontier is 2.8 - 0.6 log10(C / 1e10): a target of 2.5 -/+ 1.96 * 0.05 moves log10(C) by -/+ 0.163
+    assert e["multiplier"] == pytest.approx(10**-0.5)
+    assert np.log10(lo) == pytest.approx(-0.5 - 1.96 * 0.05 / 0.6, abs=0.03)
+    assert np.log10(hi) == pytest.approx(-0.5 + 1.96 * 0.05 / 0.6, abs=0.03)
+
+
+def test_each_group_fits_and_uses_its_own_lr_rule(tmp_path, monkeypatch):
+    """cpu-families sweeps AdamW's and Muon's learning rates separately: each group's rule must be fitted
+    from its own sweep cells only, and its main-stage runs must use that rule (clamped to its swept range),
+    not another group's. The two optimisers are given losses with optima 8x apart."""
+    import math
+
+    from experiments import executors
+    from experiments.hparam_rules import LRRule
+
+    spec = get_study_preset("cpu-families")
+    stage1 = study.plan_lr_stage(spec, tmp_path)
+    swept_groups = sorted({r.group for r in stage1})
+    assert {"dense-adamw", "dense-muon"} <= set(swept_groups)
+    mid_lr = {g: float(np.exp(np.mean([math.log(r.learning_rate) for r in stage1 if r.group == g])))
+              for g in swept_groups}
+    best = {g: mid_lr[g] * (0.5 if g == "dense-adamw" else 4.0) for g in swept_groups}
+
+    def finished(_dir, r):  # a loss bowl in log lr around each group's own optimum
+        return {"final_eval_loss": 2.0 + math.log(r.learning_rate / best[r.group]) ** 2}
+
+    monkeypatch.setattr(executors, "finished_summary", finished)
+    rules = study.fit_lr_rules(spec, stage1, tmp_path / "runs")
+    for g in swept_groups:
+        own = sorted((r.params, r.learning_rate) for r in stage1 if r.group == g)
+        assert sorted((c["N"], c["lr"]) for c in rules[g]["cells"]) == own, g
+        assert rules[g]["error"] is None, rules[g]["error"]
+    main = study.plan_main_stage(spec, tmp_path, rules)
+    lr_of = {}
+    for r in main:
+        if r.group not in rules or r.kind != "isoflop":
+            continue
+        cells = [c["lr"] for c in rules[r.group]["cells"]]
+        rule = LRRule.from_dict(rules[r.group]["rule"])
+        want = min(max(rule(N=r.params, D=r.tokens, C=r.budget), min(cells)), max(cells))
+        assert r.learning_rate == pytest.approx(want, rel=1e-6), (r.group, r.name)
+        lr_of.setdefault(r.group, []).append(r.learning_rate)
+    # the optima are 8x apart, so the groups' planned learning rates must differ too
+    assert np.median(lr_of["dense-muon"]) > 2 * np.median(lr_of["dense-adamw"])

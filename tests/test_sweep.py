@@ -25,6 +25,7 @@ from experiments.sweep import (
     EXECUTION_ONLY_FIELDS,
     Rules,
     ShapeRule,
+    budget_run,
     distinct_runs,
     plan_grid,
     plan_heldout,
@@ -860,3 +861,151 @@ def test_a_filesystem_without_flock_warns_and_goes_on(tmp_path, monkeypatch):
     run = plan_isoflop(g.base, spec.budgets[:1], 1, rules, shape_rule=g.shape, span=spec.span)[0]
     with pytest.warns(RuntimeWarning, match="no flock"):
         assert executors.run_one(run, tmp_path / "runs")["status"] == "done"
+
+
+# ----- planner arithmetic against hand-derived values -------------------------------------------------------
+_STEPLAW = LRRule(coef=1.79, n_exp=-0.713, d_exp=0.307)  # an lr rule that reads N and D, not only C
+
+
+def _fixed_batch(batch=8, min_steps=1):
+    return BatchRule(coef=batch * 64, min_batch=batch, max_batch=batch, min_steps=min_steps)
+
+
+def test_steps_are_the_nearest_whole_step_and_lr_and_warmup_follow_the_trained_tokens():
+    """D = C / F(s) is rounded to the NEAREST whole step (neither floor nor ceil), and the lr rule and the
+    warmup read the steps / tokens actually trained, for budget runs and N x D grid runs alike."""
+    _, g, _ = _spec_base()
+    rules = Rules(lr=_STEPLAW, batch=_fixed_batch(8), warmup_fraction=0.1)
+    L = g.base.data.seq_len
+    assert L == 64
+    m = g.shape.candidates(g.base.model)[4]
+    fpt = accounting.flops_per_token(m, L)["training"]
+    n = accounting.param_counts(m)["total"]
+    # (target steps C / (F B L), whole steps expected, warmup = round(0.1 steps))
+    cases = ((100.7, 101, 10), (100.3, 100, 10), (37.6, 38, 4), (24.4, 24, 2))
+    runs = resolve([budget_run(g.base, m, fpt * s * 8 * L, rules, name=f"b{s}") for s, _, _ in cases])
+    runs += plan_grid(g.base, [m], [s * 8 * L for s, _, _ in cases], rules)
+    for r, (_, steps, warmup) in zip(runs, cases + cases, strict=True):
+        assert (r.steps, r.batch_size, r.tokens) == (steps, 8, steps * 8 * L), r.name
+        assert r.experiment.optimizer.warmup_steps == warmup, r.name
+        assert r.learning_rate == pytest.approx(1.79 * n**-0.713 * (steps * 8 * L) ** 0.307, rel=1e-12)
+        assert r.predicted_flops == pytest.approx(fpt * steps * 8 * L, rel=1e-12)
+
+
+def test_shape_candidates_are_every_pair_in_the_closed_aspect_band():
+    """Every (n_layers, d_model = k head_dim) with min_layers <= n_layers <= max_layers, d_model <=
+    max_d_model and aspect_ratio / tol <= d_model / n_layers <= aspect_ratio * tol, both ends included."""
+    rule = ShapeRule(head_dim=8, aspect_ratio=32.0, aspect_tolerance=4.0, max_layers=6, max_d_model=256)
+    _, g, _ = _spec_base()
+    # by hand in integers: 8 <= d / L <= 128  <=>  8 L <= d <= 128 L
+    want = {(L, d) for L in range(1, 7) for d in range(8, 257, 8) if 8 * L <= d <= 128 * L}
+    assert {(1, 128), (2, 256), (6, 48), (6, 256), (1, 8)} <= want
+    got = rule.candidates(g.base.model)
+    assert {(m.n_layers, m.d_model) for m in got} == want and len(got) == len(want)
+    assert all(m.n_heads * 8 == m.d_model and m.resolved_head_dim == 8 for m in got)
+
+
+def test_isoflop_sizes_are_log_uniform_over_the_span_around_the_tokens_per_param_centre():
+    """The n sizes of a curve sit nearest (in log N) to log-uniform targets over a factor ``span``, centred on
+    the candidate whose D / N = C / (F N) is closest to tokens_per_param (in log)."""
+    spec, g, rules = _spec_base()
+    L = g.base.data.seq_len
+    cands = g.shape.candidates(g.base.model)
+    logn = np.log([accounting.param_counts(m)["total"] for m in cands])
+    fpt = np.array([accounting.flops_per_token(m, L)["training"] for m in cands])
+    for c in spec.budgets:
+        for n, span in ((5, 10.0), (4, 8.0), (2, 16.0)):
+            runs = plan_isoflop(g.base, [c], n, rules, shape_rule=g.shape, span=span, tokens_per_param=64.0)
+            centre = logn[int(np.argmin(np.abs(np.log(c / fpt / np.exp(logn) / 64.0))))]
+            got = sorted(math.log(r.params) for r in runs)
+            for i, x in enumerate(got):
+                target = centre + math.log(span) * (i / (n - 1) - 0.5)
+                # the candidate nearest the target, up to the aspect tie-break (0.05 |log aspect| <= 0.07)
+                assert abs(x - target) <= np.abs(logn - target).min() + 0.07, (c, n, i)
+    # one size: the candidate nearest in log N to the centre, near-ties going to the nominal aspect ratio --
+    # no other candidate is both nearer in N and no farther from the nominal aspect
+    aspect = np.array([abs(math.log(m.d_model / m.n_layers / g.shape.aspect_ratio)) for m in cands])
+    for c in np.geomspace(1e10, 1e12, 9):
+        (r,) = plan_isoflop(g.base, [c], 1, rules, shape_rule=g.shape, span=1.0, tokens_per_param=64.0)
+        centre = logn[int(np.argmin(np.abs(np.log(c / fpt / np.exp(logn) / 64.0))))]
+        p = next(i for i, m in enumerate(cands) if m == r.experiment.model)
+        better = (np.abs(logn - centre) < abs(logn[p] - centre)) & (aspect <= aspect[p])
+        assert not better.any(), (c, [(cands[i].n_layers, cands[i].d_model) for i in np.flatnonzero(better)])
+
+
+def test_wsd_batch_lr_and_no_reuse_compute_follow_the_documented_rule():
+    """plan_wsd: the batch from the smallest budget (so every branch keeps >= min_steps steps), the lr of the
+    rule at the geometric-mean budget times sqrt(batch / rule batch there), and summarize's predicted_flops
+    (compute without reuse) = the branches trained from scratch, no stable segment."""
+    spec, g, rules = _spec_base()
+    L = g.base.data.seq_len
+    m = g.shape.candidates(g.base.model)[5]
+    fpt = accounting.flops_per_token(m, L)["training"]
+    runs = plan_wsd(g.base, [m], spec.budgets, rules)
+    c_mid = (3e10 * 1e11 * 3e11) ** (1 / 3)
+    b = spec.batch.batch_size(3e10, 3e10 / fpt, L)
+    b_mid = spec.batch.batch_size(c_mid, c_mid / fpt, L)
+    assert b < b_mid  # the square-root rescaling is exercised
+    lr = g.lr.coef * c_mid**g.lr.c_exp * math.sqrt(b / b_mid)
+    branches = [r for r in runs if r.kind == "wsd_branch"]
+    for r in runs:
+        assert r.batch_size == b and r.learning_rate == pytest.approx(lr, rel=1e-12), r.name
+    assert min(r.steps for r in branches) >= spec.batch.min_steps
+    s = summarize(runs)
+    assert s.predicted_flops == pytest.approx(sum(fpt * r.steps * b * L for r in branches), rel=1e-12)
+    assert s.study_flops == pytest.approx(
+        fpt * b * L * (max(r.steps for r in runs if r.kind == "wsd_stable")
+                       + sum(r.steps - r.parent["step"] for r in branches)), rel=1e-12)
+
+
+def test_a_child_must_be_longer_than_the_step_it_resumes_from():
+    _, g, rules = _spec_base()
+    m = g.shape.candidates(g.base.model)[2]
+    a = budget_run(g.base, m, 3e10, rules, name="a")
+    same_length = dataclasses.replace(a, name="b", parent={"run": "a", "step": resolve([a])[0].steps})
+    with pytest.raises(ConfigError, match=r"parent step \d+ >= its own length"):
+        resolve([a, same_length])
+
+
+def test_batch_rule_rounds_to_the_nearest_power_of_two_then_halves_below_min_steps():
+    # raw = coef * C^exp / seq_len sequences; log2(48) = 5.58 -> 64, log2(40) = 5.32 -> 32
+    assert BatchRule(coef=48 * 64).batch_size(1.0, 1e12, 64) == 64
+    assert BatchRule(coef=40 * 64).batch_size(1.0, 1e12, 64) == 32
+    assert BatchRule(coef=2 * 64, exp=0.5).batch_size(16.0, 1e12, 64) == 8  # 2 x 16^0.5 = 8
+    assert BatchRule(coef=1e6 * 64, max_batch=512).batch_size(1.0, 1e12, 64) == 512
+    rule = BatchRule(coef=64 * 64, min_batch=4, min_steps=50)
+    assert rule.batch_size(1.0, 50 * 64 * 64, 64) == 64  # exactly min_steps steps: kept
+    assert rule.batch_size(1.0, 49.5 * 64 * 64, 64) == 32  # 49.5 steps: halved (99 steps)
+    assert rule.batch_size(1.0, 10.0, 64) == 4  # never below min_batch
+
+
+def test_a_prior_rule_refits_its_coefficient_as_the_geometric_mean_of_the_cells():
+    """Cells too close in C keep the prior's exponent; the coefficient is exp(mean(log(best_lr / shape))), the
+    least-squares answer in log space: best lrs 1x and 4x the prior shape give 2, not the arithmetic 2.5."""
+    cells = []
+    for C, a in ((1e10, 1.0), (3e10, 4.0)):
+        opt = a * C**-0.2
+        for f in (0.25, 0.5, 1.0, 2.0, 4.0):
+            cells.append({"N": C, "D": 1.0, "C": C, "lr": opt * f, "loss": 3 + 0.2 * math.log(f) ** 2})
+    rule = fit_lr_rule(cells, prior=LRRule(coef=9.9, c_exp=-0.2))
+    assert rule.c_exp == -0.2 and rule.coef == pytest.approx(2.0, rel=1e-9)
+
+
+def test_each_group_of_a_preset_trains_with_its_named_optimiser():
+    """A group's name ends with its optimiser (dense-muon, moe-adamw, ...): a Muon group planned with the
+    AdamW base would compare AdamW with itself."""
+    for name in STUDY_PRESETS:
+        for g in get_study_preset(name).groups:
+            assert g.base.optimizer.name == g.name.rsplit("-", 1)[1], (name, g.name)
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), None])
+def test_a_summary_without_a_finite_eval_loss_is_not_finished(tmp_path, micro_runs, loss):
+    """A diverged run's summary (NaN / inf / missing loss) must not count as finished: it would be skipped on
+    every re-run and fed to the fits. The same summary with a finite loss is finished."""
+    r = micro_runs[0]
+    s = {"steps": r.steps, "config": r.config, "eval_mode": "inference", "final_eval_loss": 3.0}
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    assert executors.finished_summary(tmp_path, r) is not None
+    (tmp_path / "summary.json").write_text(json.dumps({**s, "final_eval_loss": loss}))
+    assert executors.finished_summary(tmp_path, r) is None

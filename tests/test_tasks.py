@@ -501,3 +501,135 @@ def test_downstream_json_written_after_training(tmp_path, capsys):
     assert "have text items, but this run's corpus has no text tokenizer" in capsys.readouterr().err
     assert ev.main([str(tmp_path / "nowhere")]) == 2
     assert "config.json not found: is" in capsys.readouterr().err
+
+
+# ---- exact checks of the generator's bookkeeping and of the metrics' less-used outputs --------------------
+def test_mc_metrics_normalise_by_token_count_and_fill_per_item_arrays():
+    # item 0: wrong by sum (-4 < -3), right per token (-1 > -3); item 1: a per-token tie (-1 == -1), wrong;
+    # item 2: right both ways.
+    lp = np.array([[-4.0, -3.0], [-2.0, -1.0], [-0.5, -2.0]])
+    nt = np.array([[4, 1], [2, 1], [1, 1]])
+    m = ev.mc_metrics(lp, nt, np.array([0, 0, 0]))
+    assert m["accuracy"] == pytest.approx(1 / 3)
+    assert m["accuracy_norm"] == pytest.approx(2 / 3)
+    it = m["items"]
+    np.testing.assert_allclose(it["margin"], [-1.0, -1.0, 1.5])
+    p = [1 / (1 + math.exp(1)), 1 / (1 + math.exp(1)), 1 / (1 + math.exp(-1.5))]
+    np.testing.assert_allclose(it["p_correct"], p)
+    assert m["p_correct"] == pytest.approx(np.mean(p))
+
+
+def _uniform_source():
+    """p(x | c) = 1/4 exactly (all weight on a flat unigram): every k-token continuation ties."""
+    cfg = MarkovSourceConfig(vocab_size=4, order=1, weights=(1.0, 0.0), successors=(2,), buckets=(None,),
+                             zipf_exponent=0.0)
+    return MarkovSource.create(cfg)
+
+
+def test_ceiling_counts_ties_as_wrong_and_answers_are_spread_over_positions():
+    task = make_task(_uniform_source(), TaskSpec("mc", 2, "unigram", n_choices=4, n_items=200), seed=0)
+    # the likelihood rule never strictly prefers the truth; the posterior is flat (uniform distractors)
+    assert task.info["ceiling_accuracy"] == 0.0
+    assert task.info["bayes_accuracy"] == pytest.approx(0.25, rel=1e-12)
+    # the true continuation is put at a uniformly random position (200 items: 50 +- 6 per position)
+    counts = np.bincount([it.answer for it in task.items], minlength=4)
+    assert counts.min() >= 25 and counts.max() <= 75
+
+
+def _draw_prob(others, truth, u, distractor):
+    """P(distractors = others, in this order | truth): successive draws without replacement from the
+    population the module docstring describes, its weights summed by enumeration."""
+    k = len(truth)
+    pop = list(itertools.product(range(len(u)), repeat=k))
+
+    def w(s):
+        diff = [j for j in range(k) if s[j] != truth[j]]
+        if distractor == "unigram":
+            return float(np.prod(u[list(s)])) if diff else 0.0
+        return u[s[diff[0]]] / (k * (1 - u[truth[diff[0]]])) if len(diff) == 1 else 0.0
+
+    left, prob = sum(w(s) for s in pop), 1.0
+    for d in others:
+        prob *= w(tuple(d)) / left
+        left -= w(tuple(d))
+    return prob
+
+
+@pytest.mark.parametrize("distractor", ["unigram", "perturb"])
+def test_bayes_accuracy_is_the_mean_max_posterior_of_the_items(small_source, distractor):
+    """Exactly (not within sampling noise): each item's posterior over which of its 3 choices is the truth,
+    p(choice | context) * P(other choices, in their order | that truth), recomputed here."""
+    task = make_task(small_source, TaskSpec("mc", 2, distractor, n_choices=3, n_items=60, context_len=3))
+    u = small_source.unigram_V
+    assert np.ptp(u) > 0.05  # a non-uniform unigram, so the distractor law's normalisers matter
+    best, ceiling = [], []
+    for it in task.items:
+        ch = np.array(it.choices)
+        lp = continuation_logprob(small_source, np.repeat([it.context], 3, 0), ch)
+        joint = [math.exp(lp[j]) * _draw_prob(np.delete(ch, j, 0), ch[j], u, distractor) for j in range(3)]
+        best.append(max(joint) / sum(joint))
+        ceiling.append(lp[it.answer] > np.delete(lp, it.answer).max())
+    assert task.info["bayes_accuracy"] == pytest.approx(np.mean(best), rel=1e-9)
+    assert task.info["ceiling_accuracy"] == pytest.approx(np.mean(ceiling))
+
+
+def test_gen_source_pass_prob_is_the_mean_probability_of_the_mode():
+    src = MarkovSource.create(MarkovSourceConfig(vocab_size=5, successors=(2, 2), seed=3))
+    task = make_task(src, TaskSpec("gen", 2, n_items=20, context_len=4))
+    seqs = np.array(list(itertools.product(range(5), repeat=2)))
+    best = [np.exp(continuation_logprob(src, np.repeat(c[None], len(seqs), 0), seqs)).max()
+            for c in task.contexts]
+    assert task.info["source_pass_prob"] == pytest.approx(np.mean(best), rel=1e-9)
+
+
+@pytest.mark.parametrize("k, distractor, vocab", [(1, "unigram", 4), (2, "unigram", 3), (2, "perturb", 4)])
+def test_spec_rejects_more_choices_than_possible_distractors(k, distractor, vocab):
+    room = vocab**k - 1 if distractor == "unigram" else k * (vocab - 1)
+    TaskSpec("mc", k, distractor, n_choices=room + 1).validate(vocab, 1)  # every possible distractor: fine
+    with pytest.raises(TaskError, match="possible distractors"):
+        TaskSpec("mc", k, distractor, n_choices=room + 2).validate(vocab, 1)
+
+
+def test_passuntil_and_exact_pass_prob_follow_each_items_own_uniforms():
+    """Sequential sampling-until-k replayed with each item's documented generator
+    default_rng([seed, stream, 0x9A56, item]); a budget that is not a multiple of the 1024-sample chunks and
+    rates that often have exactly k passes at a chunk's end."""
+    rng = np.random.default_rng(7)
+    I, k_tok, K, budget = 120, 2, 4, 3000
+    width = np.sqrt(rng.choice([0.004, 0.002, 0.5], size=I))[:, None] * np.ones(k_tok)  # per-token widths
+    lo = rng.random((I, k_tok)) * (1 - width)
+    hi = lo + width
+    logp = np.log(width)
+    cfg = ev.EvalConfig(n_samples=8, pass_ks=(1,), passuntil_k=K, passuntil_max_samples=budget, seed=3)
+    m = ev.gen_metrics(lo, hi, logp, cfg, stream=5)
+    succ, trials = np.zeros(I, int), np.full(I, budget)
+    for i in range(I):
+        u = np.random.default_rng([3, 5, 0x9A56, i]).random((budget, k_tok))
+        cum = np.cumsum(((u >= lo[i]) & (u < hi[i])).all(1))
+        succ[i] = min(cum[-1], K)
+        if cum[-1] >= K:
+            trials[i] = np.argmax(cum >= K) + 1
+    it = m["items"]
+    np.testing.assert_array_equal(it["successes"], succ)
+    np.testing.assert_array_equal(it["trials"], trials)
+    assert 0 < (succ < K).sum() < I  # some censored, some stopped
+    np.testing.assert_allclose(it["pass_rate"], np.where(succ == K, (K - 1) / (trials - 1), succ / trials))
+    # the exact pass probability of one sample is the product over the k target tokens
+    assert m["pass_prob_exact"] == pytest.approx(np.prod(width, 1).mean())
+    np.testing.assert_allclose(it["pass_prob"], np.prod(width, 1))
+
+
+def test_perturb_distractor_position_is_uniform_whatever_the_true_tokens(small_source):
+    """The generator's law (used by the Bayes posterior): a uniformly random position, then a unigram token
+    other than the true one there. Tally which position is replaced relative to the truth's tokens: the
+    position holding the more frequent true token is replaced half the time (not in proportion to 1 - u)."""
+    task = make_task(small_source, TaskSpec("mc", 2, "perturb", n_choices=2, n_items=2000, context_len=3))
+    u = small_source.unigram_V
+    hits = []
+    for it in task.items:
+        truth, other = np.array(it.choices[it.answer]), np.array(it.choices[1 - it.answer])
+        if u[truth[0]] != u[truth[1]]:
+            j = int(np.argmax(truth != other))
+            hits.append(j == int(np.argmax(u[truth])))
+    assert len(hits) > 1000
+    assert np.mean(hits) == pytest.approx(0.5, abs=4 * 0.5 / math.sqrt(len(hits)))
