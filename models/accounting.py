@@ -285,8 +285,9 @@ def _remat_recompute(policy: str, layer_matmul_fwd: float, attn_fwd: float) -> f
     ``layer_matmul_fwd`` excludes each layer's last matmul (the MLP down projection): backpropagating through
     a matmul needs its inputs, not its output, so XLA never recomputes it.
     "full"/"nothing_saveable" recompute the rest of the layer; "dots_with_no_batch_dims_saveable" keeps the
-    weight matmuls but recomputes Q.K^T and P.V (they have a batch dimension); dots_saveable keeps every
-    matmul output.
+    weight matmuls but recomputes Q.K^T and P.V (they have a batch dimension): XLA's count matches on scanned
+    layers (tests/test_accounting.py), while with unrolled layers (scan_layers=False) XLA:CPU eliminated that
+    recompute, so there this overcounts on the CPU; dots_saveable keeps every matmul output.
     Elementwise recomputation is not counted, like everywhere else in this module.
     Not counted either: MoE capacity dispatch under remat. There the layer's last op is the combine einsum, so
     the down projections and empty slots are recomputed too, and the dispatch/expert einsums have batch axes

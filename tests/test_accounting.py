@@ -152,6 +152,22 @@ def test_training_flops_match_xla_cost_analysis(batch_size, seq_len, overrides):
         assert xla > causal * (1 + 3 * TOLERANCE)
 
 
+def test_dots_policy_recomputes_the_attention_core_of_a_scanned_layer():
+    """"dots_with_no_batch_dims_saveable" keeps the weight matmuls and recomputes Q.K^T and P.V (they have
+    batch dimensions) in the backward pass: hardware_training = training + the attention forward. Checked on
+    scanned layers (scan_layers, the default and the GPU presets' setting): XLA's cost analysis counts a scan
+    body once, so the policy's extra XLA FLOPs over no remat are ONE layer's recompute, which must match
+    ours per layer (XLA also counts the recomputed softmax's elementwise work, which we do not: ~5% here).
+    Not checked: unrolled layers, where XLA:CPU eliminated the recompute (the compiled step had the no-remat
+    dot count) and a 1-layer scan, which XLA simplified the same way; a GPU compile may differ."""
+    base = dict(vocab_size=128, d_model=256, n_heads=2, n_layers=2, max_seq_len=256, scan_layers=True)
+    dots = ModelConfig(**base, remat="dots_with_no_batch_dims_saveable")
+    xla_extra = _xla_train_step_flops(dots, 1, 256) - _xla_train_step_flops(ModelConfig(**base), 1, 256)
+    counts = flops_per_token(dots, 256)
+    ours_per_layer = (counts["hardware_training"] - counts["training"]) * 256 / dots.n_layers
+    assert 1.0 <= xla_extra / ours_per_layer <= 1.1, f"XLA {xla_extra:.4g} vs ours {ours_per_layer:.4g}"
+
+
 def test_remat_hardware_flops_match_xla():
     """With full remat the backward pass re-runs each layer's forward (except its last matmul, whose output
     the backward pass never needs): hardware_training accounts for that, model FLOPs (training) do not."""
