@@ -654,7 +654,8 @@ def _seed_noise_block(rr: Sequence[dict], group: str, block: dict) -> dict:
         out["fit_residual_rms_over_sd"] = rms / sd if sd > 0 else None
         out["lack_of_fit"] = lack_of_fit_test(resid, len(res.params), sd, dof)
     # Noise shrinks with training length, so compare like with like: per budget, the seed sd and the fit's
-    # residual RMS over that budget's fitted points (their FLOPs are within 1% of the budget).
+    # residual RMS over that budget's fitted points: their FLOPs are within 1% of the budget, matched here
+    # with 5% slack (budgets are at least ~2x apart, so no point can match two).
     out["by_budget"] = []
     for c in out["budgets"]:
         sd_c, dof_c = seed_noise([r["losses"] for r in rows if r["budget"] == c])

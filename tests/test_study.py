@@ -57,8 +57,12 @@ def test_study_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     ent = on_disk["corpus"]["entropy_rate"]
     assert ent == pytest.approx(s["entropy_floor"])
     assert g["entropy"]["E_minus_entropy"] == pytest.approx(ch["params"]["E"] - ent)
+    assert g["entropy"]["relative"] == pytest.approx((ch["params"]["E"] - ent) / ent)
+    lo_E, hi_E = ch["ci"]["E"]
+    assert g["entropy"]["ci_covers_entropy"] is (lo_E <= ent <= hi_E)
     (h,) = g["heldout"]
     assert h["relative_error"] == pytest.approx((h["predicted"] - h["actual"]) / h["actual"])
+    assert h["covered"] is (h["interval"][0] <= h["actual"] <= h["interval"][1])
     held_run = next(r for r in runs if r["kind"] == "heldout")
     assert h["actual"] == held_run["final_eval_loss"] and held_run["fit"] is False
     # seed replicates: the smallest budget's three runs and the held-out run again with seed 1, not fitted;
@@ -894,7 +898,8 @@ def test_downstream_fits_run_up_to_each_tasks_known_ceiling(tmp_path):
         scores = {"mc-k1-unigram": mc(c), "gen-k8": gen(c), "mc-mean": mc(c)}
         rows.append({"run_id": run.name, "name": run.name, "flops": c, "final_eval_loss": loss(c),
                      "downstream": scores})
-    out = report_mod._downstream_block(rows[:-1], rows[-1:], tmp_path, n_boot=0)["tasks"]
+    block = report_mod._downstream_block(rows[:-1], rows[-1:], tmp_path, n_boot=0)
+    out = block["tasks"]
     assert out["mc-k1-unigram"]["ceiling"] == 0.765 and out["mc-mean"]["ceiling"] == 0.765
     assert out["gen-k8"]["chance"] == 0.0 and out["gen-k8"]["ceiling"] == 6e-4
     assert all(out[t]["fit_compute"]["identified"] is True for t in out)  # each rises within the data
@@ -902,6 +907,15 @@ def test_downstream_fits_run_up_to_each_tasks_known_ceiling(tmp_path):
         h = out[task]["heldout"][0]
         assert h["predicted_sigmoid"] == pytest.approx(truth, rel=0.02), task
         assert h["predicted_two_step"] == pytest.approx(truth, rel=0.05), task
+    # the held-out MAE: the mean over every task and both predictors of |predicted - actual|
+    errs = [abs(h[f"predicted_{k}"] - h["actual"]) for t in out for h in out[t]["heldout"]
+            for k in ("sigmoid", "two_step")]
+    assert len(errs) == 6
+    for t in out:
+        for h in out[t]["heldout"]:
+            for k in ("sigmoid", "two_step"):
+                assert h[f"abs_error_{k}"] == pytest.approx(abs(h[f"predicted_{k}"] - h["actual"]))
+    assert block["mean_abs_error"] == pytest.approx(sum(errs) / 6)
 
 
 def test_report_notes_runs_that_repeated_their_data():
@@ -1156,3 +1170,133 @@ def test_each_group_fits_and_uses_its_own_lr_rule(tmp_path, monkeypatch):
         lr_of.setdefault(r.group, []).append(r.learning_rate)
     # the optima are 8x apart, so the groups' planned learning rates must differ too
     assert np.median(lr_of["dense-muon"]) > 2 * np.median(lr_of["dense-adamw"])
+
+
+def test_report_compute_counts_a_shared_wsd_prefix_and_a_twin_run_once(tmp_path):
+    """report.json's compute totals: a WSD branch's summary records its FLOPs from scratch (its stable prefix
+    included), but the study spent only its cool-down on top of the stable run; one experiment planned
+    under two roles is trained, and counted, once."""
+    from types import SimpleNamespace
+
+    from experiments.executors import run_dir
+    from experiments.sweep import Rules, plan_wsd
+
+    spec0 = get_study_preset("cpu-micro")
+    g = spec0.groups[0]
+    rules = Rules(lr=g.lr, batch=spec0.batch, warmup_fraction=spec0.warmup_fraction)
+    model = g.shape.candidates(g.base.model)[0]
+    runs = plan_wsd(g.base, [model], spec0.budgets[:2], rules, group="g")
+    stable = next(r for r in runs if r.kind == "wsd_stable")
+    branch = next(r for r in runs if r.kind == "wsd_branch" and r.parent["run"] == stable.name)
+    twin = dataclasses.replace(stable, name="same-config-other-role", kind="lr_sweep")
+    plan = [*runs, twin]
+    for r in (stable, branch):  # finished: a summary as the trainer writes it (FLOPs of the whole run)
+        d = run_dir(tmp_path, r)
+        d.mkdir(parents=True)
+        s = {"config": r.config, "steps": r.steps, "eval_mode": "inference", "final_eval_loss": 3.0,
+             "flops": r.flops_per_token * r.tokens}
+        (d / "summary.json").write_text(json.dumps(s))
+    spec = SimpleNamespace(name="t", description="", notes=(), groups=[SimpleNamespace(name="g")],
+                           n_bootstrap=0, budgets=spec0.budgets[:2], extrapolate=(10.0,), law_forms=())
+    c = report_mod.build_report(spec, plan, tmp_path)["compute"]
+    per_step = stable.flops_per_token * stable.batch_size * g.base.data.seq_len
+    smax = max(r.steps for r in runs if r.kind == "wsd_stable")
+    cool = sum(r.steps - r.parent["step"] for r in runs if r.kind == "wsd_branch")
+    branches_from_scratch = sum(per_step * r.steps for r in runs if r.kind == "wsd_branch")
+    assert c["planned_flops"] == pytest.approx(per_step * (smax + cool), rel=1e-12)
+    assert c["flops_if_no_reuse"] == pytest.approx(branches_from_scratch, rel=1e-12)
+    assert c["spent_flops"] == pytest.approx(per_step * branch.steps, rel=1e-12)  # prefix + cool-down
+    assert c["wsd_saving"] == pytest.approx(1 - per_step * (smax + cool) / branches_from_scratch, rel=1e-12)
+    assert 0 < c["wsd_saving"] < 1
+
+
+def test_extrapolation_intervals_are_ordered_lower_then_upper():
+    """Each 10x/100x row carries [lower, upper] bootstrap intervals for N*, D* and the loss."""
+    from scaling.laws import get_law
+
+    hoffmann = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in (1e18, 3e18, 1e19):
+        for n in np.sqrt(c / 120) * np.geomspace(0.3, 3, 4):
+            d = c / (6 * n)
+            loss = float(get_law("chinchilla").predict(hoffmann, N=n, D=d))
+            loss *= 1 + 0.01 * rng.standard_normal()
+            rows.append({"budget": c, "params": n, "tokens": d, "flops": c, "final_eval_loss": loss})
+    res, boot = report_mod.fit_chinchilla(rows, 16)
+    ex = report_mod._extrapolation(res, boot, 1e19, (10.0, 100.0), None)
+    assert [x["C"] for x in ex] == pytest.approx([1e20, 1e21])
+    for x in ex:
+        for k in ("N_ci", "D_ci", "loss_ci"):
+            assert x[k][0] < x[k][1], (k, x[k])
+
+
+def test_accuracy_frontier_is_cheapest_inference_for_the_highest_accuracy():
+    """accuracy vs inference FLOPs/token (training FLOPs/token / 3: the forward pass of forward+backward):
+    the frontier keeps a run unless another is at most as costly and at least as accurate."""
+    def run(name, fpt, acc):
+        return {"name": name, "group": "g", "kind": "isoflop", "status": "done", "budget": 1e10,
+                "flops": 1e10, "final_eval_loss": 3.0, "downstream": {"mc-mean": acc}, "flops_per_token": fpt}
+
+    rr = [run("a", 3.0, 0.30), run("b", 6.0, 0.50), run("c", 9.0, 0.40), run("d", 12.0, 0.55)]
+    front = report_mod._pareto(rr, "mc-mean")["accuracy_vs_inference_flops"]
+    assert [(p["name"], p["inference_flops_per_token"], p["accuracy"]) for p in front] == [
+        ("a", 1.0, 0.30), ("b", 2.0, 0.50), ("d", 4.0, 0.55)]
+
+
+def test_downstream_mc_mean_averages_only_the_multiple_choice_tasks(tmp_path):
+    tasks = {"mc-a": {"accuracy": 0.4}, "mc-b": {"accuracy": 0.7}, "gen-x": {"pass_prob_exact": 0.01}}
+    (tmp_path / "downstream.json").write_text(json.dumps({"tasks": tasks}))
+    assert report_mod._downstream_scalars(tmp_path) == pytest.approx(
+        {"mc-a": 0.4, "mc-b": 0.7, "gen-x": 0.01, "mc-mean": 0.55})
+
+
+def test_a_run_of_exactly_one_epoch_repeats_no_data():
+    assert report_mod._repetition_note([{"name": "a", "epochs": 1.0}]) == []
+
+
+def test_heldout_rows_relative_error_and_interval_coverage():
+    """relative error = (predicted - actual) / actual; covered: the actual loss lies within the 90% interval
+    (a loss above the upper end is not covered, nor one below the lower end)."""
+    from types import SimpleNamespace
+
+    res = SimpleNamespace(predict=lambda N, D: np.array([2.0]))
+    boot = SimpleNamespace(prediction_interval=lambda level, N, D: {"lower": [1.9], "upper": [2.1]})
+    rows = [{"name": n, "params": 10, "tokens": 200, "flops": 1e4, "final_eval_loss": a}
+            for n, a in (("above", 2.5), ("inside", 2.05), ("below", 1.6))]
+    out = report_mod._heldout_rows(res, boot, rows)
+    assert [h["covered"] for h in out] == [False, True, False]
+    assert [h["relative_error"] for h in out] == pytest.approx([-0.5 / 2.5, -0.05 / 2.05, 0.4 / 1.6])
+    assert all(h["interval"] == [1.9, 2.1] for h in out)
+
+
+def test_entropy_block_compares_E_and_its_interval_with_the_entropy_rate(tmp_path):
+    """E - H, (E - H) / H, and whether E's bootstrap interval contains H: an entropy rate above the whole
+    interval is not covered."""
+    from types import SimpleNamespace
+
+    from scaling.laws import get_law
+
+    hoffmann = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+    rng = np.random.default_rng(1)
+    rr, planned = [], []
+    for c in (1e18, 3e18, 1e19):
+        for i, n in enumerate(np.sqrt(c / 120) * np.geomspace(0.3, 3, 4)):
+            d = c / (6 * n)
+            loss = float(get_law("chinchilla").predict(hoffmann, N=n, D=d))
+            loss *= 1 + 0.005 * rng.standard_normal()
+            rr.append({"name": f"{c:g}-{i}", "run_id": f"{c:g}-{i}", "group": "g", "kind": "isoflop",
+                       "status": "done", "fit": True, "budget": c, "params": n, "tokens": d, "flops": c,
+                       "final_eval_loss": loss, "downstream": None, "flops_per_token": 6 * n})
+            planned.append(SimpleNamespace(group="g", params=n, flops_per_token=6 * n))
+    spec = SimpleNamespace(groups=[SimpleNamespace(name="g")], n_bootstrap=16, budgets=(1e18, 3e18, 1e19),
+                           extrapolate=(10.0,), law_forms=())
+    block = report_mod._group_block(spec, "g", planned, rr, tmp_path, entropy=10.0)
+    e = block["entropy"]
+    lo, hi = e["E_ci"]
+    assert lo <= e["E"] <= hi < 10.0
+    assert e["E_minus_entropy"] == pytest.approx(e["E"] - 10.0)
+    assert e["relative"] == pytest.approx((e["E"] - 10.0) / 10.0)
+    assert e["ci_covers_entropy"] is False
+    inside = report_mod._group_block(spec, "g", planned, rr, tmp_path, entropy=(lo + hi) / 2)["entropy"]
+    assert inside["ci_covers_entropy"] is True

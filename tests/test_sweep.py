@@ -1009,3 +1009,78 @@ def test_a_summary_without_a_finite_eval_loss_is_not_finished(tmp_path, micro_ru
     assert executors.finished_summary(tmp_path, r) is not None
     (tmp_path / "summary.json").write_text(json.dumps({**s, "final_eval_loss": loss}))
     assert executors.finished_summary(tmp_path, r) is None
+
+
+# ----- run bookkeeping: progress tally, run status, atomic writes -------------------------------------------
+def test_progress_counts_reused_runs_as_spent_compute(micro_runs):
+    """A run skipped because it had finished earlier is compute already spent: the tally counts it."""
+    p = executors.Progress(micro_runs)
+    p.finish({"name": micro_runs[0].name, "status": "skipped"})
+    p.finish({"name": micro_runs[1].name, "status": "done"})
+    assert p.spent_flops == pytest.approx(micro_runs[0].incremental_flops + micro_runs[1].incremental_flops)
+    assert "2/3 done (1 reused)" in p.line()
+
+
+def test_an_empty_checkpoint_directory_is_pending_not_partial(tmp_path, micro_runs):
+    r = micro_runs[0]
+    (tmp_path / r.run_id / "checkpoints").mkdir(parents=True)
+    assert executors.run_status(tmp_path, r) == "pending"
+    (tmp_path / r.run_id / "checkpoints" / "5").mkdir()
+    assert executors.run_status(tmp_path, r) == "partial"
+
+
+def test_a_summary_of_other_steps_is_not_finished(tmp_path, micro_runs):
+    r = micro_runs[0]
+    s = {"steps": r.steps, "config": r.config, "eval_mode": "inference", "final_eval_loss": 3.0}
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    assert executors.finished_summary(tmp_path, r) is not None
+    (tmp_path / "summary.json").write_text(json.dumps({**s, "steps": r.steps + 1}))
+    assert executors.finished_summary(tmp_path, r) is None
+
+
+def test_an_atomic_write_interrupted_midway_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    from experiments import files
+
+    target = tmp_path / "summary.json"
+    target.write_text("old content")
+
+    def torn(self, text, *a, **k):  # a process killed after writing part of the text
+        with open(self, "w") as f:
+            f.write(text[:3])
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(OSError, match="killed mid-write"):
+        files.write_text_atomic(target, "new content")
+    assert target.read_text() == "old content"
+    monkeypatch.undo()
+    files.write_text_atomic(target, "new content")
+    assert target.read_text() == "new content" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_summary_counts_tokens_flops_epochs_and_mfu_by_hand():
+    """summary.json's bookkeeping from the config and the dataset: tokens = steps x batch x seq_len, FLOPs =
+    FLOPs/token x tokens, epochs = tokens / train-split tokens, eval tokens = distinct val windows scored
+    (at most the split's), MFU = achieved FLOP/s over the peak of all devices."""
+    from types import SimpleNamespace
+
+    from experiments.run_record import build_summary
+
+    cfg = get_study_preset("cpu-micro").groups[0].base.override(
+        ["trainer.steps=7", "trainer.peak_flops=1e12", "trainer.eval_steps=3"])
+    L, B = cfg.data.seq_len, cfg.data.batch_size
+    split = {"train": 1000, "val": 300}
+    ds = SimpleNamespace(n_windows=lambda s, seq_len: 2, n_tokens=lambda s: split[s], entropy_rate=1.0,
+                         unigram_entropy=2.0)
+    meta = {"timed_tokens": 4000, "train_seconds": 2.0, "wall_seconds": 3.0}
+    s = build_summary(cfg, ds, final_loss=3.0, final_eval_loss=3.1, meta=meta, n_devices=4)
+    tokens = 7 * B * L
+    assert s["steps"] == 7 and s["tokens"] == tokens
+    assert s["flops"] == pytest.approx(s["flops_per_token"] * tokens)
+    assert s["epochs"] == pytest.approx(tokens / 1000)
+    assert s["eval_tokens"] == 2 * L  # 3 x eval_batch windows asked of a 2-window split
+    assert s["tokens_per_second"] == pytest.approx(2000.0)
+    assert s["mfu"] == pytest.approx(s["flops_per_token"] * 2000.0 / (1e12 * 4))
+    wide = SimpleNamespace(**{**vars(ds), "n_windows": lambda s, seq_len: 10**6})
+    assert build_summary(cfg, wide, final_loss=3.0, final_eval_loss=3.1, meta=meta,
+                         n_devices=4)["eval_tokens"] == 3 * cfg.eval_batch_size * L
