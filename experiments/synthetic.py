@@ -156,9 +156,9 @@ class MarkovSource:
     tables: list[_OrderTable]
     lambdas: np.ndarray
     _stationary: StationaryInfo | None = field(default=None, repr=False)
-    _tables_cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _tables_cache: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _cdf_pi: np.ndarray | None = field(default=None, repr=False)
-    _alias_cache: tuple[np.ndarray, int, np.ndarray] | None = field(default=None, repr=False)
+    _alias_cache: tuple[np.ndarray, int] | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, config: MarkovSourceConfig) -> MarkovSource:
@@ -292,28 +292,32 @@ class MarkovSource:
             p = p + self.lambdas[j] * (t.prob_MxK[r] * (t.succ_MxK[r] == x[:, None])).sum(1)
         return np.log(p)
 
-    def _step_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """What stepping a chain needs, built once per source (O(V**k * sum_j K_j), hundreds of MB for V=1024,
-        order 2, so a stream of small batches must not rebuild it): successor ids [V**k, sum_j K_j], their
-        cumulative thresholds above lambda_0, and the unigram CDF."""
+    def _step_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """What inverse-CDF stepping needs, built once per source (O(V**k * sum_j K_j), hundreds of MB for
+        V=1024, order 2): successor ids [V**k, sum_j K_j] and their cumulative thresholds above lambda_0."""
         if self._tables_cache is None:
             cols, vals = self._sparse_parts()
-            self._tables_cache = (cols, self.lambdas[0] + np.cumsum(vals, axis=1), np.cumsum(self.unigram_V))
+            self._tables_cache = (cols, self.lambdas[0] + np.cumsum(vals, axis=1))
         return self._tables_cache
+
+    def _unigram_draws(self, v_SxR: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which uniforms ``v`` take the mixture's unigram component (v < lambda_0), and the unigram token
+        each of them picks: given v < lambda_0, v / lambda_0 is again uniform. Shared by both steppers."""
+        lam0, cdf_u = self.lambdas[0], np.cumsum(self.unigram_V)
+        is_uni = v_SxR < lam0
+        uni = np.zeros(v_SxR.shape, dtype=np.int64)
+        uni[is_uni] = np.searchsorted(cdf_u, v_SxR[is_uni] / lam0 * cdf_u[-1], side="right")
+        # guards the measure-zero draw of exactly the top of the CDF
+        return is_uni, np.minimum(uni, self.config.vocab_size - 1)
 
     def _advance(self, ctx_R: np.ndarray, v_SxR: np.ndarray, out_SxR: np.ndarray) -> np.ndarray:
         """Step R chains S times from contexts ``ctx_R``, one uniform ``v`` per token; writes the tokens into
         ``out_SxR`` and returns the final contexts. x ~ lambda_0 u + sparse part: v < lambda_0 takes a unigram
         token, otherwise v is located among the row's cumulative sparse masses (above lambda_0)."""
         V, C = self.config.vocab_size, self.n_contexts
-        lam0 = self.lambdas[0]
-        cols, thresholds, cdf_u = self._step_tables()
+        cols, thresholds = self._step_tables()
         last = cols.shape[1] - 1
-        # Given v < lambda_0, v / lambda_0 is again uniform, so it also picks the unigram token.
-        is_uni = v_SxR < lam0
-        uni = np.zeros(v_SxR.shape, dtype=np.int64)
-        uni[is_uni] = np.searchsorted(cdf_u, v_SxR[is_uni] / lam0 * cdf_u[-1], side="right")
-        uni = np.minimum(uni, V - 1)  # guards the measure-zero draw of exactly the top of the CDF
+        is_uni, uni = self._unigram_draws(v_SxR)
         for i in range(v_SxR.shape[0]):
             idx = np.minimum((thresholds[ctx_R] <= v_SxR[i, :, None]).sum(1), last)
             x = np.where(is_uni[i], uni[i], cols[ctx_R, idx])
@@ -321,9 +325,9 @@ class MarkovSource:
             ctx_R = (ctx_R % (C // V)) * V + x
         return ctx_R
 
-    def _alias_tables(self) -> tuple[np.ndarray, int, np.ndarray]:
-        """Walker alias tables of the sparse part of every p(x | c), built once per source; the id width in
-        bits; and the unigram CDF.
+    def _alias_tables(self) -> tuple[np.ndarray, int]:
+        """Walker alias tables of the sparse part of every p(x | c), built once per source, and the id width
+        in bits.
 
         ``[V**k, K]`` uint64 words (K = sum_j K_j), one per column: the probability q of keeping the column's
         own successor in the high ``64 - 2b`` bits (fixed point; b = id bits, so 44 bits of q for V=1024)
@@ -366,7 +370,7 @@ class MarkovSource:
             words |= cols.astype(np.uint64) << np.uint64(b)
             words |= other
             words = words.reshape(C, K)
-            self._alias_cache = (words, b, np.cumsum(self.unigram_V))
+            self._alias_cache = (words, b)
         return self._alias_cache
 
     def _advance_alias(self, ctx_R: np.ndarray, v_SxR: np.ndarray, out_SxR: np.ndarray) -> np.ndarray:
@@ -376,14 +380,11 @@ class MarkovSource:
         prepared corpus, and every result computed on one, stays bit-identical.)"""
         V, C = self.config.vocab_size, self.n_contexts
         lam0 = self.lambdas[0]
-        words_CxK, b, cdf_u = self._alias_tables()
+        words_CxK, b = self._alias_tables()
         K = words_CxK.shape[1]
         words = words_CxK.reshape(-1)
         id_mask, q_shift = np.uint64((1 << b) - 1), np.uint64(2 * b)
-        is_uni = v_SxR < lam0
-        uni = np.zeros(v_SxR.shape, dtype=np.int64)
-        uni[is_uni] = np.searchsorted(cdf_u, v_SxR[is_uni] / lam0 * cdf_u[-1], side="right")
-        uni = np.minimum(uni, V - 1)
+        is_uni, uni = self._unigram_draws(v_SxR)
         wK_SxR = np.maximum(v_SxR - lam0, 0.0) / (1.0 - lam0) * K
         col_SxR = np.minimum(wK_SxR.astype(np.int64), K - 1)
         frac_SxR = ((wK_SxR - col_SxR) * 2.0 ** (64 - 2 * b)).astype(np.uint64)
@@ -459,6 +460,7 @@ class MarkovSource:
         self._context_digits(ctx, out_TxR[:k])
         self._advance_alias(ctx, np.ascontiguousarray(u_RxU[:, 1:].T), out_TxR[k:])
         return np.ascontiguousarray(out_TxR.T[:, :length])
+
 
 @functools.lru_cache(maxsize=4)
 def cached_source(config: MarkovSourceConfig) -> MarkovSource:

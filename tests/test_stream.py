@@ -37,7 +37,7 @@ def test_alias_tables_reproduce_every_conditional_law():
     else its alias. The law that implies, per context, must be the sparse part of p(x | c) (up to q's
     fixed-point rounding), for every one of the V**k contexts."""
     src = MarkovSource.create(SMALL)
-    words, b, _ = src._alias_tables()
+    words, b = src._alias_tables()
     assert b == 5  # ids of V=20 need 5 bits, leaving 54 for q
     cols, vals = src._sparse_parts()
     C, K = cols.shape
