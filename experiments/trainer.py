@@ -116,6 +116,10 @@ class Program:
     eval_batch_sharding: NamedSharding
     compile_seconds: float
     hyper: Any  # optim.optimizer_hyperparams of this run, on the devices: train_step's run-time numbers
+    # (block, n_blocks) of the batch rows this process's devices hold (shd.process_row_block), read once here
+    # from the shardings above rather than on every step: the rows each host loads.
+    train_rows: tuple[int, int]
+    eval_rows: tuple[int, int]
 
     @property
     def micro_batch(self) -> int:
@@ -299,6 +303,8 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh) -> Program:
         eval_batch_sharding,
         time.perf_counter() - t0,
         hyper,
+        shd.process_row_block(train_batch_sharding, (M, B_micro, L + 1), axis=1),
+        shd.process_row_block(eval_batch_sharding, (cfg.eval_batch_size, L + 1), axis=0),
     )
 
 
@@ -433,7 +439,7 @@ def train_batch(
     """The global [M, B/M, L+1] batch of step ``step`` (0-based), assembled from this host's rows: windows of
     the train split, or fresh samples of the synthetic source with ``data.stream``."""
     B, L, M = cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.microbatches
-    block, n_blocks = shd.process_row_block(prog.train_batch_sharding, (M, B // M, L + 1), axis=1)
+    block, n_blocks = prog.train_rows
     hosts = {"process_index": block, "process_count": n_blocks}
     if stream is not None:
         local = stream.batch(cfg.seed, step, B, L, **hosts)
@@ -451,7 +457,7 @@ def evaluate(ds: TokenDataset, cfg: ExperimentConfig, prog: Program, state: Any)
     state's parameters (and non-parameter model state, e.g. router biases)."""
     params, model_state = state["params"], state.get("model_state", {})
     Be, L = cfg.eval_batch_size, cfg.data.seq_len
-    block, n_blocks = shd.process_row_block(prog.eval_batch_sharding, (Be, L + 1), axis=0)
+    block, n_blocks = prog.eval_rows
     losses = []
     for i in range(cfg.trainer.eval_steps):
         local = ds.sequential_batch("val", i, Be, L, process_index=block, process_count=n_blocks)
