@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from experiments.report import CI_LEVEL, _guard, _rows, budget_seed_sd
+from scaling.intervals import tail_quantiles
 
 
 def compute_to_target(loss_C: np.ndarray, C: np.ndarray, target: float) -> float:
@@ -60,7 +61,9 @@ def multiplier_ci(groups: dict, fits: dict, ref: str, target: float, grid: np.nd
         need[g] = np.asarray(vals, np.float64)
     n = min(v.size for v in need.values())
     out = {"level": CI_LEVEL, "n_replicates": n, "ci": {}}
-    q = [(1 - CI_LEVEL) / 2, (1 + CI_LEVEL) / 2]
+    # scaling's split, but inverted-CDF quantiles (not its percentile_interval): a replicate that never
+    # reaches the target is an infinite multiplier, which interpolation would turn into nan.
+    q = tail_quantiles(CI_LEVEL)
     for g, v in need.items():
         with np.errstate(invalid="ignore", divide="ignore"):
             m = v[:n] / need[ref][:n]
@@ -170,7 +173,7 @@ def empirical_multipliers(rr: Sequence[dict], groups: dict, ref: str, n_draws: i
             draws_t = target + rng.standard_normal(n_draws) * sd_ref
             m = np.array([compute_to_target(dg, budgets, t) for dg, t in zip(draws_g, draws_t, strict=True)])
             m = np.where(np.isnan(m), math.inf, m) / c_max
-            lo, hi = np.quantile(m, [(1 - CI_LEVEL) / 2, (1 + CI_LEVEL) / 2], method="inverted_cdf")
+            lo, hi = np.quantile(m, tail_quantiles(CI_LEVEL), method="inverted_cdf")
             entry.update(ci=[float(x) if np.isfinite(x) else None for x in (lo, hi)], ci_level=CI_LEVEL,
                          n_draws=n_draws, p_reached=float(np.mean(np.isfinite(m))))
         out[g] = entry
