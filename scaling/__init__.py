@@ -1,6 +1,10 @@
 """scalelab.scaling: scaling-law forms, robust vectorised fitting with uncertainty, and analyses.
 
 Imports only numpy/scipy/jax/stdlib (never models/optim/experiments), so it can be used on its own.
+
+``scaling.fit``, ``scaling.bootstrap`` and ``scaling.backtest`` are the functions exported here, which shadow
+their modules as attributes of the package (``import scaling.fit as F`` binds the function); import a module's
+other names from it directly: ``from scaling.fit import FitResult``.
 """
 
 from scaling.backtest import BacktestResult, backtest
