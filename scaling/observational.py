@@ -193,6 +193,11 @@ class FamilyComputeFit:
         d = self.intercepts[family][component] - self.intercepts[reference][component]
         return float(np.exp(d / self.slope[component]))
 
+    def to_dict(self) -> dict:
+        return {"slope": self.slope.tolist(), "slope_se": self.slope_se.tolist(), "r2": self.r2.tolist(),
+                "residual_sd": self.residual_sd.tolist(),
+                "intercepts": {f: v.tolist() for f, v in self.intercepts.items()}, "n_models": self.n_models}
+
 
 def fit_family_compute(scores_MxK, compute, families: Sequence[str]) -> FamilyComputeFit:
     """Fit each capability as linear in ln(compute) with one shared slope and a per-family intercept.
@@ -270,6 +275,20 @@ class ObservationalFit:
     def interval(self, capabilities_MxK, level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
         """Pointwise percentile bootstrap interval of the fitted curve (parameter uncertainty)."""
         return percentile_interval(self.predict_samples(capabilities_MxK), level)
+
+    def to_dict(self, level: float = 0.95) -> dict:
+        """Every fitted value and diagnostic; with bootstrap samples also percentile ``ci`` at ``level`` of
+        each weight, the bias and the ceiling."""
+        out = {"weights": self.weights.tolist(), "bias": self.bias, "floor": self.floor,
+               "ceiling": self.ceiling, "sse": self.sse, "n_points": self.n_points,
+               "converged": self.converged, "n_starts_at_optimum": self.n_starts_at_optimum}
+        if self.samples is not None and len(self.samples):
+            lo, hi = percentile_interval(self.samples, level)
+            k = self.weights.size
+            out.update(n_boot=len(self.samples), ci_level=level, ci={
+                "weights": [[float(lo[i]), float(hi[i])] for i in range(k)],
+                "bias": [float(lo[k]), float(hi[k])], "ceiling": [float(lo[k + 2]), float(hi[k + 2])]})
+        return out
 
 
 def _as_capabilities(s, k: int) -> np.ndarray:

@@ -6,6 +6,7 @@ for: fit on the models trained with less compute than Llama-2-7B, predict the la
 scores from their standard-benchmark scores alone.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,8 @@ def test_family_intercepts_recover_the_known_compute_efficiencies():
         # `reference` needs exp(e_f - e_ref) times the compute of `f` for the same capability
         assert fit.efficiency(f, "alpha") == pytest.approx(np.exp(eff[f] - eff["alpha"]), rel=1e-9)
     assert fit.n_models == dict.fromkeys(eff, 5)
+    d = fit.to_dict()
+    assert json.loads(json.dumps(d)) == d and d["intercepts"]["beta"] == fit.intercepts["beta"].tolist()
     # predict() inverts the fit: the model of family beta at compute c reaches its own capability
     i = np.flatnonzero(fam == "beta")[2]
     np.testing.assert_allclose(fit.predict(c[i], "beta")[0], pca.scores[i], atol=1e-12)
@@ -193,6 +196,12 @@ def test_observational_bootstrap_interval_covers_the_truth():
     # same seed, same draws
     again = fit_observational(s, y, floor=0.25, ceiling=None, n_boot=300, seed=1)
     np.testing.assert_array_equal(again.samples, fit.samples)
+    d = fit.to_dict(0.9)
+    assert json.loads(json.dumps(d)) == d and d["n_boot"] == 300
+    for name, i in (("bias", 2), ("ceiling", 4)):
+        assert d["ci"][name] == pytest.approx(np.quantile(fit.samples[:, i], [0.05, 0.95]).tolist())
+    assert d["ci"]["weights"][1] == pytest.approx(np.quantile(fit.samples[:, 1], [0.05, 0.95]).tolist())
+    assert d["ci"]["weights"][0][0] < w[0] < d["ci"]["weights"][0][1]
 
 
 def test_observational_fit_refuses_bad_metrics_by_name():
