@@ -1,4 +1,4 @@
-"""Command line: ``python -m scaling fit|optimum|isoflop|pareto|downstream ...``.
+"""Command line: ``python -m scaling fit|optimum|isoflop|pareto|backtest|downstream|observational ...``.
 
 - ``fit DATA --law chinchilla --columns N=COL,D=COL,loss=COL --out DIR``: parametric fit -> DIR/fit.json
   (law, params, ci, objective, n_points, converged, derived exponents for Chinchilla, bootstrap draws)
@@ -12,6 +12,9 @@
   stderr.
 - ``downstream DATA --columns C=COL,accuracy=COL --chance 0.25 --cutoff 8.4e22``: sigmoid of accuracy in log
   compute, held-out error above the cutoff -> downstream.json/.png.
+- ``observational DATA --benchmarks COL,COL,... --target COL [--join FILE --on KEY] --compute COL --family
+  COL --cutoff C``: Ruan et al. 2024's observational law (capability PCA, family compute fits, a sigmoid of
+  the capabilities), held-out error above the cutoff against a compute-only sigmoid -> observational.json.
 DATA is a CSV, JSON lines or JSON file, or a directory of trainer runs (every summary.json below it). When a
 table has compute but no token count, D = C/(6N) is derived (or C / flops-per-token) and a note says so.
 Errors in the input (missing files or columns, bad values) end with a one-line message and exit status 2.
@@ -408,6 +411,100 @@ def cmd_downstream(args) -> dict:
     return out
 
 
+# --- observational -------------------------------------------------------------------------------------
+def _column(table: dict, col: str, what: str) -> np.ndarray:
+    if col not in table:
+        raise CLIError(f"{what}: column {col!r} not found; columns: {list(table)}")
+    return table[col]
+
+
+def _numeric(table: dict, col: str, what: str) -> np.ndarray:
+    _column(table, col, what)
+    return numeric_column(table, col, f"{what} {col!r}")
+
+
+def _joined_target(args, table: dict) -> np.ndarray:
+    """The --target column per row of DATA: from DATA itself, or from --join matched on --on (NaN where the
+    joined table has no row for a model)."""
+    if args.join is None:
+        return _numeric(table, args.target, "--target")
+    other = _load(args.join)
+    keys = [str(k) for k in _column(other, args.on, f"--on (in {args.join})")]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise CLIError(f"--join {args.join}: key column {args.on!r} repeats {dup[:5]}")
+    values = dict(zip(keys, _numeric(other, args.target, f"--target (in {args.join})"), strict=True))
+    mine = [str(k) for k in _column(table, args.on, "--on")]
+    missing = sorted(set(keys) - set(mine))
+    if missing:
+        _note(f"{len(missing)} models of {args.join} are not in DATA (e.g. {missing[:3]}); they are left out")
+    return np.array([values.get(k, np.nan) for k in mine])
+
+
+def cmd_observational(args) -> dict:
+    from scaling.downstream import fit_accuracy_vs_compute
+    from scaling.observational import capability_pca, fit_family_compute, fit_observational
+
+    table = _load(args.data, args.where)
+    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    if len(names) < 2:
+        raise CLIError("--benchmarks needs at least two comma-separated columns")
+    x = np.stack([_numeric(table, b, "--benchmarks") for b in names], axis=1)
+    y = _joined_target(args, table)
+    has_y = np.isfinite(y)
+    if not has_y.all():
+        _note(f"{int((~has_y).sum())} of {y.size} models have no {args.target!r}; they shape the PCA only")
+    pca = capability_pca(x, args.components, names=names)
+    fit = fit_observational(pca.scores[has_y], y[has_y], floor=args.chance, ceiling=args.ceiling,
+                            n_boot=args.n_boot, seed=args.seed)
+    out = {
+        "n_models": int(len(x)), "n_fitted": int(has_y.sum()), "target": args.target,
+        "pca": {"benchmarks": names, "explained_variance_ratio": pca.explained_variance_ratio,
+                "components": pca.components, "n_imputed": pca.n_imputed},
+        "fit": fit.to_dict(),
+    }
+    compute = None
+    if args.compute is not None:
+        compute = _numeric(table, args.compute, "--compute")
+    if args.family is not None:
+        if compute is None:
+            raise CLIError("--family needs --compute (capabilities are fitted against log compute)")
+        ok = np.isfinite(compute) & (compute > 0)
+        fam = np.asarray(_column(table, args.family, "--family")).astype(str)
+        fam_fit = fit_family_compute(pca.scores[ok], compute[ok], fam[ok])
+        out["family_fit"] = fam_fit.to_dict()
+        if args.reference is not None:
+            out["efficiency_vs_reference"] = {
+                "reference": args.reference, "component": 0,
+                "times_the_compute_reference_needs": {f: fam_fit.efficiency(f, args.reference)
+                                                      for f in fam_fit.intercepts}}
+    if args.cutoff is not None:
+        if compute is None:
+            raise CLIError("--cutoff needs --compute")
+        ok = has_y & np.isfinite(compute) & (compute > 0)
+        train, test = ok & (compute < args.cutoff), ok & (compute >= args.cutoff)
+        if train.sum() < args.components + 3 or test.sum() < 1:
+            raise CLIError(f"--cutoff {args.cutoff:g} leaves {int(train.sum())} models to fit and "
+                           f"{int(test.sum())} to predict")
+        # the PCA too is fitted below the cutoff: nothing about the held-out models but their benchmarks
+        pca_tr = capability_pca(x[train], args.components)
+        held = fit_observational(pca_tr.scores, y[train], floor=args.chance, ceiling=args.ceiling)
+        comp = fit_accuracy_vs_compute(compute[train], y[train], chance=args.chance, ceiling=args.ceiling)
+        err = np.abs(held.predict(pca_tr.transform(x[test])) - y[test])
+        out["heldout"] = {
+            "cutoff": args.cutoff, "n_train": int(train.sum()), "n_test": int(test.sum()),
+            "mae": float(err.mean()), "median_ae": float(np.median(err)),
+            "compute_only_mae": float(np.abs(comp.predict(compute[test]) - y[test]).mean()),
+            "baseline_mae": float(np.abs(y[train].mean() - y[test]).mean()),
+        }
+    if args.out:
+        outdir = Path(args.out)
+        outdir.mkdir(parents=True, exist_ok=True)
+        (outdir / "observational.json").write_text(_dump(out))
+        _note(f"wrote {outdir / 'observational.json'}")
+    return out
+
+
 # --- parser --------------------------------------------------------------------------------------------
 def _n_boot(text: str) -> int:
     try:
@@ -509,6 +606,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cutoff", type=float, help="fit below this compute, report error above it")
     s.add_argument("--n-boot", type=_n_boot, default=200)
     s.set_defaults(func=cmd_downstream)
+    v = sub.add_parser("observational", help="observational scaling law: a metric from benchmark scores")
+    v.add_argument("data", help="table of models: benchmark scores (blank = not evaluated), compute, family")
+    v.add_argument("--benchmarks", required=True, help="comma-separated score columns (fractions in [0, 1])")
+    v.add_argument("--target", required=True, help="the metric to predict (a column of DATA or of --join)")
+    v.add_argument("--join", help="a second table holding --target, matched to DATA on --on")
+    v.add_argument("--on", default="Model", help="key column shared by DATA and --join (default Model)")
+    v.add_argument("--compute", help="training-compute column (for --family and --cutoff)")
+    v.add_argument("--family", help="model-family column: per-family compute fits of the capabilities")
+    v.add_argument("--reference", help="family the others' compute efficiency is measured against")
+    v.add_argument("--components", type=int, default=3, help="principal capabilities used (default 3)")
+    v.add_argument("--chance", type=float, default=0.0, help="metric floor (e.g. 0.25 for 4 choices)")
+    v.add_argument("--ceiling", type=_ceiling, default=1.0, help="metric ceiling, or 'fit'")
+    v.add_argument("--cutoff", type=float, help="also fit below this compute and report the error above it")
+    v.add_argument("--n-boot", type=_n_boot, default=200)
+    v.add_argument("--where", action="append", help="row filter COLUMN<op>VALUE (repeatable)")
+    v.add_argument("--out", help="output directory (observational.json)")
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(func=cmd_observational)
     return p
 
 

@@ -204,6 +204,11 @@ def fit_family_compute(scores_MxK, compute, families: Sequence[str]) -> FamilyCo
 
     A family with a single model fixes only its own intercept; the slope comes from the families with
     several sizes. Needs at least one family with two models of different compute.
+
+    Linearity fails near chance: a family whose models all score near the floor has a flatter PC-1 (on Ruan
+    et al.'s table, Cerebras-GPT rises 0.26 over 8 nats of compute where the pooled slope predicts 0.80),
+    so its intercept, and any efficiency computed from it, mean little; compare ``predict`` with the
+    family's own scores before reading them.
     """
     s = np.asarray(scores_MxK, dtype=np.float64)
     s = s[:, None] if s.ndim == 1 else s

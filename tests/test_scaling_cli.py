@@ -441,3 +441,64 @@ def test_cli_input_mistakes_are_named(tmp_path, capsys):
         (tmp_path / "runs" / name / "summary.json").write_text(json.dumps(s))
     rc, _, err = _run(["fit", tmp_path / "runs", "--n-boot", "0"], capsys)
     assert rc == 2 and "loss: missing/NaN values in runs ['b']" in err
+
+
+def test_cli_observational_joins_the_target_and_matches_the_library(tmp_path, capsys):
+    from pathlib import Path
+
+    from scaling.downstream import fit_accuracy_vs_compute
+    from scaling.observational import capability_pca, fit_family_compute, fit_observational
+
+    here = Path(__file__).parent / "data" / "obsscaling"
+    bench, emergent = here / "base_llm_benchmark_eval.csv", here / "base_llm_emergent_capability_eval.csv"
+    names = ["MMLU", "ARC-C", "HellaSwag", "Winograd", "TruthfulQA", "GSM8K", "XWinograd", "HumanEval"]
+    rc, out, err = _run(["observational", bench, "--benchmarks", ",".join(names),
+                         "--target", "arithmetic_3da_2_acc", "--join", emergent, "--compute", "FLOPs (1E21)",
+                         "--family", "Model Family",
+                         "--reference", "Llama-2", "--components", "2", "--cutoff", "84", "--n-boot", "20",
+                         "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert "63 of 128 models have no 'arithmetic_3da_2_acc'" in err
+    assert json.loads((tmp_path / "observational.json").read_text())["heldout"] == out["heldout"]
+    # the same analysis by hand: join on the model name, PCA over all 128, fit on the 65 with the task
+    t, e = load_table(bench), load_table(emergent)
+    score = dict(zip(e["Model"], e["arithmetic_3da_2_acc"], strict=True))
+    y = np.array([score.get(m, np.nan) for m in t["Model"]])
+    x = np.stack([t[b] for b in names], axis=1)
+    pca = capability_pca(x, 2)
+    has = np.isfinite(y)
+    fit = fit_observational(pca.scores[has], y[has])
+    assert out["n_fitted"] == has.sum() == 65 and out["fit"]["weights"] == pytest.approx(fit.weights)
+    assert out["pca"]["explained_variance_ratio"] == pytest.approx(pca.explained_variance_ratio)
+    c = t["FLOPs (1E21)"]
+    ok = np.isfinite(c)
+    fam = fit_family_compute(pca.scores[ok], c[ok], t["Model Family"][ok])
+    eff = out["efficiency_vs_reference"]["times_the_compute_reference_needs"]
+    assert eff["Pythia"] == pytest.approx(fam.efficiency("Pythia", "Llama-2")) and eff["Llama-2"] == 1.0
+    train, test = has & ok & (c < 84), has & ok & (c >= 84)
+    pca_tr = capability_pca(x[train], 2)
+    held = fit_observational(pca_tr.scores, y[train])
+    mae = np.abs(held.predict(pca_tr.transform(x[test])) - y[test]).mean()
+    comp = fit_accuracy_vs_compute(c[train], y[train])
+    h = out["heldout"]
+    assert (h["n_train"], h["n_test"]) == (43, 20) and h["mae"] == pytest.approx(mae)
+    assert h["compute_only_mae"] == pytest.approx(np.abs(comp.predict(c[test]) - y[test]).mean())
+    assert h["mae"] < h["compute_only_mae"] < h["baseline_mae"]  # measured: 0.036, 0.070, 0.742
+
+
+def test_cli_observational_input_mistakes_are_named(tmp_path, capsys):
+    p = tmp_path / "m.csv"
+    p.write_text("Model,a,b,acc,flops\nm1,0.3,0.4,0.1,1\nm2,0.5,0.6,0.5,10\nm3,0.7,0.8,0.9,100\n"
+                 "m1,0.2,0.2,0.2,2\n")
+    rc, _, err = _run(["observational", p, "--benchmarks", "a,zz", "--target", "acc"], capsys)
+    assert rc == 2 and "--benchmarks: column 'zz' not found" in err
+    rc, _, err = _run(["observational", p, "--benchmarks", "a", "--target", "acc"], capsys)
+    assert rc == 2 and "at least two" in err
+    rc, _, err = _run(["observational", p, "--benchmarks", "a,b", "--target", "acc", "--join", p], capsys)
+    assert rc == 2 and "key column 'Model' repeats ['m1']" in err
+    rc, _, err = _run(["observational", p, "--benchmarks", "a,b", "--target", "acc", "--components", "1",
+                       "--family", "Model"], capsys)
+    assert rc == 2 and "--family needs --compute" in err
+    rc, _, err = _run(["observational", p, "--benchmarks", "a,b", "--target", "acc", "--components", "1",
+                       "--compute", "flops", "--cutoff", "5"], capsys)
+    assert rc == 2 and "--cutoff 5 leaves 2 models to fit and 2 to predict" in err
