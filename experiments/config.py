@@ -188,7 +188,9 @@ class ExperimentConfig:
             v = getattr(t, name)
             if v is not None and v < 1:
                 errors.append(f"trainer.{name}={v} must be >= 1")
-        length_ok = (t.steps is None) != (t.tokens is None) and (t.steps or t.tokens) >= 1
+        # not `(t.steps or t.tokens) >= 1`: steps=0 made that `None >= 1`, a TypeError
+        length = t.steps if t.steps is not None else t.tokens
+        length_ok = (t.steps is None) != (t.tokens is None) and length >= 1
         if (
             length_ok
             and d.batch_size >= 1

@@ -58,6 +58,7 @@ def test_overrides_parse_each_type():
         ("modle.d_model=3", r"unknown field 'modle'.*valid fields of ExperimentConfig: model"),
         ("trainer.steps=ten", r"trainer.steps='ten': wrong type, expected int \| None"),
         ("trainer.steps=1.5", r"trainer.steps='1.5': wrong type"),
+        ("trainer.steps=true", r"trainer.steps='true': wrong type, expected int \| None"),  # bool is an int
         ("trainer.progress=maybe", r"trainer.progress='maybe': wrong type, expected bool"),
         ("optimizer.learning_rate=fast", r"optimizer.learning_rate='fast': wrong type"),
         ("model.d_model.x=3", r"'d_model' is a int, not a section"),
@@ -83,6 +84,37 @@ def test_from_dict_rejects_unknown_and_mistyped_fields():
     d["model"]["n_layers"] = "2"
     with pytest.raises(ConfigError, match="model.n_layers: expected an int"):
         ExperimentConfig.from_dict(d)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("model", "n_layers", True, r"model.n_layers: expected an int, got True"),
+        ("optimizer", "learning_rate", True, r"optimizer.learning_rate: expected a number, got True"),
+        # a fixed-length tuple entry of the wrong length is named (it raised zip's bare ValueError)
+        ("mesh", "rules", [["batch"]], r"mesh.rules\[0\]: expected 2 entries, got \['batch'\]"),
+    ],
+)
+def test_from_dict_rejects_bools_as_numbers_and_short_tuples(section, key, value, message):
+    d = get_preset("tiny").to_dict()
+    d[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        ExperimentConfig.from_dict(d)
+
+
+def test_validate_accepts_boundary_values():
+    tiny = get_preset("tiny")
+    assert (tiny.data.seq_len, tiny.trainer.steps, tiny.data.batch_size) == (64, 300, 16)
+    # exactly one window per split, and a warmup as long as the run, are allowed
+    tiny.override(["data.n_train_tokens=65", "data.n_val_tokens=65", "optimizer.warmup_steps=300"]).validate()
+    # the synthetic source's vocabulary is checked only when the data is synthetic
+    tiny.override(["data.path=/some/dir", "data.synthetic.vocab_size=1000"]).validate()
+
+
+def test_eval_batch_size_defaults_to_one_microbatch():
+    cfg = get_preset("tiny").override(["trainer.microbatches=4"]).validate()
+    assert cfg.trainer.eval_batch_size is None and cfg.eval_batch_size == 16 // 4
+    assert cfg.override(["trainer.eval_batch_size=3"]).eval_batch_size == 3
 
 
 @pytest.mark.parametrize(
@@ -113,6 +145,17 @@ def test_from_dict_rejects_unknown_and_mistyped_fields():
          r"^invalid experiment config:\n  - optimizer: optimizer.learning_rate must be > 0, got -1.0$"),
         # a validation split shorter than one window was found only after the whole run had trained
         (["data.n_val_tokens=10"], r"data.n_val_tokens=10 is shorter than one window \(data.seq_len \+ 1"),
+        # one token short of a window (seq_len 64 needs 65), and the train split is checked too
+        (["data.n_train_tokens=64"], r"data.n_train_tokens=64 is shorter than one window \(.* = 65 tokens"),
+        (["data.batch_size=0"], r"data.batch_size=0 must be >= 1"),
+        (["trainer.steps=null", "trainer.tokens=0"], r"trainer.tokens=0 must be >= 1"),
+        (["trainer.microbatches=0"], r"trainer.microbatches=0 must be >= 1 and divide data.batch_size=16"),
+        (["trainer.log_every=0"], r"trainer.log_every must be >= 1"),
+        (["trainer.eval_steps=0"], r"trainer.eval_steps=0 must be >= 1"),
+        (["trainer.eval_batch_size=0"], r"trainer.eval_batch_size=0 must be >= 1"),
+        (["trainer.keep_checkpoints=0"], r"trainer.keep_checkpoints=0 must be >= 1"),
+        (["trainer.peak_flops=0"], r"trainer.peak_flops=0.0 must be positive or None"),
+        (["mesh.fsdp=0"], r"mesh sizes \(data=-1, fsdp=0, tensor=1\) must be positive"),
     ],
 )
 def test_validate_reports_problems(overrides, message):
@@ -155,6 +198,9 @@ def test_overriding_steps_or_tokens_clears_the_other():
     cfg.validate()
     back = cfg.override(["trainer.tokens=1000"])
     assert back.trainer.tokens == 1000 and back.trainer.steps is None
+    # setting one to null clears nothing: the other still sets the run length
+    kept = by_tokens.override(["trainer.steps=null"])
+    assert kept.trainer.tokens == by_tokens.trainer.tokens and kept.trainer.steps is None
     # both given explicitly: nothing is cleared, and validation names the conflict
     both = by_tokens.override(["trainer.steps=7", "trainer.tokens=1000"])
     with pytest.raises(ConfigError, match="exactly one of trainer.steps / trainer.tokens"):
@@ -175,3 +221,9 @@ def test_train_cli_names_bad_input_without_a_traceback(tmp_path, capsys, args, m
     assert main(["--workdir", str(tmp_path / "run"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_zero_steps_is_a_config_error_not_a_type_error():
+    # (t.steps or t.tokens) >= 1 read steps=0 as None >= 1 and raised TypeError past the CLI's error handling
+    with pytest.raises(ConfigError, match=r"trainer.steps=0 must be >= 1"):
+        get_preset("tiny").override(["trainer.steps=0"]).validate()
