@@ -420,3 +420,146 @@ def test_bad_text_inputs_name_the_file(tmp_path):
         D.prepare_text([bad], tmp_path / "o")
     # The CLI turns these into a message and exit status 2, not a traceback.
     assert D.main(["prepare", "--input", str(empty), "--out", str(tmp_path / "o")]) == 2
+
+
+# ---- boundaries and separation (each pins a behaviour a plausible one-character bug would change) ---------
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"vocab_size": 1}, r"vocab_size must be in \[2, 2\*\*31\], got 1"),
+        ({"buckets": (None, 0)}, r"buckets\[1\] \(order 2\) must be in \[1, 65536\] or None, got 0"),
+        ({"seed": -1}, "seed must be >= 0, got -1"),
+    ],
+)
+def test_bad_source_config_boundaries(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        MarkovSourceConfig(**kw).validate()
+
+
+def test_source_config_limits_are_inclusive():
+    MarkovSourceConfig(vocab_size=4096, order=2).validate()  # 4096**2 = 2**24 contexts: the limit itself
+    MarkovSourceConfig(weights=(0.5, 0.0, 0.5)).validate()  # an order may have no weight; only lambda_0 > 0
+
+
+def test_weights_are_normalised(small_source):
+    """weights (1, 3, 6) are the same mixture as (0.1, 0.3, 0.6): the same tables (they do not depend on the
+    weights) and so the same exact entropies, and every dense transition row sums to 1."""
+    src = MarkovSource.create(MarkovSourceConfig(**{**SMALL.__dict__, "weights": (1.0, 3.0, 6.0)}))
+    np.testing.assert_allclose(src.lambdas, [0.1, 0.3, 0.6], rtol=1e-15)
+    P, _ = _dense_reference(src)
+    np.testing.assert_allclose(P.sum(1), 1.0, rtol=1e-12)
+    E = small_source.entropies()["entropy_rate"]
+    assert src.entropies()["entropy_rate"] == pytest.approx(E, rel=1e-12)
+
+
+def test_prepare_synthetic_train_and_val_are_separate_samples(tmp_path):
+    """Same sizes, so the splits would be identical if they shared a sampling stream."""
+    D.prepare_synthetic(tmp_path, n_train_tokens=3000, n_val_tokens=3000, source=SMALL)
+    ds = D.TokenDataset.open(tmp_path)
+    train, val = np.asarray(ds.tokens("train")), np.asarray(ds.tokens("val"))
+    assert train.shape == val.shape == (3000,)
+    assert (train != val).mean() > 0.5  # independent samples agree at a position ~H(pi)-rarely
+
+
+def test_prepare_synthetic_metadata_fields(synth_dir, tmp_path):
+    meta = json.loads((synth_dir / "metadata.json").read_text())
+    # 40,000 tokens in ceil(40000 / 2048) = 20 chains: 19 positions start a fresh chain
+    assert meta["chain_boundary_fraction"] == 19 / 40_000
+    # the documented defaults for orders other than 2: weights (0.1, 0.9 / k, ...), 4 successors, no hashing
+    D.prepare_synthetic(tmp_path / "o3", vocab_size=8, n_train_tokens=200, n_val_tokens=50, order=3)
+    g = json.loads((tmp_path / "o3" / "metadata.json").read_text())["generator"]
+    assert g["weights"] == pytest.approx([0.1, 0.3, 0.3, 0.3], rel=1e-15)
+    assert (g["successors"], g["buckets"]) == ([4, 4, 4], [None, None, None])
+    # a cached dataset of other sizes is not silently reused
+    with pytest.raises(D.DataError, match="different dataset"):
+        D.prepare_synthetic(tmp_path / "o3", vocab_size=8, n_train_tokens=300, n_val_tokens=50, order=3)
+
+
+def test_window_offsets_depend_on_split_seed_and_step(tmp_path):
+    """Two splits of equal size: equal offsets would read the same positions of both; and (seed, step) are
+    not interchangeable (a seed + step key would give seed 0 step 1 the batches of seed 1 step 0)."""
+    for split in ("train", "val"):
+        D.write_split(tmp_path, split, np.arange(1000) % 7, 8)
+    meta = {"vocab_size": 8, "dtype": "uint16", "n_tokens": {"train": 1000, "val": 1000}}
+    D._write_metadata(tmp_path, meta)
+    ds = D.TokenDataset.open(tmp_path)
+    off = ds.window_offsets("train", 0, 1, 16, 8)
+    assert not np.array_equal(off, ds.window_offsets("val", 0, 1, 16, 8))
+    assert not np.array_equal(off, ds.window_offsets("train", 1, 0, 16, 8))
+
+
+def test_sequential_batch_wraps_around(synth_dir):
+    ds = D.TokenDataset.open(synth_dir)
+    x = np.asarray(ds.tokens("val"))
+    # 5,000 tokens hold 499 windows of 10 + 1 (starts 0, 10, ..., 4980; one at 4990 would need token 5000)
+    assert ds.n_windows("val", 10) == 499
+    b = ds.sequential_batch("val", 124, 4, 10)  # windows 496, 497, 498, then 499 % 499 = 0
+    np.testing.assert_array_equal(b, np.stack([x[4960:4971], x[4970:4981], x[4980:4991], x[0:11]]))
+
+
+def test_batch_argument_errors(synth_dir):
+    ds = D.TokenDataset.open(synth_dir)
+    with pytest.raises(ValueError, match=r"batch_size and seq_len must be >= 1, got 0, 8"):
+        ds.batch("train", 0, 0, 0, 8)
+    with pytest.raises(ValueError, match=r"seed and step must be >= 0, got seed=-1, step=0"):
+        ds.batch("train", -1, 0, 4, 8)
+
+
+def test_uint16_holds_a_65536_token_vocabulary(tmp_path):
+    assert D.token_dtype(2**16) == "uint16" and D.token_dtype(2**16 + 1) == "uint32"
+    d = _tiny_dataset(tmp_path, [0, 65535, 7], vocab=2**16)
+    assert int(D.TokenDataset.open(d).tokens("train").max()) == 65535
+    _tiny_dataset(tmp_path, [0, 65535, 7], vocab=2**16 + 1)
+    with pytest.raises(D.DataError, match="vocab_size 65537 does not fit dtype uint16"):
+        D.TokenDataset.open(d)
+
+
+def test_odd_sized_token_file_names_file(tmp_path):
+    d = _tiny_dataset(tmp_path, np.arange(11))
+    with open(d / "train.bin", "ab") as f:
+        f.write(b"\x00")  # 23 bytes: 11 whole uint16 tokens and half of another
+    with pytest.raises(D.DataError, match=r"train\.bin has 23 bytes"):
+        D.TokenDataset.open(d)
+
+
+def test_token_id_equal_to_vocab_size_is_caught(tmp_path, monkeypatch):
+    d = _tiny_dataset(tmp_path, [1, 2, 3, 16, 4, 5, 6, 7])
+    with pytest.raises(D.DataError, match=r"token id 16 >= vocab_size 16 at position 3 of"):
+        D.TokenDataset.open(d)
+    ds = D.TokenDataset.open(d, verify_tokens=False)
+    with pytest.raises(D.DataError, match=r"token id 16 >= vocab_size 16 at position 3 of"):
+        ds.sequential_batch("train", 0, 2, 3)  # windows [0, 4) and [3, 7)
+    # the scan goes in chunks and reports the position in the file, not in the chunk
+    monkeypatch.setattr(D, "_CHUNK", 4)
+    d = _tiny_dataset(tmp_path, [1, 2, 3, 4, 5, 6, 99, 7])
+    with pytest.raises(D.DataError, match=r"token id 99 >= vocab_size 16 at position 6 of"):
+        D.TokenDataset.open(d)
+
+
+@pytest.mark.parametrize("toks", [[0, 1, -1], [0, 1, 8]])
+def test_write_split_refuses_ids_outside_the_vocabulary(tmp_path, toks):
+    with pytest.raises(D.DataError, match=r"token ids must be in \[0, 8\)"):
+        D.write_split(tmp_path, "train", np.asarray(toks), 8)
+
+
+def test_prepare_text_split_sizes_and_train_statistics(tmp_path):
+    """One document of 10 bytes + end-of-text = 11 tokens; val_fraction 0.15 gives round(1.65) = 2 val tokens.
+    The train split's statistics are of the train split alone."""
+    (tmp_path / "t.txt").write_bytes(b"aabbbcccc\n")
+    meta = D.prepare_text([tmp_path / "t.txt"], tmp_path / "o", val_fraction=0.15)
+    ds = D.TokenDataset.open(tmp_path / "o")
+    np.testing.assert_array_equal(np.asarray(ds.tokens("val")), [ord("\n"), 256])
+    assert meta["n_tokens"] == {"train": 9, "val": 2}
+    assert meta["max_token_id"] == {"train": ord("c"), "val": 256}
+    # train = "aabbbcccc": counts 2, 3, 4 of 9
+    p = np.array([2, 3, 4]) / 9
+    assert meta["unigram_entropy"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
+
+
+def test_prepare_text_argument_boundaries(tmp_path):
+    (tmp_path / "t.txt").write_text("hello world\n")
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 0"):
+        D.prepare_text([tmp_path / "t.txt"], tmp_path / "o", val_fraction=0)
+    with pytest.raises(ValueError, match="byte-level tokenizer needs vocab_size >= 257, got 256"):
+        D.prepare_text([tmp_path / "t.txt"], tmp_path / "o", vocab_size=256)
+    assert D.prepare_text([tmp_path / "t.txt"], tmp_path / "o", vocab_size=257)["vocab_size"] == 320

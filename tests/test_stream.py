@@ -141,3 +141,20 @@ def test_a_streamed_run_trains_on_fresh_windows_and_repeats_nothing(tmp_path):
     split = np.asarray(ds.tokens("train"))
     windows = {tuple(split[i : i + 17]) for i in range(len(split) - 16)}
     assert not any(tuple(row) in windows for row in got)
+
+
+def test_batches_replay_the_documented_generator(stream):
+    """Row r of step s reads its block of draws of ONE generator seeded [seed, s, STREAM_KEY] (module
+    docstring): replaying that by hand gives the batch. seed and step are not interchangeable, and the key
+    keeps the stream off the file loader's generator: numpy pads a short SeedSequence entropy with zeros, so
+    [seed, step] would be default_rng([seed, step, 0]), the train split's window-offset generator."""
+    from experiments.stream import STREAM_KEY
+
+    src = stream.source
+    B, L = 5, 12
+    U = 1 + (L + 1) - SMALL.order  # one uniform for the start context, one per token after it
+    u = np.random.Generator(np.random.PCG64(np.random.SeedSequence([2, 9, STREAM_KEY]))).random((B, U))
+    np.testing.assert_array_equal(stream.batch(2, 9, B, L), src.sample_windows(u, L + 1))
+    assert not np.array_equal(stream.batch(0, 1, B, L), stream.batch(1, 0, B, L))
+    u_file = np.random.default_rng([2, 9, D.split_id("train")]).random((B, U))
+    assert not np.array_equal(stream.batch(2, 9, B, L), src.sample_windows(u_file, L + 1))
