@@ -91,8 +91,9 @@ def _sigint_deferred() -> Iterator[None]:
     """Hold a Ctrl-C (SIGINT) that arrives while orbax starts a save until the save call has returned, then
     raise it. Interrupted midway, the save's background threads went on writing while the interpreter shut
     down: tracebacks ("cannot schedule new futures after interpreter shutdown") and a temporary directory
-    left behind. Only the main thread can handle signals; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    left behind. Only the main thread can handle signals; elsewhere this does nothing. Nor does it replace a
+    handler installed outside Python (``getsignal`` gives None), which could not be put back afterwards."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield
         return
     caught: list[int] = []
