@@ -51,3 +51,61 @@ def test_a_killed_saves_temporary_directory_is_removed_on_the_next_start(tmp_pat
     again.save(2, {"w": jnp.zeros(3)}, {})
     again.close()
     assert not torn.exists() and (tmp_path / "ck" / "2").is_dir()
+
+
+@pytest.mark.parametrize("handler", [signal.SIG_IGN, signal.SIG_DFL], ids=["SIG_IGN", "SIG_DFL"])
+def test_ctrl_c_during_a_save_follows_a_non_python_handler(tmp_path, handler):
+    """The deferred SIGINT honours the handler it replaced when that is not a Python callable: ignored
+    (SIG_IGN) stays ignored, the default action (SIG_DFL) still interrupts, and either is put back."""
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        ckpt = Checkpointer(tmp_path / "ck", keep=2, async_save=False)
+        inner = ckpt._mngr.save
+
+        def save_hit_by_ctrl_c(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+            return inner(*args, **kwargs)
+
+        ckpt._mngr.save = save_hit_by_ctrl_c
+        if handler is signal.SIG_IGN:
+            try:
+                ckpt.save(1, {"w": jnp.ones(3)}, {})
+            except KeyboardInterrupt:  # caught here: escaping, it would abort the whole pytest session
+                pytest.fail("a Ctrl-C that was being ignored interrupted the save")
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                ckpt.save(1, {"w": jnp.ones(3)}, {})
+        assert signal.getsignal(signal.SIGINT) == handler
+        ckpt.close()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    again = Checkpointer(tmp_path / "ck", keep=2, async_save=False)
+    assert again.latest_step() == 1  # the save itself completed
+    again.close()
+
+
+def test_keeps_the_newest_keep_steps(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ck", keep=2, async_save=False)
+    for step in (1, 2, 3, 4):
+        ckpt.save(step, {"w": jnp.full(3, float(step))}, {"step": step})
+    assert ckpt.all_steps() == [3, 4] and ckpt.latest_step() == 4
+    assert ckpt.restore_meta(3) == {"step": 3}
+    ckpt.close()
+
+
+def test_a_sigint_handler_installed_outside_python_is_left_in_place(tmp_path, monkeypatch):
+    """getsignal() is None for a handler a C host installed: Python cannot put it back once replaced
+    (signal.signal(SIGINT, None) is a TypeError, which broke every save), so the save leaves it alone."""
+    import experiments.checkpoint as ck
+
+    replaced = []
+    monkeypatch.setattr(ck.signal, "getsignal", lambda signum: None)
+    monkeypatch.setattr(ck.signal, "signal", lambda signum, handler: replaced.append(handler))
+    ckpt = Checkpointer(tmp_path / "ck", keep=2, async_save=False)
+    ckpt.save(1, {"w": jnp.ones(3)}, {})
+    ckpt.close()
+    assert replaced == []
+    monkeypatch.undo()
+    again = Checkpointer(tmp_path / "ck", keep=2, async_save=False)
+    assert again.latest_step() == 1
+    again.close()

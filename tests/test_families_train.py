@@ -164,6 +164,14 @@ def test_microbatching_is_exact_apart_from_the_balance_losses(tmp_path, data_dir
         runs[m] = losses(tmp_path / f"m{m}")
     np.testing.assert_allclose([runs[2][k] for k in sorted(runs[2])], [runs[1][k] for k in sorted(runs[1])],
                                rtol=1e-6)
+    # The step's expert load (logged at the last step) is the fraction of all its tokens' assignments per
+    # expert: each layer's row sums to 1, and 2 microbatches of 4 sequences give the load of the 8 together.
+    loads = {m: [r["moe_expert_load"] for r in read_metrics(tmp_path / f"m{m}") if "moe_expert_load" in r]
+             for m in (1, 2)}
+    for m in (1, 2):
+        assert len(loads[m]) == 1
+        np.testing.assert_allclose(np.sum(loads[m][0], axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(loads[2][0], loads[1][0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,26 @@ def test_mesh_sizes_fill_and_mismatch():
     mesh = shd.make_mesh(MESH_222)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2} and mesh.devices.size == 8
     assert dict(shd.make_mesh(MeshConfig(), jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    # A zero size is not "fill in": named, not a ZeroDivisionError from the -1 fill or a product mismatch.
+    for sizes in ((0, -1, 1), (0, 8, 1), (2, 2, -2)):
+        with pytest.raises(ConfigError, match="must be positive with at most one -1"):
+            shd.resolve_mesh_shape(MeshConfig(*sizes), 8)
+    with pytest.raises(ConfigError, match="must be positive with at most one -1"):
+        shd.resolve_mesh_shape(MeshConfig(data=-1, fsdp=-1, tensor=2), 8)
+
+
+def test_mesh_axis_sizes_land_on_their_named_axes():
+    """Unequal sizes: each configured size goes to the mesh axis of that name (a 2x2x2 mesh cannot tell)."""
+    for data, fsdp, tensor in ((4, 2, 1), (1, 2, 4), (2, 4, 1)):
+        mesh = shd.make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
+        assert mesh.axis_names == ("data", "fsdp", "tensor")
+        assert dict(mesh.shape) == {"data": data, "fsdp": fsdp, "tensor": tensor}
+        assert mesh.devices.shape == (data, fsdp, tensor)
+    # The batch rule's axes (data, fsdp) then split a batch data*fsdp = 8 ways on a 4x2x1 mesh.
+    mesh = shd.make_mesh(MeshConfig(data=4, fsdp=2, tensor=1))
+    shd.check_batch_divisible(8, mesh, LOGICAL_AXIS_RULES, "batch")
+    with pytest.raises(ConfigError, match=r"batch=4 is not divisible by mesh data\*fsdp=8"):
+        shd.check_batch_divisible(4, mesh, LOGICAL_AXIS_RULES, "batch")
 
 
 def _abstract(model_cfg, seq=8):
@@ -219,11 +239,13 @@ class _FakeSharding:
 
     spec = P("data")
 
-    def __init__(self, slices):
-        self._slices = slices
+    def __init__(self, slices, axis=0):
+        self._slices, self._axis = slices, axis
 
     def addressable_devices_indices_map(self, shape):
-        return {i: (s, slice(None)) for i, s in enumerate(self._slices)}
+        # the given rows along dimension `axis`, everything along the others
+        return {i: tuple(s if d == self._axis else slice(None) for d in range(len(shape)))
+                for i, s in enumerate(self._slices)}
 
 
 def test_process_row_block_reads_the_rows_from_the_sharding():
@@ -242,6 +264,13 @@ def test_process_row_block_reads_the_rows_from_the_sharding():
         shd.process_row_block(_FakeSharding([slice(0, 4), slice(8, 12)]), (16, 5), axis=0)
     with pytest.raises(ConfigError, match="not one aligned block"):  # contiguous but not on a block boundary
         shd.process_row_block(_FakeSharding([slice(2, 6)]), (16, 5), axis=0)
+    with pytest.raises(ConfigError, match="not one aligned block"):  # a block of 6 rows does not tile 16
+        shd.process_row_block(_FakeSharding([slice(0, 6)]), (16, 5), axis=0)
+    # The train batch is [M, B/M, L+1] with its rows on axis 1: the microbatch axis (replicated) is not read.
+    # Second of two hosts, each holding 4 of the 8 rows: block 1 of 2; the first host: block 0.
+    second, first = _FakeSharding([slice(4, 6), slice(6, 8)], axis=1), _FakeSharding([slice(0, 4)], axis=1)
+    assert shd.process_row_block(second, (2, 8, 5), axis=1) == (1, 2)
+    assert shd.process_row_block(first, (2, 8, 5), axis=1) == (0, 2)
 
 
 def test_a_batch_rule_over_data_only_trains_like_the_default():

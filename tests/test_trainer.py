@@ -93,7 +93,8 @@ def small_cfg(data_dir, *overrides):
 
 
 ONE = ("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1")
-EIGHT = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+# peak_flops is execution-only (a resume on one device may drop it): the 8-device runs also log MFU
+EIGHT = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "trainer.peak_flops=1e12")
 
 
 def run(cfg, workdir, n_devices, **kw):
@@ -135,7 +136,8 @@ def eight_device_run(tmp_path_factory, data_dir):
     return wd, summary
 
 
-def test_eight_devices_match_one_device(one_device_run, eight_device_run):
+def test_eight_devices_match_one_device(one_device_run, eight_device_run, data_dir):
+    one_device_cfg = small_cfg(data_dir, *ONE)
     (wd1, s1), (wd8, s8) = one_device_run, eight_device_run
     for key in ("loss", "grad_norm", "eval_loss"):
         c1, c8 = curve(wd1, key), curve(wd8, key)
@@ -149,6 +151,14 @@ def test_eight_devices_match_one_device(one_device_run, eight_device_run):
     assert abs(losses[6] - losses[1]) > 0.05
     p1, p8 = final_params(wd1, 6), final_params(wd8, 6)
     assert_params_close(p8, p1)
+    # MFU = model FLOPs per second over the peak of all 8 devices (1e12 each), per record and in the summary.
+    fpt = s8["flops_per_token"]
+    assert fpt == accounting.flops_per_token(one_device_cfg.model, 16)["training"]
+    records = [r for r in read_metrics(wd8) if "loss" in r]
+    assert len(records) == 6 and all("mfu" not in r for r in read_metrics(wd1))
+    for r in records:
+        assert r["mfu"] == pytest.approx(fpt * r["tokens_per_second"] / (8 * 1e12), rel=1e-9)
+    assert s8["mfu"] == pytest.approx(fpt * s8["tokens_per_second"] / (8 * 1e12), rel=1e-9)
 
 
 def test_resume_is_exact(tmp_path, data_dir, one_device_run):
@@ -165,10 +175,57 @@ def test_resume_is_exact(tmp_path, data_dir, one_device_run):
     a, b = final_params(tmp_path, 6), final_params(wd1, 6)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert s["final_loss"] == s1["final_loss"] and s["final_eval_loss"] == s1["final_eval_loss"]
+    # The resumed session continues the checkpoint's bookkeeping: the timed tokens of steps 1-3 (kept from the
+    # first session) and 4-6 (its own), and more training and wall time than at step 3.
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=2, async_save=False)
+    assert ckpt.all_steps() == [3, 6]
+    meta3, meta6 = ckpt.restore_meta(3), ckpt.restore_meta(6)
+    ckpt.close()
+    assert meta3["timed_tokens"] == 3 * 8 * 16 and meta6["timed_tokens"] == 6 * 8 * 16
+    assert meta6["train_seconds"] > meta3["train_seconds"] and meta6["wall_seconds"] > meta3["wall_seconds"]
+    assert meta6["last_loss"] == curve(wd1, "loss")[6]
     # Finished: running again does no work and returns the same summary.
     before = (tmp_path / "metrics.jsonl").read_text()
     assert run(cfg, tmp_path, 1) == s
     assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_each_step_trains_on_its_own_batch(tmp_path, data_dir, monkeypatch):
+    """A batch is a pure function of (seed, step): step k (0-based) trains on train_batch(k), each made once
+    (the next one while a step runs), in a fresh session and in one resumed from the step-3 checkpoint."""
+    import dataclasses
+
+    import experiments.trainer as trainer_mod
+
+    made, fed = [], []  # (batch, step) of each batch made; the step each train step's batch was made for
+    real_batch, real_build = trainer_mod.train_batch, trainer_mod.build_program
+
+    def train_batch(ds, cfg, prog, step, stream=None):
+        batch = real_batch(ds, cfg, prog, step, stream)
+        made.append((batch, step))
+        return batch
+
+    def build_program(cfg, mesh):
+        prog = dataclasses.replace(real_build(cfg, mesh))  # a copy: the memoised program stays as it is
+        step = prog.step
+
+        def recording_step(state, batch):
+            fed.append(next(k for b, k in made if b is batch))
+            return step(state, batch)
+
+        prog.step = recording_step
+        return prog
+
+    monkeypatch.setattr(trainer_mod, "train_batch", train_batch)
+    monkeypatch.setattr(trainer_mod, "build_program", build_program)
+    cfg = small_cfg(data_dir, *ONE)
+    with pytest.raises(Interrupt):
+        run(cfg, tmp_path, 1, on_step=interrupt_at(4))
+    assert fed == [0, 1, 2, 3] and [k for _, k in made] == [0, 1, 2, 3, 4]
+    made.clear()
+    fed.clear()
+    run(cfg, tmp_path, 1)  # resumes from the checkpoint of step 3 (1-based): 0-based steps 3, 4, 5
+    assert fed == [3, 4, 5] and [k for _, k in made] == [3, 4, 5]
 
 
 def test_resume_survives_a_crash_mid_write(tmp_path, data_dir, one_device_run):
@@ -267,6 +324,21 @@ def test_async_metrics_give_the_same_run_and_resume_exactly(tmp_path, data_dir, 
     assert s_async["final_loss"] == s_sync["final_loss"] == s1["final_loss"]
 
 
+def test_async_metrics_default_is_off_on_cpus_and_on_on_accelerators():
+    """trainer.async_metrics=None resolves by the mesh's platform (measured slower on a CPU, where the
+    "device" is the host's own cores); an explicit setting wins."""
+    from types import SimpleNamespace
+
+    from experiments import sharding as shd
+    from experiments.config import MeshConfig
+    from experiments.trainer import async_metrics
+
+    cpu = shd.make_mesh(MeshConfig(), jax.devices()[:1])
+    gpu = SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")], dtype=object))
+    assert async_metrics(None, cpu) is False and async_metrics(None, gpu) is True
+    assert async_metrics(True, cpu) is True and async_metrics(False, gpu) is False
+
+
 def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path, data_dir, one_device_run, eight_device_run):
     (wd1, _), (wd8, _) = one_device_run, eight_device_run
     with pytest.raises(Interrupt):
@@ -299,6 +371,22 @@ def test_summary_has_schema_and_consistent_values(one_device_run, data_dir):
     assert s["entropy_floor"] == meta["entropy_rate"] and s["unigram_entropy"] == meta["unigram_entropy"]
     assert 0 < s["entropy_floor"] < s["unigram_entropy"] < math.log(64)
     assert s["final_loss"] == curve(wd, "loss")[6] and s["final_eval_loss"] == curve(wd, "eval_loss")[6]
+    # Step k's record (1-based) is after k steps of 8 x 16 tokens, logged with the lr that step used,
+    # lr(k - 1): linear warmup to 0.01 over 2 steps, then cosine to min_lr_ratio 0.1 at step 6
+    # (optim/schedules.py).
+    assert curve(wd, "tokens") == {k: k * 8 * 16 for k in range(1, 7)}
+    cosine = lambda s: 0.01 * (0.1 + 0.9 * (1 + math.cos(math.pi * (s - 2) / 4)) / 2)
+    lrs = curve(wd, "lr")
+    assert sorted(lrs) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([lrs[k] for k in range(1, 7)], [0.005, 0.01, *map(cosine, range(2, 6))],
+                               rtol=1e-5)
+    # One eval record per eval step (3, and the final one at 6) and the checkpoints of steps 3 and 6.
+    assert [r["step"] for r in read_metrics(wd) if "eval_loss" in r] == [3, 6]
+    ckpt = Checkpointer(wd / "checkpoints", keep=2, async_save=False)
+    assert ckpt.all_steps() == [3, 6]
+    # The timed tokens of the last checkpoint are all the run's tokens.
+    assert ckpt.restore_meta(6)["timed_tokens"] == 6 * 8 * 16
+    ckpt.close()
     assert s["tokens_per_second"] > 0 and s["wall_seconds"] > 0 and s["seed"] == 0
     assert s["config"]["trainer"]["steps"] == 6 and s["optimizer"] == "adamw" and s["family"] == "dense"
     assert json.loads((wd / "config.json").read_text()) == s["config"]
@@ -352,6 +440,53 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, da
         assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
 
 
+def test_a_non_finite_step_leaves_the_state_untouched(data_dir):
+    """The step itself (not only the host loop) refuses a non-finite update: an inf embedding entry makes
+    the loss and the gradients NaN, and the returned state is the input state, parameters and optimiser
+    state alike (the bench and notebooks call Program.step directly)."""
+    from experiments import sharding as shd
+
+    cfg = small_cfg(data_dir, *ONE)
+    prog = build_program(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:1]))
+    host = jax.device_get(prog.init_state())
+    host["params"]["embed"]["embedding"] = np.array(host["params"]["embed"]["embedding"])
+    host["params"]["embed"]["embedding"][5, 0] = np.inf
+    tokens = np.full((2, 4, 17), 5, dtype=np.int32)
+    state = jax.device_put(host, prog.state_shardings)
+    new, m = prog.step(state, shd.host_batch(tokens, prog.train_batch_sharding, tokens.shape))
+    assert not math.isfinite(float(m["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(new), host)
+
+
+def test_a_non_finite_gradient_norm_alone_stops_the_run(tmp_path, data_dir, monkeypatch):
+    """A finite loss with an inf/NaN gradient norm is a non-finite step too: the step did not apply its
+    update, so going on would silently skip it. Step 2's grad_norm is made inf here."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    import experiments.trainer as trainer_mod
+
+    def with_inf_grad_norm_at_step_2(cfg, mesh):
+        prog = dataclasses.replace(build_program(cfg, mesh))  # a copy: the memoised program stays as it is
+        calls = []
+
+        def step(state, batch):
+            new, m = prog.train_step(state, batch, prog.hyper)
+            calls.append(1)
+            return new, ({**m, "grad_norm": jnp.float32(jnp.inf)} if len(calls) == 2 else m)
+
+        prog.step = step
+        return prog
+
+    monkeypatch.setattr(trainer_mod, "build_program", with_inf_grad_norm_at_step_2)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss at step 2 \(loss=[0-9.]+, "
+                       r"grad_norm=inf\).*Last good checkpoint: none"):
+        run(small_cfg(data_dir, *ONE), tmp_path, 1)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert not (tmp_path / "summary.json").exists()
+
+
 def test_non_finite_validation_loss_fails_the_run_without_a_summary(tmp_path, data_dir, monkeypatch):
     """A finite training loss with a non-finite val loss used to write a summary that the sweep neither took
     as finished nor as failed ("partial", retried for ever); now the run fails naming it."""
@@ -374,11 +509,18 @@ def test_loss_decreases(tmp_path, data_dir, optimizer):
         "trainer.steps=40",
         "trainer.eval_every=0",
         "trainer.checkpoint_every=0",
-        "trainer.log_every=40",
+        "trainer.log_every=15",
         "trainer.microbatches=1",
         "data.batch_size=16",
     )
     s = run(cfg, tmp_path, 1)
+    # Logged every 15 steps and at the last step, which is the summary's final loss.
+    losses = curve(tmp_path, "loss")
+    assert sorted(losses) == [15, 30, 40] and s["final_loss"] == losses[40]
+    # checkpoint_every=0: the final state is still checkpointed (a rerun then finds the run finished).
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=2, async_save=False)
+    assert ckpt.all_steps() == [40]
+    ckpt.close()
     # Far below a uniform guess (ln 64 = 4.16) and below the best context-free (unigram) model.
     assert s["final_eval_loss"] < s["unigram_entropy"] - 0.1, s
 
@@ -433,6 +575,73 @@ def test_program_rejects_indivisible_batch(data_dir):
     )
     with pytest.raises(ConfigError, match="not divisible by mesh data\\*fsdp=4"):
         build_program(cfg, make_mesh(cfg.mesh))
+    # The per-device split is of each microbatch: 8 sequences in 4 microbatches of 2 cannot split 4 ways.
+    cfg = small_cfg(data_dir, *EIGHT, "data.batch_size=8", "trainer.microbatches=4")
+    with pytest.raises(ConfigError, match=r"data.batch_size / trainer.microbatches=2 is not divisible by "
+                       r"mesh data\*fsdp=4"):
+        build_program(cfg, make_mesh(cfg.mesh))
+    # ... and so is the eval batch.
+    cfg = small_cfg(data_dir, *EIGHT, "trainer.eval_batch_size=6")
+    with pytest.raises(ConfigError, match=r"eval batch size=6 is not divisible by mesh data\*fsdp=4"):
+        build_program(cfg, make_mesh(cfg.mesh))
+
+
+def _reference_loss(model, params, tokens_BxL1):
+    """Mean next-token cross-entropy of ``tokens_BxL1`` written out: predict token t+1 from tokens <= t."""
+    import jax.numpy as jnp
+
+    logits_BxLxV, _ = model.apply({"params": params}, tokens_BxL1[:, :-1])
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32))
+    return -jnp.take_along_axis(logp_BxLxV, tokens_BxL1[:, 1:, None], axis=-1).mean()
+
+
+def test_train_step_reports_the_full_batch_loss_and_gradient_norm(data_dir):
+    """Gradient accumulation over 2 microbatches: the step's loss and grad_norm are those of the whole batch
+    of 8 sequences (the mean over all its tokens and the norm of that mean's gradient), computed here in one
+    plain pass. An accumulated sum not divided by the number of microbatches doubles grad_norm (AdamW's
+    update barely notices, so the loss curves alone cannot tell)."""
+    from experiments import sharding as shd
+
+    cfg = small_cfg(data_dir, *ONE)
+    prog = build_program(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:1]))
+    M, L = cfg.trainer.microbatches, cfg.data.seq_len
+    assert M == 2
+    tokens = np.random.default_rng(1).integers(0, 64, size=(M, 8 // M, L + 1), dtype=np.int32)
+    state = prog.init_state()
+    params = jax.device_get(state["params"])  # a host copy: the step donates the state
+    whole = tokens.reshape(8, L + 1)
+    loss, grads = jax.value_and_grad(lambda p: _reference_loss(prog.model, p, whole))(params)
+    grad_norm = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in jax.tree.leaves(grads)))
+    halves = [float(_reference_loss(prog.model, params, tokens[i])) for i in range(M)]
+    assert abs(halves[0] - halves[1]) > 1e-4  # the microbatches differ, so a per-microbatch loss would show
+    eval_loss = prog.eval_step(params, {}, shd.host_batch(whole, prog.eval_batch_sharding, whole.shape))
+    assert float(eval_loss) == pytest.approx(float(loss), rel=1e-6)
+    _, m = prog.step(state, shd.host_batch(tokens, prog.train_batch_sharding, tokens.shape))
+    assert float(m["loss"]) == pytest.approx(float(loss), rel=1e-6)
+    assert float(m["grad_norm"]) == pytest.approx(grad_norm, rel=1e-4)
+
+
+def test_evaluate_is_the_mean_over_the_documented_validation_windows(tmp_path, data_dir):
+    """evaluate: the mean loss over trainer.eval_steps batches of eval_batch_size windows, window j of the val
+    split starting at token j * seq_len (data.TokenDataset.sequential_batch), batch i holding windows
+    i*B .. i*B+B-1."""
+    from experiments import sharding as shd
+    from experiments.trainer import evaluate, open_dataset
+
+    cfg = small_cfg(data_dir, *ONE)
+    prog = build_program(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:1]))
+    ds = open_dataset(cfg, tmp_path)
+    state = prog.init_state()
+    params = jax.device_get(state["params"])
+    B, L = cfg.eval_batch_size, cfg.data.seq_len
+    assert (B, L, cfg.trainer.eval_steps) == (8, 16, 2)
+    val = np.asarray(ds.tokens("val"), dtype=np.int32)
+    per_batch = []
+    for i in range(2):
+        windows = np.stack([val[(i * B + b) * L:(i * B + b) * L + L + 1] for b in range(B)])
+        per_batch.append(float(_reference_loss(prog.model, params, windows)))
+    assert abs(per_batch[0] - per_batch[1]) > 1e-4
+    assert evaluate(ds, cfg, prog, state) == pytest.approx(np.mean(per_batch), rel=1e-6)
 
 
 def test_bench_smoke(tmp_path, capsys):
