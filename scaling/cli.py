@@ -57,6 +57,14 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
 
 
+def _write_json(out: str, name: str, obj: Any) -> Path:
+    """Write ``obj`` to ``out/name`` (creating ``out``); return ``out``, where the figures go too."""
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / name).write_text(_dump(obj))
+    return outdir
+
+
 def _per_param(spec: str) -> float | None:
     """k of a ``kN`` FLOP model (``6N`` -> 6.0), or None when ``spec`` is not of that form (a column name)."""
     s = spec.strip()
@@ -178,9 +186,7 @@ def cmd_fit(args) -> dict:
         "result": result.to_dict(include_data=False),
     }
     if args.out:
-        outdir = Path(args.out)
-        outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / "fit.json").write_text(_dump(out))
+        outdir = _write_json(args.out, "fit.json", out)
         from scaling.plots import plot_law_fit
 
         plot_law_fit(result, data, samples=samples or None).savefig(outdir / "fit.png", dpi=120)
@@ -214,9 +220,7 @@ def cmd_backtest(args) -> dict:
     print(result.summary(), file=sys.stderr)
     out = {"data": str(args.data), "columns": cols, "rows_used": int(len(key)), **result.to_dict()}
     if args.out:
-        outdir = Path(args.out)
-        outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / "backtest.json").write_text(_dump(out))
+        outdir = _write_json(args.out, "backtest.json", out)
         _note(f"wrote {outdir / 'backtest.json'}")
     return out
 
@@ -292,9 +296,7 @@ def cmd_isoflop(args) -> dict:
                     on_edge=args.on_edge, n_bootstrap=args.n_boot, seed=args.seed, budget_rtol=rtol, **boot)
     out = res.to_dict()
     if args.out:
-        outdir = Path(args.out)
-        outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / "isoflop.json").write_text(_dump(out))
+        outdir = _write_json(args.out, "isoflop.json", out)
         from scaling.plots import plot_isoflop
 
         plot_isoflop(data["C"], data["N"], data["loss"], result=res).savefig(outdir / "isoflop.png", dpi=120)
@@ -358,9 +360,7 @@ def cmd_pareto(args) -> dict:
     if prob is not None:
         out["membership_probability"] = {int(r): float(p) for r, p in zip(rows, prob, strict=True)}
     if args.out:
-        outdir = Path(args.out)
-        outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / "pareto.json").write_text(_dump(out))
+        outdir = _write_json(args.out, "pareto.json", out)
         if len(names) == 2:
             from scaling.plots import plot_pareto
 
@@ -395,9 +395,7 @@ def cmd_downstream(args) -> dict:
     if args.cutoff is not None:
         out["heldout"] = heldout_error(c, acc, cutoff=args.cutoff, chance=args.chance, ceiling=ceiling)
     if args.out:
-        outdir = Path(args.out)
-        outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / "downstream.json").write_text(_dump(out))
+        outdir = _write_json(args.out, "downstream.json", out)
         from scaling.plots import plot_downstream
 
         shown = fit
@@ -498,9 +496,7 @@ def cmd_observational(args) -> dict:
             "baseline_mae": float(np.abs(y[train].mean() - y[test]).mean()),
         }
     if args.out:
-        outdir = Path(args.out)
-        outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / "observational.json").write_text(_dump(out))
+        outdir = _write_json(args.out, "observational.json", out)
         _note(f"wrote {outdir / 'observational.json'}")
     return out
 
