@@ -273,9 +273,19 @@ def test_process_row_block_reads_the_rows_from_the_sharding():
     assert shd.process_row_block(first, (2, 8, 5), axis=1) == (0, 2)
 
 
-def test_a_batch_rule_over_data_only_trains_like_the_default():
+def test_a_batch_rule_over_data_only_trains_like_the_default(monkeypatch):
     """The input batch is placed by the user's batch rule (no reshard into the first activation constraint)
-    and the run's losses match the default table's."""
+    and the run's losses match the default table's. The rows each process loads are read along the dimension
+    that rule shards: axis 1 of the [M, B/M, L+1] train batch, axis 0 of the eval batch (on one process
+    either axis gives the whole batch, so the call's arguments are what a multi-host job depends on)."""
+    row_reads = []
+    real = shd.process_row_block
+
+    def spy(sharding, shape, axis):
+        row_reads.append((sharding.spec, shape, axis))
+        return real(sharding, shape, axis)
+
+    monkeypatch.setattr(shd, "process_row_block", spy)
     base = get_preset("tiny").override(
         [
             "model.n_layers=1",
@@ -295,6 +305,12 @@ def test_a_batch_rule_over_data_only_trains_like_the_default():
         if name == "data_only":
             assert prog.train_batch_sharding.spec == P(None, "data")
             assert prog.eval_batch_sharding.spec == P("data")
+        (train_spec, train_shape, train_axis), (eval_spec, eval_shape, eval_axis) = row_reads[-2:]
+        batch_axes = shd.batch_axes(cfg.mesh.rules)
+        assert train_shape == (1, 8, cfg.data.seq_len + 1) and eval_shape[0] == cfg.eval_batch_size
+        for spec, axis in ((train_spec, train_axis), (eval_spec, eval_axis)):
+            read = spec[axis] if axis < len(spec) else None
+            assert ((read,) if isinstance(read, str) else tuple(read or ())) == batch_axes != (), (spec, axis)
         state = prog.init_state()
         tokens = (
             np.random.default_rng(0)
