@@ -325,7 +325,7 @@ def fit_observational(
 
     Args:
       capabilities_MxK: e.g. ``capability_pca(...).scores`` (or ``.transform`` of the models to fit).
-      y: the metric per model, a fraction in [floor, upper] (accuracy, pass rate).
+      y: the metric per model, a fraction in [0, upper] (accuracy, pass rate; below the floor is noise).
       floor: fixed lower asymptote (chance: 0.25 for 4-way multiple choice; 0 for generation).
       ceiling: fixed upper asymptote (1: a perfect score is reachable), or None to fit it in (floor, upper]
         (the paper's parametric sigmoid; one more parameter to extrapolate, see tests/test_observational.py).
