@@ -1300,3 +1300,239 @@ def test_entropy_block_compares_E_and_its_interval_with_the_entropy_rate(tmp_pat
     assert e["ci_covers_entropy"] is False
     inside = report_mod._group_block(spec, "g", planned, rr, tmp_path, entropy=(lo + hi) / 2)["entropy"]
     assert inside["ci_covers_entropy"] is True
+
+
+# ----- the study's helpers and loop on tiny hand-made plans (training and the report faked) -----------------
+def test_the_lr_sweep_trains_the_middle_size_of_the_smallest_budgets(tmp_path):
+    """cpu-tiny sweeps its learning rate at its two smallest budgets (the module docstring), cpu-families at
+    its smallest (lr_sweep_budgets=1); each cell is the middle size of that budget's isoFLOP curve."""
+    spec = get_study_preset("cpu-tiny")
+    stage1 = study.plan_lr_stage(spec, tmp_path)
+    main = study.plan_main_stage(spec, tmp_path, {})
+    factors = spec.groups[0].lr_sweep_factors
+    assert len(stage1) == 2 * len(factors) and {r.kind for r in stage1} == {"lr_sweep"}
+    assert sorted({r.budget for r in stage1}) == [3e10, 1e11]
+    for c in (3e10, 1e11):
+        curve = sorted(r.params for r in main if r.kind == "isoflop" and r.budget == c)
+        assert {r.params for r in stage1 if r.budget == c} == {curve[len(curve) // 2]}
+    fam = get_study_preset("cpu-families")
+    assert {(r.group, r.budget) for r in study.plan_lr_stage(fam, tmp_path)} == {
+        ("dense-adamw", 3e10), ("dense-muon", 3e10)}
+
+
+def test_wsd_sizes_sit_around_the_middle_budgets_curve_centre(tmp_path):
+    """cpu-tiny's 3 WSD sizes span 2.5x around the centre of its middle budget's (1e11) isoFLOP curve, not of
+    the smallest budget's (whose centre is sqrt(1e11 / 3e10) = 1.8x smaller)."""
+    spec = get_study_preset("cpu-tiny")
+    runs = study.plan_main_stage(spec, tmp_path, {})
+    centre = sorted(r.params for r in runs if r.kind == "isoflop" and r.budget == 1e11)[2]
+    sizes = sorted({r.params for r in runs if r.kind.startswith("wsd")})
+    assert len(sizes) == 3
+    assert abs(np.mean(np.log(sizes)) - math.log(centre)) < math.log(1.25)
+
+
+def test_lr_rules_record_an_unfinished_sweep_cell_as_null(tmp_path, monkeypatch):
+    """lr_rules.json is strict JSON: a cell without a finished run keeps its place with loss null (NaN would
+    make json.dumps(allow_nan=False) raise after the whole sweep trained)."""
+    from experiments import executors
+
+    spec = get_study_preset("cpu-tiny")
+    stage1 = study.plan_lr_stage(spec, tmp_path)
+    gone = stage1[0].name
+
+    def finished(_dir, r):
+        return None if r.name == gone else {"final_eval_loss": 2.0 + math.log(r.learning_rate / 3e-3) ** 2}
+
+    monkeypatch.setattr(executors, "finished_summary", finished)
+    rules = study.fit_lr_rules(spec, stage1, tmp_path / "runs")
+    cells = rules["dense-adamw"]["cells"]
+    assert len(cells) == len(stage1) and sum(c["loss"] is None for c in cells) == 1
+    assert all(c["loss"] is None or math.isfinite(c["loss"]) for c in cells)
+    json.dumps(rules, allow_nan=False)
+
+
+def test_final_loss_reads_only_a_finished_valid_summary(tmp_path):
+    """The edge-extension rule reads each run's loss through _final_loss: a missing summary, a NaN loss or a
+    summary left by another config in the run's directory is "not finished" (None), not a loss."""
+    from experiments import executors
+
+    runs = study.plan_main_stage(_micro_spec(), tmp_path, {})
+    r, other = runs[0], runs[1]
+    runs_dir = tmp_path / "runs"
+    d = executors.run_dir(runs_dir, r)
+    d.mkdir(parents=True)
+    assert study._final_loss(runs_dir, r) is None
+    summary = {"config": r.config, "steps": r.steps, "final_eval_loss": 2.5}
+    (d / executors.SUMMARY_FILE).write_text(json.dumps(summary))
+    assert study._final_loss(runs_dir, r) == 2.5
+    (d / executors.SUMMARY_FILE).write_text(json.dumps({**summary, "final_eval_loss": float("nan")}))
+    assert study._final_loss(runs_dir, r) is None
+    (d / executors.SUMMARY_FILE).write_text(json.dumps({**summary, "config": other.config}))
+    assert study._final_loss(runs_dir, r) is None
+
+
+def test_an_edge_extension_is_one_grid_step_out_in_its_own_group_at_the_clamped_lr(tmp_path):
+    """With 2 sizes per curve the grid step is the whole span (10x): the extension of the 3e10 curve (loss
+    falling with N) is ~10x its largest size. A second group with interior minima is not extended, and the
+    extension's lr is clamped to the swept range like every main-stage run."""
+    from experiments.hparam_rules import LRRule
+
+    spec = dataclasses.replace(_edge_spec(1), sizes_per_budget=2)
+    runs = study.plan_main_stage(spec, tmp_path, {})
+    curve = [r.params for r in runs if r.kind == "isoflop" and r.budget == 3e10]
+    assert len(curve) == 2
+    (ext,) = [r for r in study.plan_edge_extensions(spec, tmp_path, runs, {}, _falling_at_smallest_budget)
+              if r.budget == 3e10]
+    assert abs(math.log(ext.params / (max(curve) * spec.span))) < 0.3
+
+    g = spec.groups[0]
+    two = dataclasses.replace(_edge_spec(1), groups=(g, dataclasses.replace(g, name="other")))
+    runs = study.plan_main_stage(two, tmp_path, {})
+
+    def loss_of(r):  # "other": a U in log N with its minimum inside every curve
+        return _falling_at_smallest_budget(r) if r.group == g.name else 2.5 + (math.log(r.params / 2e4)) ** 2
+
+    (ext,) = study.plan_edge_extensions(two, tmp_path, runs, {}, loss_of)
+    assert ext.group == g.name and ext.budget == 3e10
+
+    cells = [{"lr": 1e-3}, {"lr": 4e-3}]
+    rules = {g.name: {"rule": LRRule(coef=1.0).to_dict(), "cells": cells, "error": None}}
+    spec = _edge_spec(1)
+    runs = study.plan_main_stage(spec, tmp_path, rules)
+    (ext,) = study.plan_edge_extensions(spec, tmp_path, runs, rules, _falling_at_smallest_budget)
+    assert ext.learning_rate == pytest.approx(4e-3)  # the rule's 1.0, clamped to the largest swept lr
+    assert all(r.learning_rate == pytest.approx(4e-3) for r in runs)
+
+
+def _fake_training_and_report(monkeypatch, loss_of, clock=None):
+    """Replace training (a summary with ``loss_of(run)``, or error.json where it is None; ``clock[0]`` +100 s
+    per call) and the report; returns the names each execute call trained and the lr_rules each report got."""
+    from experiments import executors
+    from experiments import report as report_mod
+
+    trained: list[list[str]] = []
+    reported: list[dict] = []
+
+    def fake_execute(runs, runs_dir, **kw):
+        trained.append([r.name for r in runs])
+        if clock is not None:
+            clock[0] += 100.0
+        for r in runs:
+            d = executors.run_dir(runs_dir, r)
+            d.mkdir(parents=True, exist_ok=True)
+            loss = loss_of(r)
+            if loss is None:
+                (d / executors.ERROR_FILE).write_text(json.dumps({"error": "RuntimeError: boom"}))
+            else:
+                (d / executors.SUMMARY_FILE).write_text(json.dumps(
+                    {"config": r.config, "steps": r.steps, "final_eval_loss": loss}))
+        return [{"name": r.name, "status": "done" if loss_of(r) is not None else "failed", "error": "boom"}
+                for r in runs]
+
+    def fake_build_report(spec, runs, runs_dir, **kw):
+        reported.append(kw.get("lr_rules"))
+        return {"runs": [], "notes": []}
+
+    monkeypatch.setattr(study, "execute", fake_execute)
+    monkeypatch.setattr(study, "_prepare_corpus", lambda runs, out: None)
+    monkeypatch.setattr(report_mod, "build_report", fake_build_report)
+    monkeypatch.setattr(report_mod, "write_report", lambda *a, **kw: None)
+    monkeypatch.setattr(report_mod, "print_summary", lambda *a, **kw: None)
+    return trained, reported
+
+
+def test_retry_by_run_id_trains_that_run_alone_and_plans_no_extension(tmp_path, monkeypatch):
+    """run_study(retry=[run_id]) trains just that run: not the rest of the plan, and no edge extension even
+    where the retried run completes a curve whose minimum is at its edge (--retry trains what it names)."""
+    spec = _edge_spec(1)
+    planned = study.plan_main_stage(spec, tmp_path, {})
+    broken = min((r for r in planned if r.kind == "isoflop" and r.budget == 3e10), key=lambda r: r.params)
+    failing = {broken.name}
+    trained, _ = _fake_training_and_report(
+        monkeypatch, lambda r: None if r.name in failing else _falling_at_smallest_budget(r))
+    study.run_study(spec, tmp_path, workers=1)
+    assert len(trained) == 1 and broken.name in trained[0]  # its curve is unfinished: nothing extended
+    failing.clear()
+    trained.clear()
+    study.run_study(spec, tmp_path, workers=1, retry=[broken.run_id])
+    assert trained == [[broken.name]]
+    plan = study.read_plan(tmp_path / study.PLAN_FILE)
+    assert not any(r.name.endswith(study.EXTENSION_SUFFIX) for r in plan)
+
+
+def test_no_edge_extension_starts_after_the_train_limit(tmp_path, monkeypatch):
+    """--train-limit-s: the main stage "takes" 100 s of a fake clock; under a 50 s limit the edge-extension
+    round is skipped, under a 1000 s limit it runs."""
+    import time
+    import types
+
+    clock = [0.0]
+    monkeypatch.setattr(study, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    trained, _ = _fake_training_and_report(monkeypatch, _falling_at_smallest_budget, clock)
+    spec = _edge_spec(1)
+    study.run_study(spec, tmp_path / "short", workers=1, train_limit_s=50)
+    assert len(trained) == 1
+    trained.clear()
+    clock[0] = 0.0
+    study.run_study(spec, tmp_path / "long", workers=1, train_limit_s=1000)
+    assert len(trained) == 2 and trained[1][0].endswith(study.EXTENSION_SUFFIX)
+
+
+def test_the_fitted_lr_rules_and_the_sweep_are_kept_for_a_rerun(tmp_path, monkeypatch, capsys):
+    """A study with an LR sweep writes plan.jsonl with the sweep's runs and lr_rules.json; the same command
+    again reports with the rules read back from lr_rules.json, and does not warn that they are missing."""
+    spec = dataclasses.replace(_edge_spec(0), groups=get_study_preset("cpu-tiny").groups)
+    best = 6e-3
+
+    def loss_of(r):
+        return 2.0 + 0.1 * math.log(r.learning_rate / best) ** 2
+
+    trained, reported = _fake_training_and_report(monkeypatch, loss_of)
+    study.run_study(spec, tmp_path, workers=1)
+    stage1 = study.plan_lr_stage(spec, tmp_path)
+    plan = study.read_plan(tmp_path / study.PLAN_FILE)
+    assert [r.name for r in plan if r.kind == "lr_sweep"] == [r.name for r in stage1]
+    on_disk = json.loads((tmp_path / study.LR_RULES_FILE).read_text())
+    assert on_disk["dense-adamw"]["error"] is None and reported == [on_disk]
+    capsys.readouterr()
+    study.run_study(spec, tmp_path, workers=1)
+    assert reported[1] == on_disk and "warning" not in capsys.readouterr().out
+
+
+def test_a_reused_plan_from_other_corpus_settings_is_named_by_run_study(tmp_path, capsys):
+    """Every run of the reused plan reads a 60k-token corpus where the preset now plans 50k (one value, but
+    not the preset's): the study warns; a second group with its own corpus size is no mismatch."""
+    spec = _micro_spec()
+    study.run_study(spec, tmp_path, export_slurm=str(tmp_path / "submit.sh"))  # plans only
+    plan = tmp_path / study.PLAN_FILE
+    rows = [json.loads(line) for line in plan.read_text().splitlines()]
+    for row in rows:
+        row["config"]["data"]["n_train_tokens"] = 60_000
+    plan.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    capsys.readouterr()
+    study.run_study(spec, tmp_path, export_slurm=str(tmp_path / "submit.sh"))
+    out = capsys.readouterr().out
+    assert ("warning: " + str(plan) + " was planned by an earlier version of preset 'cpu-micro' (group "
+            "dense-adamw: data.n_train_tokens [60000] (now 50000))") in out
+
+    g = spec.groups[0]
+    big = dataclasses.replace(g.base, data=dataclasses.replace(g.base.data, n_train_tokens=200_000))
+    two = dataclasses.replace(spec, groups=(g, dataclasses.replace(g, name="big", base=big)))
+    assert study._stale_plan_settings(two, study.plan_main_stage(two, tmp_path, {})) == []
+
+
+def test_run_study_refuses_retry_with_fit_only_and_clears_nothing(tmp_path):
+    """The CLI refuses --retry with --fit-only; run_study called directly must too, before --retry deletes the
+    named run's directory (which --fit-only would then never train again)."""
+    from experiments import executors
+
+    spec = _micro_spec()
+    study.run_study(spec, tmp_path, export_slurm=str(tmp_path / "submit.sh"))  # plans only
+    r = study.read_plan(tmp_path / study.PLAN_FILE)[0]
+    d = executors.run_dir(tmp_path / "runs", r)
+    d.mkdir(parents=True)
+    (d / executors.SUMMARY_FILE).write_text(json.dumps({"config": r.config, "steps": r.steps,
+                                                        "final_eval_loss": 2.5}))
+    with pytest.raises(SystemExit, match="--retry clears a run so that it trains again"):
+        study.run_study(spec, tmp_path, retry=[r.name], fit_only=True)
+    assert (d / executors.SUMMARY_FILE).exists()
