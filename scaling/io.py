@@ -30,6 +30,7 @@ __all__ = [
     "read_summaries",
     "parse_columns",
     "filter_rows",
+    "source_rows",
     "law_data",
     "derive_tokens",
     "SUMMARY_COLUMNS",
@@ -201,11 +202,23 @@ _OPS = {"<=": np.less_equal, ">=": np.greater_equal, "!=": np.not_equal, "==": n
         ">": np.greater}
 
 
+class _Filtered(dict):
+    """A table that ``filter_rows`` returned: ``source_rows`` holds its rows' numbers in the table as loaded,
+    so that messages keep naming rows as the file numbers them (``ROWS_ARE``)."""
+
+    source_rows: np.ndarray
+
+
+def source_rows(table: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
+    """The loaded table's row numbers of ``table``'s rows, if ``filter_rows`` made it (else None)."""
+    return getattr(table, "source_rows", None)
+
+
 def filter_rows(table: Mapping[str, np.ndarray], conditions: Iterable[str]) -> dict[str, np.ndarray]:
     """Keep the rows satisfying every condition ``COLUMN<op>VALUE`` (op in <, <=, >, >=, ==, !=).
 
     Numeric columns compare numerically; string columns support == and != only. E.g. ``"loss<3.44"``,
-    ``"family==dense"``.
+    ``"family==dense"``. Row numbers in later messages stay those of the unfiltered table.
     """
     n = len(next(iter(table.values()))) if table else 0
     keep = np.ones(n, dtype=bool)
@@ -229,7 +242,10 @@ def filter_rows(table: Mapping[str, np.ndarray], conditions: Iterable[str]) -> d
             except ValueError as e:
                 raise ValueError(f"condition {cond!r}: {val!r} is not a number") from e
             keep &= _OPS[op](arr, v)
-    return {k: v[keep] for k, v in table.items()}
+    src = source_rows(table)
+    out = _Filtered({k: v[keep] for k, v in table.items()})
+    out.source_rows = (np.arange(n) if src is None else np.asarray(src))[keep]
+    return out
 
 
 def derive_tokens(
@@ -254,7 +270,15 @@ def _bad_rows(x: np.ndarray, table: Mapping[str, np.ndarray] | None = None, rows
     more = f" ... ({idx.size} rows)" if idx.size > 10 else ""
     if table is not None and "run" in table:
         return f"runs {[str(table['run'][i]) for i in idx[:10]]}{more}"
+    src = source_rows(table)
+    if src is not None:  # a table filtered by --where: name the rows as the file numbers them
+        idx = src[idx]
     return f"rows {idx[:10].tolist()}{more} ({ROWS_ARE})"
+
+
+def _row(table: Mapping[str, np.ndarray], i: int) -> int:
+    src = source_rows(table)
+    return int(i if src is None else src[i])
 
 
 def numeric_column(table: Mapping[str, np.ndarray], col: str, label: str) -> np.ndarray:
@@ -268,7 +292,7 @@ def numeric_column(table: Mapping[str, np.ndarray], col: str, label: str) -> np.
             try:
                 float(v)
             except (TypeError, ValueError):
-                where = f"run {table['run'][i]!r}" if "run" in table else f"row {i} ({ROWS_ARE})"
+                where = f"run {table['run'][i]!r}" if "run" in table else f"row {_row(table, i)} ({ROWS_ARE})"
                 raise ValueError(f"{label} is not numeric: {where} holds {v!r}") from None
     return np.asarray(arr, dtype=np.float64)
 
