@@ -502,3 +502,131 @@ def test_cli_observational_input_mistakes_are_named(tmp_path, capsys):
     rc, _, err = _run(["observational", p, "--benchmarks", "a,b", "--target", "acc", "--components", "1",
                        "--compute", "flops", "--cutoff", "5"], capsys)
     assert rc == 2 and "--cutoff 5 leaves 2 models to fit and 2 to predict" in err
+
+
+def test_cli_where_filters_rows_before_the_analysis(tmp_path, capsys):
+    csv = tmp_path / "runs.csv"
+    # r0 dominates r1 and r2; with r0 filtered out, r1 and r2 join r3 on the frontier
+    csv.write_text("name,flops,loss\nr0,1,1.0\nr1,2,2.0\nr2,3,1.5\nr3,4,0.5\n")
+    argv = ["pareto", csv, "--objectives", "loss:min,flops:min", "--label", "name"]
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0, err
+    assert sorted(r["label"] for r in out["frontier"]) == ["r0", "r3"]
+    rc, out, err = _run([*argv, "--where", "flops>1"], capsys)
+    assert rc == 0 and "--where kept 3 of 4 rows" in err
+    assert out["n_points"] == 3 and sorted(r["label"] for r in out["frontier"]) == ["r1", "r2", "r3"]
+    rc, out, err = _run([*argv, "--where", "flops>1", "--where", "name!=r2"], capsys)
+    assert rc == 0 and sorted((r["label"], r["flops"]) for r in out["frontier"]) == [("r1", 2.0), ("r3", 4.0)]
+    rc, _, err = _run([*argv, "--where", "flops>9"], capsys)
+    assert rc == 2 and "no rows left after --where" in err
+
+
+def test_cli_pareto_dropna_keeps_row_numbers_and_labels(tmp_path, capsys):
+    csv = tmp_path / "runs.csv"
+    # row 1 has no loss; of the rest, r2 (fewest FLOPs) and r3 (lowest loss) are the frontier
+    csv.write_text("name,flops,loss\nr0,3,3.0\nr1,1,\nr2,1,3.5\nr3,2,2.0\nr4,4,4.0\n")
+    argv = ["pareto", csv, "--objectives", "loss:min,flops:min", "--label", "name"]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and "missing values in rows [1] (use --dropna)" in err
+    rc, out, err = _run([*argv, "--dropna"], capsys)
+    assert rc == 0 and "dropped 1 rows with missing objective values" in err and out["n_points"] == 4
+    front = sorted((r["row"], r["label"], r["loss"]) for r in out["frontier"])
+    assert front == [(2, "r2", 3.5), (3, "r3", 2.0)]
+
+
+def _runs_dir(root, losses):
+    """Trainer run directories on three isoFLOP budgets, each summary.json holding the keys of ``losses``
+    (name -> function of N and D)."""
+    from scaling.optimal import chinchilla_closed_form
+
+    for c in (1e18, 1e19, 1e20):
+        n_opt = float(chinchilla_closed_form(CHIN, np.array([c]))[0][0])
+        for j, n in enumerate(n_opt * np.geomspace(1 / 6, 6, 7)):
+            d = c / (6 * n)
+            run = root / f"c{c:.0e}_{j}"
+            run.mkdir(parents=True)
+            s = {"params": n, "tokens": d, "flops": c, **{k: f(n, d) for k, f in losses.items()}}
+            (run / "summary.json").write_text(json.dumps(s))
+    return root
+
+
+def test_cli_run_directory_loss_defaults_and_overrides(tmp_path, capsys):
+    a_true = CHIN["beta"] / (CHIN["alpha"] + CHIN["beta"])
+    # only final_loss: it is the default loss column
+    runs = _runs_dir(tmp_path / "a", {"final_loss": _chinchilla_loss})
+    rc, out, err = _run(["isoflop", runs], capsys)
+    assert rc == 0, err
+    assert out["a"] == pytest.approx(a_true, abs=0.01)
+    # --columns wins over the summary.json default: final_eval_loss here is a law whose optimum is elsewhere
+    other = {**CHIN, "alpha": 0.6}
+    runs = _runs_dir(tmp_path / "b", {"final_eval_loss": lambda n, d: _chinchilla_loss(n, d, other),
+                                      "smoothed": _chinchilla_loss})
+    rc, out, err = _run(["isoflop", runs, "--columns", "loss=smoothed"], capsys)
+    assert rc == 0, err
+    assert out["a"] == pytest.approx(a_true, abs=0.01)
+
+
+def test_cli_flops_per_token_column_and_bare_n(tmp_path, capsys):
+    data = _isoflop_csv(tmp_path / "iso.csv")
+    lines = data.read_text().splitlines()
+    # a per-row FLOPs-per-token column holding 8 N: D = C / (8 N), so N* D* / C = 1/8
+    rows = [f"{line},{8 * float(line.split(',')[1]):.6e}" for line in lines[1:]]
+    data.write_text("\n".join([lines[0] + ",fpt", *rows]) + "\n")
+    cols = ["--columns", "C=flops,N=params,loss=loss"]
+    for spec, k in (("fpt", 8), ("N", 1), ("2.5n", 2.5)):
+        rc, out, err = _run(["isoflop", data, *cols, "--flops-per-token", spec], capsys)
+        assert rc == 0, err
+        # (the column is written to 7 significant digits)
+        assert [o["N"] * o["D"] / o["C"] for o in out["optima"]] == pytest.approx([1 / k] * 5, rel=1e-5), spec
+
+
+def test_cli_fit_dropna_counts_rows_used(tmp_path, capsys):
+    data = _chinchilla_csv(tmp_path / "runs.csv", n_points=30)
+    data.write_text(data.read_text() + "1e8,6e17,\n")  # a run without a loss: row 30
+    argv = ["fit", data, "--columns", "N=model_size,C=train_flops,loss=final_loss", "--n-boot", "0"]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and "loss: missing/NaN values in rows [30]" in err
+    rc, out, err = _run([*argv, "--dropna"], capsys)
+    assert rc == 0, err
+    assert out["rows_used"] == out["n_points"] == 30
+    assert "dropped 1 rows with missing values: rows [30]" in err
+    rc, out, err = _run([*argv, "--dropna", "--where", "model_size>=1e9"], capsys)
+    assert rc == 0, err
+    n = np.array([float(line.split(",")[0]) for line in data.read_text().splitlines()[1:31]])
+    assert out["rows_used"] == out["n_points"] == int((n >= 1e9).sum())
+
+
+def test_cli_downstream_rejects_zero_compute(tmp_path, capsys):
+    acc = tmp_path / "acc.csv"
+    acc.write_text("C,accuracy\n0,0.25\n1e19,0.3\n1e20,0.5\n1e21,0.7\n1e22,0.9\n")
+    rc, _, err = _run(["downstream", acc, "--n-boot", "0"], capsys)
+    assert rc == 2 and "compute must be > 0" in err
+
+
+def test_cli_observational_join_counts_and_family_compute(tmp_path, capsys):
+    from scaling.observational import capability_pca, fit_family_compute
+
+    # ten models in two families; the joined table scores seven of them plus two models DATA lacks;
+    # m9's compute is 0 (unknown): it is left out of the family fit, not an error
+    c = np.array([1, 2, 4, 8, 16, 3, 6, 12, 24, 0.0])
+    fam = ["f1"] * 5 + ["f2"] * 5
+    u = np.log(np.where(c > 0, c, 5)) + np.array([0, 0.1, -0.1, 0.05, 0, 0.3, 0.25, 0.35, 0.3, 0.2])
+    a, b = 0.2 + 0.1 * u, 0.1 + 0.15 * u + 0.02 * np.sin(np.arange(10))
+    acc = 1 / (1 + np.exp(-(u - 1.5)))
+    data, join = tmp_path / "models.csv", tmp_path / "task.csv"
+    data.write_text("Model,a,b,flops,family\n" + "".join(
+        f"m{i},{a[i]:.6f},{b[i]:.6f},{c[i]:g},{fam[i]}\n" for i in range(10)))
+    scored = [0, 1, 2, 3, 5, 6, 7]
+    join.write_text("Model,acc\n" + "".join(f"m{i},{acc[i]:.6f}\n" for i in scored) + "x1,0.5\nx2,0.6\n")
+    rc, out, err = _run(["observational", data, "--benchmarks", "a,b", "--target", "acc", "--join", join,
+                         "--components", "1", "--n-boot", "0", "--compute", "flops", "--family", "family"],
+                        capsys)
+    assert rc == 0, err
+    assert "2 models of" in err and "are not in DATA (e.g. ['x1', 'x2'])" in err
+    assert "3 of 10 models have no 'acc'" in err
+    assert out["n_models"] == 10 and out["n_fitted"] == 7
+    x = np.round(np.stack([a, b], axis=1), 6)
+    scores = capability_pca(x, 1).scores
+    ref = fit_family_compute(scores[:9], c[:9], fam[:9])
+    assert out["family_fit"]["n_models"] == {"f1": 5, "f2": 4}
+    assert out["family_fit"]["slope"] == pytest.approx(np.atleast_1d(ref.slope).tolist())
