@@ -108,7 +108,7 @@ def _lm(model: Model, theta0_SxP, x_SxN, y_SxN, w_SxN, *, n_iter: int = 300, rto
 
 def _best_of_starts(model: Model, starts_SxP, x_N, y_N, w_N):
     s = len(starts_SxP)
-    tile = lambda a: np.broadcast_to(a, (s, a.size)).copy()
+    tile = lambda a: np.broadcast_to(a, (s, *a.shape)).copy()  # x may carry trailing axes (e.g. [N, K])
     theta, sse, ok = _lm(model, starts_SxP, tile(x_N), tile(y_N), tile(w_N))
     i = int(np.argmin(sse))
     # How many starts reached the best optimum (within 1e-6 relative): a robustness diagnostic.

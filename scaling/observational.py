@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import expit, logit
 
-from scaling.downstream import _lm
+from scaling.downstream import _best_of_starts, _lm
 from scaling.intervals import percentile_interval
 
 __all__ = [
@@ -365,28 +365,22 @@ def fit_observational(
         c0 = [min(max(y.max() + 0.02 * (upper - floor), floor + 0.05 * (upper - floor)), upper - 1e-3),
               upper - 1e-3]
         starts = [np.r_[st, logit((c - floor) / (upper - floor))] for st in starts for c in c0]
-    starts_SxP = np.array(starts)
 
     def model(theta_SxP, x_SxMxK):
         w, b, c = _unpack(theta_SxP, k, floor, ceiling, upper)
         return floor + (c - floor)[:, None] * expit(np.einsum("smk,sk->sm", x_SxMxK, w) + b[:, None])
 
-    n_s = len(starts_SxP)
-    theta, sse, ok = _lm(model, starts_SxP, np.broadcast_to(s, (n_s, m, k)).copy(),
-                         np.broadcast_to(y, (n_s, m)).copy(), np.ones((n_s, m)))
-    i = int(np.argmin(sse))
-    n_same = int(np.sum(sse <= sse[i] * (1 + 1e-6) + 1e-300))
+    theta, sse, ok, n_same = _best_of_starts(model, np.array(starts), s, y, np.ones(m))
     samples = None
     if n_boot > 0:
         idx_BxM = np.random.default_rng(seed).integers(0, m, size=(n_boot, m))
-        th_B, _, _ = _lm(model, np.broadcast_to(theta[i], (n_boot, theta.shape[1])).copy(), s[idx_BxM],
+        th_B, _, _ = _lm(model, np.broadcast_to(theta, (n_boot, theta.size)).copy(), s[idx_BxM],
                          y[idx_BxM], np.ones((n_boot, m)))
         w_B, b_B, c_B = _unpack(th_B, k, floor, ceiling, upper)
         samples = np.c_[w_B, b_B, np.full(n_boot, floor), c_B]
-    w, b, c = _unpack(theta[i][None], k, floor, ceiling, upper)
+    w, b, c = _unpack(theta[None], k, floor, ceiling, upper)
     return ObservationalFit(weights=w[0], bias=float(b[0]), floor=float(floor), ceiling=float(c[0]),
-                            sse=float(sse[i]), n_points=m, converged=bool(ok[i]), n_starts_at_optimum=n_same,
-                            samples=samples)
+                            sse=sse, n_points=m, converged=ok, n_starts_at_optimum=n_same, samples=samples)
 
 
 def equivalent_log_compute(fit: ObservationalFit, family_fit: FamilyComputeFit, capabilities_MxK,
