@@ -34,12 +34,12 @@ import numpy as np
 
 from scaling.io import (
     SUMMARY_COLUMNS,
+    file_rows,
     filter_rows,
     law_data,
     load_table,
     numeric_column,
     parse_columns,
-    source_rows,
 )
 
 
@@ -341,11 +341,10 @@ def cmd_pareto(args) -> dict:
         raise CLIError(f"objective columns {missing} not found; available columns: {list(table)}")
     pts = np.stack([numeric_column(table, c, f"objective column {c!r}") for c in names], axis=1)
     ok = ~np.isnan(pts).any(axis=1)
-    src = source_rows(table)  # after --where, rows are still numbered as in the file
-    file_row = np.arange(ok.size) if src is None else src
-    if not ok.all():
+    if not ok.all():  # rows as the file numbers them, also after --where
         if not args.dropna:
-            raise CLIError(f"missing values in rows {file_row[~ok][:10].tolist()} (use --dropna)")
+            raise CLIError(f"missing values in rows {file_rows(table, np.flatnonzero(~ok))[:10].tolist()} "
+                           "(use --dropna)")
         _note(f"dropped {int((~ok).sum())} rows with missing objective values")
     rows = np.flatnonzero(ok)
     pts = pts[ok]
@@ -360,7 +359,7 @@ def cmd_pareto(args) -> dict:
         raise CLIError(f"--label column {args.label!r} not found; available columns: {list(table)}")
     frontier = []
     for i in front:
-        item = {"row": int(file_row[rows[i]]), **{c: float(pts[i, j]) for j, c in enumerate(names)}}
+        item = {"row": int(file_rows(table, rows[i])), **{c: float(pts[i, j]) for j, c in enumerate(names)}}
         if label is not None:
             item["label"] = str(label[rows[i]])
         if prob is not None:
@@ -368,7 +367,8 @@ def cmd_pareto(args) -> dict:
         frontier.append(item)
     out = {"objectives": dict(objs), "n_points": int(rows.size), "frontier": frontier}
     if prob is not None:
-        out["membership_probability"] = {int(file_row[r]): float(p) for r, p in zip(rows, prob, strict=True)}
+        out["membership_probability"] = {int(r): float(p) for r, p in zip(file_rows(table, rows), prob,
+                                                                             strict=True)}
     if args.out:
         outdir = _write_json(args.out, "pareto.json", out)
         if len(names) == 2:

@@ -31,6 +31,7 @@ __all__ = [
     "parse_columns",
     "filter_rows",
     "source_rows",
+    "file_rows",
     "law_data",
     "derive_tokens",
     "SUMMARY_COLUMNS",
@@ -214,6 +215,13 @@ def source_rows(table: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
     return getattr(table, "source_rows", None)
 
 
+def file_rows(table: Mapping[str, np.ndarray] | None, idx) -> np.ndarray:
+    """The file's row numbers of ``table``'s rows ``idx``: ``idx`` itself unless ``filter_rows`` made it."""
+    src = source_rows(table)
+    idx = np.asarray(idx)
+    return idx if src is None else src[idx]
+
+
 def filter_rows(table: Mapping[str, np.ndarray], conditions: Iterable[str]) -> dict[str, np.ndarray]:
     """Keep the rows satisfying every condition ``COLUMN<op>VALUE`` (op in <, <=, >, >=, ==, !=).
 
@@ -270,15 +278,7 @@ def _bad_rows(x: np.ndarray, table: Mapping[str, np.ndarray] | None = None, rows
     more = f" ... ({idx.size} rows)" if idx.size > 10 else ""
     if table is not None and "run" in table:
         return f"runs {[str(table['run'][i]) for i in idx[:10]]}{more}"
-    src = source_rows(table)
-    if src is not None:  # a table filtered by --where: name the rows as the file numbers them
-        idx = src[idx]
-    return f"rows {idx[:10].tolist()}{more} ({ROWS_ARE})"
-
-
-def _row(table: Mapping[str, np.ndarray], i: int) -> int:
-    src = source_rows(table)
-    return int(i if src is None else src[i])
+    return f"rows {file_rows(table, idx)[:10].tolist()}{more} ({ROWS_ARE})"
 
 
 def numeric_column(table: Mapping[str, np.ndarray], col: str, label: str) -> np.ndarray:
@@ -292,7 +292,8 @@ def numeric_column(table: Mapping[str, np.ndarray], col: str, label: str) -> np.
             try:
                 float(v)
             except (TypeError, ValueError):
-                where = f"run {table['run'][i]!r}" if "run" in table else f"row {_row(table, i)} ({ROWS_ARE})"
+                row = f"row {int(file_rows(table, i))} ({ROWS_ARE})"
+                where = f"run {table['run'][i]!r}" if "run" in table else row
                 raise ValueError(f"{label} is not numeric: {where} holds {v!r}") from None
     return np.asarray(arr, dtype=np.float64)
 
