@@ -223,7 +223,7 @@ def fit_family_compute(scores_MxK, compute, families: Sequence[str]) -> FamilyCo
     design = np.zeros((c.size, 1 + names.size))
     design[:, 0] = np.log(c)
     design[np.arange(c.size), 1 + inv] = 1.0
-    dof = c.size - np.linalg.matrix_rank(design)
+    dof = c.size - design.shape[1]  # the design must have full column rank
     if np.linalg.matrix_rank(design) < design.shape[1] or dof < 1:
         raise ValueError("the slope is not identified: no family has two models of different compute "
                          "(or no residual degree of freedom is left)")
