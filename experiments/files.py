@@ -13,12 +13,30 @@ from typing import Any
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary sibling and ``os.replace`` (atomic within a filesystem):
-    a reader never sees, and a process killed mid-write never leaves, a half-written file."""
+    a reader never sees, and a process killed mid-write never leaves, a half-written file.
+
+    The temporary file is fsynced before the rename and the directory after it: without that, a power loss
+    or kernel crash shortly after a run finished can leave ``summary.json`` empty (the rename reached the
+    disk, the data did not), and the sweep would retrain a finished run. The cost is one or two fsyncs per
+    run record, not per step."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
+    _fsync(tmp, os.O_RDONLY)
     os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # directories cannot be opened for fsync on every platform (Windows)
+        _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     return path
+
+
+def _fsync(path: Path, flags: int) -> None:
+    """Flush ``path``'s data (or a directory's entries) to the disk: fsync acts on the file, whatever
+    descriptor it is called through."""
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_json_object(

@@ -138,6 +138,9 @@ def _weights(weights, n: int) -> np.ndarray:
 
 
 # --- sigmoid -------------------------------------------------------------------------------------------
+_MAX_LOG_SLOPE = 700.0  # exp(700) ~ 1e304, below float64's largest ~1.8e308
+
+
 @dataclass(frozen=True)
 class _SigmoidSpec:
     """Which of floor/ceiling are free, and the map theta -> (floor, ceiling, mid, slope)."""
@@ -152,7 +155,11 @@ class _SigmoidSpec:
         return 2 + (self.floor is None) + (self.ceiling is None)
 
     def unpack(self, theta_SxP):
-        mid, slope = theta_SxP[:, 0], np.exp(theta_SxP[:, 1]) * (1.0 if self.increasing else -1.0)
+        # A step between two points (or data flat at a bound) drives the log-slope without limit; capped
+        # where exp stays finite, the slope is a huge number instead of an overflow to inf (which JSON
+        # cannot hold), and ``SigmoidFit.identified`` reports such a rise as not located.
+        log_slope = np.minimum(theta_SxP[:, 1], _MAX_LOG_SLOPE)
+        mid, slope = theta_SxP[:, 0], np.exp(log_slope) * (1.0 if self.increasing else -1.0)
         k = 2
         if self.floor is None and self.ceiling is None:
             floor = self.upper * expit(theta_SxP[:, 2])

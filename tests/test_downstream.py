@@ -1,5 +1,8 @@
 """Downstream capability fits on synthetic data drawn from known curves."""
 
+import json
+import warnings
+
 import numpy as np
 import pytest
 from scipy.special import expit
@@ -52,15 +55,22 @@ def test_a_sigmoid_flat_over_its_data_says_its_rise_is_not_identified():
     """Scores flat at chance (or at the ceiling) over the whole fitted range fit any midpoint beyond the data
     and any steepness (slope ~1e66 at the ceiling): the prediction is right, the parameters mean nothing, and
     the fit now says so (it reported them as a converged fit and nothing else)."""
-    at_chance = fit_accuracy_vs_compute(C, np.full(C.size, CHANCE) + 1e-5 * np.arange(C.size), chance=CHANCE)
-    at_ceiling = fit_accuracy_vs_compute(C, np.full(C.size, CEIL), chance=CHANCE, ceiling=CEIL)
-    rising = fit_accuracy_vs_compute(C, true_acc(C), chance=CHANCE, ceiling=CEIL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a flat fit's slope overflowed exp to inf, which JSON cannot hold
+        at_chance = fit_accuracy_vs_compute(C, np.full(C.size, CHANCE) + 1e-5 * np.arange(C.size),
+                                            chance=CHANCE)
+        at_ceiling = fit_accuracy_vs_compute(C, np.full(C.size, CEIL), chance=CHANCE, ceiling=CEIL)
+        rising = fit_accuracy_vs_compute(C, true_acc(C), chance=CHANCE, ceiling=CEIL)
+        # a rise between two points, too steep to place within the gap
+        step = fit_accuracy_vs_compute(C, np.where(C < 3e21, CHANCE, CEIL), chance=CHANCE, ceiling=CEIL)
     assert at_chance.identified is False and at_ceiling.identified is False and rising.identified is True
     assert at_chance.predict(C[-1]) == pytest.approx(CHANCE, abs=1e-3)
     assert at_chance.to_dict()["identified"] is False
-    # a rise between two points, too steep to place within the gap, is not identified either
-    step = fit_accuracy_vs_compute(C, np.where(C < 3e21, CHANCE, CEIL), chance=CHANCE, ceiling=CEIL)
     assert step.identified is False
+    for fit in (at_chance, at_ceiling, step):
+        assert np.isfinite(fit.slope)
+        json.dumps(fit.to_dict(), allow_nan=False)
+    assert step.predict(C) == pytest.approx(np.where(C < 3e21, CHANCE, CEIL), abs=1e-6)
 
 
 def test_sigmoid_free_floor_and_decreasing_in_loss():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -1056,6 +1057,32 @@ def test_an_atomic_write_interrupted_midway_leaves_the_old_file_whole(tmp_path, 
     monkeypatch.undo()
     files.write_text_atomic(target, "new content")
     assert target.read_text() == "new content" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_an_atomic_write_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, monkeypatch):
+    """The new text is fsynced before the rename (else a crash soon after can leave the renamed file empty)
+    and the directory after it (else the rename itself can be lost)."""
+    from experiments import files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def spy_replace(a, b):
+        events.append(("replace", str(a)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    target = tmp_path / "summary.json"
+    files.write_text_atomic(target, "done")
+    tmp, folder = os.path.realpath(tmp_path / "summary.json.tmp"), os.path.realpath(tmp_path)
+    seen = [(k, os.path.realpath(p)) for k, p in events]
+    assert seen == [("fsync", tmp), ("replace", tmp), ("fsync", folder)]
+    assert target.read_text() == "done"
 
 
 def test_summary_counts_tokens_flops_epochs_and_mfu_by_hand():
