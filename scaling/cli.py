@@ -14,7 +14,8 @@
   compute, held-out error above the cutoff -> downstream.json/.png.
 - ``observational DATA --benchmarks COL,COL,... --target COL [--join FILE --on KEY] --compute COL --family
   COL --cutoff C``: Ruan et al. 2024's observational law (capability PCA, family compute fits, a sigmoid of
-  the capabilities), held-out error above the cutoff against a compute-only sigmoid -> observational.json.
+  the capabilities), held-out error above the cutoff against a compute-only sigmoid ->
+  observational.json/.png.
 DATA is a CSV, JSON lines or JSON file, or a directory of trainer runs (every summary.json below it). When a
 table has compute but no token count, D = C/(6N) is derived (or C / flops-per-token) and a note says so.
 Errors in the input (missing files or columns, bad values) end with a one-line message and exit status 2.
@@ -496,18 +497,31 @@ def cmd_observational(args) -> dict:
                            f"{int(test.sum())} to predict")
         # the PCA too is fitted below the cutoff: nothing about the held-out models but their benchmarks
         pca_tr = capability_pca(x[train], args.components)
-        held = fit_observational(pca_tr.scores, y[train], floor=args.chance, ceiling=args.ceiling)
+        held = fit_observational(pca_tr.scores, y[train], floor=args.chance, ceiling=args.ceiling,
+                                 n_boot=args.n_boot, seed=args.seed)
         comp = fit_accuracy_vs_compute(compute[train], y[train], chance=args.chance, ceiling=args.ceiling)
-        err = np.abs(held.predict(pca_tr.transform(x[test])) - y[test])
+        s_test = pca_tr.transform(x[test])
+        err = np.abs(held.predict(s_test) - y[test])
         out["heldout"] = {
             "cutoff": args.cutoff, "n_train": int(train.sum()), "n_test": int(test.sum()),
             "mae": float(err.mean()), "median_ae": float(np.median(err)),
             "compute_only_mae": float(np.abs(comp.predict(compute[test]) - y[test]).mean()),
             "baseline_mae": float(np.abs(y[train].mean() - y[test]).mean()),
         }
+        if args.n_boot > 0:  # the band is parameter uncertainty only: expect it to cover less than its level
+            lo, hi = held.interval(s_test, level=0.9)
+            out["heldout"]["coverage_of_90pct_band"] = float(np.mean((y[test] >= lo) & (y[test] <= hi)))
+        shown = dict(fit=held, capabilities_MxK=pca_tr.transform(x[ok]), y=y[ok], heldout=test[ok],
+                     compute=compute[ok], compute_fit=comp, cutoff=args.cutoff, compute_label=args.compute,
+                     title=f"{args.target}: fit below {args.cutoff:g}, held out above")
+    else:
+        shown = dict(fit=fit, capabilities_MxK=pca.scores[has_y], y=y[has_y], title=args.target)
     if args.out:
+        from scaling.plots import plot_observational
+
         outdir = _write_json(args.out, "observational.json", out)
-        _note(f"wrote {outdir / 'observational.json'}")
+        plot_observational(**shown).savefig(outdir / "observational.png", dpi=120)
+        _note(f"wrote {outdir / 'observational.json'} and {outdir / 'observational.png'}")
     return out
 
 
@@ -627,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cutoff", type=float, help="also fit below this compute and report the error above it")
     v.add_argument("--n-boot", type=_n_boot, default=200)
     v.add_argument("--where", action="append", help="row filter COLUMN<op>VALUE (repeatable)")
-    v.add_argument("--out", help="output directory (observational.json)")
+    v.add_argument("--out", help="output directory (observational.json, observational.png)")
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=cmd_observational)
     return p

@@ -21,6 +21,7 @@ __all__ = [
     "plot_pareto",
     "plot_law_frontier",
     "plot_downstream",
+    "plot_observational",
 ]
 
 
@@ -290,4 +291,67 @@ def plot_downstream(compute, accuracy, *, fit: Any = None, two_step: Any = None,
     ax.set_ylabel("accuracy")
     ax.legend(fontsize="small")
     ax.set_title(title or "downstream capability")
+    return fig
+
+
+# --- observational scaling ------------------------------------------------------------------------------
+def plot_observational(fit: Any, capabilities_MxK, y, *, heldout=None, x=None, xlabel: str | None = None,
+                       log_x: bool = False, compute=None, compute_fit: Any = None,
+                       cutoff: float | None = None, compute_label: str = "training compute C (FLOP)",
+                       level: float = 0.9, title: str | None = None):
+    """A metric against the capability index of an observational fit (Ruan et al. 2024), and, given each
+    model's training compute, against that compute (where families of different efficiency scatter).
+
+    Args:
+      fit: ``scaling.observational.ObservationalFit`` (``index``, ``predict``; ``interval`` when it has
+        bootstrap samples).
+      capabilities_MxK, y: every model's capabilities (scores of the PCA the fit used) and metric.
+      heldout: boolean mask of models the fit did not see, drawn as red squares.
+      x: the left panel's x per model; default the fitted index ``w . S + b`` (the sigmoid's logit), on which
+        the fit is one curve. Pass e.g. ``np.exp(equivalent_log_compute(...))`` with ``log_x=True`` for the
+        paper's "reference-equivalent FLOPs", an affine map of the index.
+      compute, compute_fit, cutoff: training compute per model, a ``SigmoidFit`` against it (compute-only
+        baseline) and the train/held-out split, for the right panel (x label ``compute_label``).
+    """
+    s = np.asarray(capabilities_MxK, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64).ravel()
+    held = np.zeros(y.size, dtype=bool) if heldout is None else np.asarray(heldout, dtype=bool).ravel()
+    if held.size != y.size or len(s) != y.size:
+        raise ValueError(f"capabilities ({len(s)}), y ({y.size}) and heldout ({held.size}) differ in length")
+    xs = fit.index(s) if x is None else np.asarray(x, dtype=np.float64).ravel()
+    if xs.size != y.size:
+        raise ValueError(f"x has {xs.size} values for {y.size} models")
+    fig, axes = _figure(1, 1 + (compute is not None), figsize=(6.4 * (1 + (compute is not None)), 4.4))
+    ax = axes[0, 0]
+    order = np.argsort(xs)
+    if getattr(fit, "samples", None) is not None:
+        lo, hi = fit.interval(s[order], level=level)
+        ax.fill_between(xs[order], lo, hi, color="C0", alpha=0.2, label=f"{level:.0%} bootstrap band")
+    ax.plot(xs[order], fit.predict(s[order]), color="C0", lw=1.2, label="observational fit")
+    ax.scatter(xs[~held], y[~held], s=14, color="k", label="fitted models")
+    if held.any():
+        ax.scatter(xs[held], y[held], s=20, color="C3", marker="s", label="held out")
+    ax.axhline(fit.floor, color="k", lw=0.8, ls="--", label="floor")
+    ax.set_xscale("log" if log_x else "linear")
+    ax.set_xlabel(xlabel or ("capability index w·S + b" if x is None else "x"))
+    ax.set_ylabel("metric")
+    ax.set_title(title or "observational scaling law")
+    ax.legend(fontsize="x-small")
+    if compute is not None:
+        c = np.asarray(compute, dtype=np.float64).ravel()
+        if c.size != y.size:
+            raise ValueError(f"compute has {c.size} values for {y.size} models")
+        ax = axes[0, 1]
+        ax.scatter(c[~held], y[~held], s=14, color="k")
+        if held.any():
+            ax.scatter(c[held], y[held], s=20, color="C3", marker="s")
+        if compute_fit is not None:
+            grid = np.geomspace(c.min(), c.max(), 200)
+            ax.plot(grid, compute_fit.predict(grid), color="C2", lw=1.2, label="sigmoid in log C")
+            ax.legend(fontsize="x-small")
+        if cutoff is not None:
+            ax.axvline(cutoff, color="0.5", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(compute_label)
+        ax.set_title("compute only")
     return fig

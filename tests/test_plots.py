@@ -13,6 +13,7 @@ from scaling.plots import (
     plot_isoflop,
     plot_law_fit,
     plot_law_frontier,
+    plot_observational,
     plot_optimal,
     plot_pareto,
 )
@@ -181,3 +182,43 @@ def test_downstream_plot_with_two_step(tmp_path):
     # Without bootstrap draws the curves are drawn without bands.
     fig = plot_downstream(c, acc, fit=fit_accuracy_vs_compute(c, acc, chance=0.25))
     assert _count(fig.axes[0], PolyCollection) == 0
+
+
+def test_observational_plot_draws_the_fit_on_its_index_and_the_compute_baseline(tmp_path):
+    """The left panel's curve is floor + (ceiling - floor) * sigmoid(index) on the fitted index, the models
+    sit at (index, metric) with held-out ones apart, and the right panel draws the compute-only sigmoid."""
+    from scipy.special import expit
+
+    from scaling.observational import fit_observational
+
+    rng = np.random.default_rng(0)
+    c = np.geomspace(1e20, 1e24, 40)
+    s_Mx2 = np.c_[0.3 * np.log(c / 1e22) + 0.2 * rng.normal(size=40), rng.normal(size=40)]
+    y = 0.25 + 0.75 * expit(2.0 * s_Mx2[:, 0] + 0.5 * s_Mx2[:, 1] - 0.3) + 0.01 * rng.normal(size=40)
+    y = np.clip(y, 0, 1)
+    held = c >= 3e23
+    fit = fit_observational(s_Mx2[~held], y[~held], floor=0.25, n_boot=40)
+    comp = fit_accuracy_vs_compute(c[~held], y[~held], chance=0.25)
+    fig = plot_observational(fit, s_Mx2, y, heldout=held, compute=c, compute_fit=comp, cutoff=3e23)
+    left, right = fig.axes[:2]
+    index = s_Mx2 @ fit.weights + fit.bias
+    curve = left.lines[0]
+    np.testing.assert_allclose(curve.get_xdata(), np.sort(index))
+    np.testing.assert_allclose(curve.get_ydata(), 0.25 + 0.75 * expit(np.sort(index)), rtol=1e-12)
+    fitted, heldout = (c_ for c_ in left.collections if isinstance(c_, PathCollection))
+    np.testing.assert_allclose(fitted.get_offsets(), np.c_[index[~held], y[~held]])
+    np.testing.assert_allclose(heldout.get_offsets(), np.c_[index[held], y[held]])
+    assert _count(left, PolyCollection) == 1  # the bootstrap band
+    grid = right.lines[0].get_xdata()
+    assert grid[0] == pytest.approx(c.min()) and grid[-1] == pytest.approx(c.max())
+    np.testing.assert_allclose(right.lines[0].get_ydata(), comp.predict(grid))
+    assert right.get_xscale() == "log" and right.lines[1].get_xdata()[0] == pytest.approx(3e23)
+    _saved(fig, tmp_path, "observational")
+    # Another x (e.g. equivalent compute), no bootstrap, no compute: one panel, points at the given x.
+    plain = fit_observational(s_Mx2, y, floor=0.25)
+    fig = plot_observational(plain, s_Mx2, y, x=c, log_x=True, xlabel="FLOPs")
+    only = fig.axes[0]
+    assert len(fig.axes) == 1 and _count(only, PolyCollection) == 0 and only.get_xscale() == "log"
+    np.testing.assert_allclose(fig.axes[0].collections[0].get_offsets(), np.c_[c, y])
+    with pytest.raises(ValueError, match="heldout"):
+        plot_observational(plain, s_Mx2, y, heldout=held[:-1])

@@ -484,6 +484,11 @@ def test_cli_observational_joins_the_target_and_matches_the_library(tmp_path, ca
     assert (h["n_train"], h["n_test"]) == (43, 20) and h["mae"] == pytest.approx(mae)
     assert h["compute_only_mae"] == pytest.approx(np.abs(comp.predict(c[test]) - y[test]).mean())
     assert h["mae"] < h["compute_only_mae"] < h["baseline_mae"]  # measured: 0.036, 0.070, 0.742
+    # the held-out fit's bootstrap (same seed, same draws) and the share of held-out scores inside its band
+    boot = fit_observational(pca_tr.scores, y[train], n_boot=20, seed=0)
+    lo, hi = boot.interval(pca_tr.transform(x[test]), level=0.9)
+    assert h["coverage_of_90pct_band"] == pytest.approx(np.mean((y[test] >= lo) & (y[test] <= hi)))
+    assert (tmp_path / "observational.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_observational_input_mistakes_are_named(tmp_path, capsys):
