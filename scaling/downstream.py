@@ -20,6 +20,7 @@ starts and bootstrap replicates at once (numpy float64; no compilation, so tests
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -126,6 +127,26 @@ def _check_xy(x, y, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
         if bad.any():
             raise ValueError(f"{name}: non-finite values in rows {np.flatnonzero(bad)[:10].tolist()}")
     return x, y
+
+
+def _warn_if_bounds_miss_data(y, floor: float | None, ceiling: float | None, upper: float, who: str) -> None:
+    """Warn when a fixed floor or ceiling cannot be the data's asymptote: most scores lie below the floor (or
+    above the ceiling) by more than 5% of the range, or one lies beyond it by half the range. A wrong chance
+    level (0.5 given for a task scored from 0) or a ceiling below the best models still "converges", to
+    weights that mean nothing. Noise around a right bound leaves about half the scores beyond it, and only
+    by a little, so the median is the test; a warning, not an error, because the bound is the user's call."""
+    lo = 0.0 if floor is None else floor
+    span = (upper if ceiling is None else ceiling) - lo
+    med = float(np.median(y))
+    if floor is not None and (med < floor - 0.05 * span or y.min() < floor - 0.5 * span):
+        warnings.warn(f"{who}: the fixed floor {floor:g} lies above most of the scores (median {med:.3g}; "
+                      f"{int((y < floor).sum())} of {y.size} below it): is the floor (chance level) right?",
+                      UserWarning, stacklevel=3)
+    if ceiling is not None and (med > ceiling + 0.05 * span or y.max() > ceiling + 0.5 * span):
+        warnings.warn(f"{who}: the fixed ceiling {ceiling:g} lies below the scores (median {med:.3g}, max "
+                      f"{y.max():.3g}; {int((y > ceiling).sum())} of {y.size} above it): is the ceiling "
+                      "right?",
+                      UserWarning, stacklevel=3)
 
 
 def _weights(weights, n: int) -> np.ndarray:
@@ -302,6 +323,7 @@ def fit_sigmoid(
         t = x
     if floor is not None and ceiling is not None and not floor < ceiling:
         raise ValueError(f"floor ({floor}) must be below ceiling ({ceiling})")
+    _warn_if_bounds_miss_data(y, floor, ceiling, upper, "fit_sigmoid")
     spec = _SigmoidSpec(floor, ceiling, increasing, upper)
     if x.size < spec.n_params + 1:
         raise ValueError(f"{x.size} points are too few for a sigmoid with {spec.n_params} free parameters")

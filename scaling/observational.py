@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import expit, logit
 
-from scaling.downstream import _best_of_starts, _lm
+from scaling.downstream import _best_of_starts, _lm, _warn_if_bounds_miss_data
 from scaling.intervals import percentile_interval
 
 __all__ = [
@@ -353,6 +353,7 @@ def fit_observational(
         hint = "; percentages? divide by 100" if y.max() > upper and upper == 1.0 else ""
         raise ValueError(f"metric outside [{lower}, upper={upper}] in rows {out[:10].tolist()} "
                          f"(e.g. {y[out[0]]}){hint}")
+    _warn_if_bounds_miss_data(y, floor, ceiling, upper, "fit_observational")
     n_free = k + 1 + (ceiling is None)
     if m < n_free + 1:
         raise ValueError(f"{m} models are too few for {n_free} free parameters")

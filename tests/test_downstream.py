@@ -228,3 +228,20 @@ def test_per_item_default_chance_counts_only_real_choices():
     pa = per_item_analysis(c, np.minimum(lpc, 0.0), lpi)
     assert pa.fits["accuracy"].floor == pytest.approx(0.5 * 0.5 + 0.5 * 0.25)
     assert abs(pa.means["accuracy"].mean() - 0.375) < 0.03
+
+
+def test_a_fixed_floor_or_ceiling_the_data_contradict_is_warned_about():
+    """A chance level above most scores (0.5 given for a task scored from 0) or a ceiling below the best
+    models still 'converges'; the fit says so. Scores scattered around the right bounds do not warn."""
+    acc = true_acc(C)  # from CHANCE up to near CEIL
+    with pytest.warns(UserWarning, match=r"fixed floor 0.9 lies above most of the scores .*median"):
+        fit_accuracy_vs_compute(C, acc, chance=0.9)
+    with pytest.warns(UserWarning, match=r"fixed ceiling 0.3 lies below the scores"):
+        fit_sigmoid(np.log(C), acc, floor=CHANCE, ceiling=0.3)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(acc + 0.03 * rng.normal(size=C.size), 0, 1)  # about half the chance-level models below it
+    assert (noisy < CHANCE).sum() >= 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_accuracy_vs_compute(C, noisy, chance=CHANCE, ceiling=None)
+        fit_sigmoid(np.log(C), noisy, floor=None, ceiling=CEIL)  # a free floor is never checked

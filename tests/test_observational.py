@@ -181,6 +181,11 @@ def test_observational_sigmoid_recovers_known_parameters():
     # a fixed ceiling is kept, and the wrong one fits worse
     fixed = fit_observational(s, y, floor=0.25, ceiling=1.0)
     assert fixed.ceiling == 1.0 and fixed.sse > 100 * fit.sse + 1e-6
+    # a chance level above most scores, or a ceiling below them, is named (the fit still returns)
+    with pytest.warns(UserWarning, match="fit_observational: the fixed floor 0.8 lies above most"):
+        fit_observational(s, y, floor=0.8)
+    with pytest.warns(UserWarning, match="fit_observational: the fixed ceiling 0.4 lies below the scores"):
+        fit_observational(s, y, floor=0.25, ceiling=0.4)
 
 
 def test_observational_bootstrap_interval_covers_the_truth():

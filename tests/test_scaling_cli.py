@@ -507,6 +507,11 @@ def test_cli_observational_input_mistakes_are_named(tmp_path, capsys):
     rc, _, err = _run(["observational", p, "--benchmarks", "a,b", "--target", "acc", "--components", "1",
                        "--compute", "flops", "--cutoff", "5"], capsys)
     assert rc == 2 and "--cutoff 5 leaves 2 models to fit and 2 to predict" in err
+    # a warning from the fit reaches the user as one line, and the command still answers
+    rc, _, err = _run(["observational", p, "--benchmarks", "a,b", "--target", "acc", "--components", "1",
+                       "--chance", "0.6"], capsys)
+    assert rc == 0 and "warning: fit_observational: the fixed floor 0.6 lies above most of the scores" in err
+    assert "UserWarning" not in err and "cli.py" not in err
 
 
 def test_cli_where_filters_rows_before_the_analysis(tmp_path, capsys):
