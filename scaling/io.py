@@ -195,6 +195,8 @@ def parse_columns(spec: str | None) -> dict[str, str]:
         var, col = var.strip(), col.strip()
         if not var or not col:
             raise ValueError(f"--columns entry {part!r} has an empty variable or column name")
+        if var in out:  # the later one would silently win
+            raise ValueError(f"--columns maps {var!r} twice ({out[var]!r} and {col!r})")
         out[var] = col
     return out
 

@@ -43,6 +43,8 @@ def test_parse_columns_rejects_empty_names():
     for spec in ("N=", "=params", "N=params, loss= "):
         with pytest.raises(ValueError, match="empty variable or column name"):
             parse_columns(spec)
+    with pytest.raises(ValueError, match="maps 'loss' twice \\('x' and 'y'\\)"):
+        parse_columns("N=n,loss=x,loss=y")  # the later one once won silently
 
 
 def test_filter_rows_every_operator():
