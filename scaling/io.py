@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -307,7 +307,7 @@ def law_data(
     *,
     flops_per_token: Callable[[np.ndarray], np.ndarray] | None = None,
     dropna: bool = False,
-    positive: bool = True,
+    positive: bool | Collection[str] = True,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, np.ndarray]:
     """Arrays for a law's variables (inputs + target), read from a table.
@@ -318,7 +318,8 @@ def law_data(
       columns: variable -> column name; a variable without an entry is looked up under its own name.
       flops_per_token: FLOP model used when D must be derived from compute (default 6 N, i.e. C = 6 N D).
       dropna: drop rows with NaN in any needed column (reported via ``log``) instead of raising.
-      positive: require every value to be > 0 (true for N, D, C and losses).
+      positive: require every value to be > 0 (true for N, D, C and losses), or the names of the variables
+        that must be (a law's ``signed_inputs`` may be zero or negative).
       log: where derivation / dropping messages go (None = silent).
     Returns:
       dict variable -> float64 array, plus "row" (indices of the used rows in the table).
@@ -378,7 +379,8 @@ def law_data(
     for var, x in out.items():
         if np.isinf(x).any():
             raise ValueError(f"{var}: infinite values in {_bad_rows(np.isinf(x), table, rows)}")
-        if positive and (x <= 0).any():
+        must = positive if isinstance(positive, bool) else var in positive
+        if must and (x <= 0).any():
             raise ValueError(f"{var}: non-positive values in {_bad_rows(x <= 0, table, rows)}")
     if rows.size == 0:
         raise ValueError("no rows left after dropping missing values")

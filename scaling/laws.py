@@ -56,6 +56,8 @@ class Law:
       log_predict: optional numerically stable ``log(fn)`` (Chinchilla's LSE form).
       bounds: natural-scale (lo, hi) per param, used to warn when an estimate sits on its bound.
       init_grid: start values in the transformed space, per param.
+      signed_inputs: inputs that may be zero or negative (an annealing area), unlike scaling variables
+        (N, D, C), which the fitter requires > 0.
       target: name of the fitted quantity in the data dict ("loss" by default).
       space: default residual space: "log" (residuals of log target, Hoffmann et al.) or "linear".
       citation: paper(s) the form comes from.
@@ -75,6 +77,7 @@ class Law:
     log_predict: Callable[[Params, Inputs], jnp.ndarray] | None = None
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     init_grid: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    signed_inputs: tuple[str, ...] = ()
     target: str = "loss"
     space: str = "log"
     citation: str = ""
@@ -96,6 +99,8 @@ class Law:
             )
         if self.linear and self.basis is None:
             raise ValueError(f"law {self.name!r}: linear params need a basis function")
+        if set(self.signed_inputs) - set(self.inputs):
+            raise ValueError(f"law {self.name!r}: signed_inputs {self.signed_inputs} must be inputs")
         if self.space not in ("log", "linear"):
             raise ValueError(f"law {self.name!r}: space must be 'log' or 'linear', got {self.space!r}")
 
@@ -554,6 +559,43 @@ SIGMOID = register_law(
         "arXiv:2510.13786 (sigmoidal compute-performance curve)",
         doc="R(C) = R0 + (A - R0) / (1 + (C_mid/C)^B). R0: value at C -> 0, A: asymptote, C_mid: compute "
         "at half the gain, B: steepness in log compute. Fitted on the linear scale by default.",
+    )
+)
+
+
+# --- learning-rate annealing (Tissue et al. 2024) ---------------------------------------------------
+def _anneal_fn(p, x):
+    return p["L0"] + p["A"] * x["S1"] ** -p["alpha"] - p["C"] * x["S2"]
+
+
+def _anneal_basis(p, x):
+    s1 = jnp.asarray(x["S1"])
+    return jnp.stack([jnp.ones_like(s1), s1 ** -p["alpha"], -jnp.asarray(x["S2"])], axis=-1)
+
+
+LR_ANNEALING = register_law(
+    Law(
+        name="lr_annealing",
+        inputs=("S1", "S2"),
+        signed_inputs=("S2",),  # 0 before any anneal; < 0 after a re-warmup (the loss rises again)
+        params=("L0", "A", "alpha", "C"),
+        fn=_anneal_fn,
+        transforms={"L0": "log", "A": "log", "C": "log"},
+        linear=("L0", "A", "C"),
+        basis=_anneal_basis,
+        # C >= 0: annealing lowers the loss. With constant-LR curves only (S2 = 0) C is not identified.
+        linear_lower=(0.0, 0.0, 0.0),
+        bounds={"L0": _POS, "A": _POS, "alpha": _EXP, "C": _POS},
+        init_grid={
+            "alpha": (0.1, 0.3, 0.5, 0.8, 1.2),
+            "L0": (-1.0, 0.0, 1.0),
+            "A": (-2.0, 0.0, 2.0),
+            "C": (-4.0, -2.0, 0.0),
+        },
+        citation="Tissue et al. 2024, 'Scaling Law with Learning Rate Annealing', arXiv:2408.11029",
+        doc="L(s) = L0 + A S1^-alpha - C S2 along one training run: S1 = sum of the learning rates so far "
+        "(forward area), S2 = the annealing area with momentum; both from "
+        "scaling.lr_annealing.annealing_areas(lr). One fit predicts the loss curve of any schedule.",
     )
 )
 

@@ -1,0 +1,185 @@
+"""A training run's loss curve under any learning-rate schedule (Tissue et al. 2024).
+
+Tissue, Wang, Zhong, Chen & Wu 2024, "Scaling Law with Learning Rate Annealing" (arXiv:2408.11029): the loss
+after step s is ``L(s) = L0 + A S1^-alpha - C S2``, where
+
+- ``S1(s) = sum_{t <= s} eta_t`` is the *forward area*, the learning rate summed over the steps so far, and
+- ``S2(s) = sum_{t <= s} m_t``, ``m_t = lam m_{t-1} + (eta_{t-1} - eta_t)``, is the *annealing area*: every
+  drop of the learning rate lowers the loss, with a delay set by the momentum ``lam`` (0.999 in the paper).
+
+This module turns schedules into the law's inputs; the law itself is ``scaling.laws`` "lr_annealing", fitted
+by ``scaling.fit`` like any other (Huber loss on log residuals, multi-start, variable projection over the
+exponent, bootstrap). Fitted on one or two runs (e.g. a constant and a cosine schedule), it predicts the
+whole curve of another schedule (a warmup-stable-decay cooldown of any length) without training it::
+
+    res = fit_annealing([(lr_const, steps_a, loss_a), (lr_cos, steps_b, loss_b)])
+    res.predict(lr_wsd)              # the loss after every step of the WSD run
+    res.params, res.decay, res.objective_by_decay
+
+``fit_annealing`` also chooses the momentum ``lam`` by profiling: the paper's 0.999 delays an anneal's
+effect by about 1/(1 - lam) = 1000 steps, which suits runs of tens of thousands of steps, not short ones.
+
+Warmup: the steps before the schedule first reaches its peak add to the forward area (Luo et al. 2025's
+S_W does the same) but not to the annealing area: a rising learning rate is not an anneal, and counting it
+as a negative one would add a spurious bump to every curve.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.signal import lfilter
+
+from scaling.fit import FitResult, fit
+
+__all__ = ["annealing_areas", "annealing_data", "AnnealingFit", "fit_annealing"]
+
+DECAYS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)  # delays of 1/(1 - lam): 1 to 1000 steps
+
+
+def annealing_areas(lr, *, decay: float = 0.999, warmup: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and annealing areas ``(S1, S2)`` after every step of a schedule.
+
+    Args:
+      lr: the learning rate each update used, in order ([T]; ``lr[0]`` is the first step's).
+      decay: the momentum ``lam`` of the annealing area (Tissue et al. use 0.999; 0 makes S2 the plain drop
+        of the learning rate so far, ``eta_peak - eta_s``).
+      warmup: steps before the peak, which count in S1 only; default: the steps before the first maximum.
+
+    Returns:
+      ``S1, S2`` [T]: entry ``s - 1`` holds the areas after step s.
+    """
+    eta = np.asarray(lr, dtype=np.float64)
+    if eta.ndim != 1 or eta.size == 0:
+        raise ValueError(f"lr must be a non-empty 1-D array of per-step learning rates; got {eta.shape}")
+    bad = np.flatnonzero(~np.isfinite(eta) | (eta < 0))
+    if bad.size:
+        raise ValueError(f"lr must be finite and >= 0; steps {(bad[:10] + 1).tolist()} (1-based) hold "
+                         f"{eta[bad[:3]].tolist()}")
+    if not 0 <= decay < 1:
+        raise ValueError(f"decay must be in [0, 1); got {decay}")
+    w = int(np.argmax(eta)) if warmup is None else int(warmup)
+    if not 0 <= w < eta.size:
+        raise ValueError(f"warmup must be in [0, {eta.size}) for a {eta.size}-step schedule; got {warmup}")
+    drop = np.zeros_like(eta)
+    drop[w + 1:] = eta[w:-1] - eta[w + 1:]  # eta_{t-1} - eta_t after the peak; warmup's rise is no anneal
+    momentum = lfilter([1.0], [1.0, -decay], drop)  # m_t = decay m_{t-1} + drop_t, without a Python loop
+    return np.cumsum(eta), np.cumsum(momentum)
+
+
+def annealing_data(curves: Sequence[tuple], *, decay: float = 0.999, warmup: int | None = None) -> dict:
+    """The law's fit data from measured loss curves.
+
+    Args:
+      curves: ``(lr, steps, loss)`` per run: its per-step schedule [T], the steps after which the loss was
+        measured (1-based update counts, 1..T) and the losses there.
+      decay, warmup: as in ``annealing_areas`` (the same for every curve).
+
+    Returns:
+      ``{"S1", "S2", "loss", "curve"}``: arrays over all measurements, ``curve`` the index of each one's run
+      (for a fit on some curves and a check on others).
+    """
+    if not curves:
+        raise ValueError("no curves given")
+    parts: dict[str, list] = {"S1": [], "S2": [], "loss": [], "curve": []}
+    for i, curve in enumerate(curves):
+        if len(curve) != 3:
+            raise ValueError(f"curve {i} must be (lr, steps, loss); got {len(curve)} items")
+        lr, steps, loss = curve
+        s1, s2 = annealing_areas(lr, decay=decay, warmup=warmup)
+        steps = np.asarray(steps)
+        loss = np.asarray(loss, dtype=np.float64).ravel()
+        if steps.ndim != 1 or steps.size != loss.size:
+            raise ValueError(f"curve {i}: {steps.size} steps but {loss.size} losses")
+        if not np.issubdtype(steps.dtype, np.integer) and not np.array_equal(steps, np.round(steps)):
+            raise ValueError(f"curve {i}: steps must be whole update counts")
+        steps = steps.astype(np.int64)
+        out = np.flatnonzero((steps < 1) | (steps > s1.size))
+        if out.size:
+            raise ValueError(f"curve {i}: steps {steps[out[:5]].tolist()} lie outside 1..{s1.size} (the "
+                             "length of its schedule)")
+        bad = np.flatnonzero(~np.isfinite(loss) | (loss <= 0))
+        if bad.size:
+            raise ValueError(f"curve {i}: losses at steps {steps[bad[:5]].tolist()} are not finite and > 0")
+        parts["S1"].append(s1[steps - 1])
+        parts["S2"].append(s2[steps - 1])
+        parts["loss"].append(loss)
+        parts["curve"].append(np.full(loss.size, i))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+@dataclass
+class AnnealingFit:
+    """The "lr_annealing" law fitted at the momentum that fits best.
+
+    Attributes:
+      result: the ``scaling.fit`` result at ``decay`` (params, objective, diagnostics; ``scaling.bootstrap``
+        takes it for intervals, which treat the points of a curve as independent: they are not, so read the
+        intervals as a lower bound on the uncertainty).
+      decay: the chosen momentum ``lam``; warmup: as passed (None: each schedule's steps before its peak).
+      objective_by_decay: the fit's objective at every momentum tried (a flat profile: ``lam`` is not
+        identified by these curves).
+    """
+
+    result: FitResult
+    decay: float
+    warmup: int | None
+    objective_by_decay: dict[float, float] = field(default_factory=dict)
+
+    @property
+    def params(self) -> dict[str, float]:
+        return self.result.params
+
+    @property
+    def decay_at_edge(self) -> bool:
+        """Whether the chosen momentum is the smallest or largest tried: the best may lie beyond the grid."""
+        tried = sorted(self.objective_by_decay)
+        return len(tried) > 1 and self.decay in (tried[0], tried[-1])
+
+    def predict(self, lr, steps=None) -> np.ndarray:
+        """The loss after each of ``steps`` (1-based; default every step) of a run with schedule ``lr``."""
+        s1, s2 = annealing_areas(lr, decay=self.decay, warmup=self.warmup)
+        if steps is None:
+            return self.result.predict(S1=s1, S2=s2)
+        idx = np.asarray(steps, dtype=np.int64) - 1
+        if idx.size and (idx.min() < 0 or idx.max() >= s1.size):
+            raise ValueError(f"steps must lie in 1..{s1.size} (the schedule's length)")
+        return self.result.predict(S1=s1[idx], S2=s2[idx])
+
+    def to_dict(self) -> dict:
+        return {"law": "lr_annealing", "params": dict(self.params), "decay": self.decay,
+                "warmup": self.warmup, "objective": self.result.objective, "converged": self.result.converged,
+                "n_points": self.result.n_points, "decay_at_edge": self.decay_at_edge,
+                "objective_by_decay": {str(k): v for k, v in self.objective_by_decay.items()}}
+
+
+def fit_annealing(curves: Sequence[tuple], *, decays: Sequence[float] = DECAYS, warmup: int | None = None,
+                  **fit_kwargs) -> AnnealingFit:
+    """Fit Tissue et al.'s loss-curve law to measured curves, choosing the momentum ``lam`` from ``decays``.
+
+    Args:
+      curves: ``(lr, steps, loss)`` per run, as in ``annealing_data``. Curves under at least two schedules
+        (e.g. constant and cosine) separate the forward term from the annealing term; a single constant-LR
+        curve cannot identify C.
+      decays: momenta to try; the one with the smallest objective wins (a profile over ``lam``).
+      warmup: as in ``annealing_areas``.
+      fit_kwargs: passed to ``scaling.fit`` (default: Huber delta 1e-3 on log residuals, as for Chinchilla).
+    """
+    if not len(decays):
+        raise ValueError("decays is empty")
+    warn = fit_kwargs.pop("warn", True)
+    best: tuple[float, FitResult] | None = None
+    by_decay: dict[float, float] = {}
+    for lam in decays:
+        data = annealing_data(curves, decay=lam, warmup=warmup)
+        res = fit("lr_annealing", {k: data[k] for k in ("S1", "S2", "loss")}, warn=False, **fit_kwargs)
+        by_decay[float(lam)] = float(res.objective)
+        if best is None or res.objective < best[1].objective:
+            best = (float(lam), res)
+    if warn:  # the chosen fit's diagnostics only, not those of every momentum tried
+        for msg in best[1].warnings:
+            warnings.warn(f"fit_annealing (decay {best[0]}): {msg}", RuntimeWarning, stacklevel=2)
+    return AnnealingFit(result=best[1], decay=best[0], warmup=warmup, objective_by_decay=by_decay)

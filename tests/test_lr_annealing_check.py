@@ -1,0 +1,37 @@
+"""experiments/lr_annealing_check.py end to end on a few steps: three schedules trained, each curve predicted
+from the other two, and the per-step learning rates it fits with are the ones the trainer used."""
+
+import json
+
+import numpy as np
+
+from experiments import lr_annealing_check
+from experiments.metrics import read_metrics
+from experiments.presets import get_preset
+from scaling.lr_annealing import DECAYS
+
+
+def test_check_trains_three_schedules_and_reports_each_held_out_curve(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--steps", "60", "--eval-every", "10", "--fit-from", "10"]
+    assert lr_annealing_check.main(args) == 0
+    report = json.loads((tmp_path / "lr_annealing.json").read_text())
+    assert report["fit_from"] == 10 and sorted(report["held_out"]) == ["constant", "cosine", "wsd"]
+    for name, row in report["held_out"].items():
+        assert row["n_points"] == 6, name  # validation at steps 10, 20, ..., 60
+        errors = [row["mean_abs_rel_err"], row["final_rel_err"], row["no_anneal_final_rel_err"]]
+        assert np.isfinite(errors).all()
+        assert row["fit"]["law"] == "lr_annealing" and row["fit"]["decay"] in DECAYS
+    # the schedule each update used, as the trainer logged it (update t takes the schedule at count t - 1)
+    for name in lr_annealing_check.SCHEDULES:
+        cfg = get_preset("tiny").override([f"optimizer.schedule={name}", "trainer.steps=60"]).validate()
+        lr = lr_annealing_check.per_step_lr(cfg)
+        logged = [(r["step"], r["lr"]) for r in read_metrics(tmp_path / name) if "lr" in r]
+        assert len(logged) >= 3
+        np.testing.assert_allclose([lr[s - 1] for s, _ in logged], [v for _, v in logged], rtol=1e-6)
+    lr_wsd = lr_annealing_check.per_step_lr(
+        get_preset("tiny").override(["optimizer.schedule=wsd", "trainer.steps=60"]).validate())
+    assert lr_wsd[47] == lr_wsd.max() and lr_wsd[-1] < 0.5 * lr_wsd.max()  # the cooldown is the last 20%
+    # a rerun reuses the three finished runs and refits to the same numbers
+    capsys.readouterr()
+    assert lr_annealing_check.main(args) == 0
+    assert json.loads((tmp_path / "lr_annealing.json").read_text()) == report
