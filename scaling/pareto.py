@@ -308,10 +308,17 @@ def law_frontier(
         a, b = int(best[g]), int(best[g + 1])
         diff = lambda logc, a=a, b=b: float(np.ravel(fns[a](np.exp(logc)) - fns[b](np.exp(logc)))[0])
         lo, hi = np.log(c[g]), np.log(c[g + 1])
-        try:
-            root = brentq(diff, lo, hi, rtol=1e-10) if diff(lo) * diff(hi) < 0 else 0.5 * (lo + hi)
-        except ValueError:  # no sign change (a third family took over within the interval): take the midpoint
-            root = 0.5 * (lo + hi)
+        d_lo, d_hi = vals_FxG[a, g] - vals_FxG[b, g], vals_FxG[a, g + 1] - vals_FxG[b, g + 1]
+        if d_lo == 0 or d_hi == 0:
+            # The predictions meet exactly at a grid point (a tie there, given to the first family): that
+            # point is the crossover. diff() re-evaluates at exp(log c), whose rounding can hide the zero,
+            # and "no sign change" then put the crossover at the interval's midpoint, where they differ.
+            root = lo if d_lo == 0 else hi
+        else:
+            try:
+                root = brentq(diff, lo, hi, rtol=1e-10) if diff(lo) * diff(hi) < 0 else 0.5 * (lo + hi)
+            except ValueError:  # no sign change (a third family took over within the interval): the midpoint
+                root = 0.5 * (lo + hi)
         crossovers.append((float(np.exp(root)), names[a], names[b]))
     return LawFrontier(
         compute=c,

@@ -431,6 +431,27 @@ def test_heldout_helpers():
         heldout_eval("chinchilla", doubled, by="N", level=None, weights=[1.0, 1.0, 1.0])
 
 
+def test_heldout_masks_and_report_statistics_by_hand():
+    """largest_mask holds out the n largest *distinct* values and refuses to hold out all of them;
+    drop_first_fraction takes fractions in [0, 1); the report's max ARE is the maximum and its coverage
+    counts points inside [lower, upper] (below or above the interval is outside)."""
+    from scaling.heldout import HeldoutReport
+
+    assert largest_mask([1, 5, 3, 5, 2], 2).tolist() == [False, True, True, True, False]
+    with pytest.raises(ValueError, match="cannot hold out the 3 largest of only 3"):
+        largest_mask([1, 2, 3, 3], 3)
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\)"):
+        drop_first_fraction([0, 0], [1, 2], 1.0)
+    rep = HeldoutReport(
+        fit=None, heldout_mask=np.ones(4, bool), y=np.array([1.0, 2.0, 3.0, 4.0]),
+        prediction=np.array([1.1, 2.6, 3.6, 4.0]), are=np.array([0.1, 0.3, 0.2, 0.0]),
+        lower=np.array([0.0, 2.5, 0.0, 4.0]), upper=np.array([2.0, 3.0, 2.0, 6.0]), level=0.9,
+    )
+    # inside: 1 in [0, 2] and 4 in [4, 6]; outside: 2 below [2.5, 3], 3 above [0, 2]
+    assert rep.coverage == 0.5
+    assert rep.max_are == pytest.approx(0.3) and rep.mean_are == pytest.approx(0.15)
+
+
 def test_exponent_bounded_at_zero_and_flagged():
     # Loss *rising* with N (a small, degenerate design): the unconstrained optimum has alpha < 0, which the
     # Chinchilla law excludes (alpha, beta >= 0).  The fit must stay in the law's box, land on the bound and

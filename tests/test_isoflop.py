@@ -405,3 +405,91 @@ def test_seed_noise_bootstrap_takes_a_per_budget_sd():
     sds[float(BUDGETS[2])] = float("nan")
     with pytest.raises(ValueError, match="must be finite and >= 0, got nan"):
         approach2(C, N, L, n_bootstrap=10, bootstrap="seed_noise", noise_std=sds)
+
+
+def test_power_law_fit_validates_weights_zeros_and_identical_x():
+    """Negative weights and non-positive x or y are refused; a NaN weight drops its row like a NaN x or y
+    (here an outlier row, so keeping it would move the slope); identical x values leave the slope
+    unidentified and are refused rather than returned as NaN or inf."""
+    x, y = np.array([1.0, 10.0, 100.0, 1000.0]), np.array([2.0, 20.0, 200.0, 2000.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        fit_power_law(x, y, [1.0, -0.5, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"positive.*bad rows \[0\]"):
+        fit_power_law([0.0, 10.0, 100.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"positive.*bad rows \[2\]"):
+        fit_power_law([1.0, 10.0, 100.0], [1.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match="identical"):
+        fit_power_law([5.0, 5.0, 5.0], [1.0, 2.0, 3.0])
+    xo, yo = np.r_[x, 30.0], np.r_[y, 1e6]  # the outlier row carries a NaN weight
+    f = fit_power_law(xo, yo, [1.0, 1.0, 1.0, 1.0, np.nan])
+    assert f.n_points == 4 and f.exponent == pytest.approx(1.0, abs=1e-12) and f.coef == pytest.approx(2.0)
+
+
+def test_parabola_refuses_an_end_point_lowest_loss_even_with_an_interior_vertex():
+    """The lowest observed loss at the smallest size means the data do not bracket the minimum, even when the
+    least-squares parabola through all points is convex with its vertex inside the grid (checked here with
+    numpy's polyfit): refused, in the point fit and in every bootstrap replicate."""
+    n = np.array([1e6, 2e6, 4e6, 8e6, 1.6e7])
+    loss = [2.58, 2.6, 2.59, 2.62, 2.7]
+    c2, c1, _ = np.polyfit(np.log(n), loss, 2)
+    assert c2 > 0 and np.log(n[0]) < -c1 / (2 * c2) < np.log(n[-1])  # premise: an interior vertex
+    with pytest.raises(EdgeOfGridError, match="lowest observed loss is at the edge of the grid, the small"):
+        isoflop_minimum(n, loss, C=1e18)
+
+
+def test_akima_refuses_a_minimum_at_the_largest_size():
+    n = np.array([1e6, 2e6, 4e6, 8e6, 1.6e7])
+    with pytest.raises(EdgeOfGridError, match="largest size N=1.6e\\+07"):
+        isoflop_minimum(n, [3.0, 2.9, 2.8, 2.75, 2.7], C=1e18, method="akima")
+
+
+def test_parabola_window_is_shifted_not_cut_at_the_top_of_the_grid():
+    """Lowest loss at the second-largest of 9 sizes, window 5: the window is the 5 largest sizes (shifted
+    down at the grid end), not the 4 sizes left of a centred window."""
+    n = np.geomspace(1e6, 2.56e8, 9)
+    x = np.log(n)
+    loss = 2.0 + 0.05 * (x - x[7] + 0.1) ** 2  # vertex just left of size 7, lowest observed at size 7
+    opt = isoflop_minimum(n, loss, C=1e19, window=5)
+    assert opt.n_points == 5
+    c2, c1, _ = np.polyfit(x[4:], loss[4:], 2)  # the parabola of the 5 largest sizes, by numpy
+    assert np.log(opt.N) == pytest.approx(-c1 / (2 * c2), abs=1e-9)
+
+
+def test_d_star_is_interpolated_in_size_order_whatever_the_row_order():
+    """D at N* is a log-log interpolation along the budget's sizes; rows given in any order must give the
+    same D*. With D = C / 6N for every point the interpolation is exact: D* = C / (6 N*)."""
+    rng = np.random.default_rng(3)
+    c = 1e19
+    n = _n_star(c) * np.geomspace(0.2, 5.0, 7)
+    loss = evaluate(LAW, P, N=n, D=c / (6 * n))
+    perm = rng.permutation(7)
+    opt = isoflop_minimum(n[perm], loss[perm], D=(c / (6 * n))[perm])
+    assert opt.D == pytest.approx(c / (6 * opt.N), rel=1e-12)
+    assert opt.N == pytest.approx(isoflop_minimum(n, loss, D=c / (6 * n)).N, rel=1e-12)
+
+
+def test_noise_std_mapping_matches_budgets_within_a_relative_tolerance():
+    """Logged FLOPs are rarely exact: a noise_std key within budget_rtol (relative) of a budget is that
+    budget's sd, though it differs from it by ~1e14 FLOPs in absolute terms."""
+    C, N, L = _isoflop_grid(noise=0.0)
+    sds = {float(c) * (1 + 2e-4): 0.01 for c in BUDGETS}
+    res = approach2(C, N, L, n_bootstrap=20, bootstrap="seed_noise", noise_std=sds)
+    assert all(o.log_n_std > 0 for o in res.optima)
+
+
+def test_runs_with_several_model_sizes_are_refused():
+    N, D, loss = _curves()
+    with pytest.raises(ValueError, match="several model sizes"):
+        approach1(N, D, loss, run=np.zeros(N.size, int))
+    with pytest.raises(ValueError, match="several model sizes"):
+        isoflop_slices(N, D, loss, [1e18], run=np.zeros(N.size, int))
+
+
+def test_inverse_variance_refuses_a_budget_without_spread_in_log_d():
+    """Spread in log N* but none in log D* (D given, the same for every size of a budget) would make the D*
+    law's weight infinite: refused by approach2's own check, which names the budgets and the remedy."""
+    C, N, L = _isoflop_grid(noise=0.0)
+    D = C / (6 * _n_star(C))  # one D per budget: D* interpolates to it whatever N* is
+    with pytest.raises(ValueError, match=r"spread of log N\* and log D\* .*none at C=1e\+17"):
+        approach2(C, N, L, D, n_bootstrap=20, bootstrap="seed_noise", noise_std=0.01,
+                  weighting="inverse_variance")

@@ -147,6 +147,12 @@ def test_family_fit_matches_a_reference_ols_with_standard_errors():
         assert fit.slope[k] == pytest.approx(coef[0], rel=1e-9)
         assert fit.slope_se[k] == pytest.approx(se, rel=1e-9)
         assert [fit.intercepts[n][k] for n in names] == pytest.approx(coef[1:], rel=1e-9, abs=1e-12)
+        # r2 about the mean (PC scores are centred, so an uncentred total sum of squares is wrong only
+        # for a column whose mean is not 0: checked on a shifted copy below); residual_sd = sqrt(sigma2)
+        assert fit.r2[k] == pytest.approx(1 - res[0] / np.sum((s[:, k] - s[:, k].mean()) ** 2), rel=1e-9)
+        assert fit.residual_sd[k] == pytest.approx(np.sqrt(sigma2), rel=1e-9)
+    shifted = fit_family_compute(s + 5.0, c, fam)  # a constant shift moves the intercepts, not the fit
+    np.testing.assert_allclose(shifted.r2, fit.r2, rtol=1e-9)
 
 
 def test_family_fit_refuses_an_unidentified_slope_and_bad_rows():

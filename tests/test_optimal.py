@@ -356,3 +356,39 @@ def test_per_budget_extra_inputs_carry_into_the_bootstrap():
     b = [inference_optimal_at_budget((law, p), [c], [t], extra_inputs={"U_D": u}).N[0]
          for c, t, u in ((1e21, 1e9, 1e9), (1e22, 2e9, 3e9))]
     np.testing.assert_allclose(a.N, b, rtol=1e-9)
+
+
+def test_an_optimum_beyond_the_largest_allowed_size_is_refused():
+    """N* ~ 1e10 at C = 1e21, but n_bounds stops at 1e7: the grid minimum sits on the upper search boundary,
+    which is no interior optimum (as on the lower boundary), not an answer of N = 1e7."""
+    with pytest.raises(ValueError, match="no interior optimum"):
+        compute_optimal((CHIN, HOFFMANN), [1e21], method="numeric", n_bounds=(1e2, 1e7))
+    with pytest.raises(ValueError, match="no interior optimum"):
+        compute_optimal((CHIN, HOFFMANN), [1e21], method="numeric", n_bounds=(1e12, 1e16))
+
+
+def test_local_exponent_and_its_ci_are_central_differences():
+    """With C = (6N + k) D, N*(C) is not a power law, so d log N*/d log C varies with C and a one-sided
+    difference is off by ~4e-4 at C = 1e20. Reference: N* from the stationarity condition
+    dL/dlog N = -alpha A N^-alpha + beta B D^-beta 6N / (6N + k) = 0 (brentq), differenced centrally at
+    C e^(+-0.05). Identical parameter draws must give a CI collapsed onto that same exponent."""
+    from scipy.optimize import brentq
+
+    k, c, h = 6e9, 1e20, 0.05
+    p = HOFFMANN
+
+    def n_star(cc):
+        def g(logn):
+            n = np.exp(logn)
+            d = cc / (6 * n + k)
+            share = 6 * n / (6 * n + k)  # -d log D / d log N
+            return -p["alpha"] * p["A"] * n ** -p["alpha"] + p["beta"] * p["B"] * d ** -p["beta"] * share
+
+        return np.exp(brentq(g, np.log(1e6), np.log(1e13), xtol=1e-14, rtol=1e-15))
+
+    a_ref = (np.log(n_star(c * np.exp(h))) - np.log(n_star(c * np.exp(-h)))) / (2 * h)
+    res = compute_optimal((CHIN, p), [c], flops_per_token=lambda n: 6 * n + k, param_samples=[p] * 3)
+    assert res.N[0] == pytest.approx(n_star(c), rel=1e-6)
+    assert res.n_exponent[0] == pytest.approx(a_ref, abs=1e-6)
+    assert res.n_exponent_ci[0][0] == pytest.approx(a_ref, abs=1e-6)
+    assert res.n_exponent_ci[1][0] == pytest.approx(a_ref, abs=1e-6)

@@ -144,6 +144,49 @@ def test_law_frontier_crossover():
     assert lf.to_dict()["crossovers"][0]["from"] == frm
 
 
+def test_membership_probability_single_objective_and_sigma_validation():
+    """K = 1: the front of each replicate is its own minimum, so a far-ahead point always wins and two
+    exchangeable points win half the replicates each. Negative sigma is refused."""
+    prob = membership_probability([[0.0], [10.0], [20.0]], 0.1, n_boot=2000, seed=0)
+    np.testing.assert_array_equal(prob, [1.0, 0.0, 0.0])
+    prob = membership_probability([[1.0], [1.0]], 0.1, n_boot=4000, seed=0)
+    assert prob.sum() == pytest.approx(1.0) and abs(prob[0] - 0.5) < 4 * 0.5 / np.sqrt(4000)
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        membership_probability([[0.0, 1.0], [1.0, 0.0]], [0.1, -0.1])
+
+
+def test_law_frontier_segments_name_each_family_between_its_crossovers():
+    """Three families, each best on one range of log10 C (by hand: A below 1e20, B to 1e25, C above): the
+    segments are (A, 1e10, 1e20), (B, 1e20, 1e25), (C, 1e25, 1e30), with the crossovers as boundaries."""
+    fa = lambda c: 0.1 * (np.log10(c) - 10.0)
+    fb = lambda c: np.ones_like(np.asarray(c, float))
+    fc = lambda c: 2.5 - 0.1 * (np.log10(c) - 10.0)
+    seg = law_frontier({"A": fa, "B": fb, "C": fc}, np.logspace(10, 30, 200)).segments()
+    assert [s[0] for s in seg] == ["A", "B", "C"]
+    np.testing.assert_allclose([s[1] for s in seg], [1e10, 1e20, 1e25], rtol=1e-8)
+    np.testing.assert_allclose([s[2] for s in seg], [1e20, 1e25, 1e30], rtol=1e-8)
+
+
+def test_law_frontier_crossover_on_a_grid_point_is_that_point():
+    """A = C / 1e20 and B = 1 are equal exactly at the grid point C = 1e20 (a tie, given to A): the crossover
+    is 1e20, where the predictions meet -- not the log-midpoint 3.16e20 of the next interval, where A is
+    3.16 times B (the bug: a zero difference at an end point was taken for "no sign change")."""
+    lf = law_frontier({"A": lambda c: np.asarray(c) / 1e20, "B": lambda c: np.ones(np.shape(c))},
+                      [1e18, 1e19, 1e20, 1e21, 1e22])
+    assert lf.best.tolist() == [0, 0, 0, 1, 1]
+    assert len(lf.crossovers) == 1 and lf.crossovers[0][1:] == ("A", "B")
+    assert lf.crossovers[0][0] == pytest.approx(1e20, rel=1e-10)
+
+
+def test_best_family_reads_the_nearest_grid_point_in_log_compute():
+    """On the grid 1e10, 1e20, 1e30 with B best from 1e25 on, C = 3e25 is nearest to 1e30 in log C (4.5 vs
+    5.5 decades) though nearest to 1e20 in C itself: the answer is B, as at that C."""
+    lf = law_frontier({"A": lambda c: 0.1 * np.log10(c), "B": lambda c: np.full(np.shape(c), 2.5)},
+                      [1e10, 1e20, 1e30])
+    assert [lf.names[i] for i in lf.best] == ["A", "A", "B"]
+    assert lf.best_family(3e25) == "B" and lf.best_family(2e24) == "A"
+
+
 def test_law_frontier_ties_go_to_the_first_family():
     # Documented: ties -> first family; identical predictors never hand over, so there is no crossover.
     f = lambda c: 2.0 + 10.0 * c**-0.1
