@@ -205,6 +205,13 @@ def test_bad_arguments():
         decode_step(cfg, {"params": {}}, init_cache(cfg, 1, 4), jnp.zeros((1, 1), jnp.int32), 0)
 
 
+def test_cache_may_span_the_whole_max_seq_len():
+    """max_len = max_seq_len is the longest sequence the forward accepts, so the cache allows it: stacked
+    K/V of [n_layers=2, B=1, S=16, H=4, K=32/4=8]."""
+    cache = init_cache(ModelConfig(**BASE), 1, 16)
+    assert cache["kv"]["blocks"]["k"].shape == cache["kv"]["blocks"]["v"].shape == (2, 1, 16, 4, 8)
+
+
 @pytest.mark.parametrize("overrides", [{}, dict(scan_layers=False), MLA, {**MOE, "moe_first_dense_layers": 1},
                                        MOR])
 def test_concrete_position_outside_the_cache_is_refused(overrides):

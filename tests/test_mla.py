@@ -271,3 +271,53 @@ def test_decode_flops_match_xla_cost_analysis():
     xla = step.lower(params, jnp.ones((B, cfg.d_model)), init_mla_cache(cfg, B, T)).compile().cost_analysis()
     ours = decode_flops_per_token(cfg, T)["attention_block"] * B
     assert ours <= xla["flops"] <= ours * 1.02, f"XLA {xla['flops']:.4g} vs ours {ours:.4g}"
+
+
+def test_absorbed_decode_row_with_no_visible_key_stays_finite():
+    """A MoR row inactive at a step sees no key (kv_valid all False). Masking with a large finite negative
+    (not -inf) makes its softmax uniform over all S cached positions instead of 0/0 = NaN: by hand (float64)
+    y = (mean_s c_kv_s W_uv_h + b_uv) W_o + b_o. A row whose keys are all valid is unaffected by the mask."""
+    from models.mla import init_mla_cache, mla_decode_step
+
+    cfg = ModelConfig(**TINY, use_bias=True)
+    B, S, pos = 2, 6, 3
+    x_BxD = jax.random.normal(jax.random.key(1), (B, cfg.d_model))
+    params = _random_tree(nn.unbox(jax.eval_shape(MlaAttention(cfg).init, jax.random.key(0),
+                                                  x_BxD[:, None, :]))["params"], 7)
+    rng = np.random.default_rng(2)
+    cache = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype),
+                         init_mla_cache(cfg, B, S))
+    valid_BxS = jnp.asarray([[False] * S, [True] * S])
+    step = jax.jit(lambda p, x, c, v: mla_decode_step(p, cfg, x, c, pos, kv_valid_BxS=v))
+    y_BxD, new_cache = step(params, x_BxD, cache, valid_BxS)
+    y_BxD = np.asarray(y_BxD)
+    assert np.isfinite(y_BxD).all()
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    lat_R = np.asarray(new_cache["ckv"], np.float64)[0].mean(axis=0)
+    out_HxU = np.einsum("r,rhu->hu", lat_R, p["v_up"]["kernel"]) + p["v_up"]["bias"]
+    expected_D = np.tensordot(out_HxU, p["o"]["kernel"], axes=2) + p["o"]["bias"]
+    np.testing.assert_allclose(y_BxD[0], expected_D, rtol=1e-4, atol=1e-5)
+    y_all_BxD, _ = step(params, x_BxD, cache, None)
+    np.testing.assert_allclose(y_BxD[1], np.asarray(y_all_BxD)[1], rtol=1e-6, atol=1e-6)
+
+
+def test_separate_kv_source_gives_gathered_queries_over_all_keys():
+    """The MoR signature's K/V source (kv_BxSxD, its positions): queries of a gathered subset of tokens, at
+    their own positions, attending over the latent K/V of the whole sequence equal the full causal forward
+    at those positions (each sees the same keys, pos <= its own)."""
+    cfg = ModelConfig(**TINY, mla_q_lora_rank=8)
+    B, S = 2, 7
+    x_BxSxD = jax.random.normal(jax.random.key(3), (B, S, cfg.d_model))
+    attn = MlaAttention(cfg)
+    p = {"params": _random_tree(nn.unbox(jax.eval_shape(attn.init, jax.random.key(0), x_BxSxD))["params"], 4)}
+    keep = np.array([1, 4, 6])
+    pos_BxS = jnp.broadcast_to(jnp.arange(S), (B, S))
+
+    @jax.jit
+    def both(p, x_BxSxD):
+        gathered_BxKxD = attn.apply(p, x_BxSxD[:, keep], positions_BxL=pos_BxS[:, keep], kv_BxSxD=x_BxSxD,
+                                    kv_positions_BxS=pos_BxS)
+        return gathered_BxKxD, attn.apply(p, x_BxSxD)[:, keep]
+
+    gathered, full = both(p, x_BxSxD)
+    np.testing.assert_allclose(gathered, full, rtol=1e-5, atol=1e-6)

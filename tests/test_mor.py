@@ -323,6 +323,38 @@ def test_router_flops_and_step_counts_by_hand():
     assert step_token_counts(two, 12) == [12, 8]  # 8.4 floors
 
 
+def test_routed_attention_flops_by_hand():
+    """Q.K^T and P.V cost 4 H K FLOPs per query-key pair (H = 4, K = 8: 128). A step's n_r active tokens
+    attend among themselves (n_r keys each, "full"; (n_r + 1) / 2 on average, "causal"); with shared KV a
+    later step's queries attend all T first-recursion keys; the unique first/last layers see all T tokens.
+    T = 12, steps of [12, 6] tokens, one layer per step; per-token values (divided by T)."""
+    from models.mor_accounting import routed_forward_flops
+
+    cfg = ModelConfig(**TINY, n_layers=2, mor_recursions=2, mor_sharing="cycle")
+    cases = {  # config -> (full, causal) pair counts of the whole sequence
+        cfg: (12 * 12 + 6 * 6, 12 * 6.5 + 6 * 3.5),
+        cfg.replace(mor_kv_strategy="shared"): (12 * 12 + 6 * 12, 12 * 6.5 + 6 * 6.5),
+        cfg.replace(n_layers=4, mor_sharing="middle_cycle"): (3 * 12 * 12 + 6 * 6, 3 * 12 * 6.5 + 6 * 3.5),
+    }
+    for c, (full, causal) in cases.items():
+        for attention, pairs in (("full", full), ("causal", causal)):
+            got = routed_forward_flops(c, 12, [12, 6], attention=attention)["attention_forward"]
+            assert got == pytest.approx(128 * pairs / 12), (c.mor_sharing, c.mor_kv_strategy, attention)
+
+
+def test_full_remat_recompute_by_hand():
+    """remat="full" recomputes each applied layer's forward except its MLP down projection, plus attention;
+    not the router or the head. Middle-cycle, T = 12, steps of [12, 6]: 2 + 1.5 layer applications per
+    token, each 4DHK + 4DGK + 6DF = 4096 + 4096 + 9216 = 17408 matmul FLOPs (D = 32, H = G = 4, K = 8,
+    F = 48) of which the down projection is 2FD = 3072; attention 128 * (3 * 12 * 12 + 6 * 6) / 12 = 4992."""
+    from models.mor_accounting import mor_flops_per_token
+
+    cfg = ModelConfig(**TINY, n_layers=4, mor_recursions=2, mor_sharing="middle_cycle")
+    extra = (mor_flops_per_token(cfg.replace(remat="full"), 12)["hardware_training"]
+             - mor_flops_per_token(cfg, 12)["hardware_training"])
+    assert extra == pytest.approx(3.5 * (17408 - 3072) + 4992)
+
+
 def test_training_decreases_loss():
     cfg = ModelConfig(**TINY, n_layers=2, mor_recursions=2, mor_sharing="cycle")  # expert choice, B = 1
     model = build_model(cfg)

@@ -80,6 +80,27 @@ def test_ideal_decode_flops_by_hand():
         assert g["expected_depth"] == 3.0
 
 
+def test_shared_kv_token_choice_decode_flops_by_hand():
+    """Cycle, 2 shared layers x 3 steps, recursive KV sharing, token choice: steps r > 0 skip the k/v
+    projections and (ideal too) attend all T first-recursion keys, not capacity_r * T; the token-choice
+    router is one D -> N_r matmul per token, 2 D N_r, executed and ideal alike."""
+    cfg = ModelConfig(**{**BASE, "n_layers": 6, "mor_sharing": "cycle", "mor_kv_strategy": "shared",
+                         "mor_router": "token_choice"})
+    D, H, G, K, F, V, T = 256, 4, 2, 64, 512, 128, 100
+    kv = 2 * 2 * D * G * K  # k and v projections
+
+    def layer(r):
+        return 2 * (2 * D * H * K + 2 * D * G * K + 3 * D * F) - (kv if r > 0 else 0) + 4 * H * K * T
+
+    cap = [1, 2 / 3, 1 / 3]
+    router_and_head = 2 * D * 3 + 2 * D * V
+    f = decode_flops_per_token(cfg, T)
+    assert f["forward"] == pytest.approx(sum(2 * layer(r) for r in range(3)) + router_and_head, rel=1e-12)
+    ideal = sum(c * 2 * layer(r) for r, c in enumerate(cap)) + router_and_head
+    assert f["ideal_forward"] == pytest.approx(ideal, rel=1e-12)
+    assert f["router_forward"] == 2 * D * 3
+
+
 def test_in_graph_flops_do_not_overflow_int32_at_paper_scale():
     """The model calls routed_forward_flops in-graph with int32 token counts; at 135M x 2048 tokens the
     per-sequence totals (~1e11) overflow int32 (this crashed `experiments.train --preset mor-135m-r3`)."""

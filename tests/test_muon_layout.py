@@ -176,3 +176,38 @@ def test_bench_cli_writes_one_row_per_mesh_and_variant(tmp_path, capsys):
     assert "not DATAxFSDPxTENSOR" in capsys.readouterr().err
     assert bms.main(["--preset", "tiny", "--meshes", "4x4x1"]) == 2
     assert "needs 16 devices" in capsys.readouterr().err
+
+
+def test_layouts_skip_adamw_leaves_even_with_a_layers_axis():
+    """Only Muon matrices are orthogonalised: a stacked norm scale or bias (AdamW) keeps its own layout."""
+    spec = {**SPEC, "layers/attn_norm/scale": ((4, 16), ("layers", "embed")),
+            "layers/mlp/up/bias": ((4, 32), ("layers", "mlp"))}
+    params = _nest({p: jnp.zeros(s) for p, (s, _) in spec.items()})
+    part = compute_partition(params, _nest({p: a for p, (_, a) in spec.items()}), optimizer="muon")
+    assert part["layers/attn_norm/scale"] == part["layers/mlp/up/bias"] == "adamw"
+    assert set(orthogonalisation_layouts(part)) == {
+        "layers/mlp/up/kernel", "layers/attn/o/kernel", "layers/moe/w_in"}
+
+
+def _lowered_constraints(rules):
+    params = _nest({p: jnp.zeros(s, jnp.float32) for p, (s, _) in SPEC.items()})
+    part = compute_partition(params, _nest({p: a for p, (_, a) in SPEC.items()}), optimizer="muon")
+    tx = split_over_layers(optax.scale(2.0), part)
+    mesh = shd.make_mesh(MeshConfig(data=1, fsdp=4, tensor=1), jax.devices()[:4])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        text = jax.jit(lambda g: tx.update(g, tx.init(g))[0]).lower(params).as_text()
+    return [ln for ln in text.splitlines() if "sharding_constraint" in ln]
+
+
+def test_wrapper_constrains_the_gradients_in_and_the_updates_out():
+    """Two layout changes per stacked Muon leaf (3 in SPEC): its gradient into the layers-split layout
+    before the inner transformation and its update after it; nothing for the unrolled or AdamW leaves."""
+    constraints = _lowered_constraints((("muon_layers", "fsdp"), ("embed", "fsdp")))
+    assert len(constraints) == 2 * 3, constraints
+
+
+def test_a_null_muon_layers_rule_adds_no_constraint():
+    """A rules table that maps muon_layers to None (what effective_rules returns when no mesh axis can take
+    the layers) has no layer split: the wrapper leaves the layout to XLA, as with no entry at all."""
+    assert _lowered_constraints((("muon_layers", None), ("embed", "fsdp"))) == []
+    assert _lowered_constraints((("embed", "fsdp"),)) == []

@@ -8,6 +8,8 @@ still orthogonalise, and the compiled update must really run its matmuls in bf16
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -167,3 +169,57 @@ def test_on_a_mesh_both_layout_changes_move_bf16():
 def test_unknown_ns_dtype_is_rejected():
     with pytest.raises(ValueError, match="ns_dtype"):
         cfg_for("muon", ns_dtype="float16").validate()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_zero_gradient_matrix_gives_a_zero_update_not_nan(dtype):
+    """A matrix whose gradient is exactly zero (an expert no token was routed to) has Frobenius norm 0; the
+    eps added to the norm (as optax.contrib.muon does) keeps 0 / 0 from turning its update into NaN."""
+    from optim.muon_lowp import newton_schulz
+
+    zeros_Bx4x6 = jnp.zeros((2, 4, 6), jnp.float32)
+    out_Bx4x6 = newton_schulz(zeros_Bx4x6, NS_COEFFS, 5, dtype)
+    assert out_Bx4x6.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out_Bx4x6, np.float32), 0.0)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 32), (2, 32, 4)])
+def test_newton_schulz_iterates_on_the_small_gram_matrix(shape):
+    """Wide or tall, the iteration works on the s x s Gram matrix, s = min(M, N) = 4 (a tall matrix is
+    transposed first). dot FLOPs by hand, per matrix and round: X X^T 2*4*4*32, G G 2*4*4*4, P X 2*4*4*32,
+    so 5 rounds of B = 2 matrices are 2 * 5 * 2176 = 21760 (the 32 x 32 Gram would cost over 20x that)."""
+    from optim.muon_lowp import newton_schulz
+
+    x_BxMxN = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda x: newton_schulz(x, NS_COEFFS, 5, jnp.float32))(x_BxMxN).jaxpr
+    flops = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            flops += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[i] for i in contract)
+    assert flops == 21760
+    assert newton_schulz(x_BxMxN, NS_COEFFS, 5, jnp.float32).shape == shape
+
+
+def test_momentum_is_float32_for_bfloat16_parameters():
+    """The momentum accumulator is fp32 whatever the parameters' dtype (a bf16 EMA would round away the
+    (1 - beta) g increments), before and after an update."""
+    w_LxDxF = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16, 32)), jnp.bfloat16)
+    params = {"layers": {"mlp": {"up": {"kernel": w_LxDxF}}}}
+    part = compute_partition(params, {"layers": {"mlp": {"up": {"kernel": ("layers", "embed", "mlp")}}}})
+    tx = muon_lowp(cfg_for("muon"), 0.05, part, NS_COEFFS, ns_dtype=jnp.bfloat16)
+    state = tx.init(params)
+    assert state[0].mu["layers"]["mlp"]["up"]["kernel"].dtype == jnp.float32
+    _, state = jax.jit(tx.update)(params, state, params)
+    assert state[0].mu["layers"]["mlp"]["up"]["kernel"].dtype == jnp.float32
+
+
+def test_explicit_ns_dtype_overrides_the_config():
+    """muon_lowp's ns_dtype argument wins over cfg.ns_dtype (which is only its default)."""
+    params, axes = make_tree()
+    part, sub = _muon_only(params, axes)
+    tx = muon_lowp(cfg_for("muon", ns_dtype="float32"), 0.05, part, NS_COEFFS, ns_dtype=jnp.bfloat16)
+    hlo = jax.jit(tx.update).lower(sub, tx.init(sub), sub).as_text()
+    dots = [ln for ln in hlo.splitlines() if "dot_general" in ln]
+    assert dots and all("bf16" in ln for ln in dots), dots[:3]

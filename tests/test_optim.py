@@ -171,6 +171,55 @@ def test_partition_fallback_for_unrolled_layers_has_no_stacking_axis():
         compute_partition(_nest({"blocks_1/mlp/down/kernel": jnp.zeros((F, D))}), None)
 
 
+def test_partition_rules_for_named_bias_vocab_axis_and_expert_paths():
+    """Documented rules beyond make_tree's names: rule 1 covers any leaf named ``*_bias`` (even a 2-D one);
+    with logical axes, only a *first* non-batch ``vocab`` axis makes an embedding table (no decay), a later
+    one an output head (decay) whatever the path; without them, a path containing ``expert`` takes an expert
+    axis only when two axes are left for the matrix (a stacked shared-expert MLP: one matrix per layer)."""
+    named = {
+        "layers/attn/q_bias": ((L, H, HD), ("layers", "heads", "head_dim")),
+        "tok/table": ((V, D), ("vocab", "embed")),
+        "readout/kernel": ((D, V), ("embed", "vocab")),
+    }
+    part = compute_partition(_nest({p: jnp.zeros(s) for p, (s, _) in named.items()}),
+                             _nest({p: a for p, (_, a) in named.items()}))
+    got = {p: (part[p], part.info[p].decay, part.info[p].rule) for p in named}
+    assert got == {
+        "layers/attn/q_bias": ("adamw", False, "bias"),
+        "tok/table": ("adamw", False, "embedding table"),
+        "readout/kernel": ("adamw", True, "output head (vocab axis)"),
+    }
+    guessed = {
+        "layers/shared_expert/up/kernel": ((L, D, F), ((1,), (2,))),  # layers | embed x mlp
+        "blocks_0/experts/down/kernel": ((F, D), ((0,), (1,))),  # unrolled, 2-D: no axis to spare
+    }
+    with pytest.warns(UserWarning, match="guessed"):
+        part = compute_partition(_nest({p: jnp.zeros(s) for p, (s, _) in guessed.items()}), None)
+    for path, (_, dims) in guessed.items():
+        assert part[path] == "muon" and _dims(part.info[path]) == dims, path
+
+
+def test_partition_leaf_whose_spec_names_no_axis_falls_back_to_the_shape_guess():
+    """An all-None spec (PartitionSpec() or (None, None, None)) carries no logical names, so the layout is
+    guessed as without logical axes -- the leading axis of a 3-D kernel is the scan layers axis, not part of
+    the matrix -- and the guess is announced."""
+    for spec in (P(), (None, None, None)):
+        params = _nest({"layers/mlp/up/kernel": jnp.zeros((L, D, F))})
+        with pytest.warns(UserWarning, match="guessed"):
+            part = compute_partition(params, _nest({"layers/mlp/up/kernel": spec}))
+        assert part["layers/mlp/up/kernel"] == "muon"
+        assert _dims(part.info["layers/mlp/up/kernel"]) == ((1,), (2,)), spec
+
+
+def test_partition_accepts_the_whole_variables_spec():
+    """logical_axes may be the spec of the whole variables dict ({"params": ...}, what
+    nn.get_partition_spec(variables) returns) for a params tree without that wrapper."""
+    params, axes = make_tree()
+    wrapped = compute_partition(params, {"params": axes})
+    plain = compute_partition(params, axes)
+    assert wrapped.info == plain.info
+
+
 def test_adamw_partition_is_all_adamw_with_same_decay_flags():
     params, axes = make_tree()
     tx, part = build_optimizer(cfg_for("adamw"), params, axes, total_steps=10)
@@ -206,6 +255,21 @@ def test_describe_partition_table():
     assert text.splitlines()[-1].startswith("totals: adamw")
     with pytest.raises(ValueError, match="differ"):
         describe_partition(part, {"x": jnp.ones(3)})
+
+
+def test_describe_partition_decay_column_and_totals():
+    """The decay column is the parameter's decay flag, not its group: the AdamW output head and router are
+    decayed ("yes"), norms are not. Totals count each group's entries (sizes from SPEC by hand)."""
+    params, axes = make_tree()
+    _, part = build_optimizer(cfg_for("muon"), params, axes, total_steps=10)
+    text = describe_partition(part, params)
+    rows = {ln.split()[0]: ln for ln in text.splitlines()[2:-1]}
+    for path, (opt, decay, _) in EXPECTED.items():
+        assert f" {opt} " in rows[path] and f" {'yes' if decay else 'no'} " in rows[path], rows[path]
+    n = {g: sum(math.prod(SPEC[p][0]) for p, e in EXPECTED.items() if e[0] == g) for g in ("adamw", "muon")}
+    share = {g: 100 * v / (n["adamw"] + n["muon"]) for g, v in n.items()}
+    assert text.splitlines()[-1] == (f"totals: adamw {n['adamw']:,} params ({share['adamw']:.1f}%), "
+                                     f"muon {n['muon']:,} params ({share['muon']:.1f}%)")
 
 
 # ---------------------------------------------------------------- Muon orthogonalisation
@@ -637,6 +701,33 @@ def test_schedule_errors():
         make_schedule(OptimizerConfig(), 0)
 
 
+def test_schedule_refuses_a_zero_peak_override():
+    """peak_value bypasses the config's learning_rate check, so the schedule checks it itself: a peak of 0
+    would train nothing (every lr = 0 * factor), silently."""
+    with pytest.raises(ValueError, match="peak learning rate must be > 0"):
+        make_schedule(OptimizerConfig(), 10, peak_value=0.0)
+
+
+@pytest.mark.parametrize("kw", [{"schedule": "cosine"}, {"schedule": "wsd", "decay_shape": "linear"},
+                                {"schedule": "wsd", "decay_shape": "1-sqrt"}])
+def test_schedule_stays_at_the_floor_after_total_steps(kw):
+    """Progress is clipped to [0, 1]: past total_steps (a run continued beyond its plan) the lr stays at
+    min_lr_ratio * peak = 0.1 * 2 = 0.2 -- a linear cool-down would go negative, a cosine one back up."""
+    cfg = OptimizerConfig(learning_rate=2.0, warmup_steps=2, decay_fraction=0.5, min_lr_ratio=0.1, **kw)
+    sched = make_schedule(cfg, 20)
+    np.testing.assert_allclose([float(sched(s)) for s in (20, 25, 30, 60)], 0.2, rtol=1e-6)
+
+
+def test_wsd_cool_down_may_start_exactly_where_warmup_ends():
+    """decay start S = 10 - round(0.2 * 10) = 8 = warmup: no stable phase, but allowed (only S < warmup is
+    refused). lr: (s + 1) / 8 during warmup, the peak at s = 8, then linear 1 - (s - 8) / 2."""
+    cfg = OptimizerConfig(learning_rate=1.0, schedule="wsd", warmup_steps=8, decay_fraction=0.2,
+                          decay_shape="linear", min_lr_ratio=0.0)
+    sched = make_schedule(cfg, 10)
+    np.testing.assert_allclose([float(sched(s)) for s in (0, 7, 8, 9, 10)], [1 / 8, 1.0, 1.0, 0.5, 0.0],
+                               rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------- config and scaling rules
 
 
@@ -692,6 +783,25 @@ def test_lr_batch_scaling_rules():
         adam_sqrt_scaling(cfg, 1, 20)
     with pytest.raises(ValueError, match="batch_size"):
         sqrt_scaling_rule(1e-3, 0, 10)
+
+
+def test_lr_batch_scaling_rejects_non_positive_or_bool_batch_sizes():
+    """Both batch sizes are validated (a zero target batch would give lr 0; True is not a batch size of 1)."""
+    for base, new in ((10, 0), (10, -4), (10, float("nan")), (True, 4), (4, True)):
+        for rule in (linear_scaling_rule, sqrt_scaling_rule):
+            with pytest.raises(ValueError, match="batch_size must be a positive number"):
+                rule(0.1, base, new)
+    with pytest.raises(ValueError, match=r"^batch_size must be a positive number"):
+        linear_scaling_rule(0.1, 10, 0)
+
+
+def test_adam_sqrt_scaling_refuses_a_rule_that_zeroes_the_momentum():
+    """kappa * (1 - b1) = 2 * 0.5 = 1 exactly: the rule's b1 would be 0, no momentum at all; the boundary is
+    refused (kappa * (1 - beta) >= 1), not only values beyond it."""
+    with pytest.raises(ValueError, match="1 - b1 = 1 >= 1"):
+        adam_sqrt_scaling(OptimizerConfig(b1=0.5, b2=0.99), 1, 2)
+    with pytest.raises(ValueError, match="1 - b2 = 1 >= 1"):
+        adam_sqrt_scaling(OptimizerConfig(b1=0.9, b2=0.75), 1, 4)
 
 
 def test_newton_schulz_flops_match_xla_cost_analysis_of_optax_muon():
