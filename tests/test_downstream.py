@@ -238,6 +238,14 @@ def test_a_fixed_floor_or_ceiling_the_data_contradict_is_warned_about():
         fit_accuracy_vs_compute(C, acc, chance=0.9)
     with pytest.warns(UserWarning, match=r"fixed ceiling 0.3 lies below the scores"):
         fit_sigmoid(np.log(C), acc, floor=CHANCE, ceiling=0.3)
+    # the median alone names a bound the bulk of the scores contradict, with no outlier beyond half the range
+    rng0 = np.random.default_rng(1)
+    low = 0.3 + 0.01 * rng0.normal(size=C.size)  # all below a floor of 0.5, none below 0.5 - 0.25
+    with pytest.warns(UserWarning, match="fixed floor 0.5 lies above most"):
+        fit_accuracy_vs_compute(C, low, chance=0.5)
+    high = 0.7 + 0.01 * rng0.normal(size=C.size)  # all above a ceiling of 0.6, none above 0.6 + 0.175
+    with pytest.warns(UserWarning, match="fixed ceiling 0.6 lies below the scores"):
+        fit_accuracy_vs_compute(C, high, chance=CHANCE, ceiling=0.6)
     rng = np.random.default_rng(0)
     noisy = np.clip(acc + 0.03 * rng.normal(size=C.size), 0, 1)  # about half the chance-level models below it
     assert (noisy < CHANCE).sum() >= 2

@@ -87,6 +87,10 @@ def test_fit_recovers_the_law_and_its_momentum_and_predicts_an_unseen_schedule()
     assert res.predict(lr)[steps - 1] == pytest.approx(res.predict(lr, steps))
     d = res.to_dict()
     assert json.loads(json.dumps(d, allow_nan=False))["decay"] == 0.99 and d["n_points"] == 600
+    assert res.decay_at_edge is False and d["decay_at_edge"] is False  # 0.99 lies inside the grid tried
+    curves = [curve("constant", noise=0.003, seed=0), curve("cosine", noise=0.003, seed=1)]
+    assert fit_annealing(curves, decays=(0.99, 0.999)).decay_at_edge is True  # best at the grid's end
+    assert fit_annealing(curves, decays=(0.99,)).decay_at_edge is False  # one momentum: no grid to leave
     # ignoring the annealing (a constant-LR fit of L0 + A S1^-alpha) misses the WSD cooldown by far more
     const_only = scaling.fit("power_law", {"X": np.cumsum(curve("constant")[0])[steps - 1],
                                            "loss": curve("constant")[2]})
