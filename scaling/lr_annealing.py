@@ -35,7 +35,7 @@ from scipy.signal import lfilter
 
 from scaling.fit import FitResult, fit
 
-__all__ = ["annealing_areas", "annealing_data", "AnnealingFit", "fit_annealing"]
+__all__ = ["annealing_areas", "annealing_data", "schedule_drops", "AnnealingFit", "fit_annealing"]
 
 DECAYS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)  # delays of 1/(1 - lam): 1 to 1000 steps
 
@@ -52,6 +52,16 @@ def annealing_areas(lr, *, decay: float = 0.999, warmup: int | None = None) -> t
     Returns:
       ``S1, S2`` [T]: entry ``s - 1`` holds the areas after step s.
     """
+    if not 0 <= decay < 1:
+        raise ValueError(f"decay must be in [0, 1); got {decay}")
+    eta, drop = schedule_drops(lr, warmup=warmup)
+    momentum = lfilter([1.0], [1.0, -decay], drop)  # m_t = decay m_{t-1} + drop_t, without a Python loop
+    return np.cumsum(eta), np.cumsum(momentum)
+
+
+def schedule_drops(lr, *, warmup: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The validated per-step learning rates ``eta`` [T] and their drops ``eta_{t-1} - eta_t`` [T] after the
+    warmup (default: the steps before the first maximum), 0 before: the anneals both loss-curve laws sum."""
     eta = np.asarray(lr, dtype=np.float64)
     if eta.ndim != 1 or eta.size == 0:
         raise ValueError(f"lr must be a non-empty 1-D array of per-step learning rates; got {eta.shape}")
@@ -59,15 +69,12 @@ def annealing_areas(lr, *, decay: float = 0.999, warmup: int | None = None) -> t
     if bad.size:
         raise ValueError(f"lr must be finite and >= 0; steps {(bad[:10] + 1).tolist()} (1-based) hold "
                          f"{eta[bad[:3]].tolist()}")
-    if not 0 <= decay < 1:
-        raise ValueError(f"decay must be in [0, 1); got {decay}")
     w = int(np.argmax(eta)) if warmup is None else int(warmup)
     if not 0 <= w < eta.size:
         raise ValueError(f"warmup must be in [0, {eta.size}) for a {eta.size}-step schedule; got {warmup}")
     drop = np.zeros_like(eta)
-    drop[w + 1:] = eta[w:-1] - eta[w + 1:]  # eta_{t-1} - eta_t after the peak; warmup's rise is no anneal
-    momentum = lfilter([1.0], [1.0, -decay], drop)  # m_t = decay m_{t-1} + drop_t, without a Python loop
-    return np.cumsum(eta), np.cumsum(momentum)
+    drop[w + 1:] = eta[w:-1] - eta[w + 1:]  # warmup's rise is no anneal
+    return eta, drop
 
 
 def annealing_data(curves: Sequence[tuple], *, decay: float = 0.999, warmup: int | None = None) -> dict:

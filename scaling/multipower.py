@@ -27,13 +27,15 @@ the true curve at 40-90% for a nominal 90%. Judge a fit by the curves it predict
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import product
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import minimize, nnls
+
+from scaling.lr_annealing import schedule_drops
 
 __all__ = ["MultiPowerFit", "fit_multipower", "multipower_predict"]
 
@@ -54,16 +56,11 @@ class _Design:
 
 
 def _design(lr, steps, max_drops: int = MAX_DROPS) -> _Design:
-    eta = np.asarray(lr, dtype=np.float64)
-    if eta.ndim != 1 or eta.size == 0 or not np.isfinite(eta).all() or (eta < 0).any():
-        raise ValueError("lr must be a non-empty 1-D array of finite per-step learning rates >= 0")
+    eta, drop = schedule_drops(lr)
     idx = np.asarray(steps, dtype=np.int64) - 1
     if idx.size == 0 or idx.min() < 0 or idx.max() >= eta.size:
         raise ValueError(f"steps must lie in 1..{eta.size} (the schedule's length)")
-    peak = int(np.argmax(eta))
     total = np.cumsum(eta)
-    drop = np.zeros_like(eta)
-    drop[peak + 1:] = eta[peak:-1] - eta[peak + 1:]
     k = np.flatnonzero(drop)  # only the steps where the learning rate changed contribute
     if k.size == 0:
         k = np.array([eta.size - 1])  # a constant schedule: one zero-drop column keeps the shapes
@@ -125,7 +122,6 @@ class MultiPowerFit:
     n_starts: int
     n_starts_at_optimum: int
     message: str = ""
-    extras: dict = field(default_factory=dict)
 
     def predict(self, lr, steps=None) -> np.ndarray:
         return multipower_predict(self.params, lr, steps)
