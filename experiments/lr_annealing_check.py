@@ -8,8 +8,8 @@ then fits ``L0 + A S1^-alpha - C S2``
 (``scaling.lr_annealing``) to the validation-loss curves of two schedules and predicts the third, for each
 choice of held-out schedule; and the same with Luo et al. 2025's multi-power law (``scaling.multipower``). The
 baseline is a law without any annealing term (a power law in the forward area, fitted to the same two
-curves). It prints the mean and final relative errors and writes ``OUT/lr_annealing.json``. Finished runs are
-reused (the trainer skips them), so a rerun only refits.
+curves). It prints the mean and final relative errors and writes ``OUT/lr_annealing.json`` and
+``OUT/lr_annealing.png``. Finished runs are reused (the trainer skips them), so a rerun only refits.
 
 The fit starts at step ``--fit-from`` (default: a fifth of the run): the law describes training after the
 first fast drop from the uniform-prediction loss, which is not a power law in the forward area. On the tiny
@@ -49,7 +49,7 @@ def eval_curve(workdir: Path) -> tuple[np.ndarray, np.ndarray]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.lr_annealing_check",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="directory for the three runs and lr_annealing.json")
+    p.add_argument("--out", required=True, help="directory for the three runs, lr_annealing.json and .png")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=20)
@@ -84,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {"preset": args.preset, "steps": args.steps, "fit_from": fit_from, "overrides": args.overrides,
               "held_out": {}}
     print(f"{'held out':>9} {'law':>22} {'mean |rel err|':>15} {'final rel err':>14}")
+    predicted: dict[str, dict[str, np.ndarray]] = {}
     for held in SCHEDULES:
         seen = [curves[s] for s in SCHEDULES if s != held]
         lr, steps, loss = curves[held]
@@ -95,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "multipower": (luo, luo.predict(lr, steps)),
                 "no_annealing": (None, plain.predict(X=np.cumsum(lr)[steps - 1]))}
         report["held_out"][held] = {"n_points": int(steps.size)}
+        predicted[held] = {law: pred for law, (_, pred) in rows.items()}
         for law, (res, pred) in rows.items():
             rel = pred / loss - 1
             report["held_out"][held][law] = {
@@ -103,7 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{held:>9} {law:>22} {np.abs(rel).mean():15.2%} {rel[-1]:+14.2%}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "lr_annealing.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out / 'lr_annealing.json'}")
+    from scaling.plots import plot_loss_curves
+
+    measured = {s: curves[s][1:] for s in SCHEDULES}
+    plot_loss_curves(measured, predicted, lr={s: curves[s][0] for s in SCHEDULES},
+                     title=f"each schedule predicted from the other two ({args.preset}, fitted from step "
+                           f"{fit_from})").savefig(out / "lr_annealing.png", dpi=110)
+    print(f"wrote {out / 'lr_annealing.json'} and {out / 'lr_annealing.png'}")
     return 0
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "plot_law_frontier",
     "plot_downstream",
     "plot_observational",
+    "plot_loss_curves",
 ]
 
 
@@ -354,4 +355,47 @@ def plot_observational(fit: Any, capabilities_MxK, y, *, heldout=None, x=None, x
         ax.set_xscale("log")
         ax.set_xlabel(compute_label)
         ax.set_title("compute only")
+    return fig
+
+
+# --- loss curves across schedules ----------------------------------------------------------------------
+def plot_loss_curves(curves: Mapping[str, tuple], predictions: Mapping[str, Mapping[str, Any]] | None = None,
+                     *, lr: Mapping[str, Any] | None = None, title: str | None = None):
+    """One panel per run: its measured loss curve and each law's prediction of it (e.g. a schedule held out
+    from ``scaling.lr_annealing.fit_annealing`` / ``scaling.multipower.fit_multipower``), with the run's
+    learning-rate schedule on a second axis.
+
+    Args:
+      curves: run name -> (steps, loss) measured.
+      predictions: run name -> {law name -> predicted loss at those steps}.
+      lr: run name -> per-step learning rates (step 1 first), drawn in grey on a right-hand axis.
+    """
+    names = list(curves)
+    if not names:
+        raise ValueError("no curves to plot")
+    fig, axes = _figure(1, len(names), figsize=(4.4 * len(names), 3.8))
+    for i, name in enumerate(names):
+        ax = axes[0, i]
+        steps, loss = (np.asarray(a, dtype=np.float64).ravel() for a in curves[name])
+        if steps.size != loss.size:
+            raise ValueError(f"{name}: {steps.size} steps but {loss.size} losses")
+        ax.plot(steps, loss, "o", ms=3, color="k", label="measured")
+        for j, (law, pred) in enumerate(((predictions or {}).get(name) or {}).items()):
+            pred = np.asarray(pred, dtype=np.float64).ravel()
+            if pred.size != steps.size:
+                raise ValueError(f"{name}: the {law} prediction has {pred.size} values for {steps.size} "
+                                 "steps")
+            ax.plot(steps, pred, color=f"C{j}", lw=1.4, label=law)
+        if lr is not None and name in lr:
+            twin = ax.twinx()
+            schedule = np.asarray(lr[name], dtype=np.float64).ravel()
+            twin.plot(np.arange(1, schedule.size + 1), schedule, color="0.6", lw=0.8, ls="--")
+            twin.set_ylabel("learning rate", color="0.5")
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        if i == 0:
+            ax.set_ylabel("loss")
+            ax.legend(fontsize="x-small")
+    if title:
+        fig.suptitle(title)
     return fig

@@ -16,6 +16,7 @@ def test_check_trains_three_schedules_and_reports_each_held_out_curve(tmp_path, 
     args = ["--out", str(tmp_path), "--steps", "60", "--eval-every", "10", "--fit-from", "10"]
     assert lr_annealing_check.main(args) == 0
     report = json.loads((tmp_path / "lr_annealing.json").read_text())
+    assert (tmp_path / "lr_annealing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["fit_from"] == 10 and sorted(report["held_out"]) == ["constant", "cosine", "wsd"]
     for name, row in report["held_out"].items():
         assert row["n_points"] == 6, name  # validation at steps 10, 20, ..., 60

@@ -13,6 +13,7 @@ from scaling.plots import (
     plot_isoflop,
     plot_law_fit,
     plot_law_frontier,
+    plot_loss_curves,
     plot_observational,
     plot_optimal,
     plot_pareto,
@@ -222,3 +223,24 @@ def test_observational_plot_draws_the_fit_on_its_index_and_the_compute_baseline(
     np.testing.assert_allclose(fig.axes[0].collections[0].get_offsets(), np.c_[c, y])
     with pytest.raises(ValueError, match="heldout"):
         plot_observational(plain, s_Mx2, y, heldout=held[:-1])
+
+
+def test_loss_curves_plot_draws_each_run_its_predictions_and_schedule(tmp_path):
+    steps = np.array([10, 20, 30])
+    curves = {"constant": (steps, [3.0, 2.8, 2.7]), "wsd": (steps, [3.0, 2.8, 2.5])}
+    preds = {"wsd": {"law A": [3.0, 2.79, 2.52], "law B": [3.1, 2.9, 2.6]}}
+    lr = {"constant": np.full(30, 1e-3), "wsd": np.r_[np.full(20, 1e-3), np.linspace(1e-3, 1e-4, 10)]}
+    fig = plot_loss_curves(curves, preds, lr=lr)
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["constant", "wsd"]
+    measured, law_a, law_b = axes[1].lines
+    np.testing.assert_allclose(measured.get_xydata(), np.c_[steps, [3.0, 2.8, 2.5]])
+    np.testing.assert_allclose(law_b.get_ydata(), [3.1, 2.9, 2.6])
+    assert law_a.get_label() == "law A" and len(axes[0].lines) == 1  # no prediction for the constant run
+    schedule = [ax for ax in fig.axes if not ax.get_title()][1].lines[0]  # the wsd panel's right-hand axis
+    np.testing.assert_allclose(schedule.get_xydata()[[0, -1]], [[1, 1e-3], [30, 1e-4]])
+    _saved(fig, tmp_path, "loss_curves")
+    with pytest.raises(ValueError, match="the law A prediction has 2 values for 3 steps"):
+        plot_loss_curves(curves, {"wsd": {"law A": [3.0, 2.8]}})
+    with pytest.raises(ValueError, match="no curves"):
+        plot_loss_curves({})
