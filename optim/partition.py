@@ -187,7 +187,8 @@ def _components(path: str) -> list[str]:
 
 
 def _most_square_split(shape: Sequence[int], axes: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Split ``axes`` into (reduction, output) so that the two products are as close as possible."""
+    """Split ``axes`` into (reduction, output) so that the two products are as close as possible; an exact
+    tie goes to the earliest split (fewest reduction axes), so the layout never depends on float noise."""
     best = None
     for k in range(1, len(axes)):
         red, out = tuple(axes[:k]), tuple(axes[k:])

@@ -837,3 +837,13 @@ def test_newton_schulz_flops_match_xla_cost_analysis_of_optax_muon():
     # by hand for the MLP leaf: 2 layers of a 64 x 256 matrix, 5 iterations of 4 s^2 l + 2 s^3
     one = newton_schulz_flops(type(part)([part.info["layers/mlp/up/kernel"]]), ns_steps=5)
     assert one == 2 * 5 * (4 * 64 * 64 * 256 + 2 * 64**3)
+
+
+def test_most_square_split_ties_go_to_the_earliest_split():
+    """(2, 4, 2) splits as 2 | 8 or 8 | 2, equally far from square: the first, fewest reduction axes, wins;
+    otherwise the squarest split wins wherever it lies."""
+    from optim.partition import _most_square_split
+
+    assert _most_square_split((2, 4, 2), (0, 1, 2)) == ((0,), (1, 2))
+    assert _most_square_split((2, 3, 8), (0, 1, 2)) == ((0, 1), (2,))  # 6 | 8 beats 2 | 24
+    assert _most_square_split((5, 7, 3, 1), (1, 2, 3)) == ((1,), (2, 3))  # 7 | 3 beats 21 | 1
