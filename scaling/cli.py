@@ -156,11 +156,6 @@ def _bootstrap(result: Any, n_boot: int, seed: int) -> tuple[dict, list[dict], i
     return ci, draws, int((~ok).sum())
 
 
-def _positive_vars(law, target: str) -> set[str]:
-    """The variables a fit needs > 0: the law's inputs but its signed ones, and a loss target (log space)."""
-    return {v for v in law.inputs if v not in law.signed_inputs} | ({target} if target == "loss" else set())
-
-
 def cmd_fit(args) -> dict:
     from scaling.fit import fit
     from scaling.laws import get_law
@@ -172,8 +167,9 @@ def cmd_fit(args) -> dict:
     table = _load(args.data, args.where)
     target = getattr(law, "target", "loss")
     cols = _columns(args.columns, table, [*law.inputs, target])
+    positive = {*law.positive_inputs, *([target] if target == "loss" else [])}  # a loss: fitted in log space
     data = law_data(table, [*law.inputs, target], cols, flops_per_token=_flops_per_token(args.flops_per_token,
-                    table), dropna=args.dropna, positive=_positive_vars(law, target), log=_note)
+                    table), dropna=args.dropna, positive=positive, log=_note)
     rows = data.pop("row")
     result = fit(law, data, seed=args.seed)
     params = {k: float(v) for k, v in result.params.items()}

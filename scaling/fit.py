@@ -124,7 +124,7 @@ def prepare_data(law: Law, data: Mapping, weights=None, *, space: str = "log", t
         bad = ~np.isfinite(a)
         if bad.any():
             raise ValueError(f"field {k!r} has NaN/inf at {_rows(bad)}")
-    for k in (k for k in law.inputs if k not in law.signed_inputs):
+    for k in law.positive_inputs:
         bad = arrays[k] <= 0
         if bad.any():
             raise ValueError(f"field {k!r} must be > 0 (scaling variable) but is <= 0 at {_rows(bad)}")

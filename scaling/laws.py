@@ -120,6 +120,11 @@ class Law:
             return self.log_predict(p, x)
         return jnp.log(self.fn(p, x))
 
+    @property
+    def positive_inputs(self) -> tuple[str, ...]:
+        """The inputs a fit needs > 0: the scaling variables, every input but ``signed_inputs``."""
+        return tuple(k for k in self.inputs if k not in self.signed_inputs)
+
     # --- parametrisation --------------------------------------------------------------------------
     @property
     def nonlinear(self) -> tuple[str, ...]:
