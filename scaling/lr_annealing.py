@@ -35,7 +35,8 @@ from scipy.signal import lfilter
 
 from scaling.fit import FitResult, fit
 
-__all__ = ["annealing_areas", "annealing_data", "schedule_drops", "AnnealingFit", "fit_annealing"]
+__all__ = ["annealing_areas", "annealing_data", "schedule_drops", "step_index", "checked_curves",
+           "AnnealingFit", "fit_annealing"]
 
 DECAYS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)  # delays of 1/(1 - lam): 1 to 1000 steps
 
@@ -89,33 +90,53 @@ def annealing_data(curves: Sequence[tuple], *, decay: float = 0.999, warmup: int
       ``{"S1", "S2", "loss", "curve"}``: arrays over all measurements, ``curve`` the index of each one's run
       (for a fit on some curves and a check on others).
     """
+    parts: dict[str, list] = {"S1": [], "S2": [], "loss": [], "curve": []}
+    for i, (eta, idx, loss) in enumerate(checked_curves(curves)):
+        s1, s2 = annealing_areas(eta, decay=decay, warmup=warmup)
+        parts["S1"].append(s1[idx])
+        parts["S2"].append(s2[idx])
+        parts["loss"].append(loss)
+        parts["curve"].append(np.full(loss.size, i))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def step_index(steps, n: int) -> np.ndarray:
+    """0-based indices of ``steps`` (1-based update counts) into an ``n``-step schedule, checked: whole
+    numbers within 1..n."""
+    steps = np.asarray(steps)
+    if not np.issubdtype(steps.dtype, np.integer) and not np.array_equal(steps, np.round(steps)):
+        raise ValueError("steps must be whole update counts")
+    steps = steps.astype(np.int64)
+    out = np.flatnonzero((steps < 1) | (steps > n))
+    if out.size:
+        raise ValueError(f"steps {steps[out[:5]].tolist()} lie outside 1..{n} (the length of the schedule)")
+    return steps - 1
+
+
+def checked_curves(curves: Sequence[tuple]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(eta, step index, loss)`` per measured curve ``(lr, steps, loss)``, each checked as both loss-curve
+    laws need it (``schedule_drops``, ``step_index``, losses finite and > 0); a message names the curve."""
     if not curves:
         raise ValueError("no curves given")
-    parts: dict[str, list] = {"S1": [], "S2": [], "loss": [], "curve": []}
+    out = []
     for i, curve in enumerate(curves):
         if len(curve) != 3:
             raise ValueError(f"curve {i} must be (lr, steps, loss); got {len(curve)} items")
         lr, steps, loss = curve
-        s1, s2 = annealing_areas(lr, decay=decay, warmup=warmup)
-        steps = np.asarray(steps)
         loss = np.asarray(loss, dtype=np.float64).ravel()
-        if steps.ndim != 1 or steps.size != loss.size:
-            raise ValueError(f"curve {i}: {steps.size} steps but {loss.size} losses")
-        if not np.issubdtype(steps.dtype, np.integer) and not np.array_equal(steps, np.round(steps)):
-            raise ValueError(f"curve {i}: steps must be whole update counts")
-        steps = steps.astype(np.int64)
-        out = np.flatnonzero((steps < 1) | (steps > s1.size))
-        if out.size:
-            raise ValueError(f"curve {i}: steps {steps[out[:5]].tolist()} lie outside 1..{s1.size} (the "
-                             "length of its schedule)")
+        if np.ndim(steps) != 1 or np.size(steps) != loss.size:
+            raise ValueError(f"curve {i}: {np.size(steps)} steps but {loss.size} losses")
+        try:
+            eta, _ = schedule_drops(lr)
+            idx = step_index(steps, eta.size)
+        except ValueError as e:
+            raise ValueError(f"curve {i}: {e}") from None
         bad = np.flatnonzero(~np.isfinite(loss) | (loss <= 0))
         if bad.size:
-            raise ValueError(f"curve {i}: losses at steps {steps[bad[:5]].tolist()} are not finite and > 0")
-        parts["S1"].append(s1[steps - 1])
-        parts["S2"].append(s2[steps - 1])
-        parts["loss"].append(loss)
-        parts["curve"].append(np.full(loss.size, i))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+            at = (idx[bad[:5]] + 1).tolist()
+            raise ValueError(f"curve {i}: losses at steps {at} are not finite and > 0")
+        out.append((eta, idx, loss))
+    return out
 
 
 @dataclass
@@ -151,9 +172,7 @@ class AnnealingFit:
         s1, s2 = annealing_areas(lr, decay=self.decay, warmup=self.warmup)
         if steps is None:
             return self.result.predict(S1=s1, S2=s2)
-        idx = np.asarray(steps, dtype=np.int64) - 1
-        if idx.size and (idx.min() < 0 or idx.max() >= s1.size):
-            raise ValueError(f"steps must lie in 1..{s1.size} (the schedule's length)")
+        idx = step_index(steps, s1.size)
         return self.result.predict(S1=s1[idx], S2=s2[idx])
 
     def to_dict(self) -> dict:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import minimize, nnls
 
-from scaling.lr_annealing import schedule_drops
+from scaling.lr_annealing import checked_curves, schedule_drops, step_index
 
 __all__ = ["MultiPowerFit", "fit_multipower", "multipower_predict"]
 
@@ -57,9 +57,7 @@ class _Design:
 
 def _design(lr, steps, max_drops: int = MAX_DROPS) -> _Design:
     eta, drop = schedule_drops(lr)
-    idx = np.asarray(steps, dtype=np.int64) - 1
-    if idx.size == 0 or idx.min() < 0 or idx.max() >= eta.size:
-        raise ValueError(f"steps must lie in 1..{eta.size} (the schedule's length)")
+    idx = step_index(steps, eta.size)
     total = np.cumsum(eta)
     k = np.flatnonzero(drop)  # only the steps where the learning rate changed contribute
     if k.size == 0:
@@ -141,23 +139,9 @@ def fit_multipower(curves: Sequence[tuple], *, delta: float = 1e-3, max_iter: in
     for each, L0, A and B by non-negative least squares; then L-BFGS-B on the Huber objective from the
     ``n_polish`` best starts.
     """
-    if not curves:
-        raise ValueError("no curves given")
-    designs, losses = [], []
-    for i, c in enumerate(curves):
-        if len(c) != 3:
-            raise ValueError(f"curve {i} must be (lr, steps, loss); got {len(c)} items")
-        lr, steps, loss = c
-        loss = np.asarray(loss, dtype=np.float64).ravel()
-        if loss.size != np.size(steps):
-            raise ValueError(f"curve {i}: {np.size(steps)} steps but {loss.size} losses")
-        if not np.isfinite(loss).all() or (loss <= 0).any():
-            raise ValueError(f"curve {i}: losses must be finite and > 0")
-        try:
-            designs.append(_design(lr, steps))
-        except ValueError as e:
-            raise ValueError(f"curve {i}: {e}") from None
-        losses.append(loss)
+    checked = checked_curves(curves)
+    designs = [_design(eta, idx + 1) for eta, idx, _ in checked]
+    losses = [loss for _, _, loss in checked]
     x, y = _stack(designs), np.concatenate(losses)
     if y.size <= len(PARAMS):
         raise ValueError(f"{y.size} measurements are too few for the law's {len(PARAMS)} parameters")

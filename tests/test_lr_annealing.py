@@ -128,7 +128,7 @@ def test_areas_and_data_name_bad_input():
     with pytest.raises(ValueError, match="decays is empty"):
         fit_annealing([(lr, [2, 4], [3.0, 2.5])], decays=())
     res = fit_annealing([curve("constant"), curve("cosine")], decays=(0.99,))
-    with pytest.raises(ValueError, match=r"steps must lie in 1..3000"):
+    with pytest.raises(ValueError, match=r"steps \[0\] lie outside 1..3000"):
         res.predict(schedule("wsd"), [0])
 
 

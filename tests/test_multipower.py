@@ -91,13 +91,13 @@ def test_bad_input_is_named():
     lr = np.ones(5)
     with pytest.raises(ValueError, match="no curves"):
         fit_multipower([])
-    with pytest.raises(ValueError, match=r"curve 0: steps must lie in 1..5"):
+    with pytest.raises(ValueError, match=r"curve 0: steps \[0\] lie outside 1..5"):
         fit_multipower([(lr, [0, 1, 2, 3, 4, 5, 5, 5], np.ones(8))])
     with pytest.raises(ValueError, match="curve 0: lr must be"):
         fit_multipower([(-lr, [1], [1.0])])
     with pytest.raises(ValueError, match="curve 0: 2 steps but 1 losses"):
         fit_multipower([(lr, [1, 2], [1.0])])
-    with pytest.raises(ValueError, match="curve 0: losses must be finite"):
+    with pytest.raises(ValueError, match=r"curve 0: losses at steps \[2\] are not finite"):
         fit_multipower([(lr, [1, 2], [1.0, 0.0])])
     with pytest.raises(ValueError, match="5 measurements are too few"):
         fit_multipower([(lr, [1, 2, 3, 4, 5], np.linspace(3, 2, 5))])
