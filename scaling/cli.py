@@ -502,7 +502,8 @@ def cmd_observational(args) -> dict:
         held = fit_observational(pca_tr.scores, y[train], floor=args.chance, ceiling=args.ceiling,
                                  n_boot=args.n_boot, seed=args.seed)
         comp = fit_accuracy_vs_compute(compute[train], y[train], chance=args.chance, ceiling=args.ceiling)
-        s_test = pca_tr.transform(x[test])
+        s_ok = pca_tr.transform(x[ok])  # every model with a target and compute, for the figure too
+        s_test = s_ok[test[ok]]
         err = np.abs(held.predict(s_test) - y[test])
         out["heldout"] = {
             "cutoff": args.cutoff, "n_train": int(train.sum()), "n_test": int(test.sum()),
@@ -513,7 +514,7 @@ def cmd_observational(args) -> dict:
         if args.n_boot > 0:  # the band is parameter uncertainty only: expect it to cover less than its level
             lo, hi = held.interval(s_test, level=0.9)
             out["heldout"]["coverage_of_90pct_band"] = float(np.mean((y[test] >= lo) & (y[test] <= hi)))
-        shown = dict(fit=held, capabilities_MxK=pca_tr.transform(x[ok]), y=y[ok], heldout=test[ok],
+        shown = dict(fit=held, capabilities_MxK=s_ok, y=y[ok], heldout=test[ok],
                      compute=compute[ok], compute_fit=comp, cutoff=args.cutoff, compute_label=args.compute,
                      title=f"{args.target}: fit below {args.cutoff:g}, held out above")
     else:
