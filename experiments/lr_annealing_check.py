@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from experiments.config import ConfigError
+    from experiments.files import write_text_atomic
     from experiments.presets import get_preset
     from experiments.trainer import train
     from scaling.fit import fit
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "fit": res.to_dict() if res is not None else {"law": "power_law", "params": plain.params}}
             print(f"{held:>9} {law:>22} {np.abs(rel).mean():15.2%} {rel[-1]:+14.2%}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lr_annealing.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "lr_annealing.json", json.dumps(report, indent=2) + "\n")
     from scaling.plots import plot_loss_curves
 
     measured = {s: curves[s][1:] for s in SCHEDULES}
