@@ -15,6 +15,8 @@ whole curve of another schedule (a warmup-stable-decay cooldown of any length) w
     res = fit_annealing([(lr_const, steps_a, loss_a), (lr_cos, steps_b, loss_b)])
     res.predict(lr_wsd)              # the loss after every step of the WSD run
     res.params, res.decay, res.objective_by_decay
+    boot = res.bootstrap(1000)       # circular blocks of each curve, the momentum re-chosen per replicate
+    boot.band(lr_wsd, level=0.9)     # {"lower", "median", "upper"} of the predicted curve
 
 ``fit_annealing`` also chooses the momentum ``lam`` by profiling: the paper's 0.999 delays an anneal's
 effect by about 1/(1 - lam) = 1000 steps, which suits runs of tens of thousands of steps, not short ones.
@@ -33,6 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.signal import lfilter
 
+from scaling.bootstrap import auto_blocks, bootstrap
+from scaling.curve_bootstrap import CurveBootstrap
 from scaling.fit import FitResult, fit
 
 __all__ = ["annealing_areas", "annealing_data", "schedule_drops", "step_index", "checked_curves",
@@ -144,18 +148,21 @@ class AnnealingFit:
     """The "lr_annealing" law fitted at the momentum that fits best.
 
     Attributes:
-      result: the ``scaling.fit`` result at ``decay`` (params, objective, diagnostics; ``scaling.bootstrap``
-        takes it for intervals, which treat the points of a curve as independent: they are not, so read the
-        intervals as a lower bound on the uncertainty).
+      result: the ``scaling.fit`` result at ``decay`` (params, objective, diagnostics). For intervals use
+        ``bootstrap``, which resamples blocks of each curve: ``result.bootstrap`` would resample single
+        points as if independent, which points along a curve are not.
       decay: the chosen momentum ``lam``; warmup: as passed (None: each schedule's steps before its peak).
       objective_by_decay: the fit's objective at every momentum tried (a flat profile: ``lam`` is not
         identified by these curves).
+      fits_by_decay: the fit at every momentum tried; curve: each fitted point's curve index.
     """
 
     result: FitResult
     decay: float
     warmup: int | None
     objective_by_decay: dict[float, float] = field(default_factory=dict)
+    fits_by_decay: dict[float, FitResult] = field(default_factory=dict, repr=False)
+    curve: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def params(self) -> dict[str, float]:
@@ -174,6 +181,44 @@ class AnnealingFit:
             return self.result.predict(S1=s1, S2=s2)
         idx = step_index(steps, s1.size)
         return self.result.predict(S1=s1[idx], S2=s2[idx])
+
+    def bootstrap(self, n: int = 1000, *, block: int | None = None, seed: int = 0) -> CurveBootstrap:
+        """Refit on ``n`` circular block resamples of each curve (``scaling.bootstrap``, ``kind="blocks"``;
+        ``block`` points per block, default ``scaling.bootstrap.block_length`` of each curve's residuals), at
+        every momentum tried, each replicate keeping the momentum that fits it best: the choice of ``lam`` is
+        part of the uncertainty. ``params`` holds L0, A, alpha, C and decay per replicate."""
+        if not self.fits_by_decay or self.curve is None:
+            raise ValueError("bootstrap needs the fits at every momentum; fit with fit_annealing")
+        decays = sorted(self.fits_by_decay)
+        fit = self.result
+        w = np.asarray(fit.data["weights"])
+        # one block length per curve for every momentum (from the chosen fit's residuals by default), and the
+        # same seed: every momentum refits the same resamples, so their objectives compare per replicate
+        blocks = auto_blocks(fit.residuals, w, self.curve) if block is None else {
+            int(c): min(block, int(np.sum((self.curve == c) & (w > 0)))) for c in np.unique(self.curve)}
+        boots = [bootstrap(self.fits_by_decay[lam], n, "blocks", groups=self.curve, block=blocks, seed=seed)
+                 for lam in decays]
+        obj_DxB = np.array([np.where(b.converged, b.objective, np.inf) for b in boots])
+        best_B = np.argmin(obj_DxB, axis=0)
+        ok = np.isfinite(obj_DxB.min(axis=0))
+        rows = np.arange(n)
+        params = {k: np.where(ok, np.array([b.values[k] for b in boots])[best_B, rows], np.nan)
+                  for k in self.params}
+        params["decay"] = np.where(ok, np.asarray(decays)[best_B], np.nan)
+        return CurveBootstrap(params=params, converged=ok, residuals=fit.residuals[w > 0],
+                              curve_fn=self._curves, blocks={int(c): int(b) for c, b in blocks.items()},
+                              seed=seed)
+
+    def _curves(self, params: dict, eta: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """[B, M] curves for replicate params (with per-replicate ``decay``) at 0-based steps ``idx``."""
+        out = np.empty((params["decay"].size, idx.size))
+        law = self.result.law
+        for lam in np.unique(params["decay"]):
+            rows = params["decay"] == lam
+            s1, s2 = annealing_areas(eta, decay=float(lam), warmup=self.warmup)
+            p = {k: params[k][rows][:, None] for k in law.params}
+            out[rows] = np.asarray(law.predict(p, S1=s1[idx], S2=s2[idx]))
+        return out
 
     def to_dict(self) -> dict:
         return {"law": "lr_annealing", "params": dict(self.params), "decay": self.decay,
@@ -199,13 +244,16 @@ def fit_annealing(curves: Sequence[tuple], *, decays: Sequence[float] = DECAYS, 
     warn = fit_kwargs.pop("warn", True)
     best: tuple[float, FitResult] | None = None
     by_decay: dict[float, float] = {}
+    fits: dict[float, FitResult] = {}
     for lam in decays:
         data = annealing_data(curves, decay=lam, warmup=warmup)
         res = fit("lr_annealing", {k: data[k] for k in ("S1", "S2", "loss")}, warn=False, **fit_kwargs)
         by_decay[float(lam)] = float(res.objective)
+        fits[float(lam)] = res
         if best is None or res.objective < best[1].objective:
             best = (float(lam), res)
     if warn:  # the chosen fit's diagnostics only, not those of every momentum tried
         for msg in best[1].warnings:
             warnings.warn(f"fit_annealing (decay {best[0]}): {msg}", RuntimeWarning, stacklevel=2)
-    return AnnealingFit(result=best[1], decay=best[0], warmup=warmup, objective_by_decay=by_decay)
+    return AnnealingFit(result=best[1], decay=best[0], warmup=warmup, objective_by_decay=by_decay,
+                        fits_by_decay=fits, curve=data["curve"])

@@ -360,7 +360,8 @@ def plot_observational(fit: Any, capabilities_MxK, y, *, heldout=None, x=None, x
 
 # --- loss curves across schedules ----------------------------------------------------------------------
 def plot_loss_curves(curves: Mapping[str, tuple], predictions: Mapping[str, Mapping[str, Any]] | None = None,
-                     *, lr: Mapping[str, Any] | None = None, title: str | None = None):
+                     *, lr: Mapping[str, Any] | None = None,
+                     bands: Mapping[str, Mapping[str, Any]] | None = None, title: str | None = None):
     """One panel per run: its measured loss curve and each law's prediction of it (e.g. a schedule held out
     from ``scaling.lr_annealing.fit_annealing`` / ``scaling.multipower.fit_multipower``), with the run's
     learning-rate schedule on a second axis.
@@ -369,6 +370,8 @@ def plot_loss_curves(curves: Mapping[str, tuple], predictions: Mapping[str, Mapp
       curves: run name -> (steps, loss) measured.
       predictions: run name -> {law name -> predicted loss at those steps}.
       lr: run name -> per-step learning rates (step 1 first), drawn in grey on a right-hand axis.
+      bands: run name -> {law name -> (lower, upper) at those steps}, shaded in the law's colour (e.g.
+        ``CurveBootstrap.band`` of the fit that predicted it).
     """
     names = list(curves)
     if not names:
@@ -386,6 +389,13 @@ def plot_loss_curves(curves: Mapping[str, tuple], predictions: Mapping[str, Mapp
                 raise ValueError(f"{name}: the {law} prediction has {pred.size} values for {steps.size} "
                                  "steps")
             ax.plot(steps, pred, color=f"C{j}", lw=1.4, label=law)
+            band = ((bands or {}).get(name) or {}).get(law)
+            if band is not None:
+                lo, hi = (np.asarray(b, dtype=np.float64).ravel() for b in band)
+                if lo.size != steps.size or hi.size != steps.size:
+                    raise ValueError(f"{name}: the {law} band has {lo.size}/{hi.size} values for "
+                                     f"{steps.size} steps")
+                ax.fill_between(steps, lo, hi, color=f"C{j}", alpha=0.2, lw=0)
         if lr is not None and name in lr:
             twin = ax.twinx()
             schedule = np.asarray(lr[name], dtype=np.float64).ravel()

@@ -13,7 +13,8 @@ from scaling.lr_annealing import DECAYS
 
 
 def test_check_trains_three_schedules_and_reports_each_held_out_curve(tmp_path, capsys):
-    args = ["--out", str(tmp_path), "--steps", "60", "--eval-every", "10", "--fit-from", "10"]
+    args = ["--out", str(tmp_path), "--steps", "60", "--eval-every", "10", "--fit-from", "10",
+            "--bootstrap", "20"]
     assert lr_annealing_check.main(args) == 0
     report = json.loads((tmp_path / "lr_annealing.json").read_text())
     assert (tmp_path / "lr_annealing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -23,6 +24,16 @@ def test_check_trains_three_schedules_and_reports_each_held_out_curve(tmp_path, 
         for law in ("lr_annealing", "multipower", "no_annealing"):
             assert np.isfinite([row[law]["mean_abs_rel_err"], row[law]["final_rel_err"]]).all(), (name, law)
         assert row["lr_annealing"]["fit"]["decay"] in DECAYS and len(row["multipower"]["fit"]["params"]) == 7
+        for law in ("lr_annealing", "multipower"):  # each law's 90% band for a measurement, from 20 refits
+            band = row[law]["band"]
+            if "error" in band:  # 7 parameters on 12 points: an unconverged fit's refits may all fail too
+                assert law == "multipower" and row[law]["fit"]["converged"] is False, (name, band)
+                assert band["error"] == "none of the 20 bootstrap refits converged"
+                continue
+            assert 1 <= band["n_converged"] <= 20 and 0 <= band["coverage"] <= 1, (name, law)
+            assert band["final"][0] < band["final"][1] and set(band["blocks"]) == {"0", "1"}, (name, law)
+        assert "error" not in row["lr_annealing"]["band"]
+        assert "band" not in row["no_annealing"]
     # the schedule each update used, as the trainer logged it (update t takes the schedule at count t - 1)
     for name in lr_annealing_check.SCHEDULES:
         cfg = get_preset("tiny").override([f"optimizer.schedule={name}", "trainer.steps=60"]).validate()
@@ -37,3 +48,5 @@ def test_check_trains_three_schedules_and_reports_each_held_out_curve(tmp_path, 
     capsys.readouterr()
     assert lr_annealing_check.main(args) == 0
     assert json.loads((tmp_path / "lr_annealing.json").read_text()) == report
+    assert lr_annealing_check.main([*args[:-1], "-1"]) == 2
+    assert "--bootstrap must be >= 0" in capsys.readouterr().err

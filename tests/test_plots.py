@@ -230,8 +230,15 @@ def test_loss_curves_plot_draws_each_run_its_predictions_and_schedule(tmp_path):
     curves = {"constant": (steps, [3.0, 2.8, 2.7]), "wsd": (steps, [3.0, 2.8, 2.5])}
     preds = {"wsd": {"law A": [3.0, 2.79, 2.52], "law B": [3.1, 2.9, 2.6]}}
     lr = {"constant": np.full(30, 1e-3), "wsd": np.r_[np.full(20, 1e-3), np.linspace(1e-3, 1e-4, 10)]}
-    fig = plot_loss_curves(curves, preds, lr=lr)
+    bands = {"wsd": {"law B": ([3.0, 2.85, 2.55], [3.2, 2.95, 2.65])}}
+    fig = plot_loss_curves(curves, preds, lr=lr, bands=bands)
     axes = [ax for ax in fig.axes if ax.get_title()]
+    # one shaded band, law B's, in law B's colour, spanning its lower and upper bounds
+    (shade,) = [c for c in axes[1].collections if isinstance(c, PolyCollection)]
+    assert _count(axes[0], PolyCollection) == 0
+    np.testing.assert_allclose(shade.get_facecolor()[0][:3], mpl.colors.to_rgb("C1"))
+    ys = shade.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(2.55) and ys.max() == pytest.approx(3.2)
     assert [ax.get_title() for ax in axes] == ["constant", "wsd"]
     measured, law_a, law_b = axes[1].lines
     np.testing.assert_allclose(measured.get_xydata(), np.c_[steps, [3.0, 2.8, 2.5]])
@@ -244,3 +251,5 @@ def test_loss_curves_plot_draws_each_run_its_predictions_and_schedule(tmp_path):
         plot_loss_curves(curves, {"wsd": {"law A": [3.0, 2.8]}})
     with pytest.raises(ValueError, match="no curves"):
         plot_loss_curves({})
+    with pytest.raises(ValueError, match="the law B band has 2/3 values for 3 steps"):
+        plot_loss_curves(curves, preds, bands={"wsd": {"law B": ([3.0, 2.8], [3.1, 2.9, 2.6])}})
