@@ -54,6 +54,36 @@ def test_block_length_matches_ar1_theory_on_long_series(phi, n):
     assert np.median(estimates) == pytest.approx(theory, rel=0.15)
 
 
+def test_block_length_follows_the_papers_definitions_step_by_step():
+    """Short series, where the lag window's shape matters: the rule written out with loops from Politis &
+    White 2004 (sample autocovariances, the first run of K_N insignificant autocorrelations, the flat-top
+    trapezoid lambda(t) = 1 up to |t| = 1/2 then 2 (1 - |t|), G, D = 4/3 g^2, the cap)."""
+
+    def reference(x):
+        n = len(x)
+        xc = [v - sum(x) / n for v in x]
+        acov = [sum(xc[t] * xc[t + k] for t in range(n - k)) / n for k in range(n)]
+        k_n = max(5, int(np.sqrt(np.log10(n))))
+        crit = 2 * np.sqrt(np.log10(n) / n)
+        k_max = min(n - 1, int(np.ceil(np.sqrt(n))) + k_n)
+        m_hat = k_max
+        for m in range(0, k_max - k_n + 1):
+            if all(abs(acov[m + j] / acov[0]) < crit for j in range(1, k_n + 1)):
+                m_hat = m
+                break
+        big_m = min(2 * max(m_hat, 1), k_max)
+        lam = [1.0 if abs(k) / big_m <= 0.5 else 2 * (1 - abs(k) / big_m) for k in range(-big_m, big_m + 1)]
+        ks = range(-big_m, big_m + 1)
+        g_big = sum(w * abs(k) * acov[abs(k)] for w, k in zip(lam, ks, strict=True))
+        g_small = sum(w * acov[abs(k)] for w, k in zip(lam, ks, strict=True))
+        b = (2 * g_big**2 / (4 / 3 * g_small**2)) ** (1 / 3) * n ** (1 / 3)
+        return int(np.clip(round(b), 1, max(1, min(3 * np.sqrt(n), n / 3))))
+
+    for seed, (n, phi) in enumerate([(60, 0.8), (120, 0.6), (200, 0.9), (90, 0.3), (150, -0.5)]):
+        x = ar1(n, phi, seed)
+        assert block_length(x) == reference(list(x)), (n, phi)
+
+
 def test_block_length_of_white_noise_and_degenerate_series():
     assert np.median([block_length(ar1(2000, 0.0, s)) for s in range(15)]) <= 2
     assert block_length(np.ones(50)) == 1 and block_length([1.0, 2.0]) == 1
