@@ -226,11 +226,16 @@ def block_weights(B: int, w, groups=None, rng=None, block: int | Mapping | None 
     return counts * w[None, :]
 
 
-def auto_blocks(residuals, w, groups=None) -> dict:
-    """{series id: ``block_length`` of that series' residuals on its weighted points} (``kind="blocks"``)."""
+def series_blocks(residuals, w, groups=None, block: int | None = None) -> dict:
+    """{series id: block length} for ``kind="blocks"``: ``block_length`` of each series' residuals on its
+    weighted points, or ``block`` cut to the series' length (what the resampling will use)."""
     residuals, w = np.asarray(residuals), np.asarray(w)
     groups = np.zeros(w.size, dtype=np.int64) if groups is None else np.asarray(groups)
-    return {g: block_length(residuals[(groups == g) & (w > 0)]) for g in np.unique(groups)}
+    out = {}
+    for g in np.unique(groups):
+        series = residuals[(groups == g) & (w > 0)]
+        out[g.item()] = block_length(series) if block is None else min(block, series.size)
+    return out
 
 
 def block_length(x) -> int:
@@ -376,7 +381,7 @@ def bootstrap(
         w_B = np.broadcast_to(w, (n, npts))
     else:
         if kind == "blocks" and block is None:
-            block = auto_blocks(fit.residuals, w, groups)
+            block = series_blocks(fit.residuals, w, groups)
         w_B = _replicate_weights(kind, npts, n, w, groups, rng, block)
         y_B = np.broadcast_to(y, (n, npts))
     if engine not in ("auto", "numpy", "jax"):

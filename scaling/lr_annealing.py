@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.signal import lfilter
 
-from scaling.bootstrap import auto_blocks, bootstrap
+from scaling.bootstrap import bootstrap, series_blocks
 from scaling.curve_bootstrap import CurveBootstrap
 from scaling.fit import FitResult, fit
 
@@ -194,8 +194,7 @@ class AnnealingFit:
         w = np.asarray(fit.data["weights"])
         # one block length per curve for every momentum (from the chosen fit's residuals by default), and the
         # same seed: every momentum refits the same resamples, so their objectives compare per replicate
-        blocks = auto_blocks(fit.residuals, w, self.curve) if block is None else {
-            int(c): min(block, int(np.sum((self.curve == c) & (w > 0)))) for c in np.unique(self.curve)}
+        blocks = series_blocks(fit.residuals, w, self.curve, block)
         boots = [bootstrap(self.fits_by_decay[lam], n, "blocks", groups=self.curve, block=blocks, seed=seed)
                  for lam in decays]
         obj_DxB = np.array([np.where(b.converged, b.objective, np.inf) for b in boots])
@@ -206,8 +205,7 @@ class AnnealingFit:
                   for k in self.params}
         params["decay"] = np.where(ok, np.asarray(decays)[best_B], np.nan)
         return CurveBootstrap(params=params, converged=ok, residuals=fit.residuals[w > 0],
-                              curve_fn=self._curves, blocks={int(c): int(b) for c, b in blocks.items()},
-                              seed=seed)
+                              curve_fn=self._curves, blocks=blocks, seed=seed)
 
     def _curves(self, params: dict, eta: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """[B, M] curves for replicate params (with per-replicate ``decay``) at 0-based steps ``idx``."""

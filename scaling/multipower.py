@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import minimize, nnls
 
-from scaling.bootstrap import auto_blocks, block_weights
+from scaling.bootstrap import block_weights, series_blocks
 from scaling.curve_bootstrap import CurveBootstrap
 from scaling.lr_annealing import checked_curves, schedule_drops, step_index
 
@@ -187,8 +187,7 @@ class MultiPowerFit:
         log_y = np.log(self.loss)
         resid = log_y - np.log(np.asarray(_predict_np(self.params, self.design)))
         ones = np.ones(log_y.size)
-        blocks = auto_blocks(resid, ones, self.curve) if block is None else {
-            int(c): min(block, int(np.sum(self.curve == c))) for c in np.unique(self.curve)}
+        blocks = series_blocks(resid, ones, self.curve, block)
         w_BxN = block_weights(n, ones, self.curve, np.random.default_rng(seed), blocks)
         theta0 = self.theta
         # One scipy L-BFGS-B per replicate, the fit's own optimiser and tolerances, so a replicate of the full
@@ -210,7 +209,7 @@ class MultiPowerFit:
                 theta_BxP[b], ok[b] = r.x, _converged(r)
         params = {k: np.where(ok, np.exp(theta_BxP[:, j]), np.nan) for j, k in enumerate(PARAMS)}
         return CurveBootstrap(params=params, converged=ok, residuals=resid, curve_fn=_curves,
-                              blocks={int(c): int(b) for c, b in blocks.items()}, seed=seed)
+                              blocks=blocks, seed=seed)
 
     def to_dict(self) -> dict:
         return {"law": "multipower", "params": dict(self.params), "objective": self.objective,
