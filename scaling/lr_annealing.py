@@ -148,21 +148,26 @@ class AnnealingFit:
     """The "lr_annealing" law fitted at the momentum that fits best.
 
     Attributes:
-      result: the ``scaling.fit`` result at ``decay`` (params, objective, diagnostics). For intervals use
-        ``bootstrap``, which resamples blocks of each curve: ``result.bootstrap`` would resample single
-        points as if independent, which points along a curve are not.
       decay: the chosen momentum ``lam``; warmup: as passed (None: each schedule's steps before its peak).
-      objective_by_decay: the fit's objective at every momentum tried (a flat profile: ``lam`` is not
-        identified by these curves).
-      fits_by_decay: the fit at every momentum tried; curve: each fitted point's curve index.
+      fits_by_decay: the ``scaling.fit`` result at every momentum tried; curve: each fitted point's curve.
     """
 
-    result: FitResult
     decay: float
     warmup: int | None
-    objective_by_decay: dict[float, float] = field(default_factory=dict)
-    fits_by_decay: dict[float, FitResult] = field(default_factory=dict, repr=False)
-    curve: np.ndarray | None = field(default=None, repr=False)
+    fits_by_decay: dict[float, FitResult] = field(repr=False)
+    curve: np.ndarray = field(repr=False)
+
+    @property
+    def result(self) -> FitResult:
+        """The fit at ``decay`` (params, objective, diagnostics). For intervals use ``bootstrap``, which
+        resamples blocks of each curve: ``result.bootstrap`` would resample single points as if independent,
+        which points along a curve are not."""
+        return self.fits_by_decay[self.decay]
+
+    @property
+    def objective_by_decay(self) -> dict[float, float]:
+        """The fit's objective at every momentum tried (a flat profile: ``lam`` is not identified)."""
+        return {lam: float(res.objective) for lam, res in self.fits_by_decay.items()}
 
     @property
     def params(self) -> dict[str, float]:
@@ -187,8 +192,6 @@ class AnnealingFit:
         ``block`` points per block, default ``scaling.bootstrap.block_length`` of each curve's residuals), at
         every momentum tried, each replicate keeping the momentum that fits it best: the choice of ``lam`` is
         part of the uncertainty. ``params`` holds L0, A, alpha, C and decay per replicate."""
-        if not self.fits_by_decay or self.curve is None:
-            raise ValueError("bootstrap needs the fits at every momentum; fit with fit_annealing")
         decays = sorted(self.fits_by_decay)
         fit = self.result
         w = np.asarray(fit.data["weights"])
@@ -240,18 +243,14 @@ def fit_annealing(curves: Sequence[tuple], *, decays: Sequence[float] = DECAYS, 
     if not len(decays):
         raise ValueError("decays is empty")
     warn = fit_kwargs.pop("warn", True)
-    best: tuple[float, FitResult] | None = None
-    by_decay: dict[float, float] = {}
     fits: dict[float, FitResult] = {}
     for lam in decays:
         data = annealing_data(curves, decay=lam, warmup=warmup)
-        res = fit("lr_annealing", {k: data[k] for k in ("S1", "S2", "loss")}, warn=False, **fit_kwargs)
-        by_decay[float(lam)] = float(res.objective)
-        fits[float(lam)] = res
-        if best is None or res.objective < best[1].objective:
-            best = (float(lam), res)
+        fits[float(lam)] = fit("lr_annealing", {k: data[k] for k in ("S1", "S2", "loss")}, warn=False,
+                               **fit_kwargs)
+    best = min(fits, key=lambda lam: fits[lam].objective)  # ties: the first momentum tried
+    res = AnnealingFit(decay=best, warmup=warmup, fits_by_decay=fits, curve=data["curve"])
     if warn:  # the chosen fit's diagnostics only, not those of every momentum tried
-        for msg in best[1].warnings:
-            warnings.warn(f"fit_annealing (decay {best[0]}): {msg}", RuntimeWarning, stacklevel=2)
-    return AnnealingFit(result=best[1], decay=best[0], warmup=warmup, objective_by_decay=by_decay,
-                        fits_by_decay=fits, curve=data["curve"])
+        for msg in res.result.warnings:
+            warnings.warn(f"fit_annealing (decay {res.decay}): {msg}", RuntimeWarning, stacklevel=2)
+    return res
