@@ -34,7 +34,7 @@ class CurveBootstrap:
       residuals: the full fit's log residuals (log measured - log predicted) on the points it fitted, which
         ``band(noise=True)`` adds to the curve to bound a new *measurement* rather than the law's curve.
       curve_fn: ``curve_fn(params, lr, steps)`` -> [B', M]: the law's curve for replicate params (dict of [B']
-        arrays) at 0-based ``steps`` of schedule ``lr``.
+        arrays) after ``steps`` (1-based; None: every step) of schedule ``lr``, both checked by the law.
       blocks: {curve index: block length} the resamples used; seed: the resampling seed.
     """
 
@@ -68,16 +68,13 @@ class CurveBootstrap:
         each replicate's curve by ``n_resid`` residuals drawn from the full fit's, bounding a measured loss.
         """
         lo_q, hi_q = tail_quantiles(level)
-        from scaling.lr_annealing import schedule_drops, step_index  # local: lr_annealing imports this module
-
-        eta, _ = schedule_drops(lr)
-        idx = np.arange(eta.size) if steps is None else step_index(steps, eta.size)
         ok = self._ok()
-        curves_BxM = np.asarray(self.curve_fn({k: v[ok] for k, v in self.params.items()}, eta, idx))
+        curves_BxM = np.asarray(self.curve_fn({k: v[ok] for k, v in self.params.items()}, lr, steps))
+        B, M = curves_BxM.shape
         if noise:
             rng = np.random.default_rng(self.seed + 1)
-            eps_BxR = rng.choice(self.residuals, size=(curves_BxM.shape[0], n_resid))
-            curves_BxM = (curves_BxM[:, None, :] * np.exp(eps_BxR[:, :, None])).reshape(-1, idx.size)
+            eps_BxR = rng.choice(self.residuals, size=(B, n_resid))
+            curves_BxM = (curves_BxM[:, None, :] * np.exp(eps_BxR[:, :, None])).reshape(-1, M)
         lo, med, hi = np.quantile(curves_BxM, [lo_q, 0.5, hi_q], axis=0)
         return {"lower": lo, "median": med, "upper": hi}
 

@@ -181,11 +181,8 @@ class AnnealingFit:
 
     def predict(self, lr, steps=None) -> np.ndarray:
         """The loss after each of ``steps`` (1-based; default every step) of a run with schedule ``lr``."""
-        s1, s2 = annealing_areas(lr, decay=self.decay, warmup=self.warmup)
-        if steps is None:
-            return self.result.predict(S1=s1, S2=s2)
-        idx = step_index(steps, s1.size)
-        return self.result.predict(S1=s1[idx], S2=s2[idx])
+        s1, s2 = _areas_at(lr, steps, decay=self.decay, warmup=self.warmup)
+        return self.result.predict(S1=s1, S2=s2)
 
     def bootstrap(self, n: int = 1000, *, block: int | None = None, seed: int = 0) -> CurveBootstrap:
         """Refit on ``n`` circular block resamples of each curve (``scaling.bootstrap``, ``kind="blocks"``;
@@ -210,15 +207,16 @@ class AnnealingFit:
         return CurveBootstrap(params=params, converged=ok, residuals=fit.residuals[w > 0],
                               curve_fn=self._curves, blocks=blocks, seed=seed)
 
-    def _curves(self, params: dict, eta: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """[B, M] curves for replicate params (with per-replicate ``decay``) at 0-based steps ``idx``."""
-        out = np.empty((params["decay"].size, idx.size))
+    def _curves(self, params: dict, lr, steps=None) -> np.ndarray:
+        """[B, M] curves for replicate params (with per-replicate ``decay``), as ``predict`` gives one."""
+        areas = {lam: _areas_at(lr, steps, decay=float(lam), warmup=self.warmup)
+                 for lam in np.unique(params["decay"])}
+        out = np.empty((params["decay"].size, next(iter(areas.values()))[0].size))
         law = self.result.law
-        for lam in np.unique(params["decay"]):
+        for lam, (s1, s2) in areas.items():
             rows = params["decay"] == lam
-            s1, s2 = annealing_areas(eta, decay=float(lam), warmup=self.warmup)
             p = {k: params[k][rows][:, None] for k in law.params}
-            out[rows] = np.asarray(law.predict(p, S1=s1[idx], S2=s2[idx]))
+            out[rows] = np.asarray(law.predict(p, S1=s1, S2=s2))
         return out
 
     def to_dict(self) -> dict:
@@ -226,6 +224,15 @@ class AnnealingFit:
                 "warmup": self.warmup, "objective": self.result.objective, "converged": self.result.converged,
                 "n_points": self.result.n_points, "decay_at_edge": self.decay_at_edge,
                 "objective_by_decay": {str(k): v for k, v in self.objective_by_decay.items()}}
+
+
+def _areas_at(lr, steps, *, decay: float, warmup: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``annealing_areas`` after each of ``steps`` (1-based, checked; None: every step)."""
+    s1, s2 = annealing_areas(lr, decay=decay, warmup=warmup)
+    if steps is None:
+        return s1, s2
+    idx = step_index(steps, s1.size)
+    return s1[idx], s2[idx]
 
 
 def fit_annealing(curves: Sequence[tuple], *, decays: Sequence[float] = DECAYS, warmup: int | None = None,

@@ -67,9 +67,10 @@ class _Design:
         return _Design(*(jnp.asarray(getattr(self, f)) for f in ("log_P_n", "d_nk", "log_e_nk", "s_nk")))
 
 
-def _design(lr, steps, max_drops: int = MAX_DROPS) -> _Design:
+def _design(lr, steps=None, max_drops: int = MAX_DROPS) -> _Design:
+    """The design of measurements after ``steps`` (1-based; None: every step) of schedule ``lr``."""
     eta, drop = schedule_drops(lr)
-    idx = step_index(steps, eta.size)
+    idx = np.arange(eta.size) if steps is None else step_index(steps, eta.size)
     total = np.cumsum(eta)
     k = np.flatnonzero(drop)  # only the steps where the learning rate changed contribute
     if k.size == 0:
@@ -142,9 +143,9 @@ def _predict_np(params: dict, x: _Design) -> np.ndarray:
         return np.asarray(_predict(p, x))
 
 
-def _curves(params: dict, eta: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """[B, M] curves for replicate params (dict of [B] arrays) at 0-based steps ``idx`` of ``eta``."""
-    x = _design(eta, idx + 1)
+def _curves(params: dict, lr, steps=None) -> np.ndarray:
+    """[B, M] curves for replicate params (dict of [B] arrays), as ``multipower_predict`` gives one."""
+    x = _design(lr, steps)
     with jax.enable_x64(True):
         p = {k: jnp.asarray(params[k], jnp.float64) for k in PARAMS}
         return np.asarray(jax.vmap(lambda q: _predict(q, x))(p))
@@ -152,7 +153,6 @@ def _curves(params: dict, eta: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 def multipower_predict(params: dict, lr, steps=None) -> np.ndarray:
     """The law's loss after each of ``steps`` (1-based; default every step) of a run with schedule ``lr``."""
-    steps = np.arange(1, len(lr) + 1) if steps is None else steps
     return _predict_np({k: float(params[k]) for k in PARAMS}, _design(lr, steps))
 
 
