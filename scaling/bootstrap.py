@@ -203,9 +203,7 @@ def block_weights(B: int, w, groups=None, rng=None, block: int | Mapping | None 
     w = np.asarray(w, dtype=np.float64)
     n = w.size
     rng = np.random.default_rng(rng)
-    groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
-    if groups.shape != (n,):
-        raise ValueError(f"groups has shape {groups.shape} but the fit has {n} points")
+    groups = _series_ids(groups, n)
     counts = np.zeros((B, n))
     rows = np.arange(B)[:, None]
     for g in np.unique(groups):
@@ -230,12 +228,20 @@ def series_blocks(residuals, w, groups=None, block: int | None = None) -> dict:
     """{series id: block length} for ``kind="blocks"``: ``block_length`` of each series' residuals on its
     weighted points, or ``block`` cut to the series' length (what the resampling will use)."""
     residuals, w = np.asarray(residuals), np.asarray(w)
-    groups = np.zeros(w.size, dtype=np.int64) if groups is None else np.asarray(groups)
+    groups = _series_ids(groups, w.size)
     out = {}
     for g in np.unique(groups):
         series = residuals[(groups == g) & (w > 0)]
         out[g.item()] = block_length(series) if block is None else min(block, series.size)
     return out
+
+
+def _series_ids(groups, n: int) -> np.ndarray:
+    """The series id of each of n points (None: one series), checked to be one per point."""
+    groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups has shape {groups.shape} but the fit has {n} points")
+    return groups
 
 
 def block_length(x) -> int:
@@ -255,11 +261,11 @@ def block_length(x) -> int:
     var = float(x @ x) / n
     if var == 0.0:
         return 1
-    k_max = min(n - 1, int(np.ceil(np.sqrt(n))) + max(5, int(np.sqrt(np.log10(n)))))
+    k_n = max(5, int(np.sqrt(np.log10(n))))  # K_N: how many insignificant autocorrelations in a row
+    k_max = min(n - 1, int(np.ceil(np.sqrt(n))) + k_n)
     acov = np.array([x[: n - k] @ x[k:] / n for k in range(k_max + 1)])
     rho = acov / var
     # m: the first lag after which K_N autocorrelations in a row are insignificant (below 2 sqrt(log10 n / n))
-    k_n = max(5, int(np.sqrt(np.log10(n))))
     small = np.abs(rho[1:]) < 2 * np.sqrt(np.log10(n) / n)
     m = next((j for j in range(small.size - k_n + 1) if small[j: j + k_n].all()), small.size)
     lag_max = min(2 * max(m, 1), k_max)

@@ -122,6 +122,8 @@ def test_block_option_is_named_when_misused():
     res = fit("power_law", {"X": x, "loss": 2 + x**-0.5}, warn=False)
     with pytest.raises(ValueError, match="block= is the block length of kind='blocks'"):
         bootstrap(res, 10, "points", block=3)
+    with pytest.raises(ValueError, match=r"groups has shape \(3,\) but the fit has 29 points"):
+        bootstrap(res, 10, "blocks", groups=np.zeros(3))
     fixed = bootstrap(res, 20, "blocks", block=5, seed=3)
     again = bootstrap(res, 20, "blocks", block=5, seed=3)
     np.testing.assert_array_equal(fixed.values["alpha"], again.values["alpha"])
